@@ -1,0 +1,199 @@
+//! The running agent: wires the config source, the kernel datapath, the proxy, enrollment
+//! and the admin endpoints together, and keeps reconciling until it is told to stop.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    admin::{self, Handler, Response},
+    config::{Settings, file::FileSource},
+    ebpf::{self, AttachType, Datapath},
+    enroll::{EnrolledDump, Enroller, netns},
+    metrics::Metrics,
+    proxy::Proxy,
+    state::MeshState,
+};
+
+/// How often failed enrollments are retried (e.g. a namespace that does not exist yet).
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What `mesh-agent run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub node: String,
+    pub config_file: PathBuf,
+    /// The cgroup whose processes are captured; default: the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub settings: Settings,
+}
+
+/// Runs until SIGTERM or SIGINT. On the way out nothing is released: pods stay captured
+/// and fail closed until an agent comes back and adopts the pinned programs.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("mesh-agent run must run as root (it loads eBPF programs and enters pod network namespaces)");
+    }
+    raise_fd_limit();
+    netns::init_host().context("opening the agent's own network namespace")?;
+    let cgroup = match &cfg.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup2_root()?,
+    };
+    if !cgroup.join("cgroup.procs").exists() {
+        anyhow::bail!("{} is not a cgroup v2 directory", cgroup.display());
+    }
+
+    let state = FileSource::new(&cfg.config_file, &cfg.node, cfg.settings.clone())
+        .start()
+        .await
+        .context("initial configuration rejected")?;
+    let datapath = Arc::new(Mutex::new(Datapath::install(&cfg.pin_dir, &cgroup)?));
+    tracing::info!(cgroup = %cgroup.display(), pin_dir = %cfg.pin_dir.display(), "eBPF programs attached");
+
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(Proxy { state: state.clone(), datapath: datapath.clone(), metrics: metrics.clone() });
+    let mut enroller = Enroller::new(cfg.node.clone(), datapath, proxy);
+
+    let view = Arc::new(AdminView {
+        node: cfg.node.clone(),
+        cgroup: cgroup.clone(),
+        pin_dir: cfg.pin_dir.clone(),
+        state: state.clone(),
+        metrics,
+        status: Mutex::new(Status::default()),
+    });
+    let localhost = |port| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    for port in [ADMIN_PORT, METRICS_PORT, READINESS_PORT] {
+        admin::serve(localhost(port), view.clone()).await?;
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut rx = state;
+    loop {
+        let current = rx.borrow_and_update().clone();
+        enroller.reconcile(&current).await;
+        *view.status.lock().expect("status lock") = Status {
+            ready: enroller.ready(),
+            enrolled: enroller.dump(),
+            failures: enroller.failures().clone(),
+        };
+        let retry = !enroller.failures().is_empty();
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(RETRY_INTERVAL), if retry => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    enroller.shutdown();
+    tracing::info!("agent stopping; enrolled pods stay captured and fail closed until an agent returns");
+    Ok(())
+}
+
+/// Descriptor exhaustion under connection storms is a known failure of node proxies.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE");
+    }
+}
+
+/// The cgroup v2 mount point, from /proc/mounts (it moves between distributions).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+            (ty == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .context("no cgroup v2 hierarchy is mounted (needed to attach the capture programs)")
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    ready: bool,
+    enrolled: Vec<EnrolledDump>,
+    failures: std::collections::BTreeMap<String, String>,
+}
+
+struct AdminView {
+    node: String,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    state: tokio::sync::watch::Receiver<Arc<MeshState>>,
+    metrics: Arc<Metrics>,
+    status: Mutex<Status>,
+}
+
+impl AdminView {
+    fn config_dump(&self) -> serde_json::Value {
+        let status = self.status.lock().expect("status lock");
+        let attached = |ty| ebpf::attached_count(&self.cgroup, ty).ok();
+        serde_json::json!({
+            "node": self.node,
+            "ready": status.ready,
+            "enrolled": status.enrolled,
+            "failures": status.failures,
+            "datapath": {
+                "cgroup": self.cgroup,
+                "pin_dir": self.pin_dir,
+                "attached": {
+                    "connect4": attached(AttachType::Connect4),
+                    "connect6": attached(AttachType::Connect6),
+                    "getpeername4": attached(AttachType::GetPeerName4),
+                    "getpeername6": attached(AttachType::GetPeerName6),
+                    "sockops": attached(AttachType::SockOps),
+                },
+            },
+            "state": &**self.state.borrow(),
+        })
+    }
+}
+
+impl Handler for AdminView {
+    fn get(&self, path: &str) -> Response {
+        match path {
+            "/config_dump" => Response::ok(
+                "application/json",
+                serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default(),
+            ),
+            "/metrics" | "/stats/prometheus" => {
+                Response::ok("text/plain; version=0.0.4", self.metrics.render())
+            }
+            "/healthz/ready" => {
+                let status = self.status.lock().expect("status lock");
+                if status.ready {
+                    Response::ok("text/plain", "ready\n".into())
+                } else {
+                    let mut body = String::from("not ready\n");
+                    for (pod, why) in &status.failures {
+                        body.push_str(&format!("{pod}: {why}\n"));
+                    }
+                    Response { status: 503, content_type: "text/plain", body }
+                }
+            }
+            _ => Response::not_found(),
+        }
+    }
+}
+
+/// `mesh-agent uninstall`: detaches and unpins everything under `pin_dir`.
+pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
+    let removed = ebpf::uninstall(pin_dir)?;
+    println!("removed {} links and {} maps from {}", removed.links, removed.maps, pin_dir.display());
+    Ok(())
+}

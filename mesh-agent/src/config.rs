@@ -1,0 +1,265 @@
+//! The agent's configuration model: the Kubernetes objects it consumes ([`Objects`]), the
+//! static [`Settings`], and the sources that turn objects into a [`MeshState`](crate::state::MeshState).
+//!
+//! # Pipeline
+//!
+//! ```text
+//! YAML file ──file::load_str──▶ Objects ──translate::translate──▶ MeshState
+//! (kube API, later) ─────────▶ Objects ─┘
+//! ```
+//!
+//! Both sources produce the same typed [`Objects`] and share one pure translation, so the
+//! state (and its `/config_dump` JSON) is identical whichever source fed it.
+//!
+//! # API
+//!
+//! - [`file::load_str`]`(text, origin) -> Result<Objects, ConfigError>`: parse and validate a
+//!   multi-document YAML (`kubectl get -o yaml` output, `---`-separated, `kind: List` flattened).
+//! - [`file::load_state`]`(text, origin, node) -> Result<MeshState, ConfigError>`: the above,
+//!   then [`translate::translate`] with the file-mode rules ([`translate::NetnsSource::Annotation`]).
+//! - [`translate::translate`]`(objects, node, netns) -> Result<MeshState, ConfigError>`.
+//! - [`file::FileSource`]: the watched file. Typical use from `main`:
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), mesh_agent::config::ConfigError> {
+//! use mesh_agent::config::{Settings, file::FileSource};
+//! let rx = FileSource::new("/etc/mesh/config.yaml", "node-a", Settings::default())
+//!     .start()
+//!     .await?; // a broken or missing file is an error here: refuse to start
+//! let state = rx.borrow().clone(); // Arc<MeshState>, replaced on every good change
+//! # Ok(()) }
+//! ```
+//!
+//!   `start` loads the file once (returning any error), then spawns a task that polls the file's
+//!   metadata (device, inode, length, mtime, ctime) every [`file::DEFAULT_POLL_INTERVAL`], so an
+//!   editor that replaces the file by rename is seen too. A changed file is re-read, parsed and
+//!   translated; a good one is published (only if the state differs), a broken one is logged
+//!   with `tracing::error!` and the previous state is kept. The task ends when every receiver is
+//!   dropped.
+//!
+//! Errors are one [`ConfigError`]; file errors name the file, the 1-based document (and list
+//! item), the object and the field, e.g.
+//! `config.yaml: document 3 (Pod default/web-1): spec.containers: invalid type: ...`.
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+pub mod file;
+pub mod translate;
+
+/// Annotation naming a file-mode pod's network namespace (`/run/netns/NAME`).
+pub const NETNS_ANNOTATION: &str = "mesh-agent.io/netns";
+/// Istio's ambient opt-in label, on namespaces and pods.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Value of [`DATAPLANE_MODE_LABEL`] that enrolls a namespace or pod.
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+/// Value of [`DATAPLANE_MODE_LABEL`] on a pod that opts it out of an ambient namespace.
+pub const DATAPLANE_MODE_NONE: &str = "none";
+/// Annotation set on pods that carry an Istio sidecar; such pods are never captured.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+
+/// Static settings of the agent, fixed for the life of the process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Settings {
+    /// SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+        }
+    }
+}
+
+/// The Kubernetes objects the agent consumes, as read from a source (in source order).
+///
+/// Kinds that later features interpret are kept raw (`serde_json::Value`) so that they can be
+/// typed when needed without changing the sources.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Objects {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// `security.istio.io/v1` AuthorizationPolicy.
+    pub authorization_policies: Vec<serde_json::Value>,
+    /// `security.istio.io/v1` PeerAuthentication.
+    pub peer_authentications: Vec<serde_json::Value>,
+}
+
+/// The kinds of object a source may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl Kind {
+    /// The kind's name as written in `kind:`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn is_namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identity of one object: kind, namespace (for namespaced kinds) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    /// `Pod default/web-1`, `Namespace default`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {}/{}", self.kind, ns, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// Where in a file an object was found: `document 3 item 2 (Pod default/web-1)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocRef {
+    /// 1-based index of the YAML document in the file.
+    pub document: usize,
+    /// 1-based index in the `items` of a `kind: List` document.
+    pub item: Option<usize>,
+    /// `Kind namespace/name`, as much of it as is known.
+    pub object: Option<String>,
+}
+
+impl fmt::Display for DocRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "document {}", self.document)?;
+        if let Some(item) = self.item {
+            write!(f, " item {item}")?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the configuration sources and of the translation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be inspected or read.
+    #[error("{origin}: cannot read: {source}")]
+    Read {
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// One document (or list item) of a file is malformed or invalid; the message starts with
+    /// the field where one is known.
+    #[error("{origin}: {at}: {message}")]
+    Document {
+        origin: String,
+        at: DocRef,
+        message: String,
+    },
+    /// An object is invalid or cannot be used (translation, any source).
+    #[error("{object}: {message}")]
+    Object { object: ObjectKey, message: String },
+}
+
+/// A field of one object that failed validation; wrapped into a [`ConfigError`] with the object
+/// (and in file mode its document) by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_default_to_istio_defaults() {
+        let s = Settings::default();
+        assert_eq!(s.trust_domain, "cluster.local");
+        assert_eq!(s.root_namespace, "istio-system");
+    }
+
+    #[test]
+    fn document_error_names_file_document_object_and_field() {
+        let e = ConfigError::Document {
+            origin: "config.yaml".into(),
+            at: DocRef {
+                document: 3,
+                item: None,
+                object: Some("Pod default/web-1".into()),
+            },
+            message: FieldError::new("spec.containers", "invalid type").to_string(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "config.yaml: document 3 (Pod default/web-1): spec.containers: invalid type"
+        );
+    }
+
+    #[test]
+    fn object_key_display_omits_namespace_for_cluster_scoped_kinds() {
+        let ns = ObjectKey {
+            kind: Kind::Namespace,
+            namespace: None,
+            name: "default".into(),
+        };
+        let pod = ObjectKey {
+            kind: Kind::Pod,
+            namespace: Some("default".into()),
+            name: "web-1".into(),
+        };
+        assert_eq!(ns.to_string(), "Namespace default");
+        assert_eq!(pod.to_string(), "Pod default/web-1");
+    }
+}

@@ -1,0 +1,137 @@
+//! The few raw `bpf(2)` and socket calls aya does not expose: link create/update/detach on
+//! arbitrary targets, pinning by fd, attachment queries and the netns cookie of a socket.
+//! Every `unsafe` block of the agent's eBPF handling lives here.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+// Commands and attach types from include/uapi/linux/bpf.h.
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Kernel attach types used by the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    SockOps = 3,
+    Connect4 = 10,
+    Connect6 = 11,
+    GetPeerName4 = 29,
+    GetPeerName6 = 30,
+    SkLookup = 36,
+}
+
+/// A zeroed `union bpf_attr`, large enough for every command used here.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+    fn put_u32(&mut self, offset: usize, v: u32) {
+        self.0[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, offset: usize, v: u64) {
+        self.0[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn get_u32(&self, offset: usize) -> u32 {
+        u32::from_ne_bytes(self.0[offset..offset + 4].try_into().expect("4 bytes"))
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, zero-initialised bpf_attr of sufficient size for `cmd`.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), std::mem::size_of::<Attr>())
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel just returned this descriptor to us and nobody else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup or netns fd).
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, ty: AttachType) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32); // prog_fd
+    attr.put_u32(4, target.as_raw_fd() as u32); // target_fd
+    attr.put_u32(8, ty as u32); // attach_type
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// `BPF_LINK_UPDATE`: swaps the program of a live link in place (no detach window).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// `BPF_LINK_DETACH`: detaches a link even while other descriptors still refer to it.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// `BPF_OBJ_PIN`: pins a program, map or link at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64); // pathname
+    attr.put_u32(8, fd.as_raw_fd() as u32); // bpf_fd
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64);
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+}
+
+/// `BPF_PROG_QUERY`: how many programs of `ty` are attached to `target`.
+pub fn prog_count(target: BorrowedFd<'_>, ty: AttachType) -> io::Result<u32> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, target.as_raw_fd() as u32); // target_fd
+    attr.put_u32(4, ty as u32); // attach_type
+    // query_flags(8), attach_flags(12), prog_ids ptr(16) = NULL, prog_cnt(24) = 0
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    Ok(attr.get_u32(24))
+}
+
+/// The network-namespace cookie of the namespace a socket lives in (`SO_NETNS_COOKIE`).
+pub fn netns_cookie(sock: &impl AsFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, pointer and length describe `cookie`.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(cookie) }
+}

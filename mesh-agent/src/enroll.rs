@@ -1,0 +1,338 @@
+//! Enrollment of this node's ambient pods: for each captured pod, in order, open its network
+//! namespace, prepare it (delivery route, `tcp_fwmark_accept`), bind the 15001/15006/15008
+//! listeners inside it, attach `sk_lookup`, and finally insert its netns cookie into the
+//! ENROLLED map. Release runs the same steps backwards. Reconciliation compares the wanted
+//! pods with what is enrolled, including what a previous agent left pinned.
+
+pub mod netns;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use mesh_common::{DELIVERY_MARK, DELIVERY_ROUTE_TABLE, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use self::netns::Netns;
+use crate::{
+    ebpf::{self, Datapath, EbpfError},
+    proxy::{PodContext, PodListeners, Proxy},
+    state::{MeshState, Workload},
+};
+
+const LISTEN_BACKLOG: i32 = 1024;
+/// Priority of the delivery-mark rule (before `main` at 32766).
+const DELIVERY_RULE_PRIORITY: u32 = 32700;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod {pod}: network namespace {path}: {source}")]
+    Netns { pod: String, path: PathBuf, source: std::io::Error },
+    #[error("pod {pod}: pod has no `mesh-agent.io/netns` annotation, cannot find its network namespace")]
+    NoNetns { pod: String },
+    #[error("pod {pod}: binding {addr} inside the pod: {source}")]
+    Bind { pod: String, addr: SocketAddr, source: std::io::Error },
+    #[error("pod {pod}: {what}: {source}")]
+    Setup { pod: String, what: &'static str, source: std::io::Error },
+    #[error("pod {pod}: delivery route: {message}")]
+    Netlink { pod: String, message: String },
+    #[error("pod {pod}: {source}")]
+    Datapath { pod: String, source: EbpfError },
+}
+
+/// A pod the agent captures.
+struct Enrolled {
+    pod: Arc<PodContext>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What `/config_dump` shows of an enrolled pod.
+#[derive(Debug, Serialize)]
+pub struct EnrolledDump {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    pub listeners: Vec<String>,
+}
+
+/// Owns every enrollment of this node.
+pub struct Enroller {
+    node: String,
+    datapath: Arc<Mutex<Datapath>>,
+    proxy: Arc<Proxy>,
+    pods: BTreeMap<String, Enrolled>,
+    /// Pods that should be captured but could not be, with the reason.
+    failed: BTreeMap<String, String>,
+    reconciled: bool,
+}
+
+impl Enroller {
+    pub fn new(node: String, datapath: Arc<Mutex<Datapath>>, proxy: Arc<Proxy>) -> Self {
+        Enroller { node, datapath, proxy, pods: BTreeMap::new(), failed: BTreeMap::new(), reconciled: false }
+    }
+
+    /// Ready when the state was applied once and every wanted pod is captured.
+    pub fn ready(&self) -> bool {
+        self.reconciled && self.failed.is_empty()
+    }
+
+    pub fn failures(&self) -> &BTreeMap<String, String> {
+        &self.failed
+    }
+
+    /// Enrolls the wanted pods that are not, releases the enrolled pods that are no longer
+    /// wanted (or changed namespace or addresses), and cleans up leftovers of a previous run.
+    pub async fn reconcile(&mut self, state: &MeshState) {
+        let wanted: BTreeMap<String, &Workload> =
+            state.local_captured(&self.node).map(|w| (w.uid.clone(), w)).collect();
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(uid, e)| {
+                wanted.get(*uid).is_none_or(|w| w.netns.as_deref() != Some(e.pod.netns.path()) || w.ips != e.pod.workload.ips)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in stale {
+            if let Some(e) = self.pods.remove(&uid) {
+                self.release(e);
+            }
+        }
+        self.failed.clear();
+        for (uid, w) in &wanted {
+            if self.pods.contains_key(uid) {
+                continue;
+            }
+            match self.enroll(w).await {
+                Ok(e) => {
+                    tracing::info!(pod = %e.pod.display_name(), netns_cookie = e.pod.netns_cookie, ips = ?w.ips, "pod enrolled");
+                    self.pods.insert(uid.clone(), e);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "enrollment failed");
+                    self.failed.insert(format!("{}/{}", w.namespace, w.name), err.to_string());
+                }
+            }
+        }
+        if !self.reconciled {
+            self.release_leftovers();
+        }
+        self.reconciled = true;
+    }
+
+    async fn enroll(&self, w: &Workload) -> Result<Enrolled, EnrollError> {
+        let pod = format!("{}/{}", w.namespace, w.name);
+        let path = w.netns.clone().ok_or_else(|| EnrollError::NoNetns { pod: pod.clone() })?;
+        let ns = Netns::open(&path).map_err(|source| EnrollError::Netns { pod: pod.clone(), path: path.clone(), source })?;
+
+        // Inside the namespace: sysctl, listeners and the netlink socket for the route.
+        let inside = ns
+            .run(|| -> Result<_, EnrollError> {
+                let setup = |what| {
+                    let pod = pod.clone();
+                    move |source| EnrollError::Setup { pod, what, source }
+                };
+                // The application's accepted socket inherits the delivery socket's mark, so its
+                // replies follow the delivery route back over `lo`.
+                std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+                    .map_err(setup("setting net.ipv4.tcp_fwmark_accept"))?;
+                let listeners = bind_listeners(&pod, w)?;
+                let cookie = ebpf::sys::netns_cookie(&listeners.outbound[0]).map_err(setup("reading the netns cookie"))?;
+                let netlink = rtnetlink::new_connection().map_err(setup("opening netlink"))?;
+                Ok((listeners, cookie, netlink))
+            })
+            .map_err(|source| EnrollError::Netns { pod: pod.clone(), path: path.clone(), source })??;
+        let (listeners, cookie, (connection, handle, _)) = inside;
+        tokio::spawn(connection);
+        add_delivery_routes(&handle, &pod).await?;
+        drop(handle);
+
+        let listeners = to_tokio(&pod, listeners)?;
+        {
+            let dp_err = |source| EnrollError::Datapath { pod: pod.clone(), source };
+            let mut dp = self.datapath.lock().expect("datapath lock");
+            for ip in &w.ips {
+                let l = listeners.inbound.iter().find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()));
+                if let Some(l) = l {
+                    dp.add_inbound(*ip, l).map_err(dp_err)?;
+                }
+            }
+            dp.attach_sk_lookup(&ns, cookie).map_err(dp_err)?;
+            dp.enroll(cookie).map_err(dp_err)?;
+        }
+        let ctx = Arc::new(PodContext { workload: w.clone(), netns: ns, netns_cookie: cookie });
+        let tasks = self.proxy.serve_pod(ctx.clone(), listeners);
+        Ok(Enrolled { pod: ctx, tasks })
+    }
+
+    fn release(&self, e: Enrolled) {
+        let pod = e.pod.display_name();
+        let mut dp = self.datapath.lock().expect("datapath lock");
+        let result = dp
+            .release(e.pod.netns_cookie)
+            .and_then(|()| dp.detach_sk_lookup(e.pod.netns_cookie))
+            .and_then(|()| e.pod.workload.ips.iter().try_for_each(|ip| dp.remove_inbound(*ip)));
+        drop(dp);
+        for t in e.tasks {
+            t.abort();
+        }
+        match result {
+            Ok(()) => tracing::info!(pod = %pod, "pod released"),
+            Err(error) => tracing::error!(pod = %pod, %error, "releasing pod"),
+        }
+    }
+
+    /// Releases what a previous agent captured that is not wanted any more.
+    fn release_leftovers(&self) {
+        let ours: BTreeSet<u64> = self.pods.values().map(|e| e.pod.netns_cookie).collect();
+        let our_ips: BTreeSet<IpAddr> = self.pods.values().flat_map(|e| e.pod.workload.ips.iter().copied()).collect();
+        let mut dp = self.datapath.lock().expect("datapath lock");
+        let cookies: BTreeSet<u64> = dp.enrolled_cookies().union(&dp.pinned_sk_lookup_cookies()).copied().collect();
+        for cookie in cookies.difference(&ours) {
+            tracing::info!(netns_cookie = cookie, "releasing namespace left by a previous run");
+            if let Err(error) = dp.release(*cookie).and_then(|()| dp.detach_sk_lookup(*cookie)) {
+                tracing::error!(netns_cookie = cookie, %error, "releasing leftover namespace");
+            }
+        }
+        for ip in dp.enrolled_addrs() {
+            if !our_ips.contains(&ip)
+                && let Err(error) = dp.remove_inbound(ip)
+            {
+                tracing::error!(%ip, %error, "releasing leftover address");
+            }
+        }
+    }
+
+    pub fn dump(&self) -> Vec<EnrolledDump> {
+        self.pods
+            .values()
+            .map(|e| EnrolledDump {
+                uid: e.pod.workload.uid.clone(),
+                name: e.pod.workload.name.clone(),
+                namespace: e.pod.workload.namespace.clone(),
+                netns: e.pod.netns.path().to_owned(),
+                netns_cookie: e.pod.netns_cookie,
+                ips: e.pod.workload.ips.clone(),
+                listeners: listener_addrs(&e.pod.workload),
+            })
+            .collect()
+    }
+
+    /// Releases nothing: on shutdown the pinned programs keep the pods captured and failing
+    /// closed until an agent comes back. Only stops the accept loops.
+    pub fn shutdown(&mut self) {
+        for e in std::mem::take(&mut self.pods).into_values() {
+            for t in e.tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn listener_addrs(w: &Workload) -> Vec<String> {
+    let mut out = vec![format!("127.0.0.1:{OUTBOUND_PORT}"), format!("[::1]:{OUTBOUND_PORT}")];
+    for ip in &w.ips {
+        out.push(SocketAddr::new(*ip, INBOUND_PORT).to_string());
+        out.push(SocketAddr::new(*ip, HBONE_PORT).to_string());
+    }
+    out
+}
+
+/// Listeners as std sockets, bound in the current (pod) namespace.
+struct StdListeners {
+    outbound: Vec<Socket>,
+    inbound: Vec<Socket>,
+    hbone: Vec<Socket>,
+}
+
+fn bind_listeners(pod: &str, w: &Workload) -> Result<StdListeners, EnrollError> {
+    let v4 = w.ips.iter().any(IpAddr::is_ipv4);
+    let v6 = w.ips.iter().any(IpAddr::is_ipv6);
+    let bind = |addr: SocketAddr| bind_one(addr).map_err(|source| EnrollError::Bind { pod: pod.to_owned(), addr, source });
+    let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let mut l = StdListeners { outbound: Vec::new(), inbound: Vec::new(), hbone: Vec::new() };
+    // Outbound on loopback of both families: connect4/6 rewrite to 127.0.0.1 / ::1.
+    l.outbound.push(bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT))?);
+    l.outbound.push(bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT))?);
+    for (present, any) in [(v4, any4), (v6, any6)] {
+        if present {
+            l.inbound.push(bind(SocketAddr::new(any, INBOUND_PORT))?);
+            l.hbone.push(bind(SocketAddr::new(any, HBONE_PORT))?);
+        }
+    }
+    Ok(l)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_mark(PROXY_MARK)?;
+    s.bind(&addr.into())?;
+    s.listen(LISTEN_BACKLOG)?;
+    Ok(s)
+}
+
+fn to_tokio(pod: &str, l: StdListeners) -> Result<PodListeners, EnrollError> {
+    let conv = |v: Vec<Socket>| -> Result<Vec<TcpListener>, EnrollError> {
+        v.into_iter()
+            .map(|s| {
+                TcpListener::from_std(s.into())
+                    .map_err(|source| EnrollError::Setup { pod: pod.to_owned(), what: "registering listener", source })
+            })
+            .collect()
+    };
+    Ok(PodListeners { outbound: conv(l.outbound)?, inbound: conv(l.inbound)?, hbone: conv(l.hbone)? })
+}
+
+/// `ip rule add fwmark DELIVERY_MARK lookup 133` and `ip route add local default dev lo
+/// table 133`, for both families, idempotently.
+async fn add_delivery_routes(handle: &rtnetlink::Handle, pod: &str) -> Result<(), EnrollError> {
+    use rtnetlink::{
+        RouteMessageBuilder,
+        packet_route::{
+            route::{RouteScope, RouteType},
+            rule::RuleAction,
+        },
+    };
+    let nl = |e: rtnetlink::Error| EnrollError::Netlink { pod: pod.to_owned(), message: e.to_string() };
+    let exists = |r: Result<(), rtnetlink::Error>| match r {
+        Err(rtnetlink::Error::NetlinkError(ref m)) if m.raw_code() == -libc::EEXIST => Ok(()),
+        other => other,
+    };
+    const LO: u32 = 1;
+    let rule = handle.rule().add().fw_mark(DELIVERY_MARK).table_id(DELIVERY_ROUTE_TABLE)
+        .priority(DELIVERY_RULE_PRIORITY)
+        .action(RuleAction::ToTable);
+    exists(rule.clone().v4().execute().await).map_err(nl)?;
+    exists(rule.v6().execute().await).map_err(nl)?;
+    let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .output_interface(LO)
+        .table_id(DELIVERY_ROUTE_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .build();
+    exists(handle.route().add(v4).execute().await).map_err(nl)?;
+    let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+        .output_interface(LO)
+        .table_id(DELIVERY_ROUTE_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .build();
+    exists(handle.route().add(v6).execute().await).map_err(nl)?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! mesh-agent: an eBPF-accelerated, sidecarless service-mesh node agent in the style of
+//! Istio's ambient mode. See DESIGN.md for the architecture; README.md for usage.
+
+pub mod admin;
+pub mod agent;
+pub mod config;
+pub mod ebpf;
+pub mod enroll;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

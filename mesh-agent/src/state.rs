@@ -1,0 +1,432 @@
+//! The agent's view of the mesh: workloads (pods) and services translated from the
+//! configuration, with the O(1) lookups the data path needs. Built by
+//! [`config::translate`](crate::config::translate); immutable once built.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// Everything the agent knows about the mesh at one point in time.
+///
+/// Build it with [`MeshState::new`] (or the translation), which sorts its contents and builds
+/// the lookup indexes; the fields are public for reading, and a changed copy must be rebuilt
+/// with `new` to keep the indexes right. Serialized as JSON in `/config_dump` (the indexes are
+/// skipped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MeshState {
+    /// Sorted by (namespace, name).
+    pub workloads: Vec<Workload>,
+    /// Sorted by (namespace, name).
+    pub services: Vec<Service>,
+    /// Objects interpreted by later features, sorted by (namespace, name).
+    pub raw: RawObjects,
+    /// Workload IP (canonical: IPv4-mapped IPv6 stored as IPv4) -> index in `workloads`.
+    #[serde(skip)]
+    workload_ips: HashMap<IpAddr, usize>,
+    /// Service VIP (canonical) -> index in `services`.
+    #[serde(skip)]
+    service_vips: HashMap<IpAddr, usize>,
+}
+
+/// Kubernetes objects kept as JSON until the feature that uses them types them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RawObjects {
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    pub endpoint_slices: Vec<serde_json::Value>,
+    /// `security.istio.io/v1` AuthorizationPolicy.
+    pub authorization_policies: Vec<serde_json::Value>,
+    /// `security.istio.io/v1` PeerAuthentication.
+    pub peer_authentications: Vec<serde_json::Value>,
+}
+
+/// One pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// `metadata.uid`, or `namespace/name` if absent.
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    /// `spec.nodeName`.
+    pub node: Option<String>,
+    /// `spec.serviceAccountName`, default `default`.
+    pub service_account: String,
+    /// `status.podIPs` (all), else `status.podIP`; canonical form.
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// Canonical workload name: label `app.kubernetes.io/name`, else `app`, else the pod name.
+    pub workload_name: String,
+    /// Annotation `mesh-agent.io/netns` (file mode).
+    pub netns: Option<PathBuf>,
+    /// Whether the pod is enrolled in the mesh (Istio ambient opt-in rules).
+    pub captured: bool,
+    pub host_network: bool,
+}
+
+/// One Kubernetes service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `spec.clusterIPs`, else `spec.clusterIP`; empty for headless (`None`) services.
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Empty: the service selects no pods (endpoints are managed elsewhere).
+    pub selector: BTreeMap<String, String>,
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// Defaults to `port` when the service leaves it out, as Kubernetes does.
+    pub target_port: TargetPort,
+    /// `TCP`, `UDP` or `SCTP`; default `TCP`.
+    pub protocol: String,
+}
+
+/// Where a service port sends traffic on the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved against the pod's container ports.
+    Named(String),
+}
+
+impl MeshState {
+    /// Sorts workloads, services and raw objects by (namespace, name) and builds the indexes.
+    ///
+    /// Index rules: an IP maps to one workload. Host-network pods are not indexed (they share
+    /// the node's address, so the address does not identify them). When two pods claim an IP
+    /// (a finished pod and its successor), a captured pod wins over an uncaptured one, then the
+    /// first in (namespace, name) order. A VIP maps to the first service that claims it.
+    pub fn new(
+        mut workloads: Vec<Workload>,
+        mut services: Vec<Service>,
+        mut raw: RawObjects,
+    ) -> Self {
+        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for list in [
+            &mut raw.endpoint_slices,
+            &mut raw.authorization_policies,
+            &mut raw.peer_authentications,
+        ] {
+            list.sort_by(|a, b| raw_key(a).cmp(&raw_key(b)));
+        }
+
+        let mut workload_ips: HashMap<IpAddr, usize> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            if w.host_network {
+                continue;
+            }
+            for ip in &w.ips {
+                workload_ips
+                    .entry(ip.to_canonical())
+                    .and_modify(|cur| {
+                        if w.captured && !workloads[*cur].captured {
+                            *cur = i;
+                        }
+                    })
+                    .or_insert(i);
+            }
+        }
+        let mut service_vips = HashMap::new();
+        for (i, s) in services.iter().enumerate() {
+            for vip in &s.vips {
+                service_vips.entry(vip.to_canonical()).or_insert(i);
+            }
+        }
+        Self {
+            workloads,
+            services,
+            raw,
+            workload_ips,
+            service_vips,
+        }
+    }
+
+    /// The workload that owns `ip` (IPv4-mapped IPv6 addresses are looked up as IPv4). O(1).
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workload_ips
+            .get(&ip.to_canonical())
+            .map(|&i| &self.workloads[i])
+    }
+
+    /// The captured pods scheduled on `node`: the ones this agent enrolls.
+    pub fn local_captured<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |w| w.captured && w.node.as_deref() == Some(node))
+    }
+
+    /// The service whose VIP is `ip` and its TCP port `port` (the mesh carries TCP only, so UDP
+    /// and SCTP ports never match). IPv4-mapped IPv6 addresses are looked up as IPv4. O(1) in the
+    /// number of services.
+    pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
+        let service = &self.services[*self.service_vips.get(&ip.to_canonical())?];
+        let port = service
+            .ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == "TCP")?;
+        Some((service, port))
+    }
+
+    /// The services that select `workload`: same namespace, a non-empty selector, and every
+    /// selector label present on the pod with the same value (Kubernetes semantics).
+    pub fn services_for_workload<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Service> + 'a {
+        self.services
+            .iter()
+            .filter(move |s| s.namespace == workload.namespace && s.selects(&workload.labels))
+    }
+}
+
+impl Service {
+    /// Whether this service's selector matches a pod with `labels`; an empty selector matches
+    /// nothing (such services get their endpoints from elsewhere).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self.selector.is_empty()
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    }
+}
+
+/// (namespace, name) of a raw Kubernetes object, for sorting.
+fn raw_key(v: &serde_json::Value) -> (&str, &str) {
+    let meta = &v["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or(""),
+        meta["name"].as_str().unwrap_or(""),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(ns: &str, name: &str, ips: &[&str]) -> Workload {
+        Workload {
+            uid: format!("{ns}/{name}"),
+            name: name.into(),
+            namespace: ns.into(),
+            node: Some("node-a".into()),
+            service_account: "default".into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            labels: BTreeMap::new(),
+            workload_name: name.into(),
+            netns: None,
+            captured: true,
+            host_network: false,
+        }
+    }
+
+    fn service(ns: &str, name: &str, vips: &[&str], ports: &[(u16, &str)]) -> Service {
+        Service {
+            name: name.into(),
+            namespace: ns.into(),
+            vips: vips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ports: ports
+                .iter()
+                .map(|&(port, protocol)| ServicePort {
+                    name: None,
+                    port,
+                    target_port: TargetPort::Number(port),
+                    protocol: protocol.into(),
+                })
+                .collect(),
+            selector: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn new_sorts_workloads_and_services_by_namespace_then_name() {
+        let s = MeshState::new(
+            vec![
+                workload("b", "a", &[]),
+                workload("a", "z", &[]),
+                workload("a", "b", &[]),
+            ],
+            vec![service("b", "x", &[], &[]), service("a", "y", &[], &[])],
+            RawObjects::default(),
+        );
+        let names: Vec<_> = s
+            .workloads
+            .iter()
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .collect();
+        assert_eq!(names, ["a/b", "a/z", "b/a"]);
+        assert_eq!(s.services[0].namespace, "a");
+    }
+
+    #[test]
+    fn workload_by_ip_finds_every_pod_ip() {
+        let s = MeshState::new(
+            vec![
+                workload("default", "web", &["10.0.0.1", "fd00::1"]),
+                workload("default", "db", &["10.0.0.2"]),
+            ],
+            vec![],
+            RawObjects::default(),
+        );
+        let cases = [
+            ("10.0.0.1", Some("web")),
+            ("fd00::1", Some("web")),
+            ("10.0.0.2", Some("db")),
+            ("10.0.0.3", None),
+        ];
+        for (ip, want) in cases {
+            let got = s
+                .workload_by_ip(ip.parse().unwrap())
+                .map(|w| w.name.as_str());
+            assert_eq!(got, want, "{ip}");
+        }
+    }
+
+    #[test]
+    fn workload_by_ip_treats_ipv4_mapped_ipv6_as_ipv4() {
+        let s = MeshState::new(
+            vec![workload("default", "web", &["10.0.0.1"])],
+            vec![],
+            RawObjects::default(),
+        );
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(s.workload_by_ip(mapped).unwrap().name, "web");
+    }
+
+    #[test]
+    fn host_network_pods_are_not_found_by_ip() {
+        let mut host = workload("kube-system", "node-exporter", &["192.168.1.10"]);
+        host.host_network = true;
+        host.captured = false;
+        let s = MeshState::new(vec![host], vec![], RawObjects::default());
+        assert!(s.workload_by_ip("192.168.1.10".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn captured_pod_wins_a_shared_ip_over_an_uncaptured_one() {
+        let mut done = workload("default", "a-job-done", &["10.0.0.9"]);
+        done.captured = false;
+        let live = workload("default", "b-live", &["10.0.0.9"]);
+        let s = MeshState::new(vec![live, done], vec![], RawObjects::default());
+        assert_eq!(
+            s.workload_by_ip("10.0.0.9".parse().unwrap()).unwrap().name,
+            "b-live"
+        );
+    }
+
+    #[test]
+    fn local_captured_yields_only_captured_pods_on_this_node() {
+        let mut other_node = workload("default", "remote", &[]);
+        other_node.node = Some("node-b".into());
+        let mut uncaptured = workload("default", "plain", &[]);
+        uncaptured.captured = false;
+        let mut unscheduled = workload("default", "pending", &[]);
+        unscheduled.node = None;
+        let s = MeshState::new(
+            vec![
+                workload("default", "local", &[]),
+                other_node,
+                uncaptured,
+                unscheduled,
+            ],
+            vec![],
+            RawObjects::default(),
+        );
+        let names: Vec<_> = s
+            .local_captured("node-a")
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(names, ["local"]);
+    }
+
+    #[test]
+    fn service_by_vip_matches_vip_and_tcp_port() {
+        let s = MeshState::new(
+            vec![],
+            vec![
+                service(
+                    "default",
+                    "web",
+                    &["10.96.0.10", "fd00:96::10"],
+                    &[(80, "TCP"), (443, "TCP")],
+                ),
+                service("default", "dns", &["10.96.0.53"], &[(53, "UDP")]),
+            ],
+            RawObjects::default(),
+        );
+        let cases = [
+            ("10.96.0.10", 80, Some(("web", 80))),
+            ("10.96.0.10", 443, Some(("web", 443))),
+            ("fd00:96::10", 80, Some(("web", 80))),
+            ("::ffff:10.96.0.10", 80, Some(("web", 80))),
+            ("10.96.0.10", 8080, None),
+            ("10.96.0.53", 53, None),
+            ("10.96.0.99", 80, None),
+        ];
+        for (ip, port, want) in cases {
+            let got = s
+                .service_by_vip(ip.parse().unwrap(), port)
+                .map(|(s, p)| (s.name.as_str(), p.port));
+            assert_eq!(got, want, "{ip}:{port}");
+        }
+    }
+
+    #[test]
+    fn services_for_workload_requires_same_namespace_and_full_selector_match() {
+        let mut w = workload("default", "web-1", &[]);
+        w.labels = labels(&[("app", "web"), ("version", "v1")]);
+        let mut by_version = service("default", "web-v1", &[], &[]);
+        by_version.selector = labels(&[("app", "web"), ("version", "v1")]);
+        let mut wrong_version = service("default", "web-v2", &[], &[]);
+        wrong_version.selector = labels(&[("app", "web"), ("version", "v2")]);
+        let mut no_selector = service("default", "manual", &[], &[]);
+        no_selector.selector.clear();
+        let s = MeshState::new(
+            vec![w.clone()],
+            vec![
+                service("default", "web", &[], &[]),
+                service("other", "web", &[], &[]),
+                by_version,
+                wrong_version,
+                no_selector,
+            ],
+            RawObjects::default(),
+        );
+        let got: Vec<_> = s
+            .services_for_workload(&w)
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        assert_eq!(got, ["default/web", "default/web-v1"]);
+    }
+
+    #[test]
+    fn state_serializes_without_indexes_and_target_port_untagged() {
+        let mut svc = service("default", "web", &["10.96.0.10"], &[(80, "TCP")]);
+        svc.ports[0].target_port = TargetPort::Named("http".into());
+        let s = MeshState::new(
+            vec![workload("default", "web-1", &["10.0.0.1"])],
+            vec![svc],
+            RawObjects::default(),
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("workload_ips").is_none());
+        assert_eq!(json["workloads"][0]["ips"][0], "10.0.0.1");
+        assert_eq!(json["services"][0]["ports"][0]["target_port"], "http");
+        assert_eq!(json["services"][0]["vips"][0], "10.96.0.10");
+    }
+}

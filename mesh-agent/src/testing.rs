@@ -1,0 +1,17 @@
+//! Test support for the kernel suite and the demo: a network-namespace "cluster" of
+//! nodes and pods ([`cluster`]), the workloads its pods run ([`workload`]) and a reader
+//! for the agent's Prometheus metrics ([`metrics`]).
+//!
+//! Errors here are `anyhow` on purpose: this is test wiring whose errors are only ever
+//! printed, and every one carries the command, path or address it is about.
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+mod config;
+mod host;
+pub mod metrics;
+pub mod workload;
+
+pub use cluster::{Cluster, ClusterBuilder, ConfigOptions, Node, Pod, PodSpec, require_root};
+pub use host::{in_netns, locate_binary};
+pub use workload::ConnectReport;

@@ -1,0 +1,142 @@
+//! The agent's config file for a test cluster: a multi-document YAML of `v1` Namespace
+//! and Pod objects (what `kubectl get -o yaml` prints), pods annotated with their
+//! network namespace, plus any extra documents a test adds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{
+    Container, HostIP, Namespace, Pod as K8sPod, PodIP, PodSpec as K8sPodSpec, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::cluster::{NETNS_ANNOTATION, Pod};
+
+/// What to change in the generated file relative to the cluster as built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigOptions {
+    /// Pods left out, as if the API server did not know them.
+    pub exclude_pods: BTreeSet<String>,
+    /// Labels replacing a namespace's declared labels.
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Labels replacing a pod's labels.
+    pub pod_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// YAML documents appended verbatim (Services, policies...), without `---`.
+    pub extra_documents: Vec<String>,
+}
+
+impl ConfigOptions {
+    pub fn exclude(mut self, pod: impl Into<String>) -> Self {
+        self.exclude_pods.insert(pod.into());
+        self
+    }
+
+    pub fn namespace_labels<K: Into<String>, V: Into<String>>(
+        mut self,
+        namespace: impl Into<String>,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.namespace_labels
+            .insert(namespace.into(), labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    pub fn pod_labels<K: Into<String>, V: Into<String>>(
+        mut self,
+        pod: impl Into<String>,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.pod_labels
+            .insert(pod.into(), labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    pub fn document(mut self, yaml: impl Into<String>) -> Self {
+        self.extra_documents.push(yaml.into());
+        self
+    }
+}
+
+/// Namespaces first, then pods in creation order, then the extra documents.
+pub(super) fn render(
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    pods: &[Arc<Pod>],
+    opts: &ConfigOptions,
+) -> Result<String> {
+    let mut docs = Vec::new();
+    for (name, labels) in namespaces {
+        let labels = opts.namespace_labels.get(name).unwrap_or(labels);
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: non_empty(labels),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        docs.push(serde_yaml::to_string(&namespace).context("serializing a Namespace")?);
+    }
+    for pod in pods.iter().filter(|p| !opts.exclude_pods.contains(p.name())) {
+        let labels = opts.pod_labels.get(pod.name()).unwrap_or(pod.labels());
+        let object = k8s_pod(pod, labels);
+        docs.push(serde_yaml::to_string(&object).with_context(|| format!("serializing pod {}", pod.name()))?);
+    }
+    docs.extend(opts.extra_documents.iter().cloned());
+    Ok(docs
+        .iter()
+        .map(|d| format!("---\n{}\n", d.trim_end()))
+        .collect())
+}
+
+fn non_empty(labels: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!labels.is_empty()).then(|| labels.clone())
+}
+
+fn k8s_pod(pod: &Pod, labels: &BTreeMap<String, String>) -> K8sPod {
+    let (host_v4, host_v6) = pod.host_ips();
+    K8sPod {
+        metadata: ObjectMeta {
+            name: Some(pod.name().to_string()),
+            namespace: Some(pod.namespace().to_string()),
+            uid: Some(pod.uid().to_string()),
+            labels: non_empty(labels),
+            annotations: Some(
+                [(NETNS_ANNOTATION.to_string(), pod.netns_path().display().to_string())].into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(K8sPodSpec {
+            node_name: Some(pod.node_name().to_string()),
+            service_account_name: Some(pod.service_account().to_string()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("mesh-pod:test".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(pod.ipv4().to_string()),
+            pod_ips: Some(vec![
+                PodIP {
+                    ip: pod.ipv4().to_string(),
+                },
+                PodIP {
+                    ip: pod.ipv6().to_string(),
+                },
+            ]),
+            host_ip: Some(host_v4.to_string()),
+            host_ips: Some(vec![
+                HostIP {
+                    ip: host_v4.to_string(),
+                },
+                HostIP {
+                    ip: host_v6.to_string(),
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}

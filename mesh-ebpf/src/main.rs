@@ -1,0 +1,310 @@
+//! The kernel half of mesh-agent: outbound capture (`cgroup/connect4/6`), the original
+//! destination (`sockops`, `cgroup/getpeername4/6`) and inbound steering (`sk_lookup`).
+//! Each program is a thin wrapper around a `try_*` function; every path returns a verdict.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use mesh_common::{
+    AF_INET, AF_INET6, AddrKey, EnrolledNetns, HBONE_PORT, OUTBOUND_PORT, OrigDst, OrigKey,
+    PROXY_MARK, PROXY_MARK_MASK,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+/// `lo` is always interface 1 in a network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// cgroup/sock_addr verdicts.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+/// 127.0.0.1 as the kernel stores it in `user_ip4` (network byte order).
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// The last word of `::1`.
+const LOOPBACK6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+#[map(name = "MESH_ENROLLED")]
+static ENROLLED: HashMap<u64, EnrolledNetns> = HashMap::pinned(4096, 0);
+
+#[map(name = "MESH_ORIG_COOKIE")]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "MESH_ORIG_DST")]
+static ORIG_DST: LruHashMap<OrigKey, OrigDst> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "MESH_INBOUND")]
+static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(8192, 0);
+
+#[map(name = "MESH_ENR_ADDRS")]
+static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
+
+fn is_loopback4(ip: u32) -> bool {
+    ip.to_ne_bytes()[0] == 127
+}
+
+/// Whether the socket behind a sock_addr context is enrolled and not one of the agent's own.
+fn should_capture(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the kernel hands a valid context; fields are read as the verifier allows.
+    unsafe {
+        let sa = ctx.sock_addr;
+        if (*sa).protocol != IPPROTO_TCP {
+            return false;
+        }
+        let netns = bpf_get_netns_cookie(sa as *mut c_void);
+        if ENROLLED.get(netns).is_none() {
+            return false;
+        }
+        let sk = (*sa).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return false;
+        }
+        (*sk).mark & PROXY_MARK_MASK != PROXY_MARK
+    }
+}
+
+/// Remembers where the socket was going, keyed by socket cookie.
+fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), i32> {
+    // SAFETY: valid context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    ORIG_DST_BY_COOKIE
+        .insert(cookie, orig, 0)
+        .map_err(|_| REJECT)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    if !should_capture(ctx) {
+        return Ok(ALLOW);
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; user_ip4/user_port are readable and writable in connect4.
+    unsafe {
+        let ip = (*sa).user_ip4;
+        if ip == 0 || is_loopback4(ip) {
+            return Ok(ALLOW);
+        }
+        let orig = OrigDst {
+            addr: [ip, 0, 0, 0],
+            port: (*sa).user_port as u16,
+            family: AF_INET,
+            _pad: 0,
+        };
+        // Without a record the proxy could not forward: refuse rather than bypass.
+        remember(ctx, &orig)?;
+        (*sa).user_ip4 = LOOPBACK4;
+        (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+    }
+    Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    if !should_capture(ctx) {
+        return Ok(ALLOW);
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; user_ip6 is read and written one 32-bit word at a time.
+    unsafe {
+        let ip = [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ];
+        let port = (*sa).user_port as u16;
+        let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_PREFIX;
+        let orig = if mapped {
+            if ip[3] == 0 || is_loopback4(ip[3]) {
+                return Ok(ALLOW);
+            }
+            OrigDst {
+                addr: [ip[3], 0, 0, 0],
+                port,
+                family: AF_INET,
+                _pad: 0,
+            }
+        } else {
+            if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == LOOPBACK6_LAST) {
+                return Ok(ALLOW);
+            }
+            OrigDst {
+                addr: ip,
+                port,
+                family: AF_INET6,
+                _pad: 0,
+            }
+        };
+        remember(ctx, &orig)?;
+        if mapped {
+            (*sa).user_ip6[3] = LOOPBACK4;
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0;
+            (*sa).user_ip6[3] = LOOPBACK6_LAST;
+        }
+        (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+    }
+    Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; getpeername4 may rewrite user_ip4/user_port.
+    unsafe {
+        let cookie = bpf_get_socket_cookie(sa as *mut c_void);
+        if let Some(orig) = ORIG_DST_BY_COOKIE.get(cookie)
+            && orig.family == AF_INET
+        {
+            (*sa).user_ip4 = orig.addr[0];
+            (*sa).user_port = u32::from(orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; getpeername6 may rewrite user_ip6/user_port.
+    unsafe {
+        let cookie = bpf_get_socket_cookie(sa as *mut c_void);
+        if let Some(orig) = ORIG_DST_BY_COOKIE.get(cookie) {
+            if orig.family == AF_INET6 {
+                (*sa).user_ip6[0] = orig.addr[0];
+                (*sa).user_ip6[1] = orig.addr[1];
+                (*sa).user_ip6[2] = orig.addr[2];
+                (*sa).user_ip6[3] = orig.addr[3];
+            } else {
+                (*sa).user_ip6[0] = 0;
+                (*sa).user_ip6[1] = 0;
+                (*sa).user_ip6[2] = MAPPED_PREFIX;
+                (*sa).user_ip6[3] = orig.addr[0];
+            }
+            (*sa).user_port = u32::from(orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    // sockops verdicts are advisory; always continue.
+    let _ = try_sockops(&ctx);
+    1
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
+    let ops = ctx.ops as *mut c_void;
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: valid context pointer from the kernel.
+            let cookie = unsafe { bpf_get_socket_cookie(ops) };
+            // SAFETY: the value is copied out before the map is written.
+            let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+                return Ok(());
+            };
+            // The proxy reached through a v6 socket may still be the v4 listener (mapped).
+            let family = if ctx.family() == u32::from(AF_INET) {
+                AF_INET
+            } else {
+                let remote = ctx.remote_ip6();
+                if remote[0] == 0 && remote[1] == 0 && remote[2] == MAPPED_PREFIX {
+                    AF_INET
+                } else {
+                    AF_INET6
+                }
+            };
+            let key = OrigKey {
+                // SAFETY: valid context pointer from the kernel.
+                netns_cookie: unsafe { bpf_get_netns_cookie(ops) },
+                port: ctx.local_port() as u16,
+                family,
+                _pad: 0,
+            };
+            ORIG_DST.insert(key, orig, 0)?;
+            // Ask for state changes so the cookie record goes away with the socket.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            // SAFETY: valid context pointer from the kernel.
+            let cookie = unsafe { bpf_get_socket_cookie(ops) };
+            let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: valid context; every field read here is readable in sk_lookup. The reads are
+    // volatile and unconditional so the compiler cannot turn them into loads through a
+    // modified context pointer, which the verifier rejects.
+    let (protocol, ifindex, port, family, ip4, ip6) = unsafe {
+        use core::ptr::{addr_of, read_volatile as rv};
+        (
+            rv(addr_of!((*l).protocol)),
+            rv(addr_of!((*l).ingress_ifindex)),
+            rv(addr_of!((*l).local_port)),
+            rv(addr_of!((*l).family)),
+            rv(addr_of!((*l).local_ip4)),
+            [
+                rv(addr_of!((*l).local_ip6[0])),
+                rv(addr_of!((*l).local_ip6[1])),
+                rv(addr_of!((*l).local_ip6[2])),
+                rv(addr_of!((*l).local_ip6[3])),
+            ],
+        )
+    };
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX || port == u32::from(HBONE_PORT) {
+        return SK_PASS;
+    }
+    let key = if family == u32::from(AF_INET) {
+        AddrKey { addr: [ip4, 0, 0, 0], family }
+    } else {
+        AddrKey { addr: ip6, family }
+    };
+    // SAFETY: map lookup of a plain key.
+    if unsafe { ENROLLED_ADDRS.get(key) }.is_none() {
+        return SK_PASS;
+    }
+    // An enrolled pod without its inbound listener (agent down) fails closed.
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

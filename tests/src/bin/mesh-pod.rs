@@ -1,0 +1,116 @@
+//! `mesh-pod`: the process that plays a pod (or a node's host process) in the test
+//! cluster. It joins its cgroup and network namespace first, before any thread
+//! exists, then serves an echo, runs an echo client, does an HTTP GET, or execs.
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mesh_agent::testing::workload;
+
+#[derive(Parser)]
+#[command(name = "mesh-pod", about = "A pod of the mesh-agent test cluster")]
+struct Cli {
+    /// Network namespace to enter first (e.g. /run/netns/NAME).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// cgroup v2 directory to move this process into first.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Dual-stack TCP echo server on [::]:PORT for every --port; each connection first
+    /// gets `PEER <client ip:port>`. Prints `READY <ports>` once listening.
+    Serve {
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+    },
+    /// Connect, read the PEER line, send BYTES of a pattern, check the echo; prints one
+    /// JSON report line and exits 0 iff it was byte-exact.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// HTTP/1.1 GET http://HOST:PORT/PATH; prints the status code, then the body.
+    HttpGet {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+        host: IpAddr,
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// Replace this process with COMMAND (after entering the namespace and cgroup).
+    Exec {
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(error) = workload::enter(cli.netns.as_deref(), cli.cgroup.as_deref()) {
+        eprintln!("mesh-pod: {error:#}");
+        return ExitCode::from(125);
+    }
+    match cli.command {
+        Cmd::Serve { ports } => match workload::serve(&ports) {
+            Ok(never) => match never {},
+            Err(error) => {
+                eprintln!("mesh-pod serve: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Connect {
+            to,
+            bytes,
+            timeout_ms,
+        } => {
+            let report = workload::connect(to, bytes, Duration::from_millis(timeout_ms));
+            match serde_json::to_string(&report) {
+                Ok(json) => println!("{json}"),
+                Err(error) => {
+                    eprintln!("mesh-pod connect: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Cmd::HttpGet {
+            port,
+            path,
+            host,
+            timeout_ms,
+        } => match workload::http_get(SocketAddr::new(host, port), &path, Duration::from_millis(timeout_ms)) {
+            Ok((status, body)) => {
+                println!("{status}");
+                print!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("mesh-pod http-get: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Exec { command } => {
+            let error = Command::new(&command[0]).args(&command[1..]).exec();
+            eprintln!("mesh-pod exec {:?}: {error}", command[0]);
+            ExitCode::from(127)
+        }
+    }
+}
