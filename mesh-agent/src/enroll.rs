@@ -26,8 +26,15 @@ use crate::{
 };
 
 const LISTEN_BACKLOG: i32 = 1024;
-/// Priority of the delivery-mark rule (before `main` at 32766).
-const DELIVERY_RULE_PRIORITY: u32 = 32700;
+/// Priority of the delivery-mark rule. It must come before the `local` table: the delivery
+/// socket's SYN to the pod's own address must be routed by table 133 (`dev lo`), because the
+/// `local` table would route it as arriving on `eth0`, and `sk_lookup` would steer it back
+/// into the proxy. See docs/adr/001-inbound-delivery-routing.md.
+const DELIVERY_RULE_PRIORITY: u32 = 100;
+/// Where the `local` table rule moves (from priority 0) inside enrolled pods.
+const LOCAL_RULE_PRIORITY: u32 = 1000;
+/// The kernel's `local` routing table.
+const RT_TABLE_LOCAL: u32 = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -297,8 +304,9 @@ fn to_tokio(pod: &str, l: StdListeners) -> Result<PodListeners, EnrollError> {
     Ok(PodListeners { outbound: conv(l.outbound)?, inbound: conv(l.inbound)?, hbone: conv(l.hbone)? })
 }
 
-/// `ip rule add fwmark DELIVERY_MARK lookup 133` and `ip route add local default dev lo
-/// table 133`, for both families, idempotently.
+/// `ip rule add pref 100 fwmark DELIVERY_MARK lookup 133`, `ip route add local default dev lo
+/// table 133`, and the `local` table rule moved from priority 0 to 1000, for both families,
+/// idempotently.
 async fn add_delivery_routes(handle: &rtnetlink::Handle, pod: &str) -> Result<(), EnrollError> {
     use rtnetlink::{
         RouteMessageBuilder,
@@ -334,5 +342,36 @@ async fn add_delivery_routes(handle: &rtnetlink::Handle, pod: &str) -> Result<()
         .scope(RouteScope::Host)
         .build();
     exists(handle.route().add(v6).execute().await).map_err(nl)?;
+    for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+        move_local_rule(handle, version).await.map_err(nl)?;
+    }
     Ok(())
+}
+
+/// Moves the `local` table lookup from priority 0 to [`LOCAL_RULE_PRIORITY`], adding the new
+/// rule before removing the old so local delivery never stops.
+async fn move_local_rule(handle: &rtnetlink::Handle, version: rtnetlink::IpVersion) -> Result<(), rtnetlink::Error> {
+    use futures::TryStreamExt as _;
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+    let rules: Vec<RuleMessage> = handle.rule().get(version.clone()).execute().try_collect().await?;
+    let priority = |r: &RuleMessage| {
+        r.attributes.iter().find_map(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None }).unwrap_or(0)
+    };
+    let table = |r: &RuleMessage| {
+        r.attributes
+            .iter()
+            .find_map(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None })
+            .unwrap_or(u32::from(r.header.table))
+    };
+    let Some(at_zero) = rules.iter().find(|r| table(r) == RT_TABLE_LOCAL && priority(r) == 0) else {
+        return Ok(());
+    };
+    if !rules.iter().any(|r| table(r) == RT_TABLE_LOCAL && priority(r) == LOCAL_RULE_PRIORITY) {
+        let add = handle.rule().add().table_id(RT_TABLE_LOCAL).priority(LOCAL_RULE_PRIORITY).action(RuleAction::ToTable);
+        match version {
+            rtnetlink::IpVersion::V4 => add.v4().execute().await?,
+            rtnetlink::IpVersion::V6 => add.v6().execute().await?,
+        }
+    }
+    handle.rule().del(at_zero.clone()).execute().await
 }

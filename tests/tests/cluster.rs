@@ -38,7 +38,10 @@ fn assert_echo(client: &Pod, to: SocketAddr) {
         "the server must see the client pod's own address: {report:?}"
     );
     assert_eq!(report.local.map(|a| a.ip()), Some(client_ip), "{report:?}");
-    assert_eq!(report.server_saw_peer, report.local, "no NAT anywhere: {report:?}");
+    assert_eq!(
+        report.server_saw_peer, report.local,
+        "no NAT anywhere: {report:?}"
+    );
     assert_eq!(report.getpeername, Some(to), "{report:?}");
 }
 
@@ -50,7 +53,12 @@ fn pod_to_pod_cross_node_over_ipv4_and_ipv6() {
     let cluster = cluster(2, 2);
     let (a, b) = (cluster.pod("pod-1-0"), cluster.pod("pod-2-1"));
     b.spawn_server(&[8080, 9090]).unwrap();
-    for to in [b.addr_v4(8080), b.addr_v6(8080), b.addr_v4(9090), b.addr_v6(9090)] {
+    for to in [
+        b.addr_v4(8080),
+        b.addr_v6(8080),
+        b.addr_v4(9090),
+        b.addr_v6(9090),
+    ] {
         assert_echo(&a, to);
     }
     // And back the other way.
@@ -86,10 +94,16 @@ fn pods_reach_node_addresses_across_the_fabric() {
     ] {
         let report = pod.connect(to, 64 * 1024).unwrap();
         assert!(report.ok, "{to}: {report:?}");
-        assert_eq!(report.server_saw_peer.map(|a| a.ip()), Some(same_family(&pod, to)));
+        assert_eq!(
+            report.server_saw_peer.map(|a| a.ip()),
+            Some(same_family(&pod, to))
+        );
     }
     // Node to node, from the node's own namespace.
-    let out = cluster.node(0).exec(&["ip", "-6", "route", "get", "fd00:201:3::10"]).unwrap();
+    let out = cluster
+        .node(0)
+        .exec(&["ip", "-6", "route", "get", "fd00:201:3::10"])
+        .unwrap();
     assert!(out.contains("via fd00:200::3"), "{out}");
 }
 
@@ -105,7 +119,10 @@ fn a_closed_port_fails_fast_and_is_reported_not_an_error() {
         .connect_timeout(to, 10, Duration::from_secs(2))
         .unwrap();
     assert!(!report.ok);
-    assert!(report.error.as_deref().unwrap_or("").contains("refused"), "{report:?}");
+    assert!(
+        report.error.as_deref().unwrap_or("").contains("refused"),
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -131,7 +148,9 @@ fn pods_added_later_route_and_removed_pods_are_gone() {
     cluster.remove_pod("late").unwrap();
     assert!(!Path::new("/run/netns").join(&netns).exists());
     assert!(!cgroup.exists());
-    let report = web.connect_timeout(addr, 10, Duration::from_secs(1)).unwrap();
+    let report = web
+        .connect_timeout(addr, 10, Duration::from_secs(1))
+        .unwrap();
     assert!(!report.ok, "a removed pod still answers: {report:?}");
 }
 
@@ -145,17 +164,24 @@ fn pod_processes_live_in_their_pod_cgroup_and_netns() {
     let server = pod.spawn_server(&[8080]).unwrap();
     let procs = std::fs::read_to_string(pod.cgroup().join("cgroup.procs")).unwrap();
     assert!(
-        procs.split_whitespace().any(|p| p == server.pid().to_string()),
+        procs
+            .split_whitespace()
+            .any(|p| p == server.pid().to_string()),
         "server {} not in {}: {procs}",
         server.pid(),
         pod.cgroup().display()
     );
-    let addrs = pod.exec(&["ip", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+    let addrs = pod
+        .exec(&["ip", "-o", "addr", "show", "dev", "eth0"])
+        .unwrap();
     assert!(addrs.contains(&format!("{}/32", pod.ipv4())), "{addrs}");
     assert!(addrs.contains(&format!("{}/128", pod.ipv6())), "{addrs}");
     assert!(!addrs.contains("tentative"), "DAD must be off: {addrs}");
     let routes = pod.exec(&["ip", "route"]).unwrap();
-    assert!(routes.contains("default via 10.201.1.1 dev eth0 onlink"), "{routes}");
+    assert!(
+        routes.contains("default via 10.201.1.1 dev eth0 onlink"),
+        "{routes}"
+    );
     assert!(pod.node_veth().starts_with("veth"));
 }
 
@@ -166,9 +192,11 @@ fn node_http_get_talks_to_localhost_inside_the_node() {
     }
     let cluster = cluster(1, 0);
     let node = cluster.node(0);
-    let listener = in_netns(node.netns_path(), || std::net::TcpListener::bind("127.0.0.1:15021"))
-        .unwrap()
-        .unwrap();
+    let listener = in_netns(node.netns_path(), || {
+        std::net::TcpListener::bind("127.0.0.1:15021")
+    })
+    .unwrap()
+    .unwrap();
     let server = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let (mut stream, _) = listener.accept().unwrap();
@@ -182,7 +210,12 @@ fn node_http_get_talks_to_localhost_inside_the_node() {
     });
     let (status, body) = node.http_get(15021, "/healthz/ready").unwrap();
     assert_eq!((status, body.as_str()), (200, "ready"));
-    assert!(server.join().unwrap().starts_with("GET /healthz/ready HTTP/1.1\r\n"));
+    assert!(
+        server
+            .join()
+            .unwrap()
+            .starts_with("GET /healthz/ready HTTP/1.1\r\n")
+    );
     // The test process itself is not in the node's namespace: nothing listens there.
     assert!(std::net::TcpStream::connect("127.0.0.1:15021").is_err());
 }
@@ -211,8 +244,14 @@ fn config_file_describes_every_pod_with_its_netns() {
         .collect();
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["Namespace", "Namespace", "Pod", "Pod"], "{text}");
-    let shop = docs.iter().find(|d| d["metadata"]["name"] == "shop").unwrap();
-    assert_eq!(shop["metadata"]["labels"]["istio.io/dataplane-mode"], "ambient");
+    let shop = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "shop")
+        .unwrap();
+    assert_eq!(
+        shop["metadata"]["labels"]["istio.io/dataplane-mode"],
+        "ambient"
+    );
     let a = cluster.pod("a");
     let pod = docs.iter().find(|d| d["metadata"]["name"] == "a").unwrap();
     assert_eq!(pod["apiVersion"], "v1");
@@ -228,19 +267,28 @@ fn config_file_describes_every_pod_with_its_netns() {
     assert_eq!(pod["status"]["podIPs"][1]["ip"], "fd00:201:1::10");
     assert!(pod["metadata"]["uid"].as_str().unwrap().len() == 36);
     // Rewriting is atomic and reflects the change.
-    cluster.write_config(&path, &ConfigOptions::default()).unwrap();
+    cluster
+        .write_config(&path, &ConfigOptions::default())
+        .unwrap();
     assert!(std::fs::read_to_string(&path).unwrap().contains("name: x"));
 }
 
 /// Asserts nothing with this prefix exists any more.
 fn assert_nothing_left(prefix: &str, cgroup_root: &Path, pins: &[std::path::PathBuf]) {
-    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
     let netns = String::from_utf8_lossy(&netns.stdout);
     assert!(
         !netns.lines().any(|l| l.starts_with(prefix)),
         "network namespaces left behind:\n{netns}"
     );
-    assert!(!cgroup_root.exists(), "cgroup {} left behind", cgroup_root.display());
+    assert!(
+        !cgroup_root.exists(),
+        "cgroup {} left behind",
+        cgroup_root.display()
+    );
     for pin in pins {
         assert!(!pin.exists(), "{} left behind", pin.display());
     }
@@ -264,7 +312,11 @@ fn teardown_leaves_no_netns_cgroup_or_process() {
     let prefix = cluster.prefix().to_string();
     let cgroup_root = cluster.cgroup_root().to_path_buf();
     let workdir = cluster.workdir().to_path_buf();
-    let pins: Vec<_> = cluster.nodes().iter().map(|n| n.bpffs_dir().to_path_buf()).collect();
+    let pins: Vec<_> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.bpffs_dir().to_path_buf())
+        .collect();
     let servers: Vec<_> = cluster
         .pods()
         .iter()
@@ -275,7 +327,11 @@ fn teardown_leaves_no_netns_cgroup_or_process() {
     assert_nothing_left(&prefix, &cgroup_root, &pins);
     assert!(!workdir.exists(), "{} left behind", workdir.display());
     for server in servers {
-        assert!(!server.is_running(), "server {} still running", server.pid());
+        assert!(
+            !server.is_running(),
+            "server {} still running",
+            server.pid()
+        );
     }
 }
 

@@ -35,12 +35,12 @@ async fn handle(proxy: &Proxy, pod: &PodContext, mut downstream: TcpStream, peer
         .ok_or(ProxyError::NoOriginalDestination { client: peer })?;
     let _ = downstream.set_nodelay(true);
     let state = proxy.state();
-    let src_addr = pod.workload.ips.iter().copied().find(|ip| ip.is_ipv4() == orig.is_ipv4());
-    let src = SocketAddr::new(src_addr.unwrap_or(peer.ip()), peer.port());
     let dst_workload = state.workload_by_ip(orig.ip());
 
     let socket = pod_socket(pod, orig.ip(), |s| s.set_mark(PROXY_MARK))?;
     let mut upstream = connect(socket, orig).await?;
+    // The connection as the destination sees it: from the pod's address.
+    let src = upstream.local_addr().unwrap_or(peer);
 
     let labels = labels(Reporter::Source, &state, Some(&pod.workload), dst_workload, orig.port());
     let tracked = Tracked::open(&proxy.metrics, labels, "outbound", src, orig);

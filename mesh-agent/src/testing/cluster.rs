@@ -146,7 +146,10 @@ impl ClusterBuilder {
     ) -> Self {
         self.namespaces.insert(
             name.into(),
-            labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
         );
         self
     }
@@ -178,11 +181,14 @@ impl ClusterBuilder {
             bail!("at most 99 nodes, asked for {nodes}");
         }
         if self.pods_per_node > 0 {
-            self.namespaces
-                .entry("default".into())
-                .or_insert_with(|| [(DATAPLANE_MODE_LABEL.to_string(), AMBIENT.to_string())].into());
+            self.namespaces.entry("default".into()).or_insert_with(|| {
+                [(DATAPLANE_MODE_LABEL.to_string(), AMBIENT.to_string())].into()
+            });
             let generated: Vec<PodSpec> = (0..nodes)
-                .flat_map(|n| (0..self.pods_per_node).map(move |k| PodSpec::new(format!("pod-{}-{k}", n + 1), "default", n)))
+                .flat_map(|n| {
+                    (0..self.pods_per_node)
+                        .map(move |k| PodSpec::new(format!("pod-{}-{k}", n + 1), "default", n))
+                })
                 .collect();
             self.pods.splice(0..0, generated);
         }
@@ -259,7 +265,13 @@ impl Shared {
 
     /// Spawns a long-running process owned by the cluster (killed at teardown).
     /// With `wait_ready`, waits for the `READY` line `mesh-pod serve` prints.
-    fn spawn(&self, owner: &str, mut cmd: Command, log_name: &str, wait_ready: bool) -> Result<Process> {
+    fn spawn(
+        &self,
+        owner: &str,
+        mut cmd: Command,
+        log_name: &str,
+        wait_ready: bool,
+    ) -> Result<Process> {
         let (log, file) = self.log_file(log_name)?;
         cmd.stdin(Stdio::null()).stderr(file.try_clone()?);
         if wait_ready {
@@ -295,7 +307,10 @@ impl Shared {
                 }
                 Err(_) => {
                     let _ = process.stop();
-                    bail!("{owner}: {cmd:?} not ready after 10 s; log:\n{}", process.log_text());
+                    bail!(
+                        "{owner}: {cmd:?} not ready after 10 s; log:\n{}",
+                        process.log_text()
+                    );
                 }
             }
         }
@@ -324,13 +339,19 @@ impl Shared {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn new_prefix() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("m{}{}", base36(std::process::id(), 5), base36(counter % (36 * 36), 2))
+    format!(
+        "m{}{}",
+        base36(std::process::id(), 5),
+        base36(counter % (36 * 36), 2)
+    )
 }
 
 fn base36(mut n: u32, width: usize) -> String {
@@ -346,7 +367,10 @@ fn base36(mut n: u32, width: usize) -> String {
 fn prefix_pid(name: &str) -> Option<(String, u32)> {
     let prefix = name.get(..8)?;
     let digits = prefix.strip_prefix('m')?;
-    if !digits.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
+    if !digits
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    {
         return None;
     }
     let pid = u32::from_str_radix(&digits[..5], 36).ok()?;
@@ -375,14 +399,22 @@ fn reap_stale(cgroup2: &Path) {
             eprintln!("mesh-test: removing leftovers of dead run {prefix}: {e:#}");
         }
         if !leftovers.is_empty() {
-            eprintln!("mesh-test: removed leftovers of dead run {prefix}: {}", leftovers.join(", "));
+            eprintln!(
+                "mesh-test: removed leftovers of dead run {prefix}: {}",
+                leftovers.join(", ")
+            );
         }
     }
 }
 
 /// Kills processes in `<cgroup2>/<prefix>`, removes `/sys/fs/bpf/<prefix>*` (after
 /// `uninstall_cmds` ran), the netns named `<prefix>*` and the cgroup tree.
-fn remove_prefixed(prefix: &str, cgroup2: &Path, extra_netns: &[String], removed: &mut Vec<String>) -> Result<()> {
+fn remove_prefixed(
+    prefix: &str,
+    cgroup2: &Path,
+    extra_netns: &[String],
+    removed: &mut Vec<String>,
+) -> Result<()> {
     let mut errors = Vec::new();
     let cgroup_root = cgroup2.join(prefix);
     for _ in 0..3 {
@@ -561,18 +593,25 @@ impl Cluster {
 
     /// Node by index (0 = `node1`). Panics if out of range.
     pub fn node(&self, index: usize) -> &Node {
-        self.nodes
-            .get(index)
-            .unwrap_or_else(|| panic!("no node index {index}: the cluster has {}", self.nodes.len()))
+        self.nodes.get(index).unwrap_or_else(|| {
+            panic!(
+                "no node index {index}: the cluster has {}",
+                self.nodes.len()
+            )
+        })
     }
 
     /// The pod named `name`. Panics if there is none.
     pub fn pod(&self, name: &str) -> Arc<Pod> {
-        self.try_pod(name).unwrap_or_else(|| panic!("no pod named {name}"))
+        self.try_pod(name)
+            .unwrap_or_else(|| panic!("no pod named {name}"))
     }
 
     pub fn try_pod(&self, name: &str) -> Option<Arc<Pod>> {
-        lock(&self.pods).iter().find(|p| p.spec.name == name).cloned()
+        lock(&self.pods)
+            .iter()
+            .find(|p| p.spec.name == name)
+            .cloned()
     }
 
     pub fn pods(&self) -> Vec<Arc<Pod>> {
@@ -581,7 +620,11 @@ impl Cluster {
 
     /// Pods on node `index`.
     pub fn pods_on(&self, index: usize) -> Vec<Arc<Pod>> {
-        lock(&self.pods).iter().filter(|p| p.spec.node == index).cloned().collect()
+        lock(&self.pods)
+            .iter()
+            .filter(|p| p.spec.node == index)
+            .cloned()
+            .collect()
     }
 
     /// Declared namespaces and their labels.
@@ -631,14 +674,19 @@ impl Cluster {
             "link set eth0 up".to_string(),
         ];
         for k in (1..=nodes).filter(|&k| k != n) {
-            commands.push(format!("route add 10.201.{k}.0/24 via 10.200.0.{k} dev eth0"));
-            commands.push(format!("route add fd00:201:{k}::/64 via fd00:200::{k} dev eth0"));
+            commands.push(format!(
+                "route add 10.201.{k}.0/24 via 10.200.0.{k} dev eth0"
+            ));
+            commands.push(format!(
+                "route add fd00:201:{k}::/64 via fd00:200::{k} dev eth0"
+            ));
         }
         ip_batch(Some(&netns), &commands)?;
 
         let cgroup = self.shared.cgroup_root.join(&name);
         for dir in [cgroup.join(HOST_CGROUP), cgroup.join(AGENT_CGROUP)] {
-            fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+            fs::create_dir_all(&dir)
+                .with_context(|| format!("creating cgroup {}", dir.display()))?;
         }
         Ok(Node {
             shared: self.shared.clone(),
@@ -707,10 +755,15 @@ impl Cluster {
             ],
         )?;
         let cgroup = node.cgroup.join(&spec.name);
-        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
 
         let seq = self.shared.uid_seq.fetch_add(1, Ordering::Relaxed);
-        let tag: u32 = self.shared.prefix.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+        let tag: u32 = self
+            .shared
+            .prefix
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
         let pod = Arc::new(Pod {
             shared: self.shared.clone(),
             uid: format!("{tag:08x}-0000-4000-8000-{seq:012x}"),
@@ -804,7 +857,10 @@ impl Cluster {
         let processes: Vec<Process> = lock(&self.shared.processes).drain(..).collect();
         for process in processes.iter().rev() {
             if let Err(e) = process.stop() {
-                errors.push(format!("stopping {} ({}): {e:#}", process.pid, process.owner));
+                errors.push(format!(
+                    "stopping {} ({}): {e:#}",
+                    process.pid, process.owner
+                ));
             }
         }
         // 2. Agents, then their eBPF objects.
@@ -819,10 +875,10 @@ impl Cluster {
             }
         }
         for node in self.nodes.iter().rev() {
-            if node.had_agent.load(Ordering::Relaxed) {
-                if let Err(e) = node.uninstall() {
-                    errors.push(format!("uninstall on {}: {e:#}", node.name));
-                }
+            if node.had_agent.load(Ordering::Relaxed)
+                && let Err(e) = node.uninstall()
+            {
+                errors.push(format!("uninstall on {}: {e:#}", node.name));
             }
             if let Err(e) = remove_pin_dir(&node.bpffs_dir) {
                 errors.push(format!("{e:#}"));
@@ -881,7 +937,8 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
     let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(contents)?;
     file.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// A node: a network namespace with `eth0` on the fabric, routes to every pod, and
@@ -965,15 +1022,21 @@ impl Node {
         let cmd = self.shared.mesh_pod(
             &self.netns_path,
             Some(&self.cgroup.join(HOST_CGROUP)),
-            &serve_args(ports).iter().map(String::as_str).collect::<Vec<_>>(),
+            &serve_args(ports)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         );
-        self.shared.spawn(&self.name, cmd, &format!("{}-serve", self.name), true)
+        self.shared
+            .spawn(&self.name, cmd, &format!("{}-serve", self.name), true)
     }
 
     /// `GET http://127.0.0.1:<port><path>` from inside the node's namespace.
     pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-        host::in_netns(&self.netns_path, || workload::http_get(addr, path, Duration::from_secs(5)))?
+        host::in_netns(&self.netns_path, || {
+            workload::http_get(addr, path, Duration::from_secs(5))
+        })?
     }
 
     /// The agent's Prometheus text (`:15020/metrics`).
@@ -991,7 +1054,8 @@ impl Node {
         if status != 200 {
             bail!("{}: GET /config_dump returned {status}: {body}", self.name);
         }
-        serde_json::from_str(&body).with_context(|| format!("{}: /config_dump is not JSON: {body}", self.name))
+        serde_json::from_str(&body)
+            .with_context(|| format!("{}: /config_dump is not JSON: {body}", self.name))
     }
 
     /// Starts the agent with `config` and waits (20 s) until `/healthz/ready` is 200.
@@ -1008,7 +1072,11 @@ impl Node {
             bail!("{}: the agent is already running", self.name);
         }
         let agent_bin = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
-        let mut cmd = self.shared.mesh_pod(&self.netns_path, Some(&self.agent_cgroup()), &["exec", "--"]);
+        let mut cmd = self.shared.mesh_pod(
+            &self.netns_path,
+            Some(&self.agent_cgroup()),
+            &["exec", "--"],
+        );
         cmd.arg(agent_bin)
             .args(["run", "--node", &self.name, "--config"])
             .arg(config)
@@ -1020,10 +1088,11 @@ impl Node {
         // Plain log lines: field matching (`src.addr=`) must not meet colour codes.
         cmd.env("NO_COLOR", "1");
         self.had_agent.store(true, Ordering::Relaxed);
-        *agent = Some(
-            self.shared
-                .spawn(&self.name, cmd, &format!("{}-agent", self.name), false)?,
-        );
+        *agent =
+            Some(
+                self.shared
+                    .spawn(&self.name, cmd, &format!("{}-agent", self.name), false)?,
+            );
         Ok(())
     }
 
@@ -1067,7 +1136,9 @@ impl Node {
     /// SIGTERM, wait up to 10 s (then SIGKILL). No agent: nothing to do.
     pub fn stop_agent(&self) -> Result<Option<ExitStatus>> {
         match self.agent() {
-            Some(p) => Ok(Some(p.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10))?)),
+            Some(p) => Ok(Some(
+                p.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10))?,
+            )),
             None => Ok(None),
         }
     }
@@ -1087,10 +1158,19 @@ impl Node {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         let stem = format!("{}-agent-", self.name);
-        logs.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&stem)));
+        logs.retain(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&stem))
+        });
         logs.sort_by_key(|p| {
             p.file_stem()
-                .and_then(|s| s.to_string_lossy().rsplit('-').next()?.parse::<usize>().ok())
+                .and_then(|s| {
+                    s.to_string_lossy()
+                        .rsplit('-')
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
                 .unwrap_or(0)
         });
         logs.iter()
@@ -1123,8 +1203,13 @@ impl Node {
     /// `mesh-agent uninstall --bpffs-dir <dir>` in the node's namespace.
     pub fn uninstall(&self) -> Result<String> {
         let agent_bin = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
-        let mut cmd = self.shared.mesh_pod(&self.netns_path, None, &["exec", "--"]);
-        cmd.arg(agent_bin).arg("uninstall").arg("--bpffs-dir").arg(&self.bpffs_dir);
+        let mut cmd = self
+            .shared
+            .mesh_pod(&self.netns_path, None, &["exec", "--"]);
+        cmd.arg(agent_bin)
+            .arg("uninstall")
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir);
         self.shared.run(cmd)
     }
 }
@@ -1271,14 +1356,23 @@ impl Pod {
     pub fn spawn_server(&self, ports: &[u16]) -> Result<Process> {
         let args = serve_args(ports);
         let cmd = self.mesh_pod(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        self.shared
-            .spawn(&self.spec.name, cmd, &format!("{}-serve", self.spec.name), true)
+        self.shared.spawn(
+            &self.spec.name,
+            cmd,
+            &format!("{}-serve", self.spec.name),
+            true,
+        )
     }
 
     /// Starts any command in the pod, in the background; killed at teardown.
     pub fn spawn(&self, args: &[&str]) -> Result<Process> {
         let cmd = self.command(args);
-        self.shared.spawn(&self.spec.name, cmd, &format!("{}-proc", self.spec.name), false)
+        self.shared.spawn(
+            &self.spec.name,
+            cmd,
+            &format!("{}-proc", self.spec.name),
+            false,
+        )
     }
 
     /// Runs `mesh-pod connect` in the pod (10 s timeout): connect, check a `bytes`
@@ -1290,7 +1384,12 @@ impl Pod {
 
     /// [`connect`](Self::connect) with a timeout for the connect and for each read or
     /// write (use a short one where failure is expected).
-    pub fn connect_timeout(&self, to: SocketAddr, bytes: u64, timeout: Duration) -> Result<ConnectReport> {
+    pub fn connect_timeout(
+        &self,
+        to: SocketAddr,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<ConnectReport> {
         let to = to.to_string();
         let bytes = bytes.to_string();
         let timeout_ms = timeout.as_millis().to_string();
@@ -1305,7 +1404,10 @@ impl Pod {
         ]);
         let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'));
         match line.map(serde_json::from_str::<ConnectReport>) {
             Some(Ok(report)) => Ok(report),
             _ => bail!(
@@ -1331,7 +1433,8 @@ impl Pod {
     }
 
     fn mesh_pod(&self, args: &[&str]) -> Command {
-        self.shared.mesh_pod(&self.netns_path, Some(&self.cgroup), args)
+        self.shared
+            .mesh_pod(&self.netns_path, Some(&self.cgroup), args)
     }
 }
 
@@ -1347,7 +1450,10 @@ mod tests {
         assert_eq!(a.len(), 8);
         // The longest names stay within IFNAMSIZ - 1 = 15 characters.
         assert!(format!("{a}n99p200").len() <= 15);
-        assert_eq!(prefix_pid(&format!("{a}n1p0")), Some((a, std::process::id())));
+        assert_eq!(
+            prefix_pid(&format!("{a}n1p0")),
+            Some((a, std::process::id()))
+        );
         assert_eq!(prefix_pid("mesh-agent"), None);
     }
 

@@ -37,8 +37,13 @@ impl ConfigOptions {
         namespace: impl Into<String>,
         labels: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        self.namespace_labels
-            .insert(namespace.into(), labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self.namespace_labels.insert(
+            namespace.into(),
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         self
     }
 
@@ -47,8 +52,13 @@ impl ConfigOptions {
         pod: impl Into<String>,
         labels: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        self.pod_labels
-            .insert(pod.into(), labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self.pod_labels.insert(
+            pod.into(),
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         self
     }
 
@@ -77,10 +87,16 @@ pub(super) fn render(
         };
         docs.push(serde_yaml::to_string(&namespace).context("serializing a Namespace")?);
     }
-    for pod in pods.iter().filter(|p| !opts.exclude_pods.contains(p.name())) {
+    for pod in pods
+        .iter()
+        .filter(|p| !opts.exclude_pods.contains(p.name()))
+    {
         let labels = opts.pod_labels.get(pod.name()).unwrap_or(pod.labels());
         let object = k8s_pod(pod, labels);
-        docs.push(serde_yaml::to_string(&object).with_context(|| format!("serializing pod {}", pod.name()))?);
+        docs.push(
+            serde_yaml::to_string(&object)
+                .with_context(|| format!("serializing pod {}", pod.name()))?,
+        );
     }
     docs.extend(opts.extra_documents.iter().cloned());
     Ok(docs
@@ -102,7 +118,11 @@ fn k8s_pod(pod: &Pod, labels: &BTreeMap<String, String>) -> K8sPod {
             uid: Some(pod.uid().to_string()),
             labels: non_empty(labels),
             annotations: Some(
-                [(NETNS_ANNOTATION.to_string(), pod.netns_path().display().to_string())].into(),
+                [(
+                    NETNS_ANNOTATION.to_string(),
+                    pod.netns_path().display().to_string(),
+                )]
+                .into(),
             ),
             ..Default::default()
         },

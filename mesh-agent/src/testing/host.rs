@@ -37,7 +37,10 @@ pub fn locate_binary(name: &str, env_var: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     let exe = std::env::current_exe().context("finding the running executable")?;
-    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }
@@ -63,7 +66,9 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 fn unescape_mount_path(path: &str) -> String {
-    path.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+    path.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
 }
 
 /// Whether `ip` (iproute2) runs.
@@ -134,8 +139,13 @@ pub fn sysctls(netns: &Path, settings: &[(&str, &str)]) -> Result<()> {
     in_netns(netns, || {
         for (key, value) in settings {
             let path = Path::new("/proc/sys").join(key);
-            fs::write(&path, value)
-                .with_context(|| format!("writing {value} to {} in {}", path.display(), netns.display()))?;
+            fs::write(&path, value).with_context(|| {
+                format!(
+                    "writing {value} to {} in {}",
+                    path.display(),
+                    netns.display()
+                )
+            })?;
         }
         Ok(())
     })?

@@ -49,8 +49,8 @@ pub fn join_cgroup(cgroup: &Path, pid: u32) -> Result<()> {
 
 /// Moves the calling thread into the network namespace at `netns`.
 pub fn enter_netns(netns: &Path) -> Result<()> {
-    let file =
-        File::open(netns).with_context(|| format!("opening network namespace {}", netns.display()))?;
+    let file = File::open(netns)
+        .with_context(|| format!("opening network namespace {}", netns.display()))?;
     setns(&file, CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("setns into network namespace {}", netns.display()))
 }
@@ -61,9 +61,15 @@ pub fn bind_dual_stack(port: u16) -> Result<TcpListener> {
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))
         .context("creating an IPv6 TCP socket")?;
     socket.set_only_v6(false).context("clearing IPV6_V6ONLY")?;
-    socket.set_reuse_address(true).context("setting SO_REUSEADDR")?;
-    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
-    socket.listen(1024).with_context(|| format!("listening on {addr}"))?;
+    socket
+        .set_reuse_address(true)
+        .context("setting SO_REUSEADDR")?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket
+        .listen(1024)
+        .with_context(|| format!("listening on {addr}"))?;
     Ok(socket.into())
 }
 
@@ -206,7 +212,12 @@ pub fn connect(to: SocketAddr, bytes: u64, timeout: Duration) -> ConnectReport {
     report
 }
 
-fn exchange(stream: &TcpStream, bytes: u64, timeout: Duration, report: &mut ConnectReport) -> Result<()> {
+fn exchange(
+    stream: &TcpStream,
+    bytes: u64,
+    timeout: Duration,
+    report: &mut ConnectReport,
+) -> Result<()> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut reader = BufReader::with_capacity(CHUNK, stream);
@@ -231,7 +242,9 @@ fn exchange(stream: &TcpStream, bytes: u64, timeout: Duration, report: &mut Conn
             .with_context(|| format!("PEER line carries no address: {line:?}"))?,
     );
 
-    let writer = stream.try_clone().context("cloning the socket for the writer")?;
+    let writer = stream
+        .try_clone()
+        .context("cloning the socket for the writer")?;
     let sender = std::thread::spawn(move || send_pattern(writer, bytes));
 
     let verified = verify_echo(&mut reader, bytes);
@@ -239,7 +252,9 @@ fn exchange(stream: &TcpStream, bytes: u64, timeout: Duration, report: &mut Conn
         // Unblock the writer if it is stuck behind a peer that stopped reading.
         let _ = stream.shutdown(Shutdown::Both);
     }
-    let sent = sender.join().unwrap_or_else(|_| (0, Err(anyhow::anyhow!("writer panicked"))));
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| (0, Err(anyhow::anyhow!("writer panicked"))));
     report.sent = sent.0;
     let received = verified?;
     report.received = received;
@@ -257,7 +272,10 @@ fn send_pattern(mut stream: TcpStream, bytes: u64) -> (u64, Result<()>) {
         let n = CHUNK.min((bytes - sent) as usize);
         pattern(sent, &mut buf[..n]);
         if let Err(e) = stream.write_all(&buf[..n]) {
-            return (sent, Err(e).with_context(|| format!("writing at byte {sent}")));
+            return (
+                sent,
+                Err(e).with_context(|| format!("writing at byte {sent}")),
+            );
         }
         sent += n as u64;
     }
@@ -279,14 +297,23 @@ fn verify_echo(reader: &mut impl Read, bytes: u64) -> Result<u64> {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(e).with_context(|| format!("reading the echo after {received} of {bytes} bytes"));
+                return Err(e).with_context(|| {
+                    format!("reading the echo after {received} of {bytes} bytes")
+                });
             }
         };
         if received + n as u64 > bytes {
-            bail!("echo longer than what was sent: {} bytes for {bytes}", received + n as u64);
+            bail!(
+                "echo longer than what was sent: {} bytes for {bytes}",
+                received + n as u64
+            );
         }
         pattern(received, &mut expected[..n]);
-        if let Some(i) = buf[..n].iter().zip(&expected[..n]).position(|(a, b)| a != b) {
+        if let Some(i) = buf[..n]
+            .iter()
+            .zip(&expected[..n])
+            .position(|(a, b)| a != b)
+        {
             bail!("echo differs at byte {}", received + i as u64);
         }
         received += n as u64;
@@ -401,7 +428,10 @@ mod tests {
             pattern(5 + 7 * i as u64, chunk);
         }
         assert_eq!(whole, pieces);
-        assert!(whole.windows(8).any(|w| w[0] != w[1]), "pattern is not constant");
+        assert!(
+            whole.windows(8).any(|w| w[0] != w[1]),
+            "pattern is not constant"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ const APP_PORT: u16 = 8080;
 const HOST_PORT: u16 = 8081;
 
 #[derive(Parser)]
-#[command(name = "mesh-demo", about = "mesh-agent demo on a network-namespace cluster")]
+#[command(
+    name = "mesh-demo",
+    about = "mesh-agent demo on a network-namespace cluster"
+)]
 struct Args {
     /// Bytes echoed per connection.
     #[arg(long, default_value_t = 1 << 20)]
@@ -40,7 +43,9 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("mesh-demo needs root (network namespaces, cgroups, eBPF): run `cargo xtask demo`");
+        eprintln!(
+            "mesh-demo needs root (network namespaces, cgroups, eBPF): run `cargo xtask demo`"
+        );
         return ExitCode::from(2);
     }
     match run(&args) {
@@ -64,16 +69,19 @@ struct Case {
     via: Option<(usize, usize)>,
 }
 
+/// Every check of the run, and the ones of the case being run.
 struct Checks {
     results: Vec<(bool, String)>,
+    case_failures: Vec<String>,
 }
 
 impl Checks {
-    fn check(&mut self, ok: bool, what: impl Into<String>) -> bool {
+    fn check(&mut self, ok: bool, what: impl Into<String>) {
         let what = what.into();
-        println!("      [{}] {what}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            self.case_failures.push(what.clone());
+        }
         self.results.push((ok, what));
-        ok
     }
 }
 
@@ -114,7 +122,11 @@ fn run(args: &Args) -> Result<bool> {
                 format!("{}/{}", pod.namespace(), pod.name()),
                 pod.ipv4(),
                 pod.ipv6(),
-                if enrolled { "ambient (enrolled)" } else { "not enrolled" }
+                if enrolled {
+                    "ambient (enrolled)"
+                } else {
+                    "not enrolled"
+                }
             );
         }
     }
@@ -137,7 +149,11 @@ fn run(args: &Args) -> Result<bool> {
         node.start_agent(&config)
             .with_context(|| format!("starting the agent on {}", node.name()))?;
         let pid = node.agent().map(|a| a.pid()).unwrap_or_default();
-        println!("agent on {}: ready (pid {pid}, --cgroup {})", node.name(), node.cgroup().display());
+        println!(
+            "agent on {}: ready (pid {pid}, --cgroup {})",
+            node.name(),
+            node.cgroup().display()
+        );
     }
 
     let host_v4 = SocketAddr::new(node2.ipv4().into(), HOST_PORT);
@@ -187,7 +203,10 @@ fn run(args: &Args) -> Result<bool> {
         },
     ];
 
-    let mut checks = Checks { results: Vec::new() };
+    let mut checks = Checks {
+        results: Vec::new(),
+        case_failures: Vec::new(),
+    };
     println!("\ntraffic ({} bytes echoed per connection)", args.bytes);
     for case in &cases {
         run_case(&cluster, case, args, &mut checks)?;
@@ -225,7 +244,12 @@ fn run(args: &Args) -> Result<bool> {
         }
     }
 
-    let failed: Vec<&String> = checks.results.iter().filter(|(ok, _)| !ok).map(|(_, w)| w).collect();
+    let failed: Vec<&String> = checks
+        .results
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, w)| w)
+        .collect();
     if args.verbose || !failed.is_empty() {
         for node in cluster.nodes() {
             let log = strip_ansi(&node.agent_log());
@@ -272,149 +296,211 @@ fn movement(after: &Metrics, before: &Metrics, reporter: &str) -> [f64; 4] {
 }
 
 fn describe(m: [f64; 4]) -> String {
-    format!("opened +{} closed +{} sent +{} received +{}", m[0], m[1], m[2], m[3])
+    format!(
+        "opened +{} closed +{} sent +{} received +{}",
+        m[0], m[1], m[2], m[3]
+    )
 }
 
 fn run_case(cluster: &Cluster, case: &Case, args: &Args, checks: &mut Checks) -> Result<()> {
     let client = &case.client;
+    let nodes = cluster.nodes().len();
+    let mut details = Vec::new();
+    checks.case_failures.clear();
+
+    let before = scrape(cluster);
+    // Access-log lines naming this destination: under capture the client socket's own
+    // address is that of the loopback listener, so the original destination is what
+    // identifies the connection in both agents' logs.
+    let dst_addr = case.to.to_string();
+    let logged = |node: usize| -> usize {
+        cluster
+            .node(node)
+            .access_log()
+            .iter()
+            .filter(|line| line.contains(&dst_addr))
+            .count()
+    };
+    let logged_before: Vec<usize> = (0..nodes).map(logged).collect();
+
+    let report: ConnectReport = client.connect(case.to, args.bytes)?;
+    let client_ip = match case.to {
+        SocketAddr::V4(_) => client.ipv4().into(),
+        SocketAddr::V6(_) => client.ipv6().into(),
+    };
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "nothing".into());
+    details.push(format!(
+        "echo: {} of {} bytes back{}; server saw {}; client getpeername {}",
+        report.received,
+        args.bytes,
+        if report.ok { ", byte-exact" } else { "" },
+        show(report.server_saw_peer),
+        show(report.getpeername)
+    ));
+    checks.check(
+        report.ok && report.received == args.bytes,
+        format!(
+            "{}: echo byte-exact ({})",
+            case.title,
+            report.error.as_deref().unwrap_or("ok")
+        ),
+    );
+    checks.check(
+        report.server_saw_peer.map(|a| a.ip()) == Some(client_ip),
+        format!(
+            "{}: the server sees the client pod address {client_ip}",
+            case.title
+        ),
+    );
+    checks.check(
+        report.getpeername == Some(case.to),
+        format!("{}: the client's getpeername is what it dialed", case.title),
+    );
+
+    let in_log = |node: usize| -> bool { logged(node) > logged_before[node] };
+    match case.via {
+        Some((src, dst)) => {
+            let bytes = args.bytes as f64;
+            let carried =
+                |m: [f64; 4]| m[0] == 1.0 && m[1] == 1.0 && m[2] >= bytes && m[3] >= bytes;
+            // Counters move when the connection closes; give them a moment.
+            let deadline = Instant::now() + Duration::from_millis(args.settle_ms);
+            let mut after = scrape(cluster);
+            while !(carried(movement(&after[src], &before[src], "source"))
+                && carried(movement(&after[dst], &before[dst], "destination")))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                after = scrape(cluster);
+            }
+            for (i, node) in cluster.nodes().iter().enumerate() {
+                let s = movement(&after[i], &before[i], "source");
+                let d = movement(&after[i], &before[i], "destination");
+                let line = if s == [0.0; 4] && d == [0.0; 4] {
+                    "no counter moved".to_string()
+                } else {
+                    format!("source: {} | destination: {}", describe(s), describe(d))
+                };
+                details.push(format!("{}: {line}", node.name()));
+            }
+            let (src_name, dst_name) = (cluster.node(src).name(), cluster.node(dst).name());
+            checks.check(
+                carried(movement(&after[src], &before[src], "source")),
+                format!(
+                    "{}: reported once by the {src_name} agent as source, bytes both ways",
+                    case.title
+                ),
+            );
+            checks.check(
+                carried(movement(&after[dst], &before[dst], "destination")),
+                format!(
+                    "{}: reported once by the {dst_name} agent as destination, bytes both ways",
+                    case.title
+                ),
+            );
+            for i in (0..nodes).filter(|&i| i != src && i != dst) {
+                let other = movement(&after[i], &before[i], "source")[0]
+                    + movement(&after[i], &before[i], "destination")[0];
+                checks.check(
+                    other == 0.0,
+                    format!(
+                        "{}: the {} agent is not involved",
+                        case.title,
+                        cluster.node(i).name()
+                    ),
+                );
+            }
+            let logs: Vec<&str> = (0..nodes)
+                .filter(|&i| in_log(i))
+                .map(|i| cluster.node(i).name())
+                .collect();
+            details.push(format!(
+                "access log (dst.addr={dst_addr}): {}",
+                if logs.is_empty() {
+                    "none".to_string()
+                } else {
+                    logs.join(", ")
+                }
+            ));
+            checks.check(
+                in_log(src) && in_log(dst),
+                format!(
+                    "{}: in the access log of {src_name}{}",
+                    case.title,
+                    if src == dst {
+                        String::new()
+                    } else {
+                        format!(" and {dst_name}")
+                    },
+                ),
+            );
+        }
+        None => {
+            // Give a wrongly captured connection the same chance to show up.
+            std::thread::sleep(Duration::from_millis(args.settle_ms.min(1_000)));
+            let after = scrape(cluster);
+            let mut moved = 0.0;
+            for (i, node) in cluster.nodes().iter().enumerate() {
+                let total: f64 = [OPENED, CLOSED, SENT, RECEIVED]
+                    .iter()
+                    .map(|name| after[i].delta(&before[i], name, &[]).abs())
+                    .sum();
+                details.push(format!(
+                    "{}: {}",
+                    node.name(),
+                    if total == 0.0 {
+                        "no counter moved".to_string()
+                    } else {
+                        format!("counters moved by {total}")
+                    }
+                ));
+                moved += total;
+            }
+            let logs: Vec<&str> = (0..nodes)
+                .filter(|&i| in_log(i))
+                .map(|i| cluster.node(i).name())
+                .collect();
+            details.push(format!(
+                "access log (dst.addr={dst_addr}): {}",
+                if logs.is_empty() {
+                    "none".to_string()
+                } else {
+                    logs.join(", ")
+                }
+            ));
+            checks.check(
+                moved == 0.0,
+                format!(
+                    "{}: bypasses the mesh, no counter moves on any agent",
+                    case.title
+                ),
+            );
+            checks.check(
+                logs.is_empty(),
+                format!("{}: in no agent's access log", case.title),
+            );
+        }
+    }
+
+    let verdict = if checks.case_failures.is_empty() {
+        "ok"
+    } else {
+        "FAILED"
+    };
     println!(
-        "  {}  {}/{} -> {} {}",
+        "  {:<6} {}  {}/{} -> {} {}",
+        verdict,
         case.title,
         client.namespace(),
         client.name(),
         case.target,
         case.to
     );
-    let before = scrape(cluster);
-    // Access-log lines naming this destination: with capture the client socket's own
-    // address is the loopback listener's, so the original destination identifies it.
-    let dst = case.to.to_string();
-    let logged = |node: usize| -> usize {
-        cluster
-            .node(node)
-            .access_log()
-            .iter()
-            .filter(|line| line.contains(&dst))
-            .count()
-    };
-    let logged_before: Vec<usize> = (0..cluster.nodes().len()).map(logged).collect();
-    let report: ConnectReport = client.connect(case.to, args.bytes)?;
-    let client_ip = match case.to {
-        SocketAddr::V4(_) => client.ipv4().into(),
-        SocketAddr::V6(_) => client.ipv6().into(),
-    };
-    checks.check(
-        report.ok && report.received == args.bytes,
-        format!(
-            "{}: {} bytes echoed byte-exact{}",
-            case.title,
-            report.received,
-            report.error.as_ref().map(|e| format!(" (error: {e})")).unwrap_or_default()
-        ),
-    );
-    checks.check(
-        report.server_saw_peer.map(|a| a.ip()) == Some(client_ip),
-        format!(
-            "{}: server saw the client pod's address ({})",
-            case.title,
-            report.server_saw_peer.map(|a| a.to_string()).unwrap_or("nothing".into())
-        ),
-    );
-    checks.check(
-        report.getpeername == Some(case.to),
-        format!(
-            "{}: client getpeername is what it dialed ({})",
-            case.title,
-            report.getpeername.map(|a| a.to_string()).unwrap_or("nothing".into())
-        ),
-    );
-
-    let in_log = |node: usize| -> bool { logged(node) > logged_before[node] };
-    let nodes = cluster.nodes().len();
-
-    match case.via {
-        Some((src, dst)) => {
-            // Counters move when the connection closes; give them a moment.
-            let deadline = Instant::now() + Duration::from_millis(args.settle_ms);
-            let expected = |after: &[Metrics]| {
-                let s = movement(&after[src], &before[src], "source");
-                let d = movement(&after[dst], &before[dst], "destination");
-                let bytes = args.bytes as f64;
-                s[0] == 1.0 && s[1] == 1.0 && s[2] >= bytes && s[3] >= bytes
-                    && d[0] == 1.0 && d[1] == 1.0 && d[2] >= bytes && d[3] >= bytes
-            };
-            let mut after = scrape(cluster);
-            while !expected(&after) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-                after = scrape(cluster);
-            }
-            for i in 0..nodes {
-                let s = movement(&after[i], &before[i], "source");
-                let d = movement(&after[i], &before[i], "destination");
-                println!(
-                    "      {}: source [{}]  destination [{}]",
-                    cluster.node(i).name(),
-                    describe(s),
-                    describe(d)
-                );
-            }
-            let s = movement(&after[src], &before[src], "source");
-            let d = movement(&after[dst], &before[dst], "destination");
-            let bytes = args.bytes as f64;
-            let (src_name, dst_name) = (cluster.node(src).name(), cluster.node(dst).name());
-            checks.check(
-                s[0] == 1.0 && s[1] == 1.0 && s[2] >= bytes && s[3] >= bytes,
-                format!("{}: carried by the {src_name} agent as source (1 connection, both directions' bytes)", case.title),
-            );
-            checks.check(
-                d[0] == 1.0 && d[1] == 1.0 && d[2] >= bytes && d[3] >= bytes,
-                format!("{}: carried by the {dst_name} agent as destination", case.title),
-            );
-            for i in 0..nodes {
-                if i != src && i != dst {
-                    let other = movement(&after[i], &before[i], "source")[0]
-                        + movement(&after[i], &before[i], "destination")[0];
-                    checks.check(
-                        other == 0.0,
-                        format!("{}: the {} agent was not involved", case.title, cluster.node(i).name()),
-                    );
-                }
-            }
-            checks.check(
-                in_log(src) && in_log(dst),
-                format!(
-                    "{}: in the access log of {src_name}{} (dst.addr={dst})",
-                    case.title,
-                    if src == dst { String::new() } else { format!(" and {dst_name}") },
-                ),
-            );
-        }
-        None => {
-            // Give a wrongly captured connection the same time to show up.
-            std::thread::sleep(Duration::from_millis(args.settle_ms.min(1_000)));
-            let after = scrape(cluster);
-            let mut moved = 0.0;
-            for i in 0..nodes {
-                let total: f64 = [OPENED, CLOSED, SENT, RECEIVED]
-                    .iter()
-                    .map(|name| after[i].delta(&before[i], name, &[]))
-                    .sum();
-                println!(
-                    "      {}: {}",
-                    cluster.node(i).name(),
-                    if total == 0.0 { "no counter moved".to_string() } else { format!("counters moved by {total}") }
-                );
-                moved += total.abs();
-            }
-            checks.check(
-                moved == 0.0,
-                format!("{}: bypassed the mesh, no counter moved on any agent", case.title),
-            );
-            checks.check(
-                !(0..nodes).any(in_log),
-                format!("{}: in no agent's access log", case.title),
-            );
-        }
+    for line in details {
+        println!("           {line}");
+    }
+    for failure in &checks.case_failures {
+        println!("           FAILED: {failure}");
     }
     Ok(())
 }

@@ -89,14 +89,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Cmd::HttpGet {
             port,
             path,
             host,
             timeout_ms,
-        } => match workload::http_get(SocketAddr::new(host, port), &path, Duration::from_millis(timeout_ms)) {
+        } => match workload::http_get(
+            SocketAddr::new(host, port),
+            &path,
+            Duration::from_millis(timeout_ms),
+        ) {
             Ok((status, body)) => {
                 println!("{status}");
                 print!("{body}");
