@@ -7,7 +7,10 @@ use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest.parent().context("workspace root")?.join("mesh-ebpf");
+    let root = manifest
+        .parent()
+        .context("workspace root")?
+        .join("mesh-ebpf");
     let root = root.to_str().context("non-UTF-8 path")?;
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
@@ -15,7 +18,11 @@ fn main() -> anyhow::Result<()> {
         fs::write(out.join("mesh-ebpf"), [])?;
     }
     aya_build::build_ebpf(
-        [aya_build::Package { name: "mesh-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "mesh-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom("nightly"),
     )
 }

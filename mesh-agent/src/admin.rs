@@ -20,10 +20,18 @@ pub struct Response {
 
 impl Response {
     pub fn ok(content_type: &'static str, body: String) -> Self {
-        Response { status: 200, content_type, body }
+        Response {
+            status: 200,
+            content_type,
+            body,
+        }
     }
     pub fn not_found() -> Self {
-        Response { status: 404, content_type: "text/plain", body: "not found\n".into() }
+        Response {
+            status: 404,
+            content_type: "text/plain",
+            body: "not found\n".into(),
+        }
     }
 }
 
@@ -41,10 +49,14 @@ pub struct AdminError {
 
 /// Binds `addr` now (so a taken port is a start-up error) and serves it in the background.
 pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<(), AdminError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError { addr, source })?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let _ = answer(stream, &*handler).await;
@@ -66,12 +78,19 @@ async fn answer(mut stream: TcpStream, handler: &dyn Handler) -> std::io::Result
     }
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or("/"));
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or("/"),
+    );
     let path = target.split('?').next().unwrap_or(target);
     let response = if method == "GET" {
         handler.get(path)
     } else {
-        Response { status: 405, content_type: "text/plain", body: "method not allowed\n".into() }
+        Response {
+            status: 405,
+            content_type: "text/plain",
+            body: "method not allowed\n".into(),
+        }
     };
     let reason = match response.status {
         200 => "OK",

@@ -40,7 +40,9 @@ pub struct RunConfig {
 /// and fail closed until an agent comes back and adopts the pinned programs.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!("mesh-agent run must run as root (it loads eBPF programs and enters pod network namespaces)");
+        anyhow::bail!(
+            "mesh-agent run must run as root (it loads eBPF programs and enters pod network namespaces)"
+        );
     }
     raise_fd_limit();
     netns::init_host().context("opening the agent's own network namespace")?;
@@ -60,7 +62,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tracing::info!(cgroup = %cgroup.display(), pin_dir = %cfg.pin_dir.display(), "eBPF programs attached");
 
     let metrics = Arc::new(Metrics::default());
-    let proxy = Arc::new(Proxy { state: state.clone(), datapath: datapath.clone(), metrics: metrics.clone() });
+    let proxy = Arc::new(Proxy {
+        state: state.clone(),
+        datapath: datapath.clone(),
+        metrics: metrics.clone(),
+    });
     let mut enroller = Enroller::new(cfg.node.clone(), datapath, proxy);
 
     let view = Arc::new(AdminView {
@@ -96,7 +102,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     enroller.shutdown();
-    tracing::info!("agent stopping; enrolled pods stay captured and fail closed until an agent returns");
+    tracing::info!(
+        "agent stopping; enrolled pods stay captured and fail closed until an agent returns"
+    );
     Ok(())
 }
 
@@ -183,7 +191,11 @@ impl Handler for AdminView {
                     for (pod, why) in &status.failures {
                         body.push_str(&format!("{pod}: {why}\n"));
                     }
-                    Response { status: 503, content_type: "text/plain", body }
+                    Response {
+                        status: 503,
+                        content_type: "text/plain",
+                        body,
+                    }
                 }
             }
             _ => Response::not_found(),
@@ -194,6 +206,11 @@ impl Handler for AdminView {
 /// `mesh-agent uninstall`: detaches and unpins everything under `pin_dir`.
 pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
     let removed = ebpf::uninstall(pin_dir)?;
-    println!("removed {} links and {} maps from {}", removed.links, removed.maps, pin_dir.display());
+    println!(
+        "removed {} links and {} maps from {}",
+        removed.links,
+        removed.maps,
+        pin_dir.display()
+    );
     Ok(())
 }

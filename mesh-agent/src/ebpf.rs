@@ -9,8 +9,7 @@ pub mod sys;
 
 use std::{
     collections::BTreeSet,
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
@@ -43,20 +42,36 @@ const CGROUP_PROGRAMS: [(&str, AttachType); 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("the agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild with bpf-linker installed")]
+    #[error(
+        "the agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild with bpf-linker installed"
+    )]
     NoObject,
     #[error("bpffs: {what} {path}: {source}")]
-    Bpffs { what: &'static str, path: PathBuf, source: io::Error },
+    Bpffs {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("loading eBPF programs (root or CAP_BPF+CAP_NET_ADMIN needed): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("eBPF map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("{what} for {name}: {source}")]
-    Link { what: &'static str, name: String, source: io::Error },
+    Link {
+        what: &'static str,
+        name: String,
+        source: io::Error,
+    },
 }
 
 /// Everything the agent holds in the kernel. One owner for the life of the process.
@@ -83,13 +98,20 @@ impl Datapath {
         let map_dir = pin_dir.join("maps");
         let link_dir = pin_dir.join("links");
         for dir in [&map_dir, &link_dir] {
-            fs::create_dir_all(dir)
-                .map_err(|source| EbpfError::Bpffs { what: "creating", path: dir.clone(), source })?;
+            fs::create_dir_all(dir).map_err(|source| EbpfError::Bpffs {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&map_dir).load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(EBPF_OBJECT)?;
 
-        let cgroup_dir = fs::File::open(cgroup)
-            .map_err(|source| EbpfError::Cgroup { path: cgroup.into(), source })?;
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.into(),
+            source,
+        })?;
         let mut cgroup_links = Vec::new();
         for (name, ty) in CGROUP_PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
@@ -112,7 +134,10 @@ impl Datapath {
         }
 
         let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, programs::SK_LOOKUP)?;
-        sk_lookup.load().map_err(|source| EbpfError::Program { name: programs::SK_LOOKUP, source })?;
+        sk_lookup.load().map_err(|source| EbpfError::Program {
+            name: programs::SK_LOOKUP,
+            source,
+        })?;
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
@@ -136,14 +161,22 @@ impl Datapath {
         let program: &SkLookup = self
             .ebpf
             .program(name)
-            .ok_or(EbpfError::Program { name, source: aya::programs::ProgramError::UnexpectedProgramType })?
+            .ok_or(EbpfError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
             .try_into()
             .map_err(|source| EbpfError::Program { name, source })?;
-        Ok(program.fd().map_err(|source| EbpfError::Program { name, source })?.as_fd())
+        Ok(program
+            .fd()
+            .map_err(|source| EbpfError::Program { name, source })?
+            .as_fd())
     }
 
     fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
-        self.pin_dir.join("links").join(format!("sk_lookup-{netns_cookie}"))
+        self.pin_dir
+            .join("links")
+            .join(format!("sk_lookup-{netns_cookie}"))
     }
 
     /// A previous agent's per-pod `sk_lookup` links now run this agent's program.
@@ -163,9 +196,18 @@ impl Datapath {
 
     /// netns cookies of the pods whose `sk_lookup` link is pinned.
     pub fn pinned_sk_lookup_cookies(&self) -> BTreeSet<u64> {
-        let Ok(entries) = fs::read_dir(self.pin_dir.join("links")) else { return BTreeSet::new() };
+        let Ok(entries) = fs::read_dir(self.pin_dir.join("links")) else {
+            return BTreeSet::new();
+        };
         entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("sk_lookup-")?.parse().ok())
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("sk_lookup-")?
+                    .parse()
+                    .ok()
+            })
             .collect()
     }
 
@@ -183,8 +225,16 @@ impl Datapath {
         }
         let name = format!("sk_lookup of netns {netns_cookie}");
         let link = sys::link_create(self.sk_lookup_fd()?, netns.as_fd(), AttachType::SkLookup)
-            .map_err(|source| EbpfError::Link { what: "attaching", name: name.clone(), source })?;
-        sys::obj_pin(link.as_fd(), &pin).map_err(|source| EbpfError::Link { what: "pinning", name, source })
+            .map_err(|source| EbpfError::Link {
+                what: "attaching",
+                name: name.clone(),
+                source,
+            })?;
+        sys::obj_pin(link.as_fd(), &pin).map_err(|source| EbpfError::Link {
+            what: "pinning",
+            name,
+            source,
+        })
     }
 
     /// Removes the `sk_lookup` link of a namespace.
@@ -194,11 +244,22 @@ impl Datapath {
 
     /// Registers the inbound listener serving `addr` and marks the address enrolled, so
     /// that connections to it fail closed whenever the listener is gone.
-    pub fn add_inbound(&mut self, addr: IpAddr, listener: &impl std::os::fd::AsRawFd) -> Result<(), EbpfError> {
+    pub fn add_inbound(
+        &mut self,
+        addr: IpAddr,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), EbpfError> {
         let key = addr_key(addr);
         let name = maps::INBOUND_LISTENERS;
-        self.listeners.insert(key, listener.as_raw_fd(), 0).map_err(|source| EbpfError::Map { name, source })?;
-        self.enrolled_addrs.insert(key, 1, 0).map_err(|source| EbpfError::Map { name: maps::ENROLLED_ADDRS, source })
+        self.listeners
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(|source| EbpfError::Map { name, source })?;
+        self.enrolled_addrs
+            .insert(key, 1, 0)
+            .map_err(|source| EbpfError::Map {
+                name: maps::ENROLLED_ADDRS,
+                source,
+            })
     }
 
     /// Forgets a pod address: inbound traffic to it is no longer steered.
@@ -210,14 +271,21 @@ impl Datapath {
 
     /// Addresses currently marked enrolled (possibly by a previous run).
     pub fn enrolled_addrs(&self) -> Vec<IpAddr> {
-        self.enrolled_addrs.keys().filter_map(Result::ok).filter_map(|k| key_addr(&k)).collect()
+        self.enrolled_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| key_addr(&k))
+            .collect()
     }
 
     /// Starts capturing the outbound connections of a namespace.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
         self.enrolled
             .insert(netns_cookie, EnrolledNetns { flags: 1, _pad: 0 }, 0)
-            .map_err(|source| EbpfError::Map { name: maps::ENROLLED, source })
+            .map_err(|source| EbpfError::Map {
+                name: maps::ENROLLED,
+                source,
+            })
     }
 
     /// Stops capturing the outbound connections of a namespace.
@@ -235,7 +303,13 @@ impl Datapath {
         };
         let orig = self.orig_dst.get(&key, 0).ok()?;
         let _ = self.orig_dst.remove(&key);
-        Some(SocketAddr::new(key_addr(&AddrKey { addr: orig.addr, family: u32::from(orig.family) })?, u16::from_be(orig.port)))
+        Some(SocketAddr::new(
+            key_addr(&AddrKey {
+                addr: orig.addr,
+                family: u32::from(orig.family),
+            })?,
+            u16::from_be(orig.port),
+        ))
     }
 }
 
@@ -244,7 +318,10 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
-        .ok_or(EbpfError::Program { name, source: aya::programs::ProgramError::UnexpectedProgramType })?
+        .ok_or(EbpfError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
         .try_into()
         .map_err(|source| EbpfError::Program { name, source })
 }
@@ -255,7 +332,9 @@ where
 {
     let map = ebpf.take_map(name).ok_or(EbpfError::Map {
         name,
-        source: aya::maps::MapError::InvalidName { name: name.to_owned() },
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
     })?;
     T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
@@ -264,7 +343,11 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>, name: &'static str) -> Res
     match r {
         Ok(()) => Ok(()),
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(source) => Err(EbpfError::Map { name, source }),
     }
 }
@@ -278,7 +361,13 @@ fn attach_or_update(
     ty: AttachType,
     name: &str,
 ) -> Result<OwnedFd, EbpfError> {
-    let err = |what| move |source| EbpfError::Link { what, name: name.to_owned(), source };
+    let err = |what| {
+        move |source| EbpfError::Link {
+            what,
+            name: name.to_owned(),
+            source,
+        }
+    };
     if pin.exists() {
         let link = sys::obj_get(pin).map_err(err("opening pinned link"))?;
         match sys::link_update(link.as_fd(), prog) {
@@ -303,19 +392,35 @@ fn detach_pinned_link(pin: &Path) -> Result<(), EbpfError> {
             let _ = sys::link_detach(link.as_fd());
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(EbpfError::Link { what: "opening pinned link", name, source }),
+        Err(source) => {
+            return Err(EbpfError::Link {
+                what: "opening pinned link",
+                name,
+                source,
+            });
+        }
     }
-    fs::remove_file(pin).map_err(|source| EbpfError::Link { what: "unpinning", name, source })
+    fs::remove_file(pin).map_err(|source| EbpfError::Link {
+        what: "unpinning",
+        name,
+        source,
+    })
 }
 
 /// The key the kernel programs use for a pod address.
 pub fn addr_key(addr: IpAddr) -> AddrKey {
     match canonical(addr) {
-        IpAddr::V4(v4) => AddrKey { addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0], family: u32::from(AF_INET) },
+        IpAddr::V4(v4) => AddrKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: u32::from(AF_INET),
+        },
         IpAddr::V6(v6) => {
             let o = v6.octets();
             let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            AddrKey { addr: [w(0), w(4), w(8), w(12)], family: u32::from(AF_INET6) }
+            AddrKey {
+                addr: [w(0), w(4), w(8), w(12)],
+                family: u32::from(AF_INET6),
+            }
         }
     }
 }
@@ -344,9 +449,8 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
 
 /// Makes sure `pin_dir` is on a bpffs, mounting `/sys/fs/bpf` if nothing is mounted there.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
-    let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-    };
+    let is_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     let parent = pin_dir.parent().unwrap_or(pin_dir);
     if is_bpffs(parent) || is_bpffs(pin_dir) {
         return Ok(());
@@ -359,11 +463,21 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
             source: io::Error::other("choose a directory under a mounted bpffs"),
         });
     }
-    match nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>) {
+    match nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
         Ok(()) => Ok(()),
         // Another agent mounted it meanwhile.
         Err(_) if is_bpffs(root) => Ok(()),
-        Err(e) => Err(EbpfError::Bpffs { what: "mounting", path: root.into(), source: e.into() }),
+        Err(e) => Err(EbpfError::Bpffs {
+            what: "mounting",
+            path: root.into(),
+            source: e.into(),
+        }),
     }
 }
 
@@ -382,21 +496,37 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed, EbpfError> {
         return Ok(removed);
     }
     let read = |dir: PathBuf| -> Vec<PathBuf> {
-        fs::read_dir(dir).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default()
+        fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
     };
     for link in read(pin_dir.join("links")) {
         detach_pinned_link(&link)?;
         removed.links += 1;
     }
     for map in read(pin_dir.join("maps")) {
-        fs::remove_file(&map).map_err(|source| EbpfError::Bpffs { what: "unpinning", path: map.clone(), source })?;
+        fs::remove_file(&map).map_err(|source| EbpfError::Bpffs {
+            what: "unpinning",
+            path: map.clone(),
+            source,
+        })?;
         removed.maps += 1;
     }
-    for dir in [pin_dir.join("links"), pin_dir.join("maps"), pin_dir.to_owned()] {
+    for dir in [
+        pin_dir.join("links"),
+        pin_dir.join("maps"),
+        pin_dir.to_owned(),
+    ] {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(EbpfError::Bpffs { what: "removing", path: dir, source }),
+            Err(source) => {
+                return Err(EbpfError::Bpffs {
+                    what: "removing",
+                    path: dir,
+                    source,
+                });
+            }
         }
     }
     Ok(removed)

@@ -13,7 +13,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use mesh_common::{DELIVERY_MARK, DELIVERY_ROUTE_TABLE, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
+use mesh_common::{
+    DELIVERY_MARK, DELIVERY_ROUTE_TABLE, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
+};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -39,17 +41,31 @@ const RT_TABLE_LOCAL: u32 = 255;
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error("pod {pod}: network namespace {path}: {source}")]
-    Netns { pod: String, path: PathBuf, source: std::io::Error },
-    #[error("pod {pod}: pod has no `mesh-agent.io/netns` annotation, cannot find its network namespace")]
+    Netns {
+        pod: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "pod {pod}: pod has no `mesh-agent.io/netns` annotation, cannot find its network namespace"
+    )]
     NoNetns { pod: String },
     #[error("pod {pod}: binding {addr} inside the pod: {source}")]
-    Bind { pod: String, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        pod: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("pod {pod}: {what}: {source}")]
-    Setup { pod: String, what: &'static str, source: std::io::Error },
+    Setup {
+        pod: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("pod {pod}: delivery route: {message}")]
     Netlink { pod: String, message: String },
     #[error("pod {pod}: {source}")]
-    Datapath { pod: String, source: EbpfError },
+    Datapath { pod: String, source: Box<EbpfError> },
 }
 
 /// A pod the agent captures.
@@ -83,7 +99,14 @@ pub struct Enroller {
 
 impl Enroller {
     pub fn new(node: String, datapath: Arc<Mutex<Datapath>>, proxy: Arc<Proxy>) -> Self {
-        Enroller { node, datapath, proxy, pods: BTreeMap::new(), failed: BTreeMap::new(), reconciled: false }
+        Enroller {
+            node,
+            datapath,
+            proxy,
+            pods: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            reconciled: false,
+        }
     }
 
     /// Ready when the state was applied once and every wanted pod is captured.
@@ -98,13 +121,17 @@ impl Enroller {
     /// Enrolls the wanted pods that are not, releases the enrolled pods that are no longer
     /// wanted (or changed namespace or addresses), and cleans up leftovers of a previous run.
     pub async fn reconcile(&mut self, state: &MeshState) {
-        let wanted: BTreeMap<String, &Workload> =
-            state.local_captured(&self.node).map(|w| (w.uid.clone(), w)).collect();
+        let wanted: BTreeMap<String, &Workload> = state
+            .local_captured(&self.node)
+            .map(|w| (w.uid.clone(), w))
+            .collect();
         let stale: Vec<String> = self
             .pods
             .iter()
             .filter(|(uid, e)| {
-                wanted.get(*uid).is_none_or(|w| w.netns.as_deref() != Some(e.pod.netns.path()) || w.ips != e.pod.workload.ips)
+                wanted.get(*uid).is_none_or(|w| {
+                    w.netns.as_deref() != Some(e.pod.netns.path()) || w.ips != e.pod.workload.ips
+                })
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -125,7 +152,8 @@ impl Enroller {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "enrollment failed");
-                    self.failed.insert(format!("{}/{}", w.namespace, w.name), err.to_string());
+                    self.failed
+                        .insert(format!("{}/{}", w.namespace, w.name), err.to_string());
                 }
             }
         }
@@ -137,8 +165,15 @@ impl Enroller {
 
     async fn enroll(&self, w: &Workload) -> Result<Enrolled, EnrollError> {
         let pod = format!("{}/{}", w.namespace, w.name);
-        let path = w.netns.clone().ok_or_else(|| EnrollError::NoNetns { pod: pod.clone() })?;
-        let ns = Netns::open(&path).map_err(|source| EnrollError::Netns { pod: pod.clone(), path: path.clone(), source })?;
+        let path = w
+            .netns
+            .clone()
+            .ok_or_else(|| EnrollError::NoNetns { pod: pod.clone() })?;
+        let ns = Netns::open(&path).map_err(|source| EnrollError::Netns {
+            pod: pod.clone(),
+            path: path.clone(),
+            source,
+        })?;
 
         // Inside the namespace: sysctl, listeners and the netlink socket for the route.
         let inside = ns
@@ -152,11 +187,16 @@ impl Enroller {
                 std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
                     .map_err(setup("setting net.ipv4.tcp_fwmark_accept"))?;
                 let listeners = bind_listeners(&pod, w)?;
-                let cookie = ebpf::sys::netns_cookie(&listeners.outbound[0]).map_err(setup("reading the netns cookie"))?;
+                let cookie = ebpf::sys::netns_cookie(&listeners.outbound[0])
+                    .map_err(setup("reading the netns cookie"))?;
                 let netlink = rtnetlink::new_connection().map_err(setup("opening netlink"))?;
                 Ok((listeners, cookie, netlink))
             })
-            .map_err(|source| EnrollError::Netns { pod: pod.clone(), path: path.clone(), source })??;
+            .map_err(|source| EnrollError::Netns {
+                pod: pod.clone(),
+                path: path.clone(),
+                source,
+            })??;
         let (listeners, cookie, (connection, handle, _)) = inside;
         tokio::spawn(connection);
         add_delivery_routes(&handle, &pod).await?;
@@ -164,10 +204,16 @@ impl Enroller {
 
         let listeners = to_tokio(&pod, listeners)?;
         {
-            let dp_err = |source| EnrollError::Datapath { pod: pod.clone(), source };
+            let dp_err = |source| EnrollError::Datapath {
+                pod: pod.clone(),
+                source: Box::new(source),
+            };
             let mut dp = self.datapath.lock().expect("datapath lock");
             for ip in &w.ips {
-                let l = listeners.inbound.iter().find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()));
+                let l = listeners
+                    .inbound
+                    .iter()
+                    .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()));
                 if let Some(l) = l {
                     dp.add_inbound(*ip, l).map_err(dp_err)?;
                 }
@@ -175,7 +221,11 @@ impl Enroller {
             dp.attach_sk_lookup(&ns, cookie).map_err(dp_err)?;
             dp.enroll(cookie).map_err(dp_err)?;
         }
-        let ctx = Arc::new(PodContext { workload: w.clone(), netns: ns, netns_cookie: cookie });
+        let ctx = Arc::new(PodContext {
+            workload: w.clone(),
+            netns: ns,
+            netns_cookie: cookie,
+        });
         let tasks = self.proxy.serve_pod(ctx.clone(), listeners);
         Ok(Enrolled { pod: ctx, tasks })
     }
@@ -186,7 +236,13 @@ impl Enroller {
         let result = dp
             .release(e.pod.netns_cookie)
             .and_then(|()| dp.detach_sk_lookup(e.pod.netns_cookie))
-            .and_then(|()| e.pod.workload.ips.iter().try_for_each(|ip| dp.remove_inbound(*ip)));
+            .and_then(|()| {
+                e.pod
+                    .workload
+                    .ips
+                    .iter()
+                    .try_for_each(|ip| dp.remove_inbound(*ip))
+            });
         drop(dp);
         for t in e.tasks {
             t.abort();
@@ -200,12 +256,26 @@ impl Enroller {
     /// Releases what a previous agent captured that is not wanted any more.
     fn release_leftovers(&self) {
         let ours: BTreeSet<u64> = self.pods.values().map(|e| e.pod.netns_cookie).collect();
-        let our_ips: BTreeSet<IpAddr> = self.pods.values().flat_map(|e| e.pod.workload.ips.iter().copied()).collect();
+        let our_ips: BTreeSet<IpAddr> = self
+            .pods
+            .values()
+            .flat_map(|e| e.pod.workload.ips.iter().copied())
+            .collect();
         let mut dp = self.datapath.lock().expect("datapath lock");
-        let cookies: BTreeSet<u64> = dp.enrolled_cookies().union(&dp.pinned_sk_lookup_cookies()).copied().collect();
+        let cookies: BTreeSet<u64> = dp
+            .enrolled_cookies()
+            .union(&dp.pinned_sk_lookup_cookies())
+            .copied()
+            .collect();
         for cookie in cookies.difference(&ours) {
-            tracing::info!(netns_cookie = cookie, "releasing namespace left by a previous run");
-            if let Err(error) = dp.release(*cookie).and_then(|()| dp.detach_sk_lookup(*cookie)) {
+            tracing::info!(
+                netns_cookie = cookie,
+                "releasing namespace left by a previous run"
+            );
+            if let Err(error) = dp
+                .release(*cookie)
+                .and_then(|()| dp.detach_sk_lookup(*cookie))
+            {
                 tracing::error!(netns_cookie = cookie, %error, "releasing leftover namespace");
             }
         }
@@ -245,7 +315,10 @@ impl Enroller {
 }
 
 fn listener_addrs(w: &Workload) -> Vec<String> {
-    let mut out = vec![format!("127.0.0.1:{OUTBOUND_PORT}"), format!("[::1]:{OUTBOUND_PORT}")];
+    let mut out = vec![
+        format!("127.0.0.1:{OUTBOUND_PORT}"),
+        format!("[::1]:{OUTBOUND_PORT}"),
+    ];
     for ip in &w.ips {
         out.push(SocketAddr::new(*ip, INBOUND_PORT).to_string());
         out.push(SocketAddr::new(*ip, HBONE_PORT).to_string());
@@ -263,13 +336,29 @@ struct StdListeners {
 fn bind_listeners(pod: &str, w: &Workload) -> Result<StdListeners, EnrollError> {
     let v4 = w.ips.iter().any(IpAddr::is_ipv4);
     let v6 = w.ips.iter().any(IpAddr::is_ipv6);
-    let bind = |addr: SocketAddr| bind_one(addr).map_err(|source| EnrollError::Bind { pod: pod.to_owned(), addr, source });
+    let bind = |addr: SocketAddr| {
+        bind_one(addr).map_err(|source| EnrollError::Bind {
+            pod: pod.to_owned(),
+            addr,
+            source,
+        })
+    };
     let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-    let mut l = StdListeners { outbound: Vec::new(), inbound: Vec::new(), hbone: Vec::new() };
+    let mut l = StdListeners {
+        outbound: Vec::new(),
+        inbound: Vec::new(),
+        hbone: Vec::new(),
+    };
     // Outbound on loopback of both families: connect4/6 rewrite to 127.0.0.1 / ::1.
-    l.outbound.push(bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT))?);
-    l.outbound.push(bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT))?);
+    l.outbound.push(bind(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        OUTBOUND_PORT,
+    ))?);
+    l.outbound.push(bind(SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        OUTBOUND_PORT,
+    ))?);
     for (present, any) in [(v4, any4), (v6, any6)] {
         if present {
             l.inbound.push(bind(SocketAddr::new(any, INBOUND_PORT))?);
@@ -280,7 +369,11 @@ fn bind_listeners(pod: &str, w: &Workload) -> Result<StdListeners, EnrollError> 
 }
 
 fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
-    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
     let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -296,12 +389,19 @@ fn to_tokio(pod: &str, l: StdListeners) -> Result<PodListeners, EnrollError> {
     let conv = |v: Vec<Socket>| -> Result<Vec<TcpListener>, EnrollError> {
         v.into_iter()
             .map(|s| {
-                TcpListener::from_std(s.into())
-                    .map_err(|source| EnrollError::Setup { pod: pod.to_owned(), what: "registering listener", source })
+                TcpListener::from_std(s.into()).map_err(|source| EnrollError::Setup {
+                    pod: pod.to_owned(),
+                    what: "registering listener",
+                    source,
+                })
             })
             .collect()
     };
-    Ok(PodListeners { outbound: conv(l.outbound)?, inbound: conv(l.inbound)?, hbone: conv(l.hbone)? })
+    Ok(PodListeners {
+        outbound: conv(l.outbound)?,
+        inbound: conv(l.inbound)?,
+        hbone: conv(l.hbone)?,
+    })
 }
 
 /// `ip rule add pref 100 fwmark DELIVERY_MARK lookup 133`, `ip route add local default dev lo
@@ -315,13 +415,20 @@ async fn add_delivery_routes(handle: &rtnetlink::Handle, pod: &str) -> Result<()
             rule::RuleAction,
         },
     };
-    let nl = |e: rtnetlink::Error| EnrollError::Netlink { pod: pod.to_owned(), message: e.to_string() };
+    let nl = |e: rtnetlink::Error| EnrollError::Netlink {
+        pod: pod.to_owned(),
+        message: e.to_string(),
+    };
     let exists = |r: Result<(), rtnetlink::Error>| match r {
         Err(rtnetlink::Error::NetlinkError(ref m)) if m.raw_code() == -libc::EEXIST => Ok(()),
         other => other,
     };
     const LO: u32 = 1;
-    let rule = handle.rule().add().fw_mark(DELIVERY_MARK).table_id(DELIVERY_ROUTE_TABLE)
+    let rule = handle
+        .rule()
+        .add()
+        .fw_mark(DELIVERY_MARK)
+        .table_id(DELIVERY_ROUTE_TABLE)
         .priority(DELIVERY_RULE_PRIORITY)
         .action(RuleAction::ToTable);
     exists(rule.clone().v4().execute().await).map_err(nl)?;
@@ -350,24 +457,58 @@ async fn add_delivery_routes(handle: &rtnetlink::Handle, pod: &str) -> Result<()
 
 /// Moves the `local` table lookup from priority 0 to [`LOCAL_RULE_PRIORITY`], adding the new
 /// rule before removing the old so local delivery never stops.
-async fn move_local_rule(handle: &rtnetlink::Handle, version: rtnetlink::IpVersion) -> Result<(), rtnetlink::Error> {
+async fn move_local_rule(
+    handle: &rtnetlink::Handle,
+    version: rtnetlink::IpVersion,
+) -> Result<(), rtnetlink::Error> {
     use futures::TryStreamExt as _;
     use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-    let rules: Vec<RuleMessage> = handle.rule().get(version.clone()).execute().try_collect().await?;
+    let rules: Vec<RuleMessage> = handle
+        .rule()
+        .get(version.clone())
+        .execute()
+        .try_collect()
+        .await?;
     let priority = |r: &RuleMessage| {
-        r.attributes.iter().find_map(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None }).unwrap_or(0)
+        r.attributes
+            .iter()
+            .find_map(|a| {
+                if let RuleAttribute::Priority(p) = a {
+                    Some(*p)
+                } else {
+                    None
+                }
+            })
+            .unwrap_or(0)
     };
     let table = |r: &RuleMessage| {
         r.attributes
             .iter()
-            .find_map(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None })
+            .find_map(|a| {
+                if let RuleAttribute::Table(t) = a {
+                    Some(*t)
+                } else {
+                    None
+                }
+            })
             .unwrap_or(u32::from(r.header.table))
     };
-    let Some(at_zero) = rules.iter().find(|r| table(r) == RT_TABLE_LOCAL && priority(r) == 0) else {
+    let Some(at_zero) = rules
+        .iter()
+        .find(|r| table(r) == RT_TABLE_LOCAL && priority(r) == 0)
+    else {
         return Ok(());
     };
-    if !rules.iter().any(|r| table(r) == RT_TABLE_LOCAL && priority(r) == LOCAL_RULE_PRIORITY) {
-        let add = handle.rule().add().table_id(RT_TABLE_LOCAL).priority(LOCAL_RULE_PRIORITY).action(RuleAction::ToTable);
+    if !rules
+        .iter()
+        .any(|r| table(r) == RT_TABLE_LOCAL && priority(r) == LOCAL_RULE_PRIORITY)
+    {
+        let add = handle
+            .rule()
+            .add()
+            .table_id(RT_TABLE_LOCAL)
+            .priority(LOCAL_RULE_PRIORITY)
+            .action(RuleAction::ToTable);
         match version {
             rtnetlink::IpVersion::V4 => add.v4().execute().await?,
             rtnetlink::IpVersion::V6 => add.v6().execute().await?,

@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{agent, config::Settings, ebpf::DEFAULT_PIN_DIR};
 
 #[derive(Parser)]
-#[command(version, about = "eBPF-accelerated, sidecarless service-mesh node agent")]
+#[command(
+    version,
+    about = "eBPF-accelerated, sidecarless service-mesh node agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,9 +55,25 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { node, config, cgroup, bpffs_dir, trust_domain, root_namespace } => {
-            let settings = Settings { trust_domain, root_namespace };
-            let cfg = agent::RunConfig { node, config_file: config, cgroup, pin_dir: bpffs_dir, settings };
+        Command::Run {
+            node,
+            config,
+            cgroup,
+            bpffs_dir,
+            trust_domain,
+            root_namespace,
+        } => {
+            let settings = Settings {
+                trust_domain,
+                root_namespace,
+            };
+            let cfg = agent::RunConfig {
+                node,
+                config_file: config,
+                cgroup,
+                pin_dir: bpffs_dir,
+                settings,
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

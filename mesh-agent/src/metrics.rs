@@ -1,11 +1,7 @@
 //! Istio-compatible TCP metrics (`istio_tcp_*`) kept per label set and rendered in the
 //! Prometheus text format, so existing Kiali and Grafana dashboards read them unchanged.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::Mutex,
-};
+use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
 
 /// Which side of a connection reports it (Istio's `reporter` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -42,7 +38,10 @@ impl ConnectionLabels {
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
             ("destination_workload", &self.destination_workload),
-            ("destination_workload_namespace", &self.destination_workload_namespace),
+            (
+                "destination_workload_namespace",
+                &self.destination_workload_namespace,
+            ),
             ("destination_service", &self.destination_service),
         ];
         out.push('{');
@@ -57,7 +56,9 @@ impl ConnectionLabels {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,13 +96,28 @@ impl Metrics {
     pub fn render(&self) -> String {
         let series = self.series.lock().expect("metrics lock").clone();
         let mut out = String::new();
-        let families: [(&str, &str, fn(&Counters) -> u64); 4] = [
-            ("istio_tcp_connections_opened_total", "Total TCP connections opened.", |c| c.opened),
-            ("istio_tcp_connections_closed_total", "Total TCP connections closed.", |c| c.closed),
-            ("istio_tcp_sent_bytes_total", "Bytes sent during response (destination to source).", |c| c.sent),
-            ("istio_tcp_received_bytes_total", "Bytes received during request (source to destination).", |c| {
-                c.received
-            }),
+        type Family = (&'static str, &'static str, fn(&Counters) -> u64);
+        let families: [Family; 4] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "Total TCP connections opened.",
+                |c| c.opened,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "Total TCP connections closed.",
+                |c| c.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent during response (destination to source).",
+                |c| c.sent,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received during request (source to destination).",
+                |c| c.received,
+            ),
         ];
         for (name, help, value) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -138,10 +154,22 @@ mod tests {
         m.connection_closed(&labels(), 100, 7);
         let text = m.render();
         let l = r#"{reporter="source",source_workload="client",source_workload_namespace="shop",destination_workload="web",destination_workload_namespace="shop",destination_service="unknown"}"#;
-        assert!(text.contains(&format!("istio_tcp_connections_opened_total{l} 2\n")), "{text}");
-        assert!(text.contains(&format!("istio_tcp_connections_closed_total{l} 1\n")), "{text}");
-        assert!(text.contains(&format!("istio_tcp_received_bytes_total{l} 100\n")), "{text}");
-        assert!(text.contains(&format!("istio_tcp_sent_bytes_total{l} 7\n")), "{text}");
+        assert!(
+            text.contains(&format!("istio_tcp_connections_opened_total{l} 2\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("istio_tcp_connections_closed_total{l} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("istio_tcp_received_bytes_total{l} 100\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("istio_tcp_sent_bytes_total{l} 7\n")),
+            "{text}"
+        );
         assert!(text.contains("# TYPE istio_tcp_sent_bytes_total counter"));
     }
 

@@ -36,7 +36,10 @@ pub enum ProxyError {
     #[error("creating a socket in the namespace of pod {pod}: {source}")]
     Socket { pod: String, source: std::io::Error },
     #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout { addr: SocketAddr },
 }
@@ -72,13 +75,25 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the accept loops of a pod; aborting the returned tasks closes its listeners.
-    pub fn serve_pod(self: &Arc<Self>, pod: Arc<PodContext>, listeners: PodListeners) -> Vec<JoinHandle<()>> {
+    pub fn serve_pod(
+        self: &Arc<Self>,
+        pod: Arc<PodContext>,
+        listeners: PodListeners,
+    ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         for l in listeners.outbound {
-            tasks.push(tokio::spawn(outbound::accept_loop(self.clone(), pod.clone(), l)));
+            tasks.push(tokio::spawn(outbound::accept_loop(
+                self.clone(),
+                pod.clone(),
+                l,
+            )));
         }
         for l in listeners.inbound {
-            tasks.push(tokio::spawn(inbound::accept_loop(self.clone(), pod.clone(), l)));
+            tasks.push(tokio::spawn(inbound::accept_loop(
+                self.clone(),
+                pod.clone(),
+                l,
+            )));
         }
         for l in listeners.hbone {
             tasks.push(tokio::spawn(inbound::hbone_accept_loop(pod.clone(), l)));
@@ -102,9 +117,13 @@ fn labels(
     let unknown = || "unknown".to_owned();
     let service = dst
         .and_then(|w| {
-            state.services_for_workload(w).find(|s| s.ports.iter().any(|p| service_port_targets(p, dst_port)))
+            state
+                .services_for_workload(w)
+                .find(|s| s.ports.iter().any(|p| service_port_targets(p, dst_port)))
         })
-        .map_or_else(unknown, |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+        .map_or_else(unknown, |s| {
+            format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+        });
     ConnectionLabels {
         reporter,
         source_workload: src.map_or_else(unknown, |w| w.workload_name.clone()),
@@ -134,13 +153,30 @@ struct Tracked<'a> {
 }
 
 impl<'a> Tracked<'a> {
-    fn open(metrics: &'a Metrics, labels: ConnectionLabels, direction: &'static str, src: SocketAddr, dst: SocketAddr) -> Self {
+    fn open(
+        metrics: &'a Metrics,
+        labels: ConnectionLabels,
+        direction: &'static str,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Self {
         metrics.connection_opened(&labels);
-        Tracked { metrics, labels, direction, src, dst, started: Instant::now() }
+        Tracked {
+            metrics,
+            labels,
+            direction,
+            src,
+            dst,
+            started: Instant::now(),
+        }
     }
 
     fn finish(self, t: copy::Transferred, error: Option<std::io::Error>) {
-        self.metrics.connection_closed(&self.labels, t.downstream_to_upstream, t.upstream_to_downstream);
+        self.metrics.connection_closed(
+            &self.labels,
+            t.downstream_to_upstream,
+            t.upstream_to_downstream,
+        );
         let l = &self.labels;
         tracing::info!(
             target: "access",
@@ -167,11 +203,24 @@ fn pod_socket(
     family: IpAddr,
     configure: impl FnOnce(&socket2::Socket) -> std::io::Result<()>,
 ) -> Result<tokio::net::TcpSocket, ProxyError> {
-    let err = |source| ProxyError::Socket { pod: pod.display_name(), source };
-    let domain = if family.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let err = |source| ProxyError::Socket {
+        pod: pod.display_name(),
+        source,
+    };
+    let domain = if family.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let socket = pod
         .netns
-        .run(|| socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), Some(socket2::Protocol::TCP)))
+        .run(|| {
+            socket2::Socket::new(
+                domain,
+                socket2::Type::STREAM.nonblocking(),
+                Some(socket2::Protocol::TCP),
+            )
+        })
         .map_err(err)?
         .map_err(err)?;
     configure(&socket).map_err(err)?;
@@ -192,7 +241,10 @@ async fn connect(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Result<TcpS
 /// Accept errors that concern one connection only (keep accepting).
 fn transient_accept_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
 }
 
 /// Backs off when the process is out of descriptors instead of spinning.

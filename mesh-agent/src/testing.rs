@@ -12,6 +12,8 @@ mod host;
 pub mod metrics;
 pub mod workload;
 
-pub use cluster::{Cluster, ClusterBuilder, ConfigOptions, Node, Pod, PodSpec, require_root};
+pub use cluster::{
+    Cluster, ClusterBuilder, ConfigOptions, Node, Pod, PodSpec, Process, require_root,
+};
 pub use host::{in_netns, locate_binary};
 pub use workload::ConnectReport;

@@ -288,7 +288,10 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let key = if family == u32::from(AF_INET) {
-        AddrKey { addr: [ip4, 0, 0, 0], family }
+        AddrKey {
+            addr: [ip4, 0, 0, 0],
+            family,
+        }
     } else {
         AddrKey { addr: ip6, family }
     };

@@ -51,9 +51,18 @@ impl Attr {
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, zero-initialised bpf_attr of sufficient size for `cmd`.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), std::mem::size_of::<Attr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            std::mem::size_of::<Attr>(),
+        )
     };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn owned(fd: libc::c_long) -> OwnedFd {
@@ -68,7 +77,11 @@ fn c_path(path: &Path) -> io::Result<CString> {
 }
 
 /// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup or netns fd).
-pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, ty: AttachType) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    ty: AttachType,
+) -> io::Result<OwnedFd> {
     let mut attr = Attr::new();
     attr.put_u32(0, prog.as_raw_fd() as u32); // prog_fd
     attr.put_u32(4, target.as_raw_fd() as u32); // target_fd
@@ -133,5 +146,9 @@ pub fn netns_cookie(sock: &impl AsFd) -> io::Result<u64> {
             &mut len,
         )
     };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(cookie) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
 }

@@ -33,7 +33,10 @@ pub struct Netns {
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
-        Ok(Netns { path: path.to_owned(), file })
+        Ok(Netns {
+            path: path.to_owned(),
+            file,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -43,7 +46,9 @@ impl Netns {
     /// Runs `f` with the calling thread inside this namespace, then switches back.
     /// `f` must not block for long nor yield to an async runtime.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> io::Result<R> {
-        let host = HOST.get().ok_or_else(|| io::Error::other("host netns not initialised"))?;
+        let host = HOST
+            .get()
+            .ok_or_else(|| io::Error::other("host netns not initialised"))?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
         let result = f();
         // Failing to return would leave a runtime thread in a pod's namespace: fatal.

@@ -8,7 +8,9 @@ use std::{net::SocketAddr, sync::Arc};
 use mesh_common::DELIVERY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels, pod_socket};
+use super::{
+    PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels, pod_socket,
+};
 use crate::metrics::Reporter;
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
@@ -27,8 +29,18 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
     }
 }
 
-async fn handle(proxy: &Proxy, pod: &PodContext, mut downstream: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
-    let orig = downstream.local_addr().map_err(|source| ProxyError::Socket { pod: pod.display_name(), source })?;
+async fn handle(
+    proxy: &Proxy,
+    pod: &PodContext,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let orig = downstream
+        .local_addr()
+        .map_err(|source| ProxyError::Socket {
+            pod: pod.display_name(),
+            source,
+        })?;
     let _ = downstream.set_nodelay(true);
     let state = proxy.state();
     let src_workload = state.workload_by_ip(peer.ip());
@@ -44,7 +56,13 @@ async fn handle(proxy: &Proxy, pod: &PodContext, mut downstream: TcpStream, peer
     })?;
     let mut upstream = connect(socket, orig).await?;
 
-    let labels = labels(Reporter::Destination, &state, src_workload, Some(&pod.workload), orig.port());
+    let labels = labels(
+        Reporter::Destination,
+        &state,
+        src_workload,
+        Some(&pod.workload),
+        orig.port(),
+    );
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
     let (t, error) = copy::bidirectional(&mut downstream, &mut upstream).await;
     tracked.finish(t, error);

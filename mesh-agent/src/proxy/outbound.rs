@@ -7,7 +7,9 @@ use std::{net::SocketAddr, sync::Arc};
 use mesh_common::PROXY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels, pod_socket};
+use super::{
+    PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels, pod_socket,
+};
 use crate::metrics::Reporter;
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
@@ -26,7 +28,12 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
     }
 }
 
-async fn handle(proxy: &Proxy, pod: &PodContext, mut downstream: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
+async fn handle(
+    proxy: &Proxy,
+    pod: &PodContext,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
     let orig = proxy
         .datapath
         .lock()
@@ -42,7 +49,13 @@ async fn handle(proxy: &Proxy, pod: &PodContext, mut downstream: TcpStream, peer
     // The connection as the destination sees it: from the pod's address.
     let src = upstream.local_addr().unwrap_or(peer);
 
-    let labels = labels(Reporter::Source, &state, Some(&pod.workload), dst_workload, orig.port());
+    let labels = labels(
+        Reporter::Source,
+        &state,
+        Some(&pod.workload),
+        dst_workload,
+        orig.port(),
+    );
     let tracked = Tracked::open(&proxy.metrics, labels, "outbound", src, orig);
     let (t, error) = copy::bidirectional(&mut downstream, &mut upstream).await;
     tracked.finish(t, error);

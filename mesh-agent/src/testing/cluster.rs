@@ -1158,21 +1158,12 @@ impl Node {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         let stem = format!("{}-agent-", self.name);
-        logs.retain(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&stem))
-        });
-        logs.sort_by_key(|p| {
-            p.file_stem()
-                .and_then(|s| {
-                    s.to_string_lossy()
-                        .rsplit('-')
-                        .next()?
-                        .parse::<usize>()
-                        .ok()
-                })
-                .unwrap_or(0)
-        });
+        let seq = |p: &PathBuf| -> Option<usize> {
+            let name = p.file_name()?.to_str()?;
+            name.strip_prefix(&stem)?.strip_suffix(".log")?.parse().ok()
+        };
+        logs.retain(|p| seq(p).is_some());
+        logs.sort_by_key(|p| seq(p));
         logs.iter()
             .map(|p| fs::read_to_string(p).unwrap_or_default())
             .collect::<Vec<_>>()

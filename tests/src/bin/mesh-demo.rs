@@ -5,6 +5,7 @@
 //! mesh. Exits 0 only if every check holds.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ struct Args {
     /// Bytes echoed per connection.
     #[arg(long, default_value_t = 1 << 20)]
     bytes: u64,
-    /// Print the agents' whole logs at the end.
+    /// Print the raw metrics and the agents' whole logs at the end.
     #[arg(long)]
     verbose: bool,
     /// How long to wait for counters to settle after a connection closes.
@@ -212,25 +213,11 @@ fn run(args: &Args) -> Result<bool> {
         run_case(&cluster, case, args, &mut checks)?;
     }
 
-    println!("\nmetrics after the run (istio_tcp_*, non-zero)");
+    println!("\nmetrics after the run (istio_tcp_* by reporter, source -> destination)");
     for node in cluster.nodes() {
         println!("  {}:", node.name());
         match node.metrics() {
-            Ok(text) => {
-                let metrics = Metrics::parse(&text);
-                let mut any = false;
-                for sample in metrics
-                    .samples
-                    .iter()
-                    .filter(|s| s.name.starts_with("istio_tcp_") && s.value != 0.0)
-                {
-                    println!("    {sample}");
-                    any = true;
-                }
-                if !any {
-                    println!("    (none)");
-                }
-            }
+            Ok(text) => print_metrics(&Metrics::parse(&text), args.verbose),
             Err(e) => println!("    unreadable: {e:#}"),
         }
     }
@@ -280,19 +267,105 @@ fn run(args: &Args) -> Result<bool> {
     }
 }
 
-/// Scrapes both agents; a node whose agent does not answer counts as empty.
-fn scrape(cluster: &Cluster) -> Vec<Metrics> {
+/// One line per (reporter, source, destination, service) with the four TCP counters;
+/// `raw` also prints the exposition lines themselves.
+fn print_metrics(metrics: &Metrics, raw: bool) {
+    let label = |s: &mesh_agent::testing::metrics::Sample, k: &str| {
+        s.labels.get(k).cloned().unwrap_or_else(|| "-".into())
+    };
+    let mut rows: BTreeMap<(String, String, String, String), [f64; 4]> = BTreeMap::new();
+    for sample in &metrics.samples {
+        let Some(column) = [OPENED, CLOSED, SENT, RECEIVED]
+            .iter()
+            .position(|n| *n == sample.name)
+        else {
+            continue;
+        };
+        let key = (
+            label(sample, "reporter"),
+            format!(
+                "{}/{}",
+                label(sample, "source_workload_namespace"),
+                label(sample, "source_workload")
+            ),
+            format!(
+                "{}/{}",
+                label(sample, "destination_workload_namespace"),
+                label(sample, "destination_workload")
+            ),
+            label(sample, "destination_service"),
+        );
+        rows.entry(key).or_default()[column] += sample.value;
+    }
+    if rows.is_empty() {
+        println!("    (no istio_tcp samples)");
+    }
+    for ((reporter, source, destination, service), [opened, closed, sent, received]) in rows {
+        println!(
+            "    {reporter:<11} {source:>16} -> {destination:<16} service={service:<8} \
+             opened {opened} closed {closed} sent {sent} received {received}"
+        );
+    }
+    if raw {
+        for sample in metrics
+            .samples
+            .iter()
+            .filter(|s| s.name.starts_with("istio_tcp_"))
+        {
+            println!("    {sample}");
+        }
+    }
+}
+
+/// One `/metrics` scrape per node (an error when the agent did not answer).
+type Scrape = Vec<Result<Metrics, String>>;
+
+fn scrape(cluster: &Cluster) -> Scrape {
     cluster
         .nodes()
         .iter()
-        .map(|n| n.metrics().map(|t| Metrics::parse(&t)).unwrap_or_default())
+        .map(|n| {
+            n.metrics()
+                .map(|t| Metrics::parse(&t))
+                .map_err(|e| format!("{e:#}"))
+        })
         .collect()
 }
 
-/// Counter movement on one node for one reporter: (opened, closed, sent, received).
-fn movement(after: &Metrics, before: &Metrics, reporter: &str) -> [f64; 4] {
+/// Counter movement on one node for one reporter: (opened, closed, sent, received);
+/// NaN when a scrape failed, so no check on it can pass.
+fn movement(
+    after: &Result<Metrics, String>,
+    before: &Result<Metrics, String>,
+    reporter: &str,
+) -> [f64; 4] {
     let filter = [("reporter", reporter)];
-    [OPENED, CLOSED, SENT, RECEIVED].map(|name| after.delta(before, name, &filter))
+    match (after, before) {
+        (Ok(after), Ok(before)) => {
+            [OPENED, CLOSED, SENT, RECEIVED].map(|name| after.delta(before, name, &filter))
+        }
+        _ => [f64::NAN; 4],
+    }
+}
+
+/// How much any istio_tcp counter moved on one node, whatever its labels.
+fn total_movement(after: &Result<Metrics, String>, before: &Result<Metrics, String>) -> f64 {
+    match (after, before) {
+        (Ok(after), Ok(before)) => [OPENED, CLOSED, SENT, RECEIVED]
+            .iter()
+            .map(|name| after.delta(before, name, &[]).abs())
+            .sum(),
+        _ => f64::NAN,
+    }
+}
+
+/// Why a node's movement cannot be shown, if it cannot.
+fn unreadable(after: &Result<Metrics, String>, before: &Result<Metrics, String>) -> Option<String> {
+    match (before, after) {
+        (Err(e), _) => Some(format!("metrics unreadable before the connection: {e}")),
+        (_, Err(e)) => Some(format!("metrics unreadable after the connection: {e}")),
+        _ => None,
+    }
 }
 
 fn describe(m: [f64; 4]) -> String {
@@ -376,7 +449,9 @@ fn run_case(cluster: &Cluster, case: &Case, args: &Args, checks: &mut Checks) ->
             for (i, node) in cluster.nodes().iter().enumerate() {
                 let s = movement(&after[i], &before[i], "source");
                 let d = movement(&after[i], &before[i], "destination");
-                let line = if s == [0.0; 4] && d == [0.0; 4] {
+                let line = if let Some(why) = unreadable(&after[i], &before[i]) {
+                    why
+                } else if s == [0.0; 4] && d == [0.0; 4] {
                     "no counter moved".to_string()
                 } else {
                     format!("source: {} | destination: {}", describe(s), describe(d))
@@ -441,14 +516,13 @@ fn run_case(cluster: &Cluster, case: &Case, args: &Args, checks: &mut Checks) ->
             let after = scrape(cluster);
             let mut moved = 0.0;
             for (i, node) in cluster.nodes().iter().enumerate() {
-                let total: f64 = [OPENED, CLOSED, SENT, RECEIVED]
-                    .iter()
-                    .map(|name| after[i].delta(&before[i], name, &[]).abs())
-                    .sum();
+                let total = total_movement(&after[i], &before[i]);
                 details.push(format!(
                     "{}: {}",
                     node.name(),
-                    if total == 0.0 {
+                    if let Some(why) = unreadable(&after[i], &before[i]) {
+                        why
+                    } else if total == 0.0 {
                         "no counter moved".to_string()
                     } else {
                         format!("counters moved by {total}")
