@@ -1,0 +1,403 @@
+//! Kernel suite for the foundation: eBPF capture of enrolled pods, the L4 proxy, the
+//! watched file config, fail-closed behaviour with the agent down, adoption on restart,
+//! and `mesh-agent uninstall`. Every test builds its own cluster of network namespaces,
+//! cgroups and bpffs pins, and real agents.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mesh_agent::ebpf::{AttachType, attached_count};
+use mesh_agent::testing::metrics::Metrics;
+use mesh_agent::testing::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, require_root};
+
+const MIB: u64 = 1 << 20;
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const RECEIVED: &str = "istio_tcp_received_bytes_total";
+const SENT: &str = "istio_tcp_sent_bytes_total";
+const APP: u16 = 8080;
+
+/// Two nodes; `shop` is ambient with `a`, `b` on node 1 and `c` on node 2; `legacy` is
+/// not enrolled, with `l1` on node 1 and `l2` on node 2. Agents running.
+fn mesh() -> Cluster {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace("shop")
+        .namespace("legacy", [("team", "old")])
+        .pod(PodSpec::new("a", "shop", 0).label("app", "client"))
+        .pod(PodSpec::new("b", "shop", 0).label("app", "web"))
+        .pod(PodSpec::new("c", "shop", 1).label("app", "web"))
+        .pod(PodSpec::new("l1", "legacy", 0))
+        .pod(PodSpec::new("l2", "legacy", 1))
+        .build()
+        .expect("building the test cluster");
+    for pod in ["b", "c", "l1", "l2"] {
+        cluster
+            .pod(pod)
+            .spawn_server(&[APP])
+            .expect("starting a server");
+    }
+    let config = cluster.config_path();
+    cluster
+        .write_config(&config, &ConfigOptions::default())
+        .expect("writing the config");
+    cluster.start_agents(&config).expect("starting the agents");
+    cluster
+}
+
+fn metrics(cluster: &Cluster, node: usize) -> Metrics {
+    Metrics::parse(&cluster.node(node).metrics().expect("reading /metrics"))
+}
+
+/// Whether the client's connection went through its agent's outbound listener: under
+/// capture the application's socket is connected to the loopback listener.
+fn captured(report: &ConnectReport) -> bool {
+    report.local.is_some_and(|a| a.ip().is_loopback())
+}
+
+fn assert_carried(client: &Pod, to: SocketAddr, bytes: u64) -> ConnectReport {
+    let report = client.connect(to, bytes).expect("running the client");
+    assert!(report.ok, "{} -> {to}: {report:?}", client.name());
+    assert_eq!(
+        (report.sent, report.received),
+        (bytes, bytes),
+        "byte-exact both ways: {report:?}"
+    );
+    let own = if to.is_ipv4() {
+        client.ipv4().into()
+    } else {
+        std::net::IpAddr::from(client.ipv6())
+    };
+    assert_eq!(
+        report.server_saw_peer.map(|a| a.ip()),
+        Some(own),
+        "server must see the client pod: {report:?}"
+    );
+    assert_eq!(
+        report.getpeername,
+        Some(to),
+        "getpeername must return what was dialed: {report:?}"
+    );
+    assert!(
+        captured(&report),
+        "{} -> {to} was not captured: {report:?}",
+        client.name()
+    );
+    report
+}
+
+/// Polls `f` until it holds or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn source_filter<'a>(src: &'a str, dst: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("reporter", "source"),
+        ("source_workload", src),
+        ("destination_workload", dst),
+    ]
+}
+
+#[test]
+fn enrolled_traffic_is_carried_same_node_and_cross_node_byte_exact_over_ipv4_and_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let (a, b, c) = (cluster.pod("a"), cluster.pod("b"), cluster.pod("c"));
+    let cases = [
+        (b.addr_v4(APP), 0), // same node
+        (b.addr_v6(APP), 0),
+        (c.addr_v4(APP), 1), // cross node
+        (c.addr_v6(APP), 1),
+    ];
+    for (to, dst_node) in cases {
+        let src_before = metrics(&cluster, 0);
+        let dst_before = metrics(&cluster, dst_node);
+        assert_carried(&a, to, 10 * MIB);
+        // Counted by the source agent as `source` and by the destination agent as
+        // `destination`, with the request and response bytes of the echo.
+        let dst_filter = [("reporter", "destination"), ("source_workload", "client")];
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let (s, d) = (metrics(&cluster, 0), metrics(&cluster, dst_node));
+                s.sum(OPENED, &source_filter("client", "web"))
+                    == src_before.sum(OPENED, &source_filter("client", "web")) + 1.0
+                    && s.sum(RECEIVED, &source_filter("client", "web"))
+                        >= src_before.sum(RECEIVED, &source_filter("client", "web"))
+                            + (10 * MIB) as f64
+                    && s.sum(SENT, &source_filter("client", "web"))
+                        >= src_before.sum(SENT, &source_filter("client", "web")) + (10 * MIB) as f64
+                    && d.sum(OPENED, &dst_filter) == dst_before.sum(OPENED, &dst_filter) + 1.0
+            }),
+            "metrics for {to}:\nsource node:\n{}\ndestination node:\n{}",
+            cluster.node(0).metrics().unwrap_or_default(),
+            cluster.node(dst_node).metrics().unwrap_or_default()
+        );
+        let dst = to.to_string();
+        assert!(
+            eventually(Duration::from_secs(5), || cluster
+                .node(0)
+                .access_log()
+                .iter()
+                .any(|l| l.contains("direction=\"outbound\"")
+                    && l.contains(&format!("dst.addr={dst}")))),
+            "no outbound access-log line for {dst}:\n{}",
+            cluster.node(0).agent_log()
+        );
+    }
+}
+
+#[test]
+fn non_enrolled_pods_are_untouched_and_inbound_to_any_port_of_an_enrolled_pod_is_captured() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let (l1, l2, c) = (cluster.pod("l1"), cluster.pod("l2"), cluster.pod("c"));
+    let before = [metrics(&cluster, 0), metrics(&cluster, 1)];
+
+    // legacy -> legacy, cross node: nothing of the mesh is involved.
+    let report = l1
+        .connect(l2.addr_v4(APP), MIB)
+        .expect("running the client");
+    assert!(report.ok, "{report:?}");
+    assert_eq!(
+        report.local.map(|a| a.ip()),
+        Some(l1.ipv4().into()),
+        "not redirected: {report:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for (node, b) in before.iter().enumerate() {
+        assert_eq!(
+            metrics(&cluster, node).sum(OPENED, &[]),
+            b.sum(OPENED, &[]),
+            "node {node} counted non-mesh traffic"
+        );
+    }
+
+    // legacy -> enrolled pod, on ports the test picks: all steered into the inbound proxy.
+    c.spawn_server(&[9191, 31000])
+        .expect("starting more servers");
+    for port in [APP, 9191, 31000] {
+        let before = metrics(&cluster, 1).sum(
+            OPENED,
+            &[("reporter", "destination"), ("destination_workload", "web")],
+        );
+        let report = l1
+            .connect(c.addr_v4(port), MIB)
+            .expect("running the client");
+        assert!(report.ok, "{report:?}");
+        assert_eq!(
+            report.server_saw_peer.map(|a| a.ip()),
+            Some(l1.ipv4().into()),
+            "{report:?}"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || metrics(&cluster, 1).sum(
+                OPENED,
+                &[("reporter", "destination"), ("destination_workload", "web")]
+            ) == before + 1.0),
+            "inbound to port {port} was not captured:\n{}",
+            cluster.node(1).metrics().unwrap_or_default()
+        );
+    }
+}
+
+#[test]
+fn pods_removed_from_the_file_are_released_within_2s_and_added_pods_are_enrolled() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let (a, c) = (cluster.pod("a"), cluster.pod("c"));
+    let config = cluster.config_path();
+    assert_carried(&a, c.addr_v4(APP), MIB);
+
+    cluster
+        .write_config(&config, &ConfigOptions::default().exclude("a"))
+        .unwrap();
+    let released = eventually(Duration::from_secs(2), || {
+        a.connect(c.addr_v4(APP), 1024)
+            .is_ok_and(|r| r.ok && !captured(&r))
+    });
+    assert!(
+        released,
+        "pod a still captured 2 s after leaving the file:\n{}",
+        cluster.node(0).agent_log()
+    );
+
+    cluster
+        .write_config(&config, &ConfigOptions::default())
+        .unwrap();
+    let enrolled = eventually(Duration::from_secs(2), || {
+        a.connect(c.addr_v4(APP), 1024)
+            .is_ok_and(|r| r.ok && captured(&r))
+    });
+    assert!(
+        enrolled,
+        "pod a not captured 2 s after returning to the file:\n{}",
+        cluster.node(0).agent_log()
+    );
+
+    // A brand-new pod appears: enrolled without a restart.
+    let d = cluster
+        .add_pod(PodSpec::new("d", "shop", 0).label("app", "late"))
+        .unwrap();
+    cluster
+        .write_config(&config, &ConfigOptions::default())
+        .unwrap();
+    let enrolled = eventually(Duration::from_secs(2), || {
+        d.connect(c.addr_v4(APP), 1024)
+            .is_ok_and(|r| r.ok && captured(&r))
+    });
+    assert!(
+        enrolled,
+        "new pod d not captured:\n{}",
+        cluster.node(0).agent_log()
+    );
+}
+
+#[test]
+fn an_invalid_config_edit_keeps_the_previous_state_and_logs_a_clear_error() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let (a, c) = (cluster.pod("a"), cluster.pod("c"));
+    let config = cluster.config_path();
+    let good = std::fs::read_to_string(&config).unwrap();
+    // Break pod a's address and drop pod c: neither may take effect.
+    let broken = cluster
+        .config_yaml(&ConfigOptions::default().exclude("c"))
+        .unwrap()
+        .replace(&format!("ip: {}", a.ipv4()), "ip: 10.999.1.1");
+    assert_ne!(broken, good);
+    replace_file(&config, &broken);
+
+    let logged = eventually(Duration::from_secs(3), || {
+        let log = cluster.node(0).agent_log();
+        log.contains("document")
+            && log.contains("10.999.1.1")
+            && log.contains("keeping the previous configuration")
+    });
+    assert!(
+        logged,
+        "no clear error in the log:\n{}",
+        cluster.node(0).agent_log()
+    );
+    assert_carried(&a, c.addr_v4(APP), MIB);
+    let dump = cluster.node(1).config_dump().unwrap();
+    assert!(
+        dump.to_string().contains("\"c\""),
+        "node 2 dropped pod c: {dump}"
+    );
+    assert_eq!(
+        cluster.node(1).http_get(15021, "/healthz/ready").unwrap().0,
+        200
+    );
+}
+
+#[test]
+fn a_stopped_agent_fails_closed_a_restarted_one_adopts_its_pins_and_uninstall_removes_everything() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let (a, b, c, l2) = (
+        cluster.pod("a"),
+        cluster.pod("b"),
+        cluster.pod("c"),
+        cluster.pod("l2"),
+    );
+    a.spawn_server(&[APP]).unwrap();
+    let node = cluster.node(0);
+    assert_carried(&a, c.addr_v4(APP), MIB);
+
+    node.stop_agent().unwrap();
+    // Outbound from an enrolled pod: refused, never sent around the mesh.
+    for to in [c.addr_v4(APP), c.addr_v6(APP), b.addr_v4(APP)] {
+        let r = a.connect_timeout(to, 1024, Duration::from_secs(2)).unwrap();
+        assert!(
+            !r.ok && r.server_saw_peer.is_none(),
+            "outbound {to} leaked with the agent down: {r:?}"
+        );
+    }
+    // Inbound to an enrolled pod, from a pod outside the mesh and from a meshed pod on the
+    // other node: dropped, never delivered to the application.
+    for (client, to) in [
+        (&l2, a.addr_v4(APP)),
+        (&l2, a.addr_v6(APP)),
+        (&c, a.addr_v4(APP)),
+    ] {
+        let r = client
+            .connect_timeout(to, 1024, Duration::from_secs(2))
+            .unwrap();
+        assert!(
+            !r.ok && r.server_saw_peer.is_none(),
+            "inbound {to} reached the app with the agent down: {r:?}"
+        );
+    }
+
+    node.start_agent(&cluster.config_path()).unwrap();
+    assert_carried(&a, c.addr_v4(APP), MIB);
+    assert_carried(&c, a.addr_v6(APP), MIB);
+    let types = [
+        AttachType::Connect4,
+        AttachType::Connect6,
+        AttachType::GetPeerName4,
+        AttachType::GetPeerName6,
+        AttachType::SockOps,
+    ];
+    for ty in types {
+        assert_eq!(
+            attached_count(node.cgroup(), ty).unwrap(),
+            1,
+            "{ty:?} attached more than once after restart"
+        );
+    }
+    assert_eq!(
+        attached_count(a.netns_path(), AttachType::SkLookup).unwrap(),
+        1,
+        "sk_lookup attached more than once"
+    );
+
+    node.stop_agent().unwrap();
+    node.uninstall().unwrap();
+    for ty in types {
+        assert_eq!(
+            attached_count(node.cgroup(), ty).unwrap(),
+            0,
+            "{ty:?} still attached after uninstall"
+        );
+    }
+    assert_eq!(
+        attached_count(a.netns_path(), AttachType::SkLookup).unwrap(),
+        0,
+        "sk_lookup still attached"
+    );
+    assert!(
+        !node.bpffs_dir().exists(),
+        "pins left in {}",
+        node.bpffs_dir().display()
+    );
+    // Released: traffic flows again, outside the mesh.
+    let r = a.connect(l2.addr_v4(APP), 1024).unwrap();
+    assert!(r.ok && !captured(&r), "{r:?}");
+}
+
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
