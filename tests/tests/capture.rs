@@ -401,3 +401,70 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+#[test]
+fn enrollment_errors_name_the_pod_keep_the_agent_not_ready_and_heal_once_fixed() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace("shop")
+        .pod(PodSpec::new("a", "shop", 0).label("app", "client"))
+        .pod(PodSpec::new("b", "shop", 0).label("app", "web"))
+        .pod(PodSpec::new("c", "shop", 1).label("app", "web"))
+        .build()
+        .expect("building the test cluster");
+    let (a, b, c) = (cluster.pod("a"), cluster.pod("b"), cluster.pod("c"));
+    c.spawn_server(&[APP]).unwrap();
+    // Something in pod b already holds the inbound port.
+    let squatter = b.spawn_server(&[15006]).unwrap();
+    // A pod whose network namespace does not exist.
+    let ghost = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: ghost, namespace: shop, uid: ghost-uid, annotations: {{mesh-agent.io/netns: /run/netns/{}-nope}}}}\nspec: {{nodeName: {}, containers: [{{name: app, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.201.2.99, podIPs: [{{ip: 10.201.2.99}}]}}\n",
+        cluster.prefix(),
+        cluster.node(1).name()
+    );
+    let config = cluster.config_path();
+    cluster
+        .write_config(&config, &ConfigOptions::default().document(ghost))
+        .unwrap();
+    for node in cluster.nodes() {
+        node.spawn_agent(&config, &[]).unwrap();
+    }
+    let not_ready = |node: usize, pod: &str, why: &str| {
+        eventually(Duration::from_secs(10), || {
+            cluster
+                .node(node)
+                .http_get(15021, "/healthz/ready")
+                .is_ok_and(|(status, body)| {
+                    status == 503 && body.contains(pod) && body.contains(why)
+                })
+        })
+    };
+    assert!(
+        not_ready(0, "shop/b", "15006"),
+        "{}",
+        cluster.node(0).agent_log()
+    );
+    assert!(
+        not_ready(1, "shop/ghost", "network namespace"),
+        "{}",
+        cluster.node(1).agent_log()
+    );
+    // The other pods are served all the same.
+    assert_carried(&a, c.addr_v4(APP), MIB);
+
+    squatter.stop().unwrap();
+    let healed = eventually(Duration::from_secs(5), || {
+        cluster
+            .node(0)
+            .http_get(15021, "/healthz/ready")
+            .is_ok_and(|(s, _)| s == 200)
+    });
+    assert!(
+        healed,
+        "pod b not enrolled after its port was freed:\n{}",
+        cluster.node(0).agent_log()
+    );
+}
