@@ -17,6 +17,7 @@ use crate::{
     config::{Settings, file::FileSource},
     ebpf::{self, AttachType, Datapath},
     enroll::{EnrolledDump, Enroller, netns},
+    identity::{FileCa, SecretManager},
     metrics::Metrics,
     proxy::Proxy,
     state::MeshState,
@@ -24,6 +25,8 @@ use crate::{
 
 /// How often failed enrollments are retried (e.g. a namespace that does not exist yet).
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the CA directory is checked for a rotated root.
+const CA_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What `mesh-agent run` was asked to do.
 #[derive(Debug, Clone)]
@@ -34,6 +37,10 @@ pub struct RunConfig {
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub settings: Settings,
+    /// Root certificate and key of the file certificate authority.
+    pub ca_dir: PathBuf,
+    /// Lifetime of workload certificates (renewed at half-life).
+    pub cert_lifetime: Duration,
 }
 
 /// Runs until SIGTERM or SIGINT. On the way out nothing is released: pods stay captured
@@ -61,13 +68,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let datapath = Arc::new(Mutex::new(Datapath::install(&cfg.pin_dir, &cgroup)?));
     tracing::info!(cgroup = %cgroup.display(), pin_dir = %cfg.pin_dir.display(), "eBPF programs attached");
 
+    let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;
+    ca.watch(CA_POLL_INTERVAL);
+    let certs = SecretManager::new(ca, cfg.cert_lifetime);
     let metrics = Arc::new(Metrics::default());
-    let proxy = Arc::new(Proxy {
-        state: state.clone(),
-        datapath: datapath.clone(),
-        metrics: metrics.clone(),
-    });
-    let mut enroller = Enroller::new(cfg.node.clone(), datapath, proxy);
+    let proxy = Arc::new(Proxy::new(
+        cfg.node.clone(),
+        cfg.settings.clone(),
+        state.clone(),
+        datapath.clone(),
+        metrics.clone(),
+        certs.clone(),
+    ));
+    let mut enroller = Enroller::new(cfg.node.clone(), datapath, proxy.clone());
 
     let view = Arc::new(AdminView {
         node: cfg.node.clone(),
@@ -75,6 +88,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         pin_dir: cfg.pin_dir.clone(),
         state: state.clone(),
         metrics,
+        certs,
+        pool: proxy.pool.clone(),
         status: Mutex::new(Status::default()),
     });
     let localhost = |port| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
@@ -144,6 +159,8 @@ struct AdminView {
     pin_dir: PathBuf,
     state: tokio::sync::watch::Receiver<Arc<MeshState>>,
     metrics: Arc<Metrics>,
+    certs: Arc<SecretManager>,
+    pool: Arc<crate::proxy::hbone::client::Pool>,
     status: Mutex<Status>,
 }
 
@@ -167,9 +184,22 @@ impl AdminView {
                     "sockops": attached(AttachType::SockOps),
                 },
             },
+            "certificates": self.certs.identities().iter().map(|(id, cert)| serde_json::json!({
+                "identity": id.to_string(),
+                "serial": cert.serial,
+                "not_before": humanize(cert.not_before),
+                "not_after": humanize(cert.not_after),
+            })).collect::<Vec<_>>(),
+            "hbone_pool_connections": self.pool.connections(),
             "state": &**self.state.borrow(),
         })
     }
+}
+
+/// Seconds since the Unix epoch (JSON-friendly, no date library needed).
+fn humanize(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Handler for AdminView {
@@ -201,6 +231,16 @@ impl Handler for AdminView {
             _ => Response::not_found(),
         }
     }
+}
+
+/// `mesh-agent ca init`: writes a new development root.
+pub fn ca_init(out: &Path) -> anyhow::Result<()> {
+    crate::identity::init_ca(out)?;
+    println!(
+        "wrote a new root certificate and key to {} (use it as --ca-dir)",
+        out.display()
+    );
+    Ok(())
 }
 
 /// `mesh-agent uninstall`: detaches and unpins everything under `pin_dir`.

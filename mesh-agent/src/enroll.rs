@@ -23,6 +23,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use self::netns::Netns;
 use crate::{
     ebpf::{self, Datapath, EbpfError},
+    identity::{Identity, tls},
     proxy::{PodContext, PodListeners, Proxy},
     state::{MeshState, Workload},
 };
@@ -66,6 +67,11 @@ pub enum EnrollError {
     Netlink { pod: String, message: String },
     #[error("pod {pod}: {source}")]
     Datapath { pod: String, source: Box<EbpfError> },
+    #[error("pod {pod}: workload certificate: {source}")]
+    Identity {
+        pod: String,
+        source: crate::identity::IdentityError,
+    },
 }
 
 /// A pod the agent captures.
@@ -130,7 +136,9 @@ impl Enroller {
             .iter()
             .filter(|(uid, e)| {
                 wanted.get(*uid).is_none_or(|w| {
-                    w.netns.as_deref() != Some(e.pod.netns.path()) || w.ips != e.pod.workload.ips
+                    w.netns.as_deref() != Some(e.pod.netns.path())
+                        || w.ips != e.pod.workload.ips
+                        || w.service_account != e.pod.workload.service_account
                 })
             })
             .map(|(uid, _)| uid.clone())
@@ -165,6 +173,31 @@ impl Enroller {
 
     async fn enroll(&self, w: &Workload) -> Result<Enrolled, EnrollError> {
         let pod = format!("{}/{}", w.namespace, w.name);
+        // The pod's certificate exists before anything of it is captured.
+        let identity = self.proxy.identity_of(w);
+        let certs = &self.proxy.certs;
+        certs
+            .acquire(&identity)
+            .await
+            .map_err(|source| EnrollError::Identity {
+                pod: pod.clone(),
+                source,
+            })?;
+        let enrolled = self.enroll_with(w, &pod, identity.clone()).await;
+        if enrolled.is_err() {
+            certs.release(&identity);
+        }
+        enrolled
+    }
+
+    async fn enroll_with(
+        &self,
+        w: &Workload,
+        pod: &str,
+        identity: Identity,
+    ) -> Result<Enrolled, EnrollError> {
+        let pod = pod.to_owned();
+        let hbone_tls = tls::server_config(&self.proxy.certs, &identity);
         let path = w
             .netns
             .clone()
@@ -223,8 +256,10 @@ impl Enroller {
         }
         let ctx = Arc::new(PodContext {
             workload: w.clone(),
+            identity,
             netns: ns,
             netns_cookie: cookie,
+            hbone_tls,
         });
         let tasks = self.proxy.serve_pod(ctx.clone(), listeners);
         Ok(Enrolled { pod: ctx, tasks })
@@ -247,6 +282,7 @@ impl Enroller {
         for t in e.tasks {
             t.abort();
         }
+        self.proxy.certs.release(&e.pod.identity);
         match result {
             Ok(()) => tracing::info!(pod = %pod, "pod released"),
             Err(error) => tracing::error!(pod = %pod, %error, "releasing pod"),

@@ -6,7 +6,9 @@ pub mod agent;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+pub mod identity;
 pub mod metrics;
+pub mod peer_auth;
 pub mod proxy;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]

@@ -1,7 +1,7 @@
 //! `mesh-agent`: the node agent's command line.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 use mesh_agent::{agent, config::Settings, ebpf::DEFAULT_PIN_DIR};
@@ -14,6 +14,35 @@ use mesh_agent::{agent, config::Settings, ebpf::DEFAULT_PIN_DIR};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new development root certificate and key.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `90s`, `30m`, `24h`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 24h, 30m, 5s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("invalid duration unit in {s:?}: use s, m or h")),
+    };
+    if secs == 0 {
+        return Err("duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 #[derive(Subcommand)]
@@ -38,6 +67,18 @@ enum Command {
         /// Istio root namespace (mesh-wide policies).
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+        /// Directory with the root `root-cert.pem` and `root-key.pem` that sign workload
+        /// certificates (`mesh-agent ca init` writes one).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_lifetime: Duration,
+    },
+    /// Certificate authority tools.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Detach and remove every program, link and map pinned under the bpffs directory.
     Uninstall {
@@ -62,6 +103,8 @@ fn main() -> anyhow::Result<()> {
             bpffs_dir,
             trust_domain,
             root_namespace,
+            ca_dir,
+            cert_lifetime,
         } => {
             let settings = Settings {
                 trust_domain,
@@ -73,6 +116,8 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 pin_dir: bpffs_dir,
                 settings,
+                ca_dir,
+                cert_lifetime,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -80,5 +125,8 @@ fn main() -> anyhow::Result<()> {
                 .block_on(agent::run(cfg))
         }
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
+        Command::Ca {
+            command: CaCommand::Init { out },
+        } => agent::ca_init(&out),
     }
 }

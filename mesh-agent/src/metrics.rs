@@ -29,6 +29,11 @@ pub struct ConnectionLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_service: String,
+    /// SPIFFE identities, `unknown` when not authenticated.
+    pub source_principal: String,
+    pub destination_principal: String,
+    /// `mutual_tls` for HBONE (or the agent's own same-node path), `none` for plaintext.
+    pub connection_security_policy: String,
 }
 
 impl ConnectionLabels {
@@ -43,6 +48,12 @@ impl ConnectionLabels {
                 &self.destination_workload_namespace,
             ),
             ("destination_service", &self.destination_service),
+            ("source_principal", &self.source_principal),
+            ("destination_principal", &self.destination_principal),
+            (
+                "connection_security_policy",
+                &self.connection_security_policy,
+            ),
         ];
         out.push('{');
         for (i, (k, v)) in pairs.iter().enumerate() {
@@ -75,6 +86,7 @@ struct Counters {
 #[derive(Debug, Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<ConnectionLabels, Counters>>,
+    denied: Mutex<BTreeMap<(String, String, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -90,6 +102,19 @@ impl Metrics {
         c.closed += 1;
         c.received += received;
         c.sent += sent;
+    }
+
+    /// A connection refused before any byte reached the application, with the reason
+    /// (`plaintext_under_strict`, later policy denials).
+    pub fn connection_denied(&self, destination: &crate::state::Workload, reason: &'static str) {
+        let mut denied = self.denied.lock().expect("metrics lock");
+        *denied
+            .entry((
+                destination.workload_name.clone(),
+                destination.namespace.clone(),
+                reason,
+            ))
+            .or_default() += 1;
     }
 
     /// The Prometheus text exposition of every series.
@@ -127,6 +152,19 @@ impl Metrics {
                 let _ = writeln!(out, " {}", value(counters));
             }
         }
+        let name = "mesh_agent_connections_denied_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections refused before reaching the application.\n# TYPE {name} counter"
+        );
+        for ((workload, namespace, reason), n) in self.denied.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{destination_workload=\"{}\",destination_workload_namespace=\"{}\",reason=\"{reason}\"}} {n}",
+                escape(workload),
+                escape(namespace)
+            );
+        }
         out
     }
 }
@@ -143,6 +181,9 @@ mod tests {
             destination_workload: "web".into(),
             destination_workload_namespace: "shop".into(),
             destination_service: "unknown".into(),
+            source_principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            destination_principal: "unknown".into(),
+            connection_security_policy: "mutual_tls".into(),
         }
     }
 
@@ -153,7 +194,7 @@ mod tests {
         m.connection_opened(&labels());
         m.connection_closed(&labels(), 100, 7);
         let text = m.render();
-        let l = r#"{reporter="source",source_workload="client",source_workload_namespace="shop",destination_workload="web",destination_workload_namespace="shop",destination_service="unknown"}"#;
+        let l = r#"{reporter="source",source_workload="client",source_workload_namespace="shop",destination_workload="web",destination_workload_namespace="shop",destination_service="unknown",source_principal="spiffe://cluster.local/ns/shop/sa/client",destination_principal="unknown",connection_security_policy="mutual_tls"}"#;
         assert!(
             text.contains(&format!("istio_tcp_connections_opened_total{l} 2\n")),
             "{text}"

@@ -1,9 +1,10 @@
 //! The in-process L4 proxy. Each enrolled pod gets three listeners inside its own network
 //! namespace (15001 outbound, 15006 inbound, 15008 HBONE); one runtime serves them all.
-//! Per-connection concerns (destination lookup, metrics, access log) are assembled here;
-//! the directions live in `outbound` and `inbound`, the byte pump in `copy`.
+//! Per-connection concerns (routing, peer authentication, metrics, access log) are assembled
+//! here; the directions live in `outbound`, `inbound` and `hbone`, the byte pump in `copy`.
 
 mod copy;
+pub mod hbone;
 mod inbound;
 mod outbound;
 
@@ -20,9 +21,12 @@ use tokio::{
 };
 
 use crate::{
+    config::Settings,
     ebpf::Datapath,
     enroll::netns::Netns,
+    identity::{Identity, SecretManager},
     metrics::{ConnectionLabels, Metrics, Reporter},
+    peer_auth::{MtlsMode, PeerAuthentications},
     state::{MeshState, Workload},
 };
 
@@ -42,14 +46,18 @@ pub enum ProxyError {
     },
     #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout { addr: SocketAddr },
+    #[error(transparent)]
+    Hbone(Box<hbone::HboneError>),
 }
 
 /// An enrolled pod as the proxy needs it.
-#[derive(Debug)]
 pub struct PodContext {
     pub workload: Workload,
+    pub identity: Identity,
     pub netns: Netns,
     pub netns_cookie: u64,
+    /// TLS server side of the pod's HBONE listener (its certificate, client auth required).
+    pub hbone_tls: Arc<rustls::ServerConfig>,
 }
 
 impl PodContext {
@@ -68,12 +76,81 @@ pub struct PodListeners {
 
 /// Shared by every connection.
 pub struct Proxy {
+    pub node: String,
+    pub settings: Settings,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub datapath: Arc<Mutex<Datapath>>,
     pub metrics: Arc<Metrics>,
+    pub certs: Arc<SecretManager>,
+    pub pool: Arc<hbone::client::Pool>,
+    /// PeerAuthentication of the current state, parsed once per state.
+    peer_auth: Mutex<(Arc<MeshState>, Arc<PeerAuthentications>)>,
+}
+
+/// Where an outbound connection goes.
+enum Route {
+    /// An enrolled pod on another node: HBONE to its 15008.
+    Hbone { dst: Identity },
+    /// Same-node enrolled pod (the destination's inbound listener takes it) or a
+    /// destination outside the mesh (passthrough).
+    Direct,
 }
 
 impl Proxy {
+    pub fn new(
+        node: String,
+        settings: Settings,
+        state: watch::Receiver<Arc<MeshState>>,
+        datapath: Arc<Mutex<Datapath>>,
+        metrics: Arc<Metrics>,
+        certs: Arc<SecretManager>,
+    ) -> Self {
+        let current = state.borrow().clone();
+        let parsed = Arc::new(parse_peer_auth(&current));
+        Proxy {
+            node,
+            settings,
+            state,
+            datapath,
+            metrics,
+            pool: hbone::client::Pool::new(certs.clone(), hbone::DEFAULT_MAX_STREAMS),
+            certs,
+            peer_auth: Mutex::new((current, parsed)),
+        }
+    }
+
+    /// The SPIFFE identity of a workload in this trust domain.
+    pub fn identity_of(&self, w: &Workload) -> Identity {
+        Identity {
+            trust_domain: self.settings.trust_domain.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+        }
+    }
+
+    /// Whether `w` is an enrolled pod of this node (its traffic passed through us).
+    fn is_local_mesh(&self, w: &Workload) -> bool {
+        w.captured && w.node.as_deref() == Some(self.node.as_str())
+    }
+
+    fn route(&self, dst: Option<&Workload>) -> Route {
+        match dst {
+            Some(w) if w.captured && !self.is_local_mesh(w) && w.node.is_some() => Route::Hbone {
+                dst: self.identity_of(w),
+            },
+            _ => Route::Direct,
+        }
+    }
+
+    /// The mTLS mode PeerAuthentication sets for `w` on `port`.
+    fn mtls_mode(&self, state: &Arc<MeshState>, w: &Workload, port: u16) -> MtlsMode {
+        let mut cached = self.peer_auth.lock().expect("peer auth lock");
+        if !Arc::ptr_eq(&cached.0, state) {
+            *cached = (state.clone(), Arc::new(parse_peer_auth(state)));
+        }
+        cached.1.mode(w, port, &self.settings.root_namespace)
+    }
+
     /// Starts the accept loops of a pod; aborting the returned tasks closes its listeners.
     pub fn serve_pod(
         self: &Arc<Self>,
@@ -96,7 +173,11 @@ impl Proxy {
             )));
         }
         for l in listeners.hbone {
-            tasks.push(tokio::spawn(inbound::hbone_accept_loop(pod.clone(), l)));
+            tasks.push(tokio::spawn(hbone::server::accept_loop(
+                self.clone(),
+                pod.clone(),
+                l,
+            )));
         }
         tasks
     }
@@ -106,31 +187,47 @@ impl Proxy {
     }
 }
 
-/// Labels of a connection from `src` to `dst` (either may be outside the mesh).
-fn labels(
-    reporter: Reporter,
-    state: &MeshState,
-    src: Option<&Workload>,
-    dst: Option<&Workload>,
+fn parse_peer_auth(state: &MeshState) -> PeerAuthentications {
+    let (parsed, errors) = PeerAuthentications::parse(&state.raw.peer_authentications);
+    for e in errors {
+        tracing::error!(error = %e, "PeerAuthentication rejected; workloads it selects are STRICT");
+    }
+    parsed
+}
+
+/// What is known about a connection's two ends.
+struct ConnInfo<'a> {
+    src: Option<&'a Workload>,
+    dst: Option<&'a Workload>,
     dst_port: u16,
-) -> ConnectionLabels {
+    src_principal: Option<String>,
+    dst_principal: Option<String>,
+    mutual_tls: bool,
+}
+
+/// Labels of a connection (either end may be outside the mesh).
+fn labels(reporter: Reporter, state: &MeshState, c: &ConnInfo<'_>) -> ConnectionLabels {
     let unknown = || "unknown".to_owned();
-    let service = dst
+    let service = c
+        .dst
         .and_then(|w| {
             state
                 .services_for_workload(w)
-                .find(|s| s.ports.iter().any(|p| service_port_targets(p, dst_port)))
+                .find(|s| s.ports.iter().any(|p| service_port_targets(p, c.dst_port)))
         })
         .map_or_else(unknown, |s| {
             format!("{}.{}.svc.cluster.local", s.name, s.namespace)
         });
     ConnectionLabels {
         reporter,
-        source_workload: src.map_or_else(unknown, |w| w.workload_name.clone()),
-        source_workload_namespace: src.map_or_else(unknown, |w| w.namespace.clone()),
-        destination_workload: dst.map_or_else(unknown, |w| w.workload_name.clone()),
-        destination_workload_namespace: dst.map_or_else(unknown, |w| w.namespace.clone()),
+        source_workload: c.src.map_or_else(unknown, |w| w.workload_name.clone()),
+        source_workload_namespace: c.src.map_or_else(unknown, |w| w.namespace.clone()),
+        destination_workload: c.dst.map_or_else(unknown, |w| w.workload_name.clone()),
+        destination_workload_namespace: c.dst.map_or_else(unknown, |w| w.namespace.clone()),
         destination_service: service,
+        source_principal: c.src_principal.clone().unwrap_or_else(unknown),
+        destination_principal: c.dst_principal.clone().unwrap_or_else(unknown),
+        connection_security_policy: if c.mutual_tls { "mutual_tls" } else { "none" }.to_owned(),
     }
 }
 
@@ -171,12 +268,10 @@ impl<'a> Tracked<'a> {
         }
     }
 
-    fn finish(self, t: copy::Transferred, error: Option<std::io::Error>) {
-        self.metrics.connection_closed(
-            &self.labels,
-            t.downstream_to_upstream,
-            t.upstream_to_downstream,
-        );
+    /// Closes the record: `request` bytes went from source to destination, `response` back.
+    fn finish(self, request: u64, response: u64, error: Option<std::io::Error>) {
+        self.metrics
+            .connection_closed(&self.labels, request, response);
         let l = &self.labels;
         tracing::info!(
             target: "access",
@@ -188,8 +283,11 @@ impl<'a> Tracked<'a> {
             dst.workload = %l.destination_workload,
             dst.namespace = %l.destination_workload_namespace,
             dst.service = %l.destination_service,
-            bytes_sent = t.upstream_to_downstream,
-            bytes_recv = t.downstream_to_upstream,
+            src.identity = %l.source_principal,
+            dst.identity = %l.destination_principal,
+            security = %l.connection_security_policy,
+            bytes_sent = response,
+            bytes_recv = request,
             duration_ms = self.started.elapsed().as_millis() as u64,
             error = error.as_ref().map(tracing::field::display),
             "connection complete"

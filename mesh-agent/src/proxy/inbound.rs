@@ -3,15 +3,19 @@
 //! the proxy delivers to the application over the pod's `lo`, from the client's own address
 //! (transparent bind, replies routed back by the delivery mark).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use mesh_common::DELIVERY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels, pod_socket,
+    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels,
+    pod_socket,
 };
-use crate::metrics::Reporter;
+use crate::{ebpf::canonical, metrics::Reporter, peer_auth::MtlsMode};
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
@@ -41,44 +45,73 @@ async fn handle(
             pod: pod.display_name(),
             source,
         })?;
+    let orig = SocketAddr::new(canonical(orig.ip()), orig.port());
     let _ = downstream.set_nodelay(true);
     let state = proxy.state();
     let src_workload = state.workload_by_ip(peer.ip());
+    // Plaintext reaching 15006 is authenticated only when it comes from an enrolled pod of
+    // this node: then it went through this agent's own outbound side (same-node path).
+    let local_mesh = src_workload.filter(|w| proxy.is_local_mesh(w));
+    if local_mesh.is_none()
+        && proxy.mtls_mode(&state, &pod.workload, orig.port()) == MtlsMode::Strict
+    {
+        proxy
+            .metrics
+            .connection_denied(&pod.workload, "plaintext_under_strict");
+        tracing::info!(
+            target: "access",
+            direction = "inbound",
+            src.addr = %peer,
+            dst.addr = %orig,
+            dst.workload = %pod.workload.workload_name,
+            dst.namespace = %pod.workload.namespace,
+            "connection denied: plaintext under STRICT PeerAuthentication"
+        );
+        copy::reset(&downstream);
+        return Ok(());
+    }
+    let mut upstream = match deliver(pod, peer.ip(), orig).await {
+        Ok(u) => u,
+        Err(e) => {
+            copy::reset(&downstream);
+            return Err(e);
+        }
+    };
+    let info = ConnInfo {
+        src: src_workload,
+        dst: Some(&pod.workload),
+        dst_port: orig.port(),
+        src_principal: local_mesh.map(|w| proxy.identity_of(w).to_string()),
+        dst_principal: Some(pod.identity.to_string()),
+        mutual_tls: local_mesh.is_some(),
+    };
+    let tracked = Tracked::open(
+        &proxy.metrics,
+        labels(Reporter::Destination, &state, &info),
+        "inbound",
+        peer,
+        orig,
+    );
+    let (t, error) = copy::tcp(&mut downstream, &mut upstream).await;
+    tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
+    Ok(())
+}
 
-    let socket = pod_socket(pod, orig.ip(), |s| {
-        if peer.is_ipv4() {
+/// Connects to the application at `target` over the pod's `lo`, from `client` (the real
+/// client address, transparently bound), marked so the replies come back the same way.
+pub(crate) async fn deliver(
+    pod: &PodContext,
+    client: IpAddr,
+    target: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    let socket = pod_socket(pod, target.ip(), |s| {
+        if client.is_ipv4() {
             s.set_ip_transparent_v4(true)?;
         } else {
             s.set_ip_transparent_v6(true)?;
         }
         s.set_mark(DELIVERY_MARK)?;
-        s.bind(&SocketAddr::new(peer.ip(), 0).into())
+        s.bind(&SocketAddr::new(client, 0).into())
     })?;
-    let mut upstream = connect(socket, orig).await?;
-
-    let labels = labels(
-        Reporter::Destination,
-        &state,
-        src_workload,
-        Some(&pod.workload),
-        orig.port(),
-    );
-    let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
-    let (t, error) = copy::bidirectional(&mut downstream, &mut upstream).await;
-    tracked.finish(t, error);
-    Ok(())
-}
-
-/// HBONE (mutual TLS, HTTP/2 CONNECT) terminates here once identities exist; until then the
-/// port is held so nothing else can take it, and connections are refused with a log line.
-pub(super) async fn hbone_accept_loop(pod: Arc<PodContext>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tracing::warn!(pod = %pod.display_name(), %peer, "HBONE connection refused: mTLS identities not configured");
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-            }
-            Err(e) => accept_backoff(&pod, "hbone", e).await,
-        }
-    }
+    connect(socket, target).await
 }

@@ -4,11 +4,12 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use mesh_common::PROXY_MARK;
+use mesh_common::{HBONE_PORT, PROXY_MARK};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels, pod_socket,
+    ConnInfo, PodContext, Proxy, ProxyError, Route, Tracked, accept_backoff, connect, copy, labels,
+    pod_socket,
 };
 use crate::metrics::Reporter;
 
@@ -43,21 +44,78 @@ async fn handle(
     let _ = downstream.set_nodelay(true);
     let state = proxy.state();
     let dst_workload = state.workload_by_ip(orig.ip());
-
-    let socket = pod_socket(pod, orig.ip(), |s| s.set_mark(PROXY_MARK))?;
-    let mut upstream = connect(socket, orig).await?;
-    // The connection as the destination sees it: from the pod's address.
-    let src = upstream.local_addr().unwrap_or(peer);
-
-    let labels = labels(
-        Reporter::Source,
-        &state,
-        Some(&pod.workload),
-        dst_workload,
-        orig.port(),
-    );
-    let tracked = Tracked::open(&proxy.metrics, labels, "outbound", src, orig);
-    let (t, error) = copy::bidirectional(&mut downstream, &mut upstream).await;
-    tracked.finish(t, error);
+    match proxy.route(dst_workload) {
+        Route::Hbone { dst } => {
+            // The tunnel starts in the pod's namespace, so its source is the pod's address.
+            let src = pod
+                .workload
+                .ips
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv4() == orig.is_ipv4())
+                .unwrap_or(peer.ip());
+            let hbone = SocketAddr::new(orig.ip(), HBONE_PORT);
+            let client = SocketAddr::new(src, peer.port());
+            let tunnel = match proxy
+                .pool
+                .tunnel(pod, &pod.identity, &dst, hbone, orig, client)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    copy::reset(&downstream);
+                    return Err(ProxyError::Hbone(Box::new(e)));
+                }
+            };
+            let info = ConnInfo {
+                src: Some(&pod.workload),
+                dst: dst_workload,
+                dst_port: orig.port(),
+                src_principal: Some(pod.identity.to_string()),
+                dst_principal: Some(dst.to_string()),
+                mutual_tls: true,
+            };
+            let tracked = Tracked::open(
+                &proxy.metrics,
+                labels(Reporter::Source, &state, &info),
+                "outbound",
+                client,
+                orig,
+            );
+            let (t, error) = copy::tcp_to_stream(&mut downstream, tunnel.io).await;
+            tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
+        }
+        Route::Direct => {
+            let socket = pod_socket(pod, orig.ip(), |s| s.set_mark(PROXY_MARK))?;
+            let mut upstream = match connect(socket, orig).await {
+                Ok(u) => u,
+                Err(e) => {
+                    copy::reset(&downstream);
+                    return Err(e);
+                }
+            };
+            // The connection as the destination sees it: from the pod's address.
+            let src = upstream.local_addr().unwrap_or(peer);
+            // Same-node enrolled destination: our own inbound side takes it, identity known.
+            let local_mesh = dst_workload.filter(|w| proxy.is_local_mesh(w));
+            let info = ConnInfo {
+                src: Some(&pod.workload),
+                dst: dst_workload,
+                dst_port: orig.port(),
+                src_principal: Some(pod.identity.to_string()),
+                dst_principal: local_mesh.map(|w| proxy.identity_of(w).to_string()),
+                mutual_tls: local_mesh.is_some(),
+            };
+            let tracked = Tracked::open(
+                &proxy.metrics,
+                labels(Reporter::Source, &state, &info),
+                "outbound",
+                src,
+                orig,
+            );
+            let (t, error) = copy::tcp(&mut downstream, &mut upstream).await;
+            tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
+        }
+    }
     Ok(())
 }

@@ -1072,6 +1072,12 @@ impl Node {
             bail!("{}: the agent is already running", self.name);
         }
         let agent_bin = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
+        // Every agent of the cluster shares one development root unless told otherwise.
+        let ca_dir = self.shared.workdir.join("ca");
+        let own_ca = extra.contains(&"--ca-dir");
+        if !own_ca {
+            init_ca(&agent_bin, &ca_dir)?;
+        }
         let mut cmd = self.shared.mesh_pod(
             &self.netns_path,
             Some(&self.agent_cgroup()),
@@ -1085,6 +1091,9 @@ impl Node {
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .args(extra);
+        if !own_ca {
+            cmd.arg("--ca-dir").arg(&ca_dir);
+        }
         // Plain log lines: field matching (`src.addr=`) must not meet colour codes.
         cmd.env("NO_COLOR", "1");
         self.had_agent.store(true, Ordering::Relaxed);
@@ -1212,6 +1221,26 @@ fn serve_args(ports: &[u16]) -> Vec<String> {
         args.push(port.to_string());
     }
     args
+}
+
+/// Writes a development root with `mesh-agent ca init` into `dir` unless one is there.
+pub fn init_ca(agent_bin: &Path, dir: &Path) -> Result<()> {
+    if dir.join("root-cert.pem").exists() {
+        return Ok(());
+    }
+    let out = Command::new(agent_bin)
+        .args(["ca", "init", "--out"])
+        .arg(dir)
+        .output()
+        .with_context(|| format!("running {} ca init", agent_bin.display()))?;
+    if !out.status.success() && !dir.join("root-cert.pem").exists() {
+        bail!(
+            "mesh-agent ca init --out {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Removes ANSI escape sequences (`ESC [ ... letter`).

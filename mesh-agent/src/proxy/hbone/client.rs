@@ -1,0 +1,222 @@
+//! The HBONE client: opens (or reuses) a mutual-TLS HTTP/2 connection from the source pod's
+//! namespace to the destination's 15008 and sends `CONNECT` for the original destination.
+//! Connections are pooled per (source identity, destination identity, destination address)
+//! with a cap of streams per connection and idle expiry.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::PROXY_MARK;
+use rustls_pki_types::ServerName;
+
+use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME, STREAM_WINDOW, traceparent};
+use crate::{
+    identity::{Identity, SecretManager, tls},
+    proxy::{PodContext, connect, pod_socket},
+};
+
+/// How long a connection with no stream stays pooled.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: Identity,
+    dst: Identity,
+    addr: SocketAddr,
+}
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    idle_since: Mutex<Instant>,
+}
+
+/// Reusable HBONE connections of this agent.
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    max_streams: usize,
+    certs: Arc<SecretManager>,
+}
+
+/// An open tunnel; holds its stream slot in the pooled connection until dropped.
+pub struct Tunnel {
+    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    _slot: StreamSlot,
+}
+
+struct StreamSlot(Arc<Pooled>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().expect("pool lock") = Instant::now();
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(certs: Arc<SecretManager>, max_streams: usize) -> Arc<Self> {
+        let pool = Arc::new(Pool {
+            conns: Mutex::new(HashMap::new()),
+            max_streams,
+            certs,
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.expire();
+            }
+        });
+        pool
+    }
+
+    /// Drops closed connections and those idle for longer than [`IDLE_TIMEOUT`].
+    fn expire(&self) {
+        let mut conns = self.conns.lock().expect("pool lock");
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && c.idle_since.lock().expect("pool lock").elapsed() > IDLE_TIMEOUT;
+                !c.sender.is_closed() && !idle
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+    }
+
+    /// Number of pooled HTTP/2 connections (for `/config_dump` and tests).
+    pub fn connections(&self) -> usize {
+        self.conns
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Opens a tunnel from `pod` (identity `src`) through `hbone` (the destination pod's
+    /// 15008, expected to present `dst`) to `target`.
+    pub async fn tunnel(
+        &self,
+        pod: &PodContext,
+        src: &Identity,
+        dst: &Identity,
+        hbone: SocketAddr,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Tunnel, HboneError> {
+        let key = PoolKey {
+            src: src.clone(),
+            dst: dst.clone(),
+            addr: hbone,
+        };
+        let conn = match self.reuse(&key) {
+            Some(c) => c,
+            None => self.open(pod, key).await?,
+        };
+        let slot = StreamSlot(conn.clone());
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for=\"{client}\""))
+            .header("traceparent", traceparent())
+            .body(Empty::<Bytes>::new())
+            .expect("valid CONNECT request");
+        let mut sender = conn.sender.clone();
+        let http = |source| HboneError::Http {
+            addr: hbone,
+            source,
+        };
+        let response = sender.send_request(request).await.map_err(http)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status {
+                addr: hbone,
+                target,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(http)?;
+        Ok(Tunnel {
+            io: TokioIo::new(upgraded),
+            _slot: slot,
+        })
+    }
+
+    /// A pooled connection with a free stream, its slot already taken.
+    fn reuse(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
+        let conns = self.conns.lock().expect("pool lock");
+        conns.get(key)?.iter().find_map(|c| {
+            if c.sender.is_closed() {
+                return None;
+            }
+            let taken = c
+                .streams
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_streams).then_some(n + 1)
+                })
+                .is_ok();
+            taken.then(|| c.clone())
+        })
+    }
+
+    async fn open(&self, pod: &PodContext, key: PoolKey) -> Result<Arc<Pooled>, HboneError> {
+        let addr = key.addr;
+        let socket = pod_socket(pod, addr.ip(), |s| s.set_mark(PROXY_MARK)).map_err(Box::new)?;
+        let tcp = connect(socket, addr).await.map_err(|e| match e {
+            crate::proxy::ProxyError::Connect { source, .. } => {
+                HboneError::Connect { addr, source }
+            }
+            _ => HboneError::Timeout { addr },
+        })?;
+        let config = tls::client_config(&self.certs, &key.src, &key.dst);
+        let server_name = ServerName::IpAddress(addr.ip().into());
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout { addr })?
+        .map_err(|source| HboneError::Tls { addr, source })?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| HboneError::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%addr, error = %e, "HBONE connection ended");
+            }
+        });
+        let pooled = Arc::new(Pooled {
+            sender,
+            streams: Arc::new(AtomicUsize::new(1)),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.conns
+            .lock()
+            .expect("pool lock")
+            .entry(key)
+            .or_default()
+            .push(pooled.clone());
+        Ok(pooled)
+    }
+}

@@ -1,0 +1,127 @@
+//! The HBONE server on 15008 inside each enrolled pod: terminates mutual TLS with the pod's
+//! certificate, learns the client's SPIFFE identity from its certificate, and for each
+//! `CONNECT` whose authority is one of the pod's own `ip:port` delivers the stream to the
+//! application (200), answering 400 to a malformed request and 503 when the target is not
+//! the pod's or cannot be reached.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use crate::{
+    ebpf::canonical,
+    identity::{Identity, tls},
+    metrics::Reporter,
+    proxy::{ConnInfo, PodContext, Proxy, Tracked, accept_backoff, copy, inbound, labels},
+};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (proxy, pod) = (proxy.clone(), pod.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(proxy, pod.clone(), stream, peer).await {
+                        tracing::warn!(pod = %pod.display_name(), %peer, error = %e, "HBONE connection failed");
+                    }
+                });
+            }
+            Err(e) => accept_backoff(&pod, "hbone", e).await,
+        }
+    }
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let _ = stream.set_nodelay(true);
+    let acceptor = tokio_rustls::TlsAcceptor::from(pod.hbone_tls.clone());
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
+    let client = tls::peer_identity(tls.get_ref().1);
+    let service = hyper::service::service_fn(move |req| {
+        let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
+        async move { Ok::<_, Infallible>(handle(proxy, pod, peer, client, req).await) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .serve_connection(TokioIo::new(tls), service)
+        .await?;
+    Ok(())
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+async fn handle(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodContext>,
+    peer: SocketAddr,
+    client: Option<Identity>,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let (Method::CONNECT, Some(target)) = (req.method().clone(), target) else {
+        tracing::info!(pod = %pod.display_name(), %peer, method = %req.method(), uri = %req.uri(), "HBONE: malformed request");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let target = SocketAddr::new(canonical(target.ip()), target.port());
+    if !pod.workload.ips.contains(&target.ip()) {
+        tracing::info!(pod = %pod.display_name(), %peer, %target, "HBONE: target is not this pod's");
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // The application sees the client pod's address: the tunnel's own source.
+    let source = SocketAddr::new(canonical(peer.ip()), 0);
+    let mut app = match inbound::deliver(&pod, source.ip(), target).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(pod = %pod.display_name(), %peer, %target, error = %e, "HBONE: target unreachable");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let tunnel = match upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::info!(pod = %pod.display_name(), %peer, error = %e, "HBONE: stream closed before upgrade");
+                return;
+            }
+        };
+        let state = proxy.state();
+        let src_workload = state.workload_by_ip(peer.ip());
+        let info = ConnInfo {
+            src: src_workload,
+            dst: Some(&pod.workload),
+            dst_port: target.port(),
+            src_principal: client.as_ref().map(ToString::to_string),
+            dst_principal: Some(pod.identity.to_string()),
+            mutual_tls: true,
+        };
+        let labels = labels(Reporter::Destination, &state, &info);
+        let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
+        // Downstream here is the application: what it sends is the response.
+        let (t, error) = copy::tcp_to_stream(&mut app, tunnel).await;
+        tracked.finish(t.upstream_to_downstream, t.downstream_to_upstream, error);
+    });
+    status(StatusCode::OK)
+}
