@@ -10,6 +10,7 @@ pub mod identity;
 pub mod metrics;
 pub mod peer_auth;
 pub mod proxy;
+pub mod rbac;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -3,6 +3,7 @@
 //! Per-connection concerns (routing, peer authentication, metrics, access log) are assembled
 //! here; the directions live in `outbound`, `inbound` and `hbone`, the byte pump in `copy`.
 
+mod authorize;
 mod copy;
 pub mod hbone;
 mod inbound;
@@ -26,7 +27,6 @@ use crate::{
     enroll::netns::Netns,
     identity::{Identity, SecretManager},
     metrics::{ConnectionLabels, Metrics, Reporter},
-    peer_auth::{MtlsMode, PeerAuthentications},
     state::{MeshState, Workload},
 };
 
@@ -83,8 +83,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub certs: Arc<SecretManager>,
     pub pool: Arc<hbone::client::Pool>,
-    /// PeerAuthentication of the current state, parsed once per state.
-    peer_auth: Mutex<(Arc<MeshState>, Arc<PeerAuthentications>)>,
+    /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
+    pub authz: Arc<authorize::Authorizer>,
 }
 
 /// Where an outbound connection goes.
@@ -105,8 +105,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         certs: Arc<SecretManager>,
     ) -> Self {
-        let current = state.borrow().clone();
-        let parsed = Arc::new(parse_peer_auth(&current));
+        let authz = authorize::Authorizer::new(state.clone(), &settings.root_namespace);
         Proxy {
             node,
             settings,
@@ -115,7 +114,7 @@ impl Proxy {
             metrics,
             pool: hbone::client::Pool::new(certs.clone(), hbone::DEFAULT_MAX_STREAMS),
             certs,
-            peer_auth: Mutex::new((current, parsed)),
+            authz,
         }
     }
 
@@ -140,15 +139,6 @@ impl Proxy {
             },
             _ => Route::Direct,
         }
-    }
-
-    /// The mTLS mode PeerAuthentication sets for `w` on `port`.
-    fn mtls_mode(&self, state: &Arc<MeshState>, w: &Workload, port: u16) -> MtlsMode {
-        let mut cached = self.peer_auth.lock().expect("peer auth lock");
-        if !Arc::ptr_eq(&cached.0, state) {
-            *cached = (state.clone(), Arc::new(parse_peer_auth(state)));
-        }
-        cached.1.mode(w, port, &self.settings.root_namespace)
     }
 
     /// Starts the accept loops of a pod; aborting the returned tasks closes its listeners.
@@ -185,14 +175,6 @@ impl Proxy {
     fn state(&self) -> Arc<MeshState> {
         self.state.borrow().clone()
     }
-}
-
-fn parse_peer_auth(state: &MeshState) -> PeerAuthentications {
-    let (parsed, errors) = PeerAuthentications::parse(&state.raw.peer_authentications);
-    for e in errors {
-        tracing::error!(error = %e, "PeerAuthentication rejected; workloads it selects are STRICT");
-    }
-    parsed
 }
 
 /// What is known about a connection's two ends.

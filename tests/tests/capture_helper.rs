@@ -56,13 +56,20 @@ fn echo_captured(
 /// The whole payload crossed from `client` to `server` exactly once, and came back.
 fn assert_plaintext_once(segments: &[Segment], client: SocketAddr, server: SocketAddr) {
     let expected = payload();
-    let sent = capture::stream(segments, client, server);
-    assert_eq!(
-        sent.len(),
-        expected.len(),
-        "{client} -> {server}: each byte once ({} segments captured)",
-        segments.len()
+    // A bridge or router sees each frame twice (in and out): the capture keeps one copy, so
+    // what was recorded is about 1 MiB (a few TCP retransmissions aside), not 2.
+    let recorded: usize = segments
+        .iter()
+        .filter(|s| s.src == client && s.dst == server)
+        .map(|s| s.payload.len())
+        .sum();
+    assert!(
+        recorded >= expected.len() && recorded < expected.len() * 3 / 2,
+        "{client} -> {server}: {recorded} payload bytes recorded for {} sent",
+        expected.len()
     );
+    let sent = capture::stream(segments, client, server);
+    assert_eq!(sent.len(), expected.len(), "{client} -> {server}");
     assert!(capture::contains(&sent, &expected), "{client} -> {server}");
     // The echo server writes its PEER line first, then the payload back.
     let echoed = capture::stream(segments, server, client);

@@ -46,6 +46,12 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Setup, release build, then the benchmarks (ratios against same-run baselines).
+    Bench {
+        /// Run every benchmark briefly (what CI does): proves they work, measures nothing.
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Setup, build, then run the netns-cluster demo as root (sudo if not root).
     Demo {
         /// Arguments for `mesh-demo`.
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
         }
         Task::Test { test_args } => test(&env, &test_args),
         Task::Demo { args } => demo(&env, &args),
+        Task::Bench { smoke } => bench(&env, smoke),
     });
     match result {
         Ok(code) => code,
@@ -164,11 +171,20 @@ fn test(env: &Env, test_args: &[String]) -> Result<ExitCode> {
         |line| totals.add(line),
     )?;
 
+    // The benchmarks must keep working: a smoke run of them is part of the suite.
+    let bench_ok = process::run(
+        env.command(env.target_dir()?.join("debug/mesh-bench"))
+            .arg("--smoke"),
+    )
+    .is_ok();
+    let status_ok = status.success() && bench_ok;
+
     let secs = started.elapsed().as_secs();
-    let verdict = if status.success() { "ok" } else { "FAILED" };
+    let verdict = if status_ok { "ok" } else { "FAILED" };
     println!(
-        "xtask test: {verdict}: fmt ok, clippy ok, build ok, tests {} passed, {} failed, \
-         {} ignored in {} binaries ({}m{:02}s)",
+        "xtask test: {verdict}: fmt ok, clippy ok, build ok, bench smoke {}, tests {} passed, \
+         {} failed, {} ignored in {} binaries ({}m{:02}s)",
+        if bench_ok { "ok" } else { "FAILED" },
         totals.passed,
         totals.failed,
         totals.ignored,
@@ -176,11 +192,26 @@ fn test(env: &Env, test_args: &[String]) -> Result<ExitCode> {
         secs / 60,
         secs % 60
     );
-    Ok(if status.success() {
+    Ok(if status_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `cargo xtask bench`: the benchmark binary from a release build.
+fn bench(env: &Env, smoke: bool) -> Result<ExitCode> {
+    setup::setup(env)?;
+    build(env, !smoke)?;
+    let profile = if smoke { "debug" } else { "release" };
+    let bin = env.target_dir()?.join(profile).join("mesh-bench");
+    Bins::require(&bin)?;
+    let mut cmd = env.command(&bin);
+    if smoke {
+        cmd.arg("--smoke");
+    }
+    process::run(&mut cmd)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Sums of libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.

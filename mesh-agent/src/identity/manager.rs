@@ -30,22 +30,23 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Each retry delay is multiplied by a random factor in `1 ± BACKOFF_JITTER`.
 const BACKOFF_JITTER: f64 = 0.2;
 
+/// Errors carry the identity as text (SPIFFE ID), which keeps them small.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IdentityError {
     #[error("generating a key and CSR for {identity}: {reason}")]
-    Key { identity: Identity, reason: String },
+    Key { identity: String, reason: String },
     #[error("certificate for {identity}: {source}")]
     Ca {
-        identity: Identity,
+        identity: String,
         #[source]
         source: Arc<CaError>,
     },
     #[error("certificate for {identity} returned by the CA is unusable: {reason}")]
-    InvalidCertificate { identity: Identity, reason: String },
+    InvalidCertificate { identity: String, reason: String },
     #[error("certificate for {identity}: released while it was being fetched")]
-    Released { identity: Identity },
+    Released { identity: String },
     #[error("certificate for {identity}: signing task failed: {reason}")]
-    Task { identity: Identity, reason: String },
+    Task { identity: String, reason: String },
 }
 
 /// A workload certificate with its key, ready for rustls.
@@ -70,7 +71,7 @@ impl WorkloadCert {
         key: &KeyPair,
     ) -> Result<WorkloadCert, IdentityError> {
         let invalid = |reason: String| IdentityError::InvalidCertificate {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             reason,
         };
         let leaf = chain
@@ -198,7 +199,7 @@ impl SecretManager {
             }
             if state.changed().await.is_err() {
                 return Err(IdentityError::Released {
-                    identity: id.clone(),
+                    identity: id.to_string(),
                 });
             }
         }
@@ -358,7 +359,7 @@ async fn fetch(
     let cert = tokio::task::spawn_blocking(move || issue(&*ca, &owned_id, lifetime))
         .await
         .map_err(|e| IdentityError::Task {
-            identity: id.clone(),
+            identity: id.to_string(),
             reason: e.to_string(),
         })??;
     let renew_in = cert.not_after.duration_since(issued).unwrap_or_default() / 2;
@@ -371,7 +372,7 @@ fn issue(
     lifetime: Duration,
 ) -> Result<WorkloadCert, IdentityError> {
     let key_error = |e: rcgen::Error| IdentityError::Key {
-        identity: id.clone(),
+        identity: id.to_string(),
         reason: e.to_string(),
     };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(key_error)?;
@@ -384,7 +385,7 @@ fn issue(
     let chain = ca
         .sign(csr.der(), id, lifetime)
         .map_err(|e| IdentityError::Ca {
-            identity: id.clone(),
+            identity: id.to_string(),
             source: Arc::new(e),
         })?;
     WorkloadCert::new(id, chain, &key)

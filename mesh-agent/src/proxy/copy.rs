@@ -20,14 +20,16 @@ pub struct Transferred {
 
 /// TCP to TCP. If either direction fails, both sockets are reset (SO_LINGER 0) so neither
 /// peer hangs or mistakes a broken transfer for a clean end.
+/// `cancel` resolving revokes the connection (reset, reported as an error).
 pub async fn tcp(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
+    cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>) {
     let (result, error) = {
         let (mut dr, mut dw) = downstream.split();
         let (mut ur, mut uw) = upstream.split();
-        pump(&mut dr, &mut dw, &mut ur, &mut uw).await
+        pump(&mut dr, &mut dw, &mut ur, &mut uw, cancel).await
     };
     if error.is_some() {
         reset(downstream);
@@ -40,6 +42,7 @@ pub async fn tcp(
 pub async fn tcp_to_stream<S>(
     downstream: &mut TcpStream,
     upstream: S,
+    cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -47,7 +50,7 @@ where
     let (result, error) = {
         let (mut dr, mut dw) = downstream.split();
         let (mut ur, mut uw) = tokio::io::split(upstream);
-        pump(&mut dr, &mut dw, &mut ur, &mut uw).await
+        pump(&mut dr, &mut dw, &mut ur, &mut uw, cancel).await
     };
     if error.is_some() {
         reset(downstream);
@@ -60,23 +63,31 @@ pub fn reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Runs both directions until both reached EOF, or one failed.
+/// Never resolves: for connections nothing can revoke.
+pub async fn never() {
+    std::future::pending().await
+}
+
+/// Runs both directions until both reached EOF, one failed, or `cancel` resolved (the
+/// connection was revoked: reported as an error so the sockets are reset).
 async fn pump(
     dr: &mut (impl AsyncRead + Unpin),
     dw: &mut (impl AsyncWrite + Unpin),
     ur: &mut (impl AsyncRead + Unpin),
     uw: &mut (impl AsyncWrite + Unpin),
+    cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>) {
     let mut t = Transferred::default();
     let error = {
         let a = one_way(dr, uw, &mut t.downstream_to_upstream);
         let b = one_way(ur, dw, &mut t.upstream_to_downstream);
-        tokio::pin!(a, b);
+        tokio::pin!(a, b, cancel);
         let (mut a_done, mut b_done) = (false, false);
         loop {
             let r = tokio::select! {
                 r = &mut a, if !a_done => { a_done = true; r }
                 r = &mut b, if !b_done => { b_done = true; r }
+                () = &mut cancel => Err(std::io::Error::other("closed by policy")),
             };
             if let Err(e) = r {
                 break Some(e);

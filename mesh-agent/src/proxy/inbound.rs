@@ -11,6 +11,7 @@ use std::{
 use mesh_common::DELIVERY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::authorize::Peer;
 use super::{
     ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels,
     pod_socket,
@@ -52,12 +53,9 @@ async fn handle(
     // Plaintext reaching 15006 is authenticated only when it comes from an enrolled pod of
     // this node: then it went through this agent's own outbound side (same-node path).
     let local_mesh = src_workload.filter(|w| proxy.is_local_mesh(w));
-    if local_mesh.is_none()
-        && proxy.mtls_mode(&state, &pod.workload, orig.port()) == MtlsMode::Strict
-    {
-        proxy
-            .metrics
-            .connection_denied(&pod.workload, "plaintext_under_strict");
+    let policy = proxy.authz.policy(&state);
+    let denied = |reason: &'static str, detail: &str| {
+        proxy.metrics.connection_denied(&pod.workload, reason);
         tracing::info!(
             target: "access",
             direction = "inbound",
@@ -65,9 +63,30 @@ async fn handle(
             dst.addr = %orig,
             dst.workload = %pod.workload.workload_name,
             dst.namespace = %pod.workload.namespace,
-            "connection denied: plaintext under STRICT PeerAuthentication"
+            reason = reason,
+            "connection denied: {}",
+            detail
         );
         copy::reset(&downstream);
+    };
+    if local_mesh.is_none() && policy.mtls_mode(&pod.workload, orig.port()) == MtlsMode::Strict {
+        denied(
+            "plaintext_under_strict",
+            "plaintext under STRICT PeerAuthentication",
+        );
+        return Ok(());
+    }
+    let authz_peer = Peer {
+        src: peer,
+        dst: orig,
+        identity: local_mesh.map(|w| proxy.identity_of(w)),
+    };
+    let decision = policy.authorize(&pod.workload, &authz_peer);
+    if !decision.allowed {
+        denied(
+            "authorization_policy",
+            &format!("AuthorizationPolicy: {decision}"),
+        );
         return Ok(());
     }
     let mut upstream = match deliver(pod, peer.ip(), orig).await {
@@ -81,18 +100,14 @@ async fn handle(
         src: src_workload,
         dst: Some(&pod.workload),
         dst_port: orig.port(),
-        src_principal: local_mesh.map(|w| proxy.identity_of(w).to_string()),
+        src_principal: authz_peer.identity.as_ref().map(ToString::to_string),
         dst_principal: Some(pod.identity.to_string()),
         mutual_tls: local_mesh.is_some(),
     };
-    let tracked = Tracked::open(
-        &proxy.metrics,
-        labels(Reporter::Destination, &state, &info),
-        "inbound",
-        peer,
-        orig,
-    );
-    let (t, error) = copy::tcp(&mut downstream, &mut upstream).await;
+    let live = proxy.authz.register(&pod.workload, authz_peer);
+    let labels = labels(Reporter::Destination, &state, &info);
+    let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
+    let (t, error) = copy::tcp(&mut downstream, &mut upstream, live.closed()).await;
     tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
     Ok(())
 }

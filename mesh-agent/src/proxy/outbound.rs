@@ -82,7 +82,7 @@ async fn handle(
                 client,
                 orig,
             );
-            let (t, error) = copy::tcp_to_stream(&mut downstream, tunnel.io).await;
+            let (t, error) = copy::tcp_to_stream(&mut downstream, tunnel.io, copy::never()).await;
             tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
         }
         Route::Direct => {
@@ -113,7 +113,7 @@ async fn handle(
                 src,
                 orig,
             );
-            let (t, error) = copy::tcp(&mut downstream, &mut upstream).await;
+            let (t, error) = copy::tcp(&mut downstream, &mut upstream, copy::never()).await;
             tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
         }
     }

@@ -25,6 +25,10 @@
 //! duplicates (a retransmission counts as a copy of its original only when one was sent out
 //! and the other came in, never for two sightings in the same direction).
 //!
+//! TCP's own duplicates are real traffic and are kept: even a veth drops under load (the
+//! per-CPU backlog), so retransmissions and reordering happen; [`stream`] puts a direction
+//! back together by sequence number, each byte once.
+//!
 //! With an interface given, only frames on that interface are recorded (filtered by ifindex as
 //! they are read; binding a packet socket needs a `sockaddr_ll`, which socket2 cannot build
 //! without `unsafe`), both directions, and a frame crosses one interface once per direction.
@@ -73,6 +77,8 @@ pub struct Segment {
     pub dst: SocketAddr,
     /// The SYN flag is set (connection open or its answer).
     pub syn: bool,
+    /// TCP sequence number (of the SYN itself when `syn`; the payload then starts at `seq + 1`).
+    pub seq: u32,
     /// TCP payload (may be empty).
     pub payload: Vec<u8>,
 }
@@ -136,7 +142,7 @@ impl Capture {
     }
 
     /// Stops capturing (after reading what is already queued) and returns every TCP segment
-    /// seen, in arrival order.
+    /// seen, in arrival order (see [`stream`] to put a direction together).
     ///
     /// # Panics
     ///
@@ -368,6 +374,7 @@ fn parse_ip(ip: &[u8]) -> Option<Segment> {
     };
     let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
     let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
+    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
     let offset = usize::from(tcp.get(12)? >> 4) * 4;
     let flags = *tcp.get(13)?;
     if offset < 20 {
@@ -377,6 +384,7 @@ fn parse_ip(ip: &[u8]) -> Option<Segment> {
         src: SocketAddr::new(src, sport),
         dst: SocketAddr::new(dst, dport),
         syn: flags & TCP_SYN != 0,
+        seq,
         payload: tcp.get(offset..)?.to_vec(),
     })
 }
@@ -417,14 +425,48 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     false
 }
 
-/// Bytes of the TCP stream from src to dst concatenated in arrival order (good enough on a
-/// lossless veth: no reordering; a retransmission would appear twice).
+/// Bytes of the TCP stream from `src` to `dst`, put together by sequence number: each byte once
+/// (retransmissions and reordered segments do happen on a busy veth), starting at the SYN when
+/// it was captured, else at the lowest sequence number seen. Bytes the capture missed are
+/// simply absent (the pieces either side are joined). Assumes one connection per address pair
+/// in `segments` (no port reuse within one capture).
 pub fn stream(segments: &[Segment], src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    segments
+    let flow: Vec<&Segment> = segments
         .iter()
         .filter(|s| s.src == src && s.dst == dst)
-        .flat_map(|s| s.payload.iter().copied())
-        .collect()
+        .collect();
+    let Some(first) = flow.first() else {
+        return Vec::new();
+    };
+    // Sequence numbers relative to the first segment seen (wrapping), of each payload's start.
+    let relative = |s: &Segment| {
+        i64::from(s.seq.wrapping_add(u32::from(s.syn)).wrapping_sub(first.seq) as i32)
+    };
+    let start = flow
+        .iter()
+        .find(|s| s.syn)
+        .map(|s| relative(s))
+        .unwrap_or_else(|| flow.iter().map(|s| relative(s)).min().unwrap_or(0));
+    let mut pieces: Vec<(i64, &[u8])> = flow
+        .iter()
+        .filter(|s| !s.payload.is_empty())
+        .map(|s| (relative(s) - start, s.payload.as_slice()))
+        .collect();
+    // Stable: among pieces at the same position the first to arrive is used.
+    pieces.sort_by_key(|&(at, _)| at);
+    let mut out = Vec::new();
+    // Stream position of the end of `out`.
+    let mut end: i64 = 0;
+    for (at, payload) in pieces {
+        let piece_end = at + payload.len() as i64;
+        if piece_end <= end {
+            continue;
+        }
+        let skip = usize::try_from(end - at).unwrap_or(0);
+        out.extend_from_slice(&payload[skip..]);
+        end = piece_end;
+    }
+    out
 }
 
 /// Whether a TLS ClientHello (record type 0x16, handshake type 0x01) was sent to `port`: some
@@ -495,7 +537,7 @@ mod tests {
             ),
         ] {
             let syn = parse_frame(&frame(src, dst, TCP_SYN, b"")).unwrap();
-            assert_eq!((syn.src, syn.dst, syn.syn), (src, dst, true));
+            assert_eq!((syn.src, syn.dst, syn.syn, syn.seq), (src, dst, true, 1));
             let data = parse_frame(&frame(src, dst, 0x18, b"hello")).unwrap();
             assert_eq!((data.syn, data.payload.as_slice()), (false, &b"hello"[..]));
         }
@@ -582,25 +624,60 @@ mod tests {
         assert!(!contains(&hay, &needle));
     }
 
-    fn segment(src: &str, dst: &str, payload: &[u8]) -> Segment {
+    fn segment(src: &str, dst: &str, seq: u32, payload: &[u8]) -> Segment {
         Segment {
             src: addr(src),
             dst: addr(dst),
             syn: false,
+            seq,
             payload: payload.to_vec(),
         }
     }
 
+    fn syn(src: &str, dst: &str, seq: u32) -> Segment {
+        Segment {
+            syn: true,
+            ..segment(src, dst, seq, b"")
+        }
+    }
+
     #[test]
-    fn stream_concatenates_one_direction_in_arrival_order() {
+    fn stream_puts_one_direction_together_by_sequence_number() {
+        let (c, s) = ("10.0.0.1:1000", "10.0.0.2:80");
         let segments = [
-            segment("10.0.0.1:1000", "10.0.0.2:80", b"GET "),
-            segment("10.0.0.2:80", "10.0.0.1:1000", b"HTTP"),
-            segment("10.0.0.1:1001", "10.0.0.2:80", b"other"),
-            segment("10.0.0.1:1000", "10.0.0.2:80", b"/ HTTP/1.1"),
+            syn(c, s, 99),
+            segment(c, s, 100, b"GET "),
+            segment(s, c, 7, b"HTTP"),
+            segment("10.0.0.1:1001", s, 100, b"other"),
+            // Reordered, then retransmitted with more data, then an exact duplicate.
+            segment(c, s, 110, b"/1.1"),
+            segment(c, s, 104, b"/ HT"),
+            segment(c, s, 104, b"/ HTTP/1.1\r\n"),
+            segment(c, s, 100, b"GET "),
         ];
-        let s = stream(&segments, addr("10.0.0.1:1000"), addr("10.0.0.2:80"));
-        assert_eq!(s, b"GET / HTTP/1.1");
+        assert_eq!(stream(&segments, addr(c), addr(s)), b"GET / HTTP/1.1\r\n");
+        assert_eq!(stream(&segments, addr(s), addr(c)), b"HTTP");
+        assert!(stream(&segments, addr(c), addr("10.0.0.3:80")).is_empty());
+    }
+
+    #[test]
+    fn stream_without_syn_starts_at_lowest_sequence_and_wraps() {
+        let (c, s) = ("10.0.0.1:1000", "10.0.0.2:80");
+        let segments = [
+            segment(c, s, 0, b"cd"),
+            segment(c, s, u32::MAX - 1, b"ab"),
+            segment(c, s, 2, b"ef"),
+        ];
+        assert_eq!(stream(&segments, addr(c), addr(s)), b"abcdef");
+        // A SYN's data starts after the SYN's own sequence number; a gap is skipped.
+        let segments = [
+            Segment {
+                payload: b"fast".to_vec(),
+                ..syn(c, s, u32::MAX)
+            },
+            segment(c, s, 10, b"later"),
+        ];
+        assert_eq!(stream(&segments, addr(c), addr(s)), b"fastlater");
     }
 
     #[test]
@@ -610,8 +687,8 @@ mod tests {
         ];
         let (first, rest) = hello.split_at(3);
         let segments = [
-            segment("10.0.0.1:1000", "10.0.0.2:15008", first),
-            segment("10.0.0.1:1000", "10.0.0.2:15008", rest),
+            segment("10.0.0.1:1000", "10.0.0.2:15008", 0, first),
+            segment("10.0.0.1:1000", "10.0.0.2:15008", 3, rest),
         ];
         assert!(tls_client_hello_to(&segments, 15008));
         assert!(!tls_client_hello_to(&segments, 8080));
@@ -619,7 +696,7 @@ mod tests {
         let mut server_hello = hello;
         server_hello[5] = 0x02;
         for payload in [&server_hello[..], b"GET / HTTP/1.1\r\n"] {
-            let segments = [segment("10.0.0.1:1000", "10.0.0.2:15008", payload)];
+            let segments = [segment("10.0.0.1:1000", "10.0.0.2:15008", 0, payload)];
             assert!(!tls_client_hello_to(&segments, 15008));
         }
     }

@@ -415,6 +415,36 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// Holds a connection open for `duration`, echoing 1 KiB every 20 ms, to observe a live
+/// connection being cut. `Ok(())` if it lasted; the error says when and how it broke.
+pub fn hold(to: SocketAddr, duration: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {to}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .context("reading the PEER line")?;
+    let chunk = [0x5au8; 1024];
+    let mut back = [0u8; 1024];
+    while start.elapsed() < duration {
+        let step = stream
+            .write_all(&chunk)
+            .and_then(|()| reader.read_exact(&mut back));
+        if let Err(e) = step {
+            bail!(
+                "connection broke after {} ms: {e}",
+                start.elapsed().as_millis()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,14 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Hold a connection to an echo server open for SECONDS, exchanging a little data
+    /// every 20 ms; exits 0 iff it lasted (prints when and how it broke otherwise).
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// HTTP/1.1 GET http://HOST:PORT/PATH; prints the status code, then the body.
     HttpGet {
         #[arg(long)]
@@ -95,6 +103,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Cmd::Hold { to, seconds } => match workload::hold(to, Duration::from_secs(seconds)) {
+            Ok(()) => {
+                println!("held");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                println!("broken: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::HttpGet {
             port,
             path,

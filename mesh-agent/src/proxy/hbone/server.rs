@@ -18,7 +18,10 @@ use crate::{
     ebpf::canonical,
     identity::{Identity, tls},
     metrics::Reporter,
-    proxy::{ConnInfo, PodContext, Proxy, Tracked, accept_backoff, copy, inbound, labels},
+    proxy::{
+        ConnInfo, PodContext, Proxy, Tracked, accept_backoff, authorize::Peer, copy, inbound,
+        labels,
+    },
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,7 +93,35 @@ async fn handle(
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
     // The application sees the client pod's address: the tunnel's own source.
-    let source = SocketAddr::new(canonical(peer.ip()), 0);
+    let source = SocketAddr::new(canonical(peer.ip()), peer.port());
+    let state = proxy.state();
+    let authz_peer = Peer {
+        src: source,
+        dst: target,
+        identity: client.clone(),
+    };
+    let decision = proxy
+        .authz
+        .policy(&state)
+        .authorize(&pod.workload, &authz_peer);
+    if !decision.allowed {
+        proxy
+            .metrics
+            .connection_denied(&pod.workload, "authorization_policy");
+        tracing::info!(
+            target: "access",
+            direction = "inbound",
+            src.addr = %source,
+            dst.addr = %target,
+            src.identity = client.as_ref().map(tracing::field::display),
+            dst.workload = %pod.workload.workload_name,
+            dst.namespace = %pod.workload.namespace,
+            reason = "authorization_policy",
+            "connection denied: AuthorizationPolicy: {}",
+            decision
+        );
+        return status(StatusCode::UNAUTHORIZED);
+    }
     let mut app = match inbound::deliver(&pod, source.ip(), target).await {
         Ok(s) => s,
         Err(e) => {
@@ -107,7 +138,7 @@ async fn handle(
                 return;
             }
         };
-        let state = proxy.state();
+        let live = proxy.authz.register(&pod.workload, authz_peer);
         let src_workload = state.workload_by_ip(peer.ip());
         let info = ConnInfo {
             src: src_workload,
@@ -120,7 +151,7 @@ async fn handle(
         let labels = labels(Reporter::Destination, &state, &info);
         let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
         // Downstream here is the application: what it sends is the response.
-        let (t, error) = copy::tcp_to_stream(&mut app, tunnel).await;
+        let (t, error) = copy::tcp_to_stream(&mut app, tunnel, live.closed()).await;
         tracked.finish(t.upstream_to_downstream, t.downstream_to_upstream, error);
     });
     status(StatusCode::OK)
