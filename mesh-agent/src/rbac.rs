@@ -1539,7 +1539,6 @@ impl BenchCase {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::time::Instant;
 
     use serde_json::json;
 
