@@ -14,9 +14,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     admin::{self, Handler, Response},
-    config::{Settings, file::FileSource},
+    config::{
+        Settings,
+        file::FileSource,
+        kube::{self, KubeSource},
+    },
     ebpf::{self, AttachType, Datapath},
-    enroll::{EnrolledDump, Enroller, netns},
+    enroll::{EnrollOptions, EnrolledDump, Enroller, netns},
     identity::{FileCa, SecretManager},
     metrics::Metrics,
     proxy::Proxy,
@@ -28,11 +32,24 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the CA directory is checked for a rotated root.
 const CA_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The configuration source: a watched file, or the Kubernetes API.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// In-cluster configuration, or this kubeconfig.
+    Kube {
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
 /// What `mesh-agent run` was asked to do.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub node: String,
-    pub config_file: PathBuf,
+    /// Where the Kubernetes objects come from.
+    pub source: ConfigSource,
+    /// The host's /proc (pod namespace discovery, per-namespace sysctls).
+    pub proc_root: PathBuf,
     /// The cgroup whose processes are captured; default: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
@@ -61,10 +78,23 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         anyhow::bail!("{} is not a cgroup v2 directory", cgroup.display());
     }
 
-    let state = FileSource::new(&cfg.config_file, &cfg.node, cfg.settings.clone())
-        .start()
-        .await
-        .context("initial configuration rejected")?;
+    let (state, kube) = match &cfg.source {
+        ConfigSource::File(path) => {
+            let rx = FileSource::new(path, &cfg.node, cfg.settings.clone())
+                .start()
+                .await
+                .context("initial configuration rejected")?;
+            (rx, None)
+        }
+        ConfigSource::Kube { kubeconfig } => {
+            let client = kube::client_from(kubeconfig.as_deref()).await?;
+            let rx = KubeSource::new(client.clone(), &cfg.node, cfg.settings.clone())
+                .start()
+                .await
+                .context("initial lists from the Kubernetes API")?;
+            (rx, Some(client))
+        }
+    };
     let datapath = Arc::new(Mutex::new(Datapath::install(&cfg.pin_dir, &cgroup)?));
     tracing::info!(cgroup = %cgroup.display(), pin_dir = %cfg.pin_dir.display(), "eBPF programs attached");
 
@@ -80,7 +110,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         metrics.clone(),
         certs.clone(),
     ));
-    let mut enroller = Enroller::new(cfg.node.clone(), datapath, proxy.clone());
+    let options = EnrollOptions {
+        proc_root: cfg.proc_root.clone(),
+        kube,
+    };
+    let mut enroller = Enroller::new(cfg.node.clone(), options, datapath, proxy.clone());
 
     let view = Arc::new(AdminView {
         node: cfg.node.clone(),

@@ -47,6 +47,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub mod file;
+pub mod kube;
 pub mod translate;
 
 /// Annotation naming a file-mode pod's network namespace (`/run/netns/NAME`).

@@ -4,6 +4,7 @@
 //! ENROLLED map. Release runs the same steps backwards. Reconciliation compares the wanted
 //! pods with what is enrolled, including what a previous agent left pinned.
 
+pub mod discovery;
 pub mod netns;
 
 use std::{
@@ -48,9 +49,11 @@ pub enum EnrollError {
         source: std::io::Error,
     },
     #[error(
-        "pod {pod}: pod has no `mesh-agent.io/netns` annotation, cannot find its network namespace"
+        "pod {pod}: network namespace not found (file mode: no `mesh-agent.io/netns` annotation; Kubernetes mode: no process of the pod's sandbox yet)"
     )]
     NoNetns { pod: String },
+    #[error("pod {pod}: finding its network namespace: {message}")]
+    Discovery { pod: String, message: String },
     #[error("pod {pod}: binding {addr} inside the pod: {source}")]
     Bind {
         pod: String,
@@ -92,9 +95,19 @@ pub struct EnrolledDump {
     pub listeners: Vec<String>,
 }
 
+/// Where pods' network namespaces come from and how captured pods are marked.
+pub struct EnrollOptions {
+    /// The host's /proc (`/host/proc` in the DaemonSet): namespace discovery and the
+    /// per-namespace sysctl (writable there even when the container's /proc/sys is not).
+    pub proc_root: PathBuf,
+    /// In Kubernetes mode: annotates captured pods with `ambient.istio.io/redirection`.
+    pub kube: Option<::kube::Client>,
+}
+
 /// Owns every enrollment of this node.
 pub struct Enroller {
     node: String,
+    options: EnrollOptions,
     datapath: Arc<Mutex<Datapath>>,
     proxy: Arc<Proxy>,
     pods: BTreeMap<String, Enrolled>,
@@ -104,9 +117,15 @@ pub struct Enroller {
 }
 
 impl Enroller {
-    pub fn new(node: String, datapath: Arc<Mutex<Datapath>>, proxy: Arc<Proxy>) -> Self {
+    pub fn new(
+        node: String,
+        options: EnrollOptions,
+        datapath: Arc<Mutex<Datapath>>,
+        proxy: Arc<Proxy>,
+    ) -> Self {
         Enroller {
             node,
+            options,
             datapath,
             proxy,
             pods: BTreeMap::new(),
@@ -136,7 +155,12 @@ impl Enroller {
             .iter()
             .filter(|(uid, e)| {
                 wanted.get(*uid).is_none_or(|w| {
-                    w.netns.as_deref() != Some(e.pod.netns.path())
+                    let netns_changed = match &w.netns {
+                        Some(p) => p != e.pod.netns.path(),
+                        // Discovered: stale once the sandbox process is gone.
+                        None => !e.pod.netns.path().exists(),
+                    };
+                    netns_changed
                         || w.ips != e.pod.workload.ips
                         || w.service_account != e.pod.workload.service_account
                 })
@@ -156,6 +180,7 @@ impl Enroller {
             match self.enroll(w).await {
                 Ok(e) => {
                     tracing::info!(pod = %e.pod.display_name(), netns_cookie = e.pod.netns_cookie, ips = ?w.ips, "pod enrolled");
+                    self.annotate(w, true);
                     self.pods.insert(uid.clone(), e);
                 }
                 Err(err) => {
@@ -198,16 +223,24 @@ impl Enroller {
     ) -> Result<Enrolled, EnrollError> {
         let pod = pod.to_owned();
         let hbone_tls = tls::server_config(&self.proxy.certs, &identity);
-        let path = w
-            .netns
-            .clone()
-            .ok_or_else(|| EnrollError::NoNetns { pod: pod.clone() })?;
+        // File mode names the namespace; Kubernetes mode finds it from the pod's processes.
+        let path = match &w.netns {
+            Some(p) => p.clone(),
+            None => discovery::find_pod_netns(&self.options.proc_root, &w.uid)
+                .map_err(|e| EnrollError::Discovery {
+                    pod: pod.clone(),
+                    message: e.to_string(),
+                })?
+                .ok_or_else(|| EnrollError::NoNetns { pod: pod.clone() })?,
+        };
         let ns = Netns::open(&path).map_err(|source| EnrollError::Netns {
             pod: pod.clone(),
             path: path.clone(),
             source,
         })?;
 
+        // net sysctls apply to the namespace of the writer, whichever procfs mount is used.
+        let sysctl = self.options.proc_root.join("sys/net/ipv4");
         // Inside the namespace: sysctl, listeners and the netlink socket for the route.
         let inside = ns
             .run(|| -> Result<_, EnrollError> {
@@ -217,7 +250,7 @@ impl Enroller {
                 };
                 // The application's accepted socket inherits the delivery socket's mark, so its
                 // replies follow the delivery route back over `lo`.
-                std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+                std::fs::write(sysctl.join("tcp_fwmark_accept"), "1")
                     .map_err(setup("setting net.ipv4.tcp_fwmark_accept"))?;
                 let listeners = bind_listeners(&pod, w)?;
                 let cookie = ebpf::sys::netns_cookie(&listeners.outbound[0])
@@ -284,9 +317,27 @@ impl Enroller {
         }
         self.proxy.certs.release(&e.pod.identity);
         match result {
-            Ok(()) => tracing::info!(pod = %pod, "pod released"),
+            Ok(()) => {
+                tracing::info!(pod = %pod, "pod released");
+                self.annotate(&e.pod.workload, false);
+            }
             Err(error) => tracing::error!(pod = %pod, %error, "releasing pod"),
         }
+    }
+
+    /// Kubernetes mode: marks the pod captured (or not), as istio-cni does.
+    fn annotate(&self, w: &Workload, enabled: bool) {
+        let Some(client) = self.options.kube.clone() else {
+            return;
+        };
+        let (namespace, name) = (w.namespace.clone(), w.name.clone());
+        tokio::spawn(async move {
+            if let Err(error) =
+                crate::config::kube::annotate_pod(&client, &namespace, &name, enabled).await
+            {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), %error, "could not update the redirection annotation");
+            }
+        });
     }
 
     /// Releases what a previous agent captured that is not wanted any more.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod ebpf;
 pub mod enroll;
 pub mod identity;
+pub mod lb;
 pub mod metrics;
 pub mod peer_auth;
 pub mod proxy;

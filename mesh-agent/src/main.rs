@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use mesh_agent::{agent, config::Settings, ebpf::DEFAULT_PIN_DIR};
 
 #[derive(Parser)]
@@ -45,36 +45,48 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// `mesh-agent run`.
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name (pods are node-local when `spec.nodeName` equals it).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Multi-document YAML of Kubernetes objects (Namespace, Pod, Service, policies)
+    /// instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    config: Option<PathBuf>,
+    /// kubeconfig for the API server (default: in-cluster configuration, else
+    /// $KUBECONFIG or ~/.kube/config). Used when --config is not given.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The host's /proc (the DaemonSet mounts it at /host/proc).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+    /// cgroup v2 directory whose processes are captured (default: the cgroup v2 root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    bpffs_dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Istio root namespace (mesh-wide policies).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Directory with the root `root-cert.pem` and `root-key.pem` that sign workload
+    /// certificates (`mesh-agent ca init` writes one).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Capture and proxy the traffic of this node's ambient pods.
-    Run {
-        /// This node's name (pods are node-local when `spec.nodeName` equals it).
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// Multi-document YAML of Kubernetes objects (Namespace, Pod, Service, policies).
-        #[arg(long)]
-        config: PathBuf,
-        /// cgroup v2 directory whose processes are captured (default: the cgroup v2 root).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// bpffs directory for pinned maps and links.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        bpffs_dir: PathBuf,
-        /// SPIFFE trust domain.
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        /// Istio root namespace (mesh-wide policies).
-        #[arg(long, default_value = "istio-system")]
-        root_namespace: String,
-        /// Directory with the root `root-cert.pem` and `root-key.pem` that sign workload
-        /// certificates (`mesh-agent ca init` writes one).
-        #[arg(long)]
-        ca_dir: PathBuf,
-        /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        cert_lifetime: Duration,
-    },
+    Run(Box<RunArgs>),
     /// Certificate authority tools.
     Ca {
         #[command(subcommand)]
@@ -96,23 +108,30 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run {
-            node,
-            config,
-            cgroup,
-            bpffs_dir,
-            trust_domain,
-            root_namespace,
-            ca_dir,
-            cert_lifetime,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                node,
+                config,
+                kubeconfig,
+                proc_root,
+                cgroup,
+                bpffs_dir,
+                trust_domain,
+                root_namespace,
+                ca_dir,
+                cert_lifetime,
+            } = *args;
             let settings = Settings {
                 trust_domain,
                 root_namespace,
             };
             let cfg = agent::RunConfig {
                 node,
-                config_file: config,
+                source: match config {
+                    Some(path) => agent::ConfigSource::File(path),
+                    None => agent::ConfigSource::Kube { kubeconfig },
+                },
+                proc_root,
                 cgroup,
                 pin_dir: bpffs_dir,
                 settings,

@@ -46,6 +46,8 @@ pub enum ProxyError {
     },
     #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout { addr: SocketAddr },
+    #[error("service {service} ({vip}) has no ready endpoint")]
+    NoEndpoints { service: String, vip: SocketAddr },
     #[error(transparent)]
     Hbone(Box<hbone::HboneError>),
 }
@@ -85,6 +87,8 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
     pub authz: Arc<authorize::Authorizer>,
+    /// Round-robin position for service endpoints.
+    picks: std::sync::atomic::AtomicUsize,
 }
 
 /// Where an outbound connection goes.
@@ -115,6 +119,7 @@ impl Proxy {
             pool: hbone::client::Pool::new(certs.clone(), hbone::DEFAULT_MAX_STREAMS),
             certs,
             authz,
+            picks: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -125,6 +130,12 @@ impl Proxy {
             namespace: w.namespace.clone(),
             service_account: w.service_account.clone(),
         }
+    }
+
+    /// The next round-robin position.
+    fn next_pick(&self) -> usize {
+        self.picks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `w` is an enrolled pod of this node (its traffic passed through us).
@@ -185,21 +196,23 @@ struct ConnInfo<'a> {
     src_principal: Option<String>,
     dst_principal: Option<String>,
     mutual_tls: bool,
+    /// The service dialed (by VIP); else derived from the destination workload.
+    service: Option<String>,
 }
 
 /// Labels of a connection (either end may be outside the mesh).
 fn labels(reporter: Reporter, state: &MeshState, c: &ConnInfo<'_>) -> ConnectionLabels {
     let unknown = || "unknown".to_owned();
-    let service = c
-        .dst
-        .and_then(|w| {
-            state
-                .services_for_workload(w)
-                .find(|s| s.ports.iter().any(|p| service_port_targets(p, c.dst_port)))
-        })
-        .map_or_else(unknown, |s| {
-            format!("{}.{}.svc.cluster.local", s.name, s.namespace)
-        });
+    let derived = || {
+        c.dst
+            .and_then(|w| {
+                state
+                    .services_for_workload(w)
+                    .find(|s| s.ports.iter().any(|p| service_port_targets(p, c.dst_port)))
+            })
+            .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+    };
+    let service = c.service.clone().or_else(derived).unwrap_or_else(unknown);
     ConnectionLabels {
         reporter,
         source_workload: c.src.map_or_else(unknown, |w| w.workload_name.clone()),

@@ -6,6 +6,7 @@
 //! printed, and every one carries the command, path or address it is about.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod capture;
 pub mod cluster;
 mod config;

@@ -2,6 +2,7 @@
 //! setup, building, the full lint + kernel test run used by CI, and the demo.
 #![forbid(unsafe_code)]
 
+mod manifests;
 mod process;
 mod setup;
 
@@ -52,6 +53,12 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Write the generated manifests under deploy/ (the Istio CRDs); `--check` writes
+    /// nothing and fails if the committed ones differ.
+    Manifests {
+        #[arg(long)]
+        check: bool,
+    },
     /// Setup, build, then run the netns-cluster demo as root (sudo if not root).
     Demo {
         /// Arguments for `mesh-demo`.
@@ -71,6 +78,7 @@ fn main() -> ExitCode {
         }
         Task::Test { test_args } => test(&env, &test_args),
         Task::Demo { args } => demo(&env, &args),
+        Task::Manifests { check } => manifests::run(&env.root, check).map(|()| ExitCode::SUCCESS),
         Task::Bench { smoke } => bench(&env, smoke),
     });
     match result {

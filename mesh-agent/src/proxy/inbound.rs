@@ -103,6 +103,7 @@ async fn handle(
         src_principal: authz_peer.identity.as_ref().map(ToString::to_string),
         dst_principal: Some(pod.identity.to_string()),
         mutual_tls: local_mesh.is_some(),
+        service: None,
     };
     let live = proxy.authz.register(&pod.workload, authz_peer);
     let labels = labels(Reporter::Destination, &state, &info);

@@ -11,7 +11,7 @@ use super::{
     ConnInfo, PodContext, Proxy, ProxyError, Route, Tracked, accept_backoff, connect, copy, labels,
     pod_socket,
 };
-use crate::metrics::Reporter;
+use crate::{lb, metrics::Reporter};
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
@@ -43,6 +43,28 @@ async fn handle(
         .ok_or(ProxyError::NoOriginalDestination { client: peer })?;
     let _ = downstream.set_nodelay(true);
     let state = proxy.state();
+    // A service VIP: the proxy balances over the ready endpoints itself (capture happens
+    // before any kube-proxy rule could). The application still sees the VIP it dialed.
+    let vip = orig;
+    let service = state.service_by_vip(orig.ip(), orig.port());
+    let orig = match service {
+        None => orig,
+        Some((svc, port)) => {
+            let endpoints = lb::ready_endpoints(&state, svc, port);
+            match lb::pick(&endpoints, orig.ip(), proxy.next_pick()) {
+                Some(endpoint) => endpoint,
+                None => {
+                    copy::reset(&downstream);
+                    return Err(ProxyError::NoEndpoints {
+                        service: format!("{}/{}", svc.namespace, svc.name),
+                        vip,
+                    });
+                }
+            }
+        }
+    };
+    let service_name =
+        service.map(|(s, _)| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
     let dst_workload = state.workload_by_ip(orig.ip());
     match proxy.route(dst_workload) {
         Route::Hbone { dst } => {
@@ -74,6 +96,7 @@ async fn handle(
                 src_principal: Some(pod.identity.to_string()),
                 dst_principal: Some(dst.to_string()),
                 mutual_tls: true,
+                service: service_name.clone(),
             };
             let tracked = Tracked::open(
                 &proxy.metrics,
@@ -105,6 +128,7 @@ async fn handle(
                 src_principal: Some(pod.identity.to_string()),
                 dst_principal: local_mesh.map(|w| proxy.identity_of(w).to_string()),
                 mutual_tls: local_mesh.is_some(),
+                service: service_name.clone(),
             };
             let tracked = Tracked::open(
                 &proxy.metrics,

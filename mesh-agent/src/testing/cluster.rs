@@ -754,19 +754,22 @@ impl Cluster {
                 format!("route add {ipv6}/128 dev {veth}"),
             ],
         )?;
-        let cgroup = node.cgroup.join(&spec.name);
-        fs::create_dir_all(&cgroup)
-            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-
         let seq = self.shared.uid_seq.fetch_add(1, Ordering::Relaxed);
         let tag: u32 = self
             .shared
             .prefix
             .bytes()
             .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+        let uid = format!("{tag:08x}-0000-4000-8000-{seq:012x}");
+        // Laid out as kubelet's cgroupfs driver does (`pod<uid>`), so the agent can find a
+        // pod's namespace from its processes in Kubernetes mode.
+        let cgroup = node.cgroup.join(format!("pod{uid}"));
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+
         let pod = Arc::new(Pod {
             shared: self.shared.clone(),
-            uid: format!("{tag:08x}-0000-4000-8000-{seq:012x}"),
+            uid,
             node_name: node.name.clone(),
             node_ipv4: node.ipv4,
             node_ipv6: node.ipv6,
@@ -1067,6 +1070,15 @@ impl Node {
     /// Starts `mesh-agent run --node <node> --config <config> --cgroup <node cgroup>
     /// --bpffs-dir <dir> <extra...>` in the node's namespace, without waiting.
     pub fn spawn_agent(&self, config: &Path, extra: &[&str]) -> Result<()> {
+        self.spawn_agent_from("--config", config, extra)
+    }
+
+    /// Like [`Node::spawn_agent`], in Kubernetes mode: `--kubeconfig <kubeconfig>`.
+    pub fn spawn_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<()> {
+        self.spawn_agent_from("--kubeconfig", kubeconfig, extra)
+    }
+
+    fn spawn_agent_from(&self, source_flag: &str, source: &Path, extra: &[&str]) -> Result<()> {
         let mut agent = lock(&self.agent);
         if agent.as_ref().is_some_and(Process::is_running) {
             bail!("{}: the agent is already running", self.name);
@@ -1084,8 +1096,8 @@ impl Node {
             &["exec", "--"],
         );
         cmd.arg(agent_bin)
-            .args(["run", "--node", &self.name, "--config"])
-            .arg(config)
+            .args(["run", "--node", &self.name, source_flag])
+            .arg(source)
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs-dir")

@@ -147,6 +147,7 @@ async fn handle(
             src_principal: client.as_ref().map(ToString::to_string),
             dst_principal: Some(pod.identity.to_string()),
             mutual_tls: true,
+            service: None,
         };
         let labels = labels(Reporter::Destination, &state, &info);
         let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);

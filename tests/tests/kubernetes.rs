@@ -1,0 +1,263 @@
+//! Kernel suite for the Kubernetes issue: an agent fed by the kube source (kube-rs against
+//! an in-process API server) enrolls and releases running pods as their namespace's label
+//! flips, finding their network namespaces from /proc, and annotates them; service
+//! ClusterIP traffic reaches only ready endpoints, spread across them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mesh_agent::testing::apiserver::ApiServer;
+use mesh_agent::testing::metrics::Metrics;
+use mesh_agent::testing::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, require_root};
+use serde_json::json;
+
+const APP: u16 = 8080;
+const OPENED: &str = "istio_tcp_connections_opened_total";
+
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn captured(r: &ConnectReport) -> bool {
+    r.ok && r.local.is_some_and(|a| a.ip().is_loopback())
+}
+
+/// The API server, listening on 127.0.0.1 inside `netns` (where the agent runs).
+fn apiserver_in(netns: &Path) -> ApiServer {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        mesh_agent::testing::workload::enter_netns(&netns).expect("entering the node namespace");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            tx.send(ApiServer::start().await.expect("starting the API server"))
+                .unwrap();
+            std::future::pending::<()>().await
+        });
+    });
+    rx.recv().expect("API server started")
+}
+
+fn kubeconfig(dir: &Path, url: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn pod_object(pod: &Pod, node: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name(), "namespace": pod.namespace(), "uid": pod.uid(), "labels": pod.labels()},
+        "spec": {"nodeName": node, "serviceAccountName": pod.service_account(), "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": pod.ipv4().to_string(),
+                   "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}]},
+    })
+}
+
+fn namespace_object(name: &str, ambient: bool) -> serde_json::Value {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+#[test]
+fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_pods() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .namespace("shop", [("team", "shop")])
+        .pod(PodSpec::new("a", "shop", 0).label("app", "client"))
+        .pod(PodSpec::new("b", "shop", 0).label("app", "web"))
+        .build()
+        .expect("building the test cluster");
+    let (a, b) = (cluster.pod("a"), cluster.pod("b"));
+    b.spawn_server(&[APP]).unwrap();
+    // Every pod needs a process for /proc discovery, as a sandbox's pause process would be.
+    a.spawn_server(&[9999]).unwrap();
+    let node = cluster.node(0);
+    let api = apiserver_in(node.netns_path());
+    api.apply(namespace_object("shop", false)).unwrap();
+    for pod in [&a, &b] {
+        api.apply(pod_object(pod, node.name())).unwrap();
+    }
+    let kubeconfig = kubeconfig(cluster.workdir(), &api.url());
+    node.spawn_agent_kube(&kubeconfig, &[]).unwrap();
+    node.wait_agent_ready(Duration::from_secs(30)).unwrap();
+
+    // Not labelled: untouched.
+    let r = a.connect(b.addr_v4(APP), 1024).unwrap();
+    assert!(r.ok && !captured(&r), "{r:?}");
+
+    // Labelled: both running pods enrolled (namespaces found from /proc), annotated.
+    api.apply(namespace_object("shop", true)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || a
+            .connect(b.addr_v4(APP), 1024)
+            .is_ok_and(|r| captured(&r))),
+        "pods not captured after the label:\n{}",
+        node.agent_log()
+    );
+    let r = a.connect(b.addr_v6(APP), 64 * 1024).unwrap();
+    assert!(
+        captured(&r) && r.server_saw_peer.map(|p| p.ip()) == Some(a.ipv6().into()),
+        "{r:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || api.patches().iter().any(|p| p
+            .name
+            == "b"
+            && p.patch
+                .to_string()
+                .contains("\"ambient.istio.io/redirection\":\"enabled\""))),
+        "no redirection annotation patch: {:?}",
+        api.patches()
+    );
+
+    // Label removed: released, traffic flows outside the mesh again.
+    api.apply(namespace_object("shop", false)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || a
+            .connect(b.addr_v4(APP), 1024)
+            .is_ok_and(|r| r.ok && !captured(&r))),
+        "pods still captured after the label went away:\n{}",
+        node.agent_log()
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || api.patches().iter().any(|p| p
+            .name
+            == "b"
+            && p.patch
+                .to_string()
+                .contains("\"ambient.istio.io/redirection\":null"))),
+        "annotation not removed: {:?}",
+        api.patches()
+    );
+}
+
+#[test]
+fn service_cluster_ip_traffic_reaches_only_ready_endpoints_spread_across_them() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace("shop")
+        .pod(PodSpec::new("a", "shop", 0).label("app", "client"))
+        .pod(
+            PodSpec::new("web-b", "shop", 0)
+                .label("app", "web-b")
+                .label("svc", "web"),
+        )
+        .pod(
+            PodSpec::new("web-c", "shop", 1)
+                .label("app", "web-c")
+                .label("svc", "web"),
+        )
+        .pod(
+            PodSpec::new("web-d", "shop", 1)
+                .label("app", "web-d")
+                .label("svc", "web"),
+        )
+        .build()
+        .expect("building the test cluster");
+    let a = cluster.pod("a");
+    let (b, c, d) = (
+        cluster.pod("web-b"),
+        cluster.pod("web-c"),
+        cluster.pod("web-d"),
+    );
+    for p in [&b, &c, &d] {
+        p.spawn_server(&[APP]).unwrap();
+    }
+    let vip: SocketAddr = "10.202.0.10:80".parse().unwrap();
+    let empty_vip: SocketAddr = "10.202.0.11:80".parse().unwrap();
+    let service = |name: &str, ip: std::net::IpAddr| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  clusterIP: {ip}\n  selector: {{svc: {name}}}\n  ports: [{{name: http, port: 80, targetPort: {APP}}}]\n"
+        )
+    };
+    let endpoint = |p: &Pod, ready: bool| {
+        format!(
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: {ready}}}\n",
+            p.ipv4()
+        )
+    };
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {APP}}}]\nendpoints:\n{}{}{}",
+        endpoint(&b, true),
+        endpoint(&c, true),
+        endpoint(&d, false)
+    );
+    let empty_slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: empty-abc\n  namespace: shop\n  labels: {{kubernetes.io/service-name: empty}}\naddressType: IPv4\nports: [{{name: http, port: {APP}}}]\nendpoints:\n{}",
+        endpoint(&d, false)
+    );
+    let opts = ConfigOptions::default()
+        .document(service("web", vip.ip()))
+        .document(slice)
+        .document(service("empty", empty_vip.ip()))
+        .document(empty_slice);
+    cluster.write_config(&cluster.config_path(), &opts).unwrap();
+    cluster.start_agents(&cluster.config_path()).unwrap();
+
+    for _ in 0..12 {
+        let r = a.connect(vip, 4096).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert_eq!(
+            r.getpeername,
+            Some(vip),
+            "the application must see the VIP it dialed"
+        );
+    }
+    let m = Metrics::parse(&cluster.node(0).metrics().unwrap());
+    let to = |w: &str| {
+        m.sum(
+            OPENED,
+            &[
+                ("reporter", "source"),
+                ("destination_workload", w),
+                ("destination_service", "web.shop.svc.cluster.local"),
+            ],
+        )
+    };
+    assert!(
+        to("web-b") >= 3.0 && to("web-c") >= 3.0,
+        "not spread: b {} c {}",
+        to("web-b"),
+        to("web-c")
+    );
+    assert_eq!(to("web-d"), 0.0, "an unready endpoint got traffic");
+    assert_eq!(to("web-b") + to("web-c"), 12.0);
+
+    // No ready endpoint: refused at once, not hung.
+    let start = Instant::now();
+    let r = a
+        .connect_timeout(empty_vip, 1024, Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        !r.ok && start.elapsed() < Duration::from_secs(2),
+        "{r:?} after {:?}",
+        start.elapsed()
+    );
+}

@@ -1,0 +1,1208 @@
+//! The Kubernetes manifests under deploy/: every YAML document parses as its k8s-openapi
+//! type without losing a field (a typo or a misplaced field fails the round trip), the
+//! DaemonSet agrees with the agent (ports, probes, `run` flags, mounts, capabilities), the
+//! ClusterRole is least-privilege, and the CRDs are Istio's (group, versions, kinds, names)
+//! with a schema that accepts Istio's documented objects. No cluster is involved: what an
+//! API server would additionally check (CEL rules, admission) is not tested here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Probe, ServiceAccount, Volume};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_agent::ebpf::DEFAULT_PIN_DIR;
+use mesh_agent::identity::ca::{ROOT_CERT_FILE, ROOT_KEY_FILE};
+use mesh_agent::testing::locate_binary;
+use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+const NAMESPACE: &str = "mesh-system";
+const AGENT_CONTAINER: &str = "mesh-agent";
+const CA_SECRET: &str = "mesh-agent-ca";
+const ISTIO_GROUP: &str = "security.istio.io";
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .join("deploy")
+}
+
+/// One YAML document: where it is and its content as JSON.
+struct Doc {
+    file: String,
+    index: usize,
+    value: Value,
+}
+
+impl Doc {
+    fn at(&self) -> String {
+        format!("{} (document {})", self.file, self.index + 1)
+    }
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every document of every YAML file under deploy/.
+fn documents() -> Vec<Doc> {
+    let root = deploy_dir();
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    assert!(!files.is_empty(), "no YAML under {}", root.display());
+    let mut docs = Vec::new();
+    for path in files {
+        let file = path
+            .strip_prefix(root.parent().unwrap())
+            .unwrap()
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(de)
+                .unwrap_or_else(|e| panic!("{file} (document {}): {e}", index + 1));
+            if yaml.is_null() {
+                continue;
+            }
+            let value = serde_json::to_value(&yaml)
+                .unwrap_or_else(|e| panic!("{file} (document {}): {e}", index + 1));
+            docs.push(Doc {
+                file: file.clone(),
+                index,
+                value,
+            });
+        }
+    }
+    docs
+}
+
+/// The first place where two JSON values differ, as a path (`spec.template.spec...`).
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match (x.get(k), y.get(k)) {
+                    (Some(u), Some(v)) => first_difference(u, v, &p),
+                    _ => Some(p),
+                }
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (u, v))| first_difference(u, v, &format!("{path}[{i}]"))),
+        _ => (a != b).then(|| path.to_owned()),
+    }
+}
+
+/// Parses a document as `T` and fails if anything in it is not part of `T`.
+fn typed<T: DeserializeOwned + Serialize>(doc: &Doc) -> T {
+    let type_name = std::any::type_name::<T>().rsplit("::").next().unwrap();
+    let obj: T = serde_json::from_value(doc.value.clone())
+        .unwrap_or_else(|e| panic!("{}: not a valid {type_name}: {e}", doc.at()));
+    let back = serde_json::to_value(&obj).expect("serialising a k8s-openapi object");
+    if let Some(path) = first_difference(&doc.value, &back, "") {
+        panic!(
+            "{}: `{path}` is not a field of {type_name} there (a typo or a misplaced field): \
+             it does not survive a round trip through k8s-openapi",
+            doc.at()
+        );
+    }
+    obj
+}
+
+/// Every manifest of deploy/, typed.
+#[derive(Default)]
+struct Manifests {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemonsets: Vec<DaemonSet>,
+    crds: Vec<CustomResourceDefinition>,
+    /// (file, content) of each kustomization.
+    kustomizations: Vec<(String, Value)>,
+}
+
+fn load() -> Manifests {
+    let mut m = Manifests::default();
+    for doc in documents() {
+        let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc.value["kind"].as_str().unwrap_or_default();
+        match (api_version, kind) {
+            ("v1", "Namespace") => m.namespaces.push(typed(&doc)),
+            ("v1", "ServiceAccount") => m.service_accounts.push(typed(&doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => m.cluster_roles.push(typed(&doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => m.bindings.push(typed(&doc)),
+            ("apps/v1", "DaemonSet") => m.daemonsets.push(typed(&doc)),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => m.crds.push(typed(&doc)),
+            ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
+                m.kustomizations.push((doc.file.clone(), doc.value))
+            }
+            other => panic!(
+                "{}: {other:?} is not checked by this test: add it to `load`",
+                doc.at()
+            ),
+        }
+    }
+    m
+}
+
+fn one<'a, T>(items: &'a [T], what: &str) -> &'a T {
+    assert_eq!(items.len(), 1, "expected exactly one {what} under deploy/");
+    &items[0]
+}
+
+fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("the DaemonSet has a pod template")
+}
+
+fn agent_container(ds: &DaemonSet) -> &Container {
+    pod_spec(ds)
+        .containers
+        .iter()
+        .find(|c| c.name == AGENT_CONTAINER)
+        .unwrap_or_else(|| panic!("the DaemonSet has no container {AGENT_CONTAINER:?}"))
+}
+
+fn args(c: &Container) -> &[String] {
+    c.args.as_deref().unwrap_or_default()
+}
+
+/// The value after `--flag` (or in `--flag=value`).
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == flag {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix(flag)?.strip_prefix('=')
+        }
+    })
+}
+
+fn volume<'a>(spec: &'a PodSpec, name: &str) -> &'a Volume {
+    spec.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name:?}"))
+}
+
+/// The container's mount path of the hostPath volume for `host_path`, with its propagation.
+fn host_mount<'a>(
+    spec: &'a PodSpec,
+    c: &'a Container,
+    host_path: &str,
+) -> (&'a str, Option<&'a str>) {
+    let vol = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == host_path))
+        .unwrap_or_else(|| panic!("no hostPath volume for {host_path}"));
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == vol.name)
+        .unwrap_or_else(|| panic!("container {} does not mount {host_path}", c.name));
+    (
+        mount.mount_path.as_str(),
+        mount.mount_propagation.as_deref(),
+    )
+}
+
+fn http_get(probe: Option<&Probe>, what: &str) -> (i32, String, Option<String>) {
+    let get = probe
+        .and_then(|p| p.http_get.as_ref())
+        .unwrap_or_else(|| panic!("the agent container has no HTTP {what} probe"));
+    let port = match &get.port {
+        IntOrString::Int(p) => *p,
+        IntOrString::String(name) => panic!("{what} probe: use the port number, not {name:?}"),
+    };
+    (port, get.path.clone().unwrap_or_default(), get.host.clone())
+}
+
+// ---- tests ----
+
+#[test]
+fn every_manifest_parses_as_its_kubernetes_type() {
+    let m = load();
+    assert_eq!(
+        one(&m.namespaces, "Namespace").metadata.name.as_deref(),
+        Some(NAMESPACE)
+    );
+    one(&m.service_accounts, "ServiceAccount");
+    one(&m.cluster_roles, "ClusterRole");
+    one(&m.bindings, "ClusterRoleBinding");
+    one(&m.daemonsets, "DaemonSet");
+    assert_eq!(
+        m.crds.len(),
+        2,
+        "the AuthorizationPolicy and PeerAuthentication CRDs"
+    );
+    one(&m.kustomizations, "kustomization");
+}
+
+#[test]
+fn kustomization_lists_every_manifest_and_the_namespace_matches() {
+    let m = load();
+    let (file, k) = one(&m.kustomizations, "kustomization");
+    assert_eq!(k["namespace"], NAMESPACE, "{file}");
+    let listed: BTreeSet<String> = k["resources"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{file}: no resources"))
+        .iter()
+        .map(|r| r.as_str().expect("resource paths are strings").to_owned())
+        .collect();
+    let root = deploy_dir();
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    let present: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
+        .filter(|p| p != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, present,
+        "{file}: resources must be every manifest under deploy/"
+    );
+
+    // Namespaced objects say the namespace themselves too (usable with `kubectl apply -f`).
+    let ds = one(&m.daemonsets, "DaemonSet");
+    let sa = one(&m.service_accounts, "ServiceAccount");
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(sa.metadata.namespace.as_deref(), Some(NAMESPACE));
+
+    // Every container runs the image the kustomization names.
+    let image = k["images"][0]["name"].as_str().expect("an images entry");
+    let spec = pod_spec(ds);
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        assert_eq!(c.image.as_deref(), Some(image), "container {}", c.name);
+    }
+}
+
+#[test]
+fn daemonset_probes_and_ports_are_the_agents() {
+    let m = load();
+    let ds = one(&m.daemonsets, "DaemonSet");
+    let c = agent_container(ds);
+
+    let (port, path, host) = http_get(c.readiness_probe.as_ref(), "readiness");
+    assert_eq!(
+        (port, path.as_str()),
+        (i32::from(READINESS_PORT), "/healthz/ready")
+    );
+    // The agent binds its admin ports on 127.0.0.1; kubelet shares the node's network
+    // namespace with the host-network agent, so it must probe loopback.
+    assert_eq!(host.as_deref(), Some("127.0.0.1"), "readiness probe host");
+
+    let (port, path, host) = http_get(c.liveness_probe.as_ref(), "liveness");
+    let served = [
+        (i32::from(READINESS_PORT), "/healthz/ready"),
+        (i32::from(METRICS_PORT), "/metrics"),
+        (i32::from(ADMIN_PORT), "/config_dump"),
+    ];
+    assert!(
+        served.contains(&(port, path.as_str())),
+        "liveness probe {port} {path} is not an endpoint the agent serves"
+    );
+    assert_eq!(host.as_deref(), Some("127.0.0.1"), "liveness probe host");
+
+    let ports = c.ports.as_deref().unwrap_or_default();
+    let metrics = ports
+        .iter()
+        .find(|p| p.container_port == i32::from(METRICS_PORT))
+        .expect("the metrics port is declared");
+    assert_eq!(metrics.name.as_deref(), Some("metrics"));
+    let known = [ADMIN_PORT, METRICS_PORT, READINESS_PORT].map(i32::from);
+    let mut names = BTreeSet::new();
+    for p in ports {
+        assert!(
+            known.contains(&p.container_port),
+            "port {} is not the agent's",
+            p.container_port
+        );
+        let name = p.name.as_deref().expect("every port is named");
+        assert!(name.len() <= 15 && names.insert(name), "port name {name:?}");
+    }
+}
+
+/// `mesh-agent run --help`, from the built binary.
+fn run_help() -> String {
+    let bin = locate_binary("mesh-agent", "MESH_AGENT_BIN")
+        .expect("the mesh-agent binary (cargo build --bins, or MESH_AGENT_BIN)");
+    let out = Command::new(&bin)
+        .args(["run", "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} run --help: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} run --help: {}",
+        bin.display(),
+        out.status
+    );
+    String::from_utf8(out.stdout).expect("help is UTF-8")
+}
+
+fn help_mentions(help: &str, flag: &str) -> bool {
+    help.match_indices(flag).any(|(i, _)| {
+        !help[i + flag.len()..]
+            .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
+#[test]
+fn daemonset_args_use_only_flags_the_binary_accepts() {
+    let m = load();
+    let ds = one(&m.daemonsets, "DaemonSet");
+    let c = agent_container(ds);
+    let args = args(c);
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("run"),
+        "the agent runs `run`"
+    );
+    let help = run_help();
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        let flag = arg.split('=').next().unwrap();
+        assert!(
+            help_mentions(&help, flag),
+            "`mesh-agent run` does not accept {flag}:\n{help}"
+        );
+    }
+    // `$(VAR)` in args is expanded by kubelet only for variables the container defines.
+    let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    for arg in args {
+        for part in arg.split("$(").skip(1) {
+            let var = part.split(')').next().unwrap();
+            assert!(
+                env.contains(var),
+                "{arg} refers to ${var}, which the container does not define"
+            );
+        }
+    }
+    let node = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        node,
+        Some("spec.nodeName"),
+        "NODE_NAME comes from the downward API"
+    );
+}
+
+/// What the usage line of `run --help` requires (`--flag <VALUE>` outside `[...]`).
+fn required_flags(help: &str) -> Vec<String> {
+    let usage = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("Usage:"))
+        .expect("a usage line");
+    let mut depth = 0;
+    let mut out = Vec::new();
+    for word in usage.split_whitespace() {
+        if depth == 0 && word.starts_with("--") {
+            out.push(word.trim_end_matches(']').to_owned());
+        }
+        depth += word.matches('[').count();
+        depth -= word.matches(']').count().min(depth);
+    }
+    out
+}
+
+#[test]
+fn daemonset_args_supply_every_flag_run_requires() {
+    let m = load();
+    let c = agent_container(one(&m.daemonsets, "DaemonSet"));
+    let args = args(c);
+    let required = required_flags(&run_help());
+    for flag in required {
+        assert!(
+            flag_value(args, &flag).is_some(),
+            "`mesh-agent run` requires {flag}, which the DaemonSet does not pass (kube mode \
+             takes its configuration from the API server: the kube config source must make \
+             {flag} optional, or the DaemonSet must pass it)"
+        );
+    }
+}
+
+#[test]
+fn daemonset_runs_on_every_node_in_the_host_namespaces_it_needs() {
+    let m = load();
+    let ds = one(&m.daemonsets, "DaemonSet");
+    let spec = pod_spec(ds);
+    assert_eq!(spec.host_network, Some(true), "hostNetwork");
+    assert_eq!(
+        spec.host_pid,
+        Some(true),
+        "hostPID (pod namespaces are found from /proc)"
+    );
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert!(spec.termination_grace_period_seconds.is_some());
+    assert!(
+        spec.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
+        "a toleration of every taint"
+    );
+    let update = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .update_strategy
+        .as_ref()
+        .expect("updateStrategy");
+    assert_eq!(update.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(
+        update
+            .rolling_update
+            .as_ref()
+            .and_then(|r| r.max_unavailable.clone()),
+        Some(IntOrString::Int(1))
+    );
+
+    // The selector selects the template.
+    let selector = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .match_labels
+        .clone()
+        .unwrap_or_default();
+    let labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    assert!(!selector.is_empty());
+    assert!(
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "selector {selector:?} vs labels {labels:?}"
+    );
+
+    let c = agent_container(ds);
+    let resources = c.resources.as_ref().expect("resources");
+    let quantity =
+        |map: &Option<
+            BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >,
+         key: &str| { map.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone()) };
+    assert_eq!(
+        quantity(&resources.requests, "cpu").as_deref(),
+        Some("100m")
+    );
+    assert_eq!(
+        quantity(&resources.requests, "memory").as_deref(),
+        Some("64Mi")
+    );
+    assert_eq!(
+        quantity(&resources.limits, "memory").as_deref(),
+        Some("256Mi")
+    );
+}
+
+#[test]
+fn daemonset_mounts_bpffs_cgroup_proc_netns_and_the_ca() {
+    let m = load();
+    let ds = one(&m.daemonsets, "DaemonSet");
+    let spec = pod_spec(ds);
+    let c = agent_container(ds);
+    let args = args(c);
+
+    // bpffs: the pin directory lies in it, and the mount follows the host's.
+    let (bpf, propagation) = host_mount(spec, c, "/sys/fs/bpf");
+    assert_eq!(bpf, "/sys/fs/bpf");
+    assert!(
+        matches!(propagation, Some("HostToContainer" | "Bidirectional")),
+        "bpffs propagation {propagation:?}"
+    );
+    let pin_dir = flag_value(args, "--bpffs-dir").unwrap_or(DEFAULT_PIN_DIR);
+    assert!(
+        pin_dir.starts_with(&format!("{bpf}/")),
+        "pin dir {pin_dir} outside {bpf}"
+    );
+    // Something mounts bpffs through to the host when it is missing there.
+    assert!(
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .any(|c| {
+                c.volume_mounts.iter().flatten().any(|m| {
+                    m.mount_path == "/sys/fs/bpf"
+                        && m.mount_propagation.as_deref() == Some("Bidirectional")
+                })
+            }),
+        "no container can mount bpffs on the host (Bidirectional /sys/fs/bpf)"
+    );
+
+    // The cgroup v2 root the capture programs attach to is the host's, passed explicitly.
+    let (cgroup, _) = host_mount(spec, c, "/sys/fs/cgroup");
+    assert_eq!(
+        flag_value(args, "--cgroup"),
+        Some(cgroup),
+        "--cgroup names the host cgroup mount"
+    );
+
+    let (proc, _) = host_mount(spec, c, "/proc");
+    assert_eq!(proc, "/host/proc");
+    let (netns, _) = host_mount(spec, c, "/run/netns");
+    assert_eq!(netns, "/run/netns");
+
+    // The CA: the Secret's two keys, where --ca-dir points.
+    let ca_dir = flag_value(args, "--ca-dir").expect("--ca-dir");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == ca_dir)
+        .unwrap_or_else(|| panic!("nothing is mounted at --ca-dir {ca_dir}"));
+    assert_eq!(mount.read_only, Some(true));
+    let secret = volume(spec, &mount.name)
+        .secret
+        .as_ref()
+        .expect("the CA is a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some(CA_SECRET));
+    let keys: BTreeSet<(&str, &str)> = secret
+        .items
+        .iter()
+        .flatten()
+        .map(|i| (i.key.as_str(), i.path.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            (ROOT_CERT_FILE, ROOT_CERT_FILE),
+            (ROOT_KEY_FILE, ROOT_KEY_FILE)
+        ])
+    );
+
+    // Every mount has its volume and every volume is mounted.
+    let mounted: BTreeSet<&str> = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(|m| m.name.as_str()))
+        .collect();
+    let volumes: BTreeSet<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(mounted, volumes);
+}
+
+#[test]
+fn daemonset_security_context_is_capabilities_not_privileged() {
+    let m = load();
+    let ds = one(&m.daemonsets, "DaemonSet");
+    let spec = pod_spec(ds);
+    let c = agent_container(ds);
+    let sc = c.security_context.as_ref().expect("a securityContext");
+    assert_ne!(
+        sc.privileged,
+        Some(true),
+        "the agent runs with capabilities, not privileged"
+    );
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    let add: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    for cap in ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"] {
+        assert!(add.contains(cap), "capability {cap} missing: {add:?}");
+    }
+    assert!(
+        caps.drop.iter().flatten().any(|d| d == "ALL"),
+        "the runtime's default capabilities are dropped"
+    );
+
+    // What the API server's validation rejects (apis/core/validation):
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let sc = c.security_context.as_ref();
+        let privileged = sc.and_then(|s| s.privileged) == Some(true);
+        for m in c.volume_mounts.iter().flatten() {
+            assert!(
+                privileged || m.mount_propagation.as_deref() != Some("Bidirectional"),
+                "container {}: Bidirectional propagation ({}) is allowed only in privileged containers",
+                c.name,
+                m.mount_path
+            );
+        }
+        let no_escalation = sc.and_then(|s| s.allow_privilege_escalation) == Some(false);
+        let sys_admin = sc
+            .and_then(|s| s.capabilities.as_ref())
+            .is_some_and(|caps| caps.add.iter().flatten().any(|a| a == "SYS_ADMIN"));
+        assert!(
+            !(no_escalation && (privileged || sys_admin)),
+            "container {}: allowPrivilegeEscalation: false with privileged or SYS_ADMIN is rejected",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn rbac_grants_only_reads_and_patching_pods_to_the_agents_account() {
+    let m = load();
+    let role = one(&m.cluster_roles, "ClusterRole");
+    let read = ["get", "list", "watch"];
+    let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(rule.non_resource_urls.is_none(), "no non-resource URLs");
+        let groups = rule.api_groups.clone().unwrap_or_default();
+        let resources = rule.resources.clone().unwrap_or_default();
+        for x in groups.iter().chain(&resources).chain(&rule.verbs) {
+            assert!(!x.contains('*'), "no wildcards: {rule:?}");
+        }
+        for verb in &rule.verbs {
+            let pods_only = groups == [""] && resources == ["pods"];
+            assert!(
+                read.contains(&verb.as_str()) || (verb == "patch" && pods_only),
+                "verb {verb:?} on {groups:?}/{resources:?}: only get/list/watch, and patch on pods"
+            );
+            for g in &groups {
+                for r in &resources {
+                    granted.insert((g.clone(), r.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    // And what the agent's watchers need is there.
+    let watched = [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        (ISTIO_GROUP, "authorizationpolicies"),
+        (ISTIO_GROUP, "peerauthentications"),
+    ];
+    for (g, r) in watched {
+        for verb in read {
+            assert!(
+                granted.contains(&(g.into(), r.into(), verb.into())),
+                "{verb} on {g}/{r} is not granted"
+            );
+        }
+    }
+    assert!(granted.contains(&(String::new(), "pods".into(), "patch".into())));
+
+    let binding = one(&m.bindings, "ClusterRoleBinding");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let sa = one(&m.service_accounts, "ServiceAccount");
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), sa.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+    let ds = one(&m.daemonsets, "DaemonSet");
+    assert_eq!(
+        pod_spec(ds).service_account_name.as_ref(),
+        sa.metadata.name.as_ref()
+    );
+}
+
+// ---- CRDs ----
+
+fn crd<'a>(m: &'a Manifests, kind: &str) -> &'a CustomResourceDefinition {
+    m.crds
+        .iter()
+        .find(|c| c.spec.names.kind == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"))
+}
+
+/// The schema of `spec` (identical in every version: checked).
+fn spec_schema(crd: &CustomResourceDefinition) -> JSONSchemaProps {
+    let schemas: Vec<&JSONSchemaProps> = crd
+        .spec
+        .versions
+        .iter()
+        .map(|v| {
+            v.schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .unwrap_or_else(|| panic!("{} {} has no schema", crd.spec.names.kind, v.name))
+        })
+        .collect();
+    assert!(
+        schemas.windows(2).all(|w| w[0] == w[1]),
+        "versions of {} differ",
+        crd.spec.names.kind
+    );
+    schemas[0]
+        .properties
+        .as_ref()
+        .and_then(|p| p.get("spec"))
+        .cloned()
+        .expect("a spec schema")
+}
+
+fn props(s: &JSONSchemaProps) -> &BTreeMap<String, JSONSchemaProps> {
+    s.properties
+        .as_ref()
+        .expect("an object schema with properties")
+}
+
+fn items(s: &JSONSchemaProps) -> &JSONSchemaProps {
+    match s.items.as_ref().expect("an array schema") {
+        JSONSchemaPropsOrArray::Schema(s) => s,
+        JSONSchemaPropsOrArray::Schemas(_) => panic!("tuple arrays are not used"),
+    }
+}
+
+/// The schema at a path like `rules[].from[].source.principals`.
+fn at<'a>(root: &'a JSONSchemaProps, path: &str) -> &'a JSONSchemaProps {
+    let mut s = root;
+    for part in path.split('.') {
+        let (name, arrays) = (part.trim_end_matches("[]"), part.matches("[]").count());
+        s = props(s)
+            .get(name)
+            .unwrap_or_else(|| panic!("no field {name} on the way to {path}"));
+        for _ in 0..arrays {
+            s = items(s);
+        }
+    }
+    s
+}
+
+fn enum_values(s: &JSONSchemaProps) -> Vec<String> {
+    s.enum_
+        .iter()
+        .flatten()
+        .map(|v| v.0.as_str().expect("string enum").to_owned())
+        .collect()
+}
+
+fn string_list(s: &JSONSchemaProps) -> bool {
+    s.type_.as_deref() == Some("array") && items(s).type_.as_deref() == Some("string")
+}
+
+#[test]
+fn crds_are_istios_group_versions_kinds_and_names() {
+    let m = load();
+    for (kind, plural, singular, short) in [
+        (
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+            "authorizationpolicy",
+            "ap",
+        ),
+        (
+            "PeerAuthentication",
+            "peerauthentications",
+            "peerauthentication",
+            "pa",
+        ),
+    ] {
+        let c = crd(&m, kind);
+        assert_eq!(
+            c.metadata.name.as_deref(),
+            Some(format!("{plural}.{ISTIO_GROUP}").as_str())
+        );
+        assert_eq!(c.spec.group, ISTIO_GROUP);
+        assert_eq!(c.spec.scope, "Namespaced");
+        let n = &c.spec.names;
+        assert_eq!(n.plural, plural);
+        assert_eq!(n.singular.as_deref(), Some(singular));
+        assert_eq!(n.list_kind.as_deref(), Some(format!("{kind}List").as_str()));
+        assert_eq!(
+            n.short_names.as_deref(),
+            Some([short.to_owned()].as_slice())
+        );
+        let versions: Vec<(&str, bool, bool)> = c
+            .spec
+            .versions
+            .iter()
+            .map(|v| (v.name.as_str(), v.served, v.storage))
+            .collect();
+        // Istio serves v1 and v1beta1 and stores v1beta1 (the schemas are the same).
+        assert_eq!(
+            versions,
+            [("v1", true, false), ("v1beta1", true, true)],
+            "{kind}"
+        );
+        for v in &c.spec.versions {
+            assert!(
+                v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
+                "{kind} {}: status subresource",
+                v.name
+            );
+        }
+    }
+}
+
+#[test]
+fn authorization_policy_schema_covers_istios_fields() {
+    let m = load();
+    let spec = spec_schema(crd(&m, "AuthorizationPolicy"));
+    assert_eq!(
+        enum_values(at(&spec, "action")),
+        ["ALLOW", "DENY", "AUDIT", "CUSTOM"]
+    );
+    let labels = at(&spec, "selector.matchLabels");
+    assert!(matches!(
+        labels.additional_properties.as_ref(),
+        Some(JSONSchemaPropsOrBool::Schema(s)) if s.type_.as_deref() == Some("string")
+    ));
+    for f in [
+        "principals",
+        "notPrincipals",
+        "namespaces",
+        "notNamespaces",
+        "ipBlocks",
+        "notIpBlocks",
+        "requestPrincipals",
+        "notRequestPrincipals",
+        "remoteIpBlocks",
+        "notRemoteIpBlocks",
+        "serviceAccounts",
+        "notServiceAccounts",
+    ] {
+        assert!(
+            string_list(at(&spec, &format!("rules[].from[].source.{f}"))),
+            "source.{f}"
+        );
+    }
+    for f in [
+        "ports",
+        "notPorts",
+        "methods",
+        "notMethods",
+        "paths",
+        "notPaths",
+        "hosts",
+        "notHosts",
+    ] {
+        assert!(
+            string_list(at(&spec, &format!("rules[].to[].operation.{f}"))),
+            "operation.{f}"
+        );
+    }
+    assert_eq!(
+        at(&spec, "rules[].when[].key").type_.as_deref(),
+        Some("string")
+    );
+    assert_eq!(
+        at(&spec, "rules[].when[]").required.as_deref(),
+        Some(["key".to_owned()].as_slice())
+    );
+    for f in ["values", "notValues"] {
+        assert!(
+            string_list(at(&spec, &format!("rules[].when[].{f}"))),
+            "when.{f}"
+        );
+    }
+    for f in ["group", "kind", "name", "namespace"] {
+        at(&spec, &format!("targetRef.{f}"));
+        at(&spec, &format!("targetRefs[].{f}"));
+    }
+    at(&spec, "provider.name");
+}
+
+#[test]
+fn peer_authentication_schema_covers_istios_fields() {
+    let m = load();
+    let spec = spec_schema(crd(&m, "PeerAuthentication"));
+    let modes = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
+    assert_eq!(enum_values(at(&spec, "mtls.mode")), modes);
+    at(&spec, "selector.matchLabels");
+    let port_level = at(&spec, "portLevelMtls");
+    let Some(JSONSchemaPropsOrBool::Schema(per_port)) = port_level.additional_properties.as_ref()
+    else {
+        panic!("portLevelMtls is a map of port to settings");
+    };
+    assert_eq!(enum_values(at(per_port, "mode")), modes);
+}
+
+/// Paths where unknown fields are kept (`x-kubernetes-preserve-unknown-fields`).
+fn open_paths(s: &JSONSchemaProps, path: &str, out: &mut Vec<String>) {
+    if s.x_kubernetes_preserve_unknown_fields == Some(true) {
+        out.push(path.to_owned());
+    }
+    for (name, p) in s.properties.iter().flatten() {
+        let sub = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path}.{name}")
+        };
+        open_paths(p, &sub, out);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(i)) = &s.items {
+        open_paths(i, &format!("{path}[]"), out);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(a)) = &s.additional_properties {
+        open_paths(a, &format!("{path}{{}}"), out);
+    }
+}
+
+#[test]
+fn crd_schemas_are_closed_except_status_as_in_istio() {
+    let m = load();
+    for c in &m.crds {
+        for v in &c.spec.versions {
+            let root = v
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .unwrap();
+            let mut open = Vec::new();
+            open_paths(root, "", &mut open);
+            assert_eq!(open, ["status"], "{} {}", c.spec.names.kind, v.name);
+        }
+    }
+}
+
+/// A structural check of `value` against `schema` (types, enums, known fields, required):
+/// what the API server does before CEL rules, which are not evaluated here.
+fn validate(schema: &JSONSchemaProps, value: &Value, path: &str) -> Result<(), String> {
+    if let Some(allowed) = &schema.enum_
+        && !allowed.iter().any(|a| a.0 == *value)
+    {
+        return Err(format!("{path}: {value} is not one of the allowed values"));
+    }
+    let ty = schema.type_.as_deref().unwrap_or_default();
+    match (ty, value) {
+        ("object", Value::Object(map)) => {
+            for req in schema.required.iter().flatten() {
+                if !map.contains_key(req) {
+                    return Err(format!("{path}.{req}: required"));
+                }
+            }
+            for (k, v) in map {
+                let sub = format!("{path}.{k}");
+                match (
+                    schema.properties.as_ref().and_then(|p| p.get(k)),
+                    &schema.additional_properties,
+                ) {
+                    (Some(s), _) => validate(s, v, &sub)?,
+                    (None, Some(JSONSchemaPropsOrBool::Schema(s))) => validate(s, v, &sub)?,
+                    _ if schema.x_kubernetes_preserve_unknown_fields == Some(true) => {}
+                    _ => return Err(format!("{sub}: unknown field")),
+                }
+            }
+            Ok(())
+        }
+        ("array", Value::Array(values)) => values
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| validate(items(schema), v, &format!("{path}[{i}]"))),
+        ("string", Value::String(_)) | ("boolean", Value::Bool(_)) => Ok(()),
+        ("integer", Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(()),
+        _ => Err(format!("{path}: {value} is not of type {ty:?}")),
+    }
+}
+
+fn validate_spec(m: &Manifests, kind: &str, spec: &Value) -> Result<(), String> {
+    validate(&spec_schema(crd(m, kind)), spec, "spec")
+}
+
+#[test]
+fn istio_documentation_examples_fit_the_crd_schemas() {
+    let m = load();
+    let policies = [
+        // allow-nothing
+        json!({}),
+        json!({
+            "selector": {"matchLabels": {"app": "httpbin", "version": "v1"}},
+            "action": "ALLOW",
+            "rules": [{
+                "from": [
+                    {"source": {"principals": ["cluster.local/ns/default/sa/sleep"]}},
+                    {"source": {"namespaces": ["dev"]}},
+                ],
+                "to": [{"operation": {"methods": ["GET"], "paths": ["/info*"]}}],
+                "when": [{"key": "request.auth.claims[iss]", "values": ["https://accounts.google.com"]}],
+            }],
+        }),
+        json!({
+            "action": "DENY",
+            "rules": [{
+                "from": [{"source": {"notNamespaces": ["foo"], "ipBlocks": ["10.0.0.0/8"], "notIpBlocks": ["10.1.0.0/16"]}}],
+                "to": [{"operation": {"ports": ["8080"], "notPorts": ["9090"], "hosts": ["a.example"], "notMethods": ["DELETE"]}}],
+                "when": [{"key": "destination.port", "notValues": ["22"]}],
+            }],
+        }),
+        json!({
+            "targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"serviceAccounts": ["ns1/sa1"], "requestPrincipals": ["*"], "remoteIpBlocks": ["1.2.3.4"]}}]}],
+        }),
+        json!({"action": "CUSTOM", "provider": {"name": "my-ext-authz"}, "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}),
+        json!({"action": "AUDIT", "targetRef": {"kind": "Service", "group": "", "name": "web"}, "rules": [{}]}),
+    ];
+    for p in &policies {
+        validate_spec(&m, "AuthorizationPolicy", p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    }
+    let peer = [
+        json!({"mtls": {"mode": "STRICT"}}),
+        json!({
+            "selector": {"matchLabels": {"app": "finance"}},
+            "mtls": {"mode": "PERMISSIVE"},
+            "portLevelMtls": {"8080": {"mode": "DISABLE"}, "9090": {"mode": "UNSET"}},
+        }),
+    ];
+    for p in &peer {
+        validate_spec(&m, "PeerAuthentication", p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    }
+
+    // And what Istio rejects, this rejects.
+    for (kind, bad) in [
+        ("AuthorizationPolicy", json!({"action": "PERMIT"})),
+        ("AuthorizationPolicy", json!({"rule": [{}]})),
+        (
+            "AuthorizationPolicy",
+            json!({"rules": [{"to": [{"operation": {"ports": [8080]}}]}]}),
+        ),
+        (
+            "AuthorizationPolicy",
+            json!({"rules": [{"when": [{"values": ["x"]}]}]}),
+        ),
+        ("AuthorizationPolicy", json!({"targetRef": {"name": "web"}})),
+        ("PeerAuthentication", json!({"mtls": {"mode": "ON"}})),
+        (
+            "PeerAuthentication",
+            json!({"portLevelMtls": {"8080": {"mode": "MUTUAL"}}}),
+        ),
+    ] {
+        assert!(
+            validate_spec(&m, kind, &bad).is_err(),
+            "{kind} {bad} should be rejected"
+        );
+    }
+}
+
+/// What kustomize (Go's YAML parser, which e.g. reads `0400` as octal) makes of deploy/
+/// equals what this test read (serde_yaml, YAML 1.2), but for the image the kustomization
+/// sets.
+/// Needs `kubectl` (its built-in kustomize); without it this check is skipped, not failed:
+/// kubectl is not something the project installs.
+#[test]
+fn kustomize_build_agrees_with_the_files() {
+    let out = match Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy_dir())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED: kubectl kustomize cannot run ({e}); kustomize build not checked");
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8 output");
+    let built: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|de| {
+            let y = <serde_yaml::Value as serde::Deserialize>::deserialize(de)
+                .expect("kustomize output");
+            serde_json::to_value(y).expect("JSON")
+        })
+        .collect();
+
+    let m = load();
+    let (_, k) = one(&m.kustomizations, "kustomization");
+    let image = &k["images"][0];
+    let (from, to) = (
+        image["name"].as_str().unwrap(),
+        format!(
+            "{}:{}",
+            image["newName"].as_str().unwrap(),
+            image["newTag"].as_str().unwrap()
+        ),
+    );
+    let key = |v: &Value| {
+        format!(
+            "{}/{}",
+            v["kind"].as_str().unwrap_or_default(),
+            v["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    };
+    let mut sources: BTreeMap<String, Value> = documents()
+        .into_iter()
+        .filter(|d| d.value["kind"] != "Kustomization")
+        .map(|d| (key(&d.value), d.value))
+        .collect();
+    assert_eq!(
+        built.iter().map(key).collect::<BTreeSet<_>>(),
+        sources.keys().cloned().collect::<BTreeSet<_>>(),
+        "kustomize builds exactly the manifests"
+    );
+    for b in &built {
+        let mut expected = sources.remove(&key(b)).unwrap();
+        if let Some(pod) = expected.pointer_mut("/spec/template/spec") {
+            for list in ["containers", "initContainers"] {
+                for c in pod[list].as_array_mut().into_iter().flatten() {
+                    if c["image"] == from {
+                        c["image"] = Value::String(to.clone());
+                    }
+                }
+            }
+        }
+        if let Some(path) = first_difference(&expected, b, "") {
+            panic!(
+                "{}: kustomize reads `{path}` differently: {} vs {}",
+                key(b),
+                expected
+                    .pointer(&format!("/{}", path.replace('.', "/")))
+                    .unwrap_or(&Value::Null),
+                b
+            );
+        }
+    }
+}
