@@ -134,6 +134,45 @@ fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_p
         api.patches()
     );
 
+    // The watch breaks (streams closed, history expired: 410 on re-watch) while a
+    // connection is open and an update lands in the gap: the connection survives, the
+    // update is not lost.
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let held = a
+        .spawn(&[
+            pod_bin.to_str().unwrap(),
+            "hold",
+            "--to",
+            &b.addr_v4(APP).to_string(),
+            "--seconds",
+            "3",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    api.expire_resource_versions();
+    api.close_watches();
+    let late = cluster
+        .add_pod(PodSpec::new("late", "shop", 0).label("app", "late"))
+        .unwrap();
+    late.spawn_server(&[9999]).unwrap();
+    api.apply(pod_object(&late, node.name())).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || late
+            .connect(b.addr_v4(APP), 1024)
+            .is_ok_and(|r| captured(&r))),
+        "the pod added during the watch gap was not enrolled:\n{}",
+        node.agent_log()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || held.try_wait().is_some()),
+        "hold did not finish"
+    );
+    assert!(
+        held.log_text().contains("held"),
+        "the open connection broke: {}",
+        held.log_text()
+    );
+
     // Label removed: released, traffic flows outside the mesh again.
     api.apply(namespace_object("shop", false)).unwrap();
     assert!(
