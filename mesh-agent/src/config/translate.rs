@@ -100,6 +100,9 @@ pub fn translate(
 /// `sidecar.istio.io/status`), is not finished (phase Succeeded/Failed) or being deleted, its
 /// label `istio.io/dataplane-mode` is not `none`, and that label is `ambient` on the pod or on
 /// its namespace.
+/// Pods of this namespace are never enrolled, whatever their labels.
+pub const SYSTEM_NAMESPACE: &str = "kube-system";
+
 pub fn is_captured(pod: &k8s::Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
     fn mode(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
         labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)
@@ -120,8 +123,11 @@ pub fn is_captured(pod: &k8s::Pod, namespace_labels: Option<&BTreeMap<String, St
         Some("Succeeded" | "Failed")
     );
     let deleting = pod.metadata.deletion_timestamp.is_some();
+    // As istio-cni's default exclusion: the cluster's own system pods are never meshed.
+    let system = pod.metadata.namespace.as_deref() == Some(SYSTEM_NAMESPACE);
 
     !host_network
+        && !system
         && !has_sidecar
         && !finished
         && !deleting
@@ -714,5 +720,22 @@ spec:
             err,
             "Pod default/web-1: status.podIP: invalid IP address \"10.0.0.300\""
         );
+    }
+
+    #[test]
+    fn kube_system_pods_are_never_captured() {
+        let mut pod: k8s::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "coredns", "namespace": "kube-system",
+                         "labels": {"istio.io/dataplane-mode": "ambient"}},
+            "spec": {"containers": [{"name": "c"}]},
+        }))
+        .unwrap();
+        let ambient = BTreeMap::from([(
+            DATAPLANE_MODE_LABEL.to_string(),
+            DATAPLANE_MODE_AMBIENT.to_string(),
+        )]);
+        assert!(!is_captured(&pod, Some(&ambient)));
+        pod.metadata.namespace = Some("shop".into());
+        assert!(is_captured(&pod, Some(&ambient)));
     }
 }
