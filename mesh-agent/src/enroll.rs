@@ -315,6 +315,7 @@ impl Enroller {
         for t in e.tasks {
             t.abort();
         }
+        self.proxy.forget_pod(&e.pod);
         self.proxy.certs.release(&e.pod.identity);
         match result {
             Ok(()) => {
@@ -394,6 +395,7 @@ impl Enroller {
     /// closed until an agent comes back. Only stops the accept loops.
     pub fn shutdown(&mut self) {
         for e in std::mem::take(&mut self.pods).into_values() {
+            self.proxy.forget_pod(&e.pod);
             for t in e.tasks {
                 t.abort();
             }

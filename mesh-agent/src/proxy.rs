@@ -87,12 +87,17 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
     pub authz: Arc<authorize::Authorizer>,
+    /// The enrolled pods of this node by address (the same-node path).
+    local_pods: Mutex<std::collections::HashMap<IpAddr, Arc<PodContext>>>,
     /// Round-robin position for service endpoints.
     picks: std::sync::atomic::AtomicUsize,
 }
 
 /// Where an outbound connection goes.
 enum Route {
+    /// An enrolled pod of this node: authorized and delivered straight into its
+    /// namespace, one hop (ADR 003).
+    Local { dst: Arc<PodContext> },
     /// An enrolled pod on another node: HBONE to its 15008.
     Hbone { dst: Identity },
     /// Same-node enrolled pod (the destination's inbound listener takes it) or a
@@ -120,6 +125,7 @@ impl Proxy {
             certs,
             authz,
             picks: std::sync::atomic::AtomicUsize::new(0),
+            local_pods: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -143,12 +149,28 @@ impl Proxy {
         w.captured && w.node.as_deref() == Some(self.node.as_str())
     }
 
-    fn route(&self, dst: Option<&Workload>) -> Route {
+    fn route(&self, dst_ip: IpAddr, dst: Option<&Workload>) -> Route {
+        if let Some(pod) = self
+            .local_pods
+            .lock()
+            .expect("local pods lock")
+            .get(&dst_ip)
+        {
+            return Route::Local { dst: pod.clone() };
+        }
         match dst {
             Some(w) if w.captured && !self.is_local_mesh(w) && w.node.is_some() => Route::Hbone {
                 dst: self.identity_of(w),
             },
             _ => Route::Direct,
+        }
+    }
+
+    /// The pod no longer takes same-node connections (released or shutting down).
+    pub fn forget_pod(&self, pod: &PodContext) {
+        let mut local = self.local_pods.lock().expect("local pods lock");
+        for ip in &pod.workload.ips {
+            local.remove(ip);
         }
     }
 
@@ -158,6 +180,12 @@ impl Proxy {
         pod: Arc<PodContext>,
         listeners: PodListeners,
     ) -> Vec<JoinHandle<()>> {
+        {
+            let mut local = self.local_pods.lock().expect("local pods lock");
+            for ip in &pod.workload.ips {
+                local.insert(*ip, pod.clone());
+            }
+        }
         let mut tasks = Vec::new();
         for l in listeners.outbound {
             tasks.push(tokio::spawn(outbound::accept_loop(
@@ -264,7 +292,7 @@ impl<'a> Tracked<'a> {
     }
 
     /// Closes the record: `request` bytes went from source to destination, `response` back.
-    fn finish(self, request: u64, response: u64, error: Option<std::io::Error>) {
+    fn finish(self, request: u64, response: u64, error: Option<&std::io::Error>) {
         self.metrics
             .connection_closed(&self.labels, request, response);
         let l = &self.labels;
@@ -284,7 +312,7 @@ impl<'a> Tracked<'a> {
             bytes_sent = response,
             bytes_recv = request,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            error = error.as_ref().map(tracing::field::display),
+            error = error.map(tracing::field::display),
             "connection complete"
         );
     }
@@ -329,6 +357,32 @@ async fn connect(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Result<TcpS
         Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
         Err(_) => Err(ProxyError::ConnectTimeout { addr }),
     }
+}
+
+/// Refuses a connection before any byte reached the application: counted, access-logged
+/// with the reason, reset.
+fn deny(
+    metrics: &Metrics,
+    dst: &Workload,
+    src: SocketAddr,
+    to: SocketAddr,
+    reason: &'static str,
+    detail: &str,
+    downstream: &TcpStream,
+) {
+    metrics.connection_denied(dst, reason);
+    tracing::info!(
+        target: "access",
+        direction = "inbound",
+        src.addr = %src,
+        dst.addr = %to,
+        dst.workload = %dst.workload_name,
+        dst.namespace = %dst.namespace,
+        reason = reason,
+        "connection denied: {}",
+        detail
+    );
+    copy::reset(downstream);
 }
 
 /// Accept errors that concern one connection only (keep accepting).

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::authorize::Peer;
 use super::{
-    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, labels,
+    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, deny, labels,
     pod_socket,
 };
 use crate::{ebpf::canonical, metrics::Reporter, peer_auth::MtlsMode};
@@ -54,20 +54,16 @@ async fn handle(
     // this node: then it went through this agent's own outbound side (same-node path).
     let local_mesh = src_workload.filter(|w| proxy.is_local_mesh(w));
     let policy = proxy.authz.policy(&state);
-    let denied = |reason: &'static str, detail: &str| {
-        proxy.metrics.connection_denied(&pod.workload, reason);
-        tracing::info!(
-            target: "access",
-            direction = "inbound",
-            src.addr = %peer,
-            dst.addr = %orig,
-            dst.workload = %pod.workload.workload_name,
-            dst.namespace = %pod.workload.namespace,
-            reason = reason,
-            "connection denied: {}",
-            detail
-        );
-        copy::reset(&downstream);
+    let denied = |reason, detail: &str| {
+        deny(
+            &proxy.metrics,
+            &pod.workload,
+            peer,
+            orig,
+            reason,
+            detail,
+            &downstream,
+        )
     };
     if local_mesh.is_none() && policy.mtls_mode(&pod.workload, orig.port()) == MtlsMode::Strict {
         denied(
@@ -109,7 +105,11 @@ async fn handle(
     let labels = labels(Reporter::Destination, &state, &info);
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
     let (t, error) = copy::tcp(&mut downstream, &mut upstream, live.closed()).await;
-    tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
+    tracked.finish(
+        t.downstream_to_upstream,
+        t.upstream_to_downstream,
+        error.as_ref(),
+    );
     Ok(())
 }
 

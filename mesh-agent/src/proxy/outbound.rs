@@ -8,8 +8,8 @@ use mesh_common::{HBONE_PORT, PROXY_MARK};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    ConnInfo, PodContext, Proxy, ProxyError, Route, Tracked, accept_backoff, connect, copy, labels,
-    pod_socket,
+    ConnInfo, PodContext, Proxy, ProxyError, Route, Tracked, accept_backoff, authorize::Peer,
+    connect, copy, deny, inbound, labels, pod_socket,
 };
 use crate::{lb, metrics::Reporter};
 
@@ -66,7 +66,82 @@ async fn handle(
     let service_name =
         service.map(|(s, _)| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
     let dst_workload = state.workload_by_ip(orig.ip());
-    match proxy.route(dst_workload) {
+    match proxy.route(orig.ip(), dst_workload) {
+        Route::Local { dst } => {
+            let src_ip = pod
+                .workload
+                .ips
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv4() == orig.is_ipv4())
+                .unwrap_or(peer.ip());
+            let src = SocketAddr::new(src_ip, peer.port());
+            // The destination side's checks, done here: the agent knows both ends.
+            let peer_id = Peer {
+                src,
+                dst: orig,
+                identity: Some(pod.identity.clone()),
+            };
+            let decision = proxy
+                .authz
+                .policy(&state)
+                .authorize(&dst.workload, &peer_id);
+            if !decision.allowed {
+                let detail = format!("AuthorizationPolicy: {decision}");
+                deny(
+                    &proxy.metrics,
+                    &dst.workload,
+                    src,
+                    orig,
+                    "authorization_policy",
+                    &detail,
+                    &downstream,
+                );
+                return Ok(());
+            }
+            let mut upstream = match inbound::deliver(&dst, src_ip, orig).await {
+                Ok(u) => u,
+                Err(e) => {
+                    copy::reset(&downstream);
+                    return Err(e);
+                }
+            };
+            let info = ConnInfo {
+                src: Some(&pod.workload),
+                dst: Some(&dst.workload),
+                dst_port: orig.port(),
+                src_principal: Some(pod.identity.to_string()),
+                dst_principal: Some(dst.identity.to_string()),
+                mutual_tls: true,
+                service: service_name.clone(),
+            };
+            let live = proxy.authz.register(&dst.workload, peer_id);
+            let as_source = Tracked::open(
+                &proxy.metrics,
+                labels(Reporter::Source, &state, &info),
+                "outbound",
+                src,
+                orig,
+            );
+            let as_destination = Tracked::open(
+                &proxy.metrics,
+                labels(Reporter::Destination, &state, &info),
+                "inbound",
+                src,
+                orig,
+            );
+            let (t, error) = copy::tcp(&mut downstream, &mut upstream, live.closed()).await;
+            as_source.finish(
+                t.downstream_to_upstream,
+                t.upstream_to_downstream,
+                error.as_ref(),
+            );
+            as_destination.finish(
+                t.downstream_to_upstream,
+                t.upstream_to_downstream,
+                error.as_ref(),
+            );
+        }
         Route::Hbone { dst } => {
             // The tunnel starts in the pod's namespace, so its source is the pod's address.
             let src = pod
@@ -106,7 +181,11 @@ async fn handle(
                 orig,
             );
             let (t, error) = copy::tcp_to_stream(&mut downstream, tunnel.io, copy::never()).await;
-            tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
+            tracked.finish(
+                t.downstream_to_upstream,
+                t.upstream_to_downstream,
+                error.as_ref(),
+            );
         }
         Route::Direct => {
             let socket = pod_socket(pod, orig.ip(), |s| s.set_mark(PROXY_MARK))?;
@@ -138,7 +217,11 @@ async fn handle(
                 orig,
             );
             let (t, error) = copy::tcp(&mut downstream, &mut upstream, copy::never()).await;
-            tracked.finish(t.downstream_to_upstream, t.upstream_to_downstream, error);
+            tracked.finish(
+                t.downstream_to_upstream,
+                t.upstream_to_downstream,
+                error.as_ref(),
+            );
         }
     }
     Ok(())

@@ -153,7 +153,11 @@ async fn handle(
         let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
         // Downstream here is the application: what it sends is the response.
         let (t, error) = copy::tcp_to_stream(&mut app, tunnel, live.closed()).await;
-        tracked.finish(t.upstream_to_downstream, t.downstream_to_upstream, error);
+        tracked.finish(
+            t.upstream_to_downstream,
+            t.downstream_to_upstream,
+            error.as_ref(),
+        );
     });
     status(StatusCode::OK)
 }
