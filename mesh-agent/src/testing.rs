@@ -19,3 +19,17 @@ pub use cluster::{
 };
 pub use host::{in_netns, locate_binary};
 pub use workload::ConnectReport;
+
+/// Polls `f` every 100 ms until it holds (true) or `limit` has passed (false).
+pub fn eventually(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

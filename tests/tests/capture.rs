@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use mesh_agent::ebpf::{AttachType, attached_count};
 use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, require_root};
+use mesh_agent::testing::{
+    Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, eventually, require_root,
+};
 
 const MIB: u64 = 1 << 20;
 const OPENED: &str = "istio_tcp_connections_opened_total";
@@ -84,20 +86,6 @@ fn assert_carried(client: &Pod, to: SocketAddr, bytes: u64) -> ConnectReport {
         client.name()
     );
     report
-}
-
-/// Polls `f` until it holds or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn source_filter<'a>(src: &'a str, dst: &'a str) -> Vec<(&'static str, &'a str)> {

@@ -14,7 +14,9 @@ use mesh_agent::identity::{FileCa, Identity, SecretManager, tls};
 use mesh_agent::testing::capture::{Capture, contains, tls_client_hello_to};
 use mesh_agent::testing::metrics::Metrics;
 use mesh_agent::testing::workload::pattern;
-use mesh_agent::testing::{Cluster, ConfigOptions, ConnectReport, PodSpec, in_netns, require_root};
+use mesh_agent::testing::{
+    Cluster, ConfigOptions, ConnectReport, PodSpec, eventually, in_netns, require_root,
+};
 
 const MIB: u64 = 1 << 20;
 const APP: u16 = 8080;
@@ -54,19 +56,6 @@ fn cluster() -> Cluster {
 
 fn metrics(cluster: &Cluster, node: usize) -> Metrics {
     Metrics::parse(&cluster.node(node).metrics().expect("reading /metrics"))
-}
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn ok(report: &ConnectReport) -> bool {

@@ -9,24 +9,13 @@ use std::time::{Duration, Instant};
 
 use mesh_agent::testing::apiserver::ApiServer;
 use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, require_root};
+use mesh_agent::testing::{
+    Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, eventually, require_root,
+};
 use serde_json::json;
 
 const APP: u16 = 8080;
 const OPENED: &str = "istio_tcp_connections_opened_total";
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn captured(r: &ConnectReport) -> bool {
     r.ok && r.local.is_some_and(|a| a.ip().is_loopback())

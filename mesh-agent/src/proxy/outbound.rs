@@ -66,15 +66,17 @@ async fn handle(
     let service_name =
         service.map(|(s, _)| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
     let dst_workload = state.workload_by_ip(orig.ip());
+    // The pod's own address in the destination's family: the source the destination sees.
+    let pod_ip = pod
+        .workload
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == orig.is_ipv4())
+        .unwrap_or(peer.ip());
     match proxy.route(orig.ip(), dst_workload) {
         Route::Local { dst } => {
-            let src_ip = pod
-                .workload
-                .ips
-                .iter()
-                .copied()
-                .find(|ip| ip.is_ipv4() == orig.is_ipv4())
-                .unwrap_or(peer.ip());
+            let src_ip = pod_ip;
             let src = SocketAddr::new(src_ip, peer.port());
             // The destination side's checks, done here: the agent knows both ends.
             let peer_id = Peer {
@@ -144,13 +146,7 @@ async fn handle(
         }
         Route::Hbone { dst } => {
             // The tunnel starts in the pod's namespace, so its source is the pod's address.
-            let src = pod
-                .workload
-                .ips
-                .iter()
-                .copied()
-                .find(|ip| ip.is_ipv4() == orig.is_ipv4())
-                .unwrap_or(peer.ip());
+            let src = pod_ip;
             let hbone = SocketAddr::new(orig.ip(), HBONE_PORT);
             let client = SocketAddr::new(src, peer.port());
             let tunnel = match proxy
