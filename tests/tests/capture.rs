@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_agent::ebpf::{AttachType, attached_count};
 use mesh_agent::testing::metrics::Metrics;
