@@ -246,6 +246,9 @@ impl Handler for AdminView {
             "/metrics" | "/stats/prometheus" => {
                 Response::ok("text/plain; version=0.0.4", self.metrics.render())
             }
+            // Liveness: the process and its runtime answer (unlike readiness, one pod that
+            // cannot be enrolled yet does not fail it).
+            "/healthz/live" => Response::ok("text/plain", "live\n".into()),
             "/healthz/ready" => {
                 let status = self.status.lock().expect("status lock");
                 if status.ready {

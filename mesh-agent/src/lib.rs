@@ -10,6 +10,7 @@ pub mod identity;
 pub mod lb;
 pub mod metrics;
 pub mod peer_auth;
+mod policy_json;
 pub mod proxy;
 pub mod rbac;
 pub mod state;

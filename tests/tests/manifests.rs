@@ -333,6 +333,7 @@ fn daemonset_probes_and_ports_are_the_agents() {
 
     let (port, path, host) = http_get(c.liveness_probe.as_ref(), "liveness");
     let served = [
+        (i32::from(READINESS_PORT), "/healthz/live"),
         (i32::from(READINESS_PORT), "/healthz/ready"),
         (i32::from(METRICS_PORT), "/metrics"),
         (i32::from(ADMIN_PORT), "/config_dump"),
