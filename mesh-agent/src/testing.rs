@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
 mod config;

@@ -441,7 +441,10 @@ fn enrollment_errors_name_the_pod_keep_the_agent_not_ready_and_heal_once_fixed()
         cluster.node(1).agent_log()
     );
     // Not ready, yet alive: one pod's trouble must not get the agent restarted.
-    assert_eq!(cluster.node(0).http_get(15021, "/healthz/live").unwrap().0, 200);
+    assert_eq!(
+        cluster.node(0).http_get(15021, "/healthz/live").unwrap().0,
+        200
+    );
     // The other pods are served all the same.
     assert_carried(&a, c.addr_v4(APP), MIB);
 

@@ -15,6 +15,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 /// Components of the toolchain that runs xtask, used by `cargo xtask test`.
 const STABLE_COMPONENTS: [&str; 2] = ["clippy", "rustfmt"];
+/// Load generators `mesh-bench` runs inside pods (program, Debian package); its smoke
+/// run is part of `cargo xtask test`.
+const BENCH_TOOLS: [(&str, &str); 2] = [("iperf3", "iperf3"), ("wrk", "wrk")];
 
 pub fn setup(env: &Env) -> Result<()> {
     // Debian packages first (bpf-linker links against llvm-22-dev), in one apt run.
@@ -28,6 +31,13 @@ pub fn setup(env: &Env) -> Result<()> {
     report("iproute2 (ip)", ip);
     if !ip {
         apt.push("iproute2");
+    }
+    for (program, package) in BENCH_TOOLS {
+        let ok = env.find_program(program).is_some();
+        report(&format!("{package} ({program})"), ok);
+        if !ok {
+            apt.push(package);
+        }
     }
     if !apt.is_empty() {
         apt_install(env, &apt)?;

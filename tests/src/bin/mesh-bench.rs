@@ -1,14 +1,31 @@
 //! `mesh-bench` (run by `cargo xtask bench`): measures what the mesh costs, each figure
-//! next to a baseline measured in the same run, reported as a ratio. `--smoke` runs every
-//! case briefly so CI proves the benchmarks still work; its numbers mean nothing.
+//! next to a baseline measured in the same run, reported as a ratio. On a two-node
+//! network-namespace cluster with real agents it compares three paths, interleaved
+//! run by run: no mesh (pods of a namespace without the ambient label, cross-node), mesh
+//! same-node and mesh cross-node (HBONE): bulk throughput (iperf3), keep-alive request
+//! latency (wrk, and a fixed-rate client of its own), connection churn (wrk with
+//! `Connection: close`), the agents' CPU per GB and per 10k requests, their memory per
+//! idle connection, and, on a one-node cluster, idle memory with 100 enrolled pods and
+//! enrollment time. `--smoke` runs every case briefly so CI proves the benchmarks still
+//! work; its numbers mean nothing. docs/benchmarks.md explains each figure.
+//!
+//! The subcommands are what the benchmark runs inside pods (it starts itself there).
 #![forbid(unsafe_code)]
 
 use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
 use mesh_agent::identity::{FileCa, Identity, SecretManager, testing::handshake, tls};
 use mesh_agent::rbac::{BenchCase, Connection, Policies, bench_policies};
+use mesh_agent::testing::bench::{
+    self, CAPTURED, HTTP_BODY_BYTES, PROBING, RateReport, Summary, WRK_SCRIPT,
+};
+use mesh_agent::testing::{Cluster, ConfigOptions, Node, Pod, PodSpec, Process, require_root};
 
 #[derive(Parser)]
 #[command(
@@ -19,7 +36,510 @@ struct Args {
     /// A few iterations of everything: checks the benchmarks run, not how fast.
     #[arg(long)]
     smoke: bool,
+    /// Rounds of every interleaved case (default: 3, smoke 1).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Seconds of every iperf3, wrk and fixed-rate run (default: 5, smoke 1).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Idle connections held for the memory figure (default: 1000, smoke 20).
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Pods enrolled at once (default: 100, smoke 5).
+    #[arg(long)]
+    enroll_pods: Option<usize>,
+    #[command(subcommand)]
+    pod: Option<PodCommand>,
 }
+
+/// What the benchmark runs inside a pod (through `mesh-pod exec`).
+#[derive(Subcommand)]
+enum PodCommand {
+    /// Keep-alive HTTP/1.1 server answering every request with a fixed-size body.
+    ServeHttp {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = HTTP_BODY_BYTES)]
+        body_bytes: usize,
+    },
+    /// Open-loop keep-alive GETs at a fixed rate; prints one JSON report line.
+    LoadRate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long)]
+        seconds: f64,
+    },
+    /// Opens COUNT connections (one GET each), prints READY, keeps them idle.
+    HoldConns {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// One connection with one GET; prints the client socket's local address.
+    CheckPath {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+    /// Connects every INTERVAL until the connection is captured (local address on
+    /// loopback); exits 0 then.
+    ProbeCapture {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        interval_us: u64,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
+}
+
+fn run_pod_command(command: PodCommand) -> Result<()> {
+    match command {
+        PodCommand::ServeHttp { port, body_bytes } => match bench::serve_http(port, body_bytes)? {},
+        PodCommand::LoadRate {
+            to,
+            rate,
+            connections,
+            seconds,
+        } => {
+            let report = bench::rate_load(to, rate, connections, Duration::from_secs_f64(seconds))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        PodCommand::HoldConns { to, count, seconds } => {
+            bench::hold_connections(to, count, Duration::from_secs(seconds))
+        }
+        PodCommand::CheckPath { to } => {
+            println!("{}", bench::check_path(to)?);
+            Ok(())
+        }
+        PodCommand::ProbeCapture {
+            to,
+            interval_us,
+            timeout_ms,
+        } => bench::probe_capture(
+            to,
+            Duration::from_micros(interval_us),
+            Duration::from_millis(timeout_ms),
+        ),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(command) = args.pod {
+        return run_pod_command(command);
+    }
+    let mut plan = Plan::new(args.smoke);
+    if let Some(reps) = args.reps {
+        plan.reps = reps.max(1);
+        plan.enroll_reps = reps.max(1);
+    }
+    if let Some(seconds) = args.seconds {
+        plan.bulk_secs = seconds.max(1);
+        plan.http_secs = seconds.max(1);
+    }
+    if let Some(n) = args.idle_connections {
+        plan.idle_connections = n.max(1);
+    }
+    if let Some(n) = args.enroll_pods {
+        plan.enroll_batch = n.max(1);
+    }
+    let mut table = Table::new(&plan);
+    println!("mesh-bench{}", if plan.smoke { " --smoke" } else { "" });
+    machine_summary();
+
+    micro_benchmarks(&plan, &mut table)?;
+    let cluster_ran = require_root();
+    if cluster_ran {
+        bench::raise_nofile_limit();
+        for tool in ["iperf3", "wrk", "ss"] {
+            if !on_path(tool) {
+                bail!("`{tool}` is not installed: run `cargo xtask setup` (as root)");
+            }
+        }
+        let exe = std::env::current_exe().context("finding the mesh-bench executable")?;
+        let started = Instant::now();
+        // A stage that fails leaves its figures without numbers; the table is still
+        // printed, and the missing figures make the run fail below.
+        if let Err(e) = traffic_benchmarks(&plan, &mut table, &exe) {
+            println!("\ntraffic benchmarks FAILED: {e:#}");
+        }
+        if let Err(e) = enrollment_benchmarks(&plan, &mut table, &exe) {
+            println!("\nenrollment benchmarks FAILED: {e:#}");
+        }
+        println!(
+            "\ncluster benchmarks took {:.0?}",
+            Duration::from_secs(started.elapsed().as_secs())
+        );
+    }
+    table.print(cluster_ran);
+    if plan.smoke {
+        println!("(smoke run: figures are not meaningful)");
+    }
+    let missing = table.missing(cluster_ran);
+    if !missing.is_empty() {
+        bail!(
+            "{} figure(s) produced no number:\n  {}",
+            missing.len(),
+            missing.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Durations and counts of a full run, or of a smoke run.
+struct Plan {
+    smoke: bool,
+    /// Repetitions of every interleaved case (the median is reported).
+    reps: usize,
+    bulk_secs: u64,
+    http_secs: u64,
+    /// wrk's load: threads and connections.
+    wrk_threads: usize,
+    wrk_connections: usize,
+    /// The fixed-rate load: requests per second over this many connections.
+    rate: f64,
+    rate_connections: usize,
+    /// Pause before each churn run, so the previous run's TIME_WAIT sockets drain.
+    churn_pause: Duration,
+    /// Warm-up runs (discarded) of every path before measuring.
+    warmup: bool,
+    /// Idle connections held open for the per-connection memory figure.
+    idle_connections: usize,
+    /// Restart the agents before each idle-connection measurement (fresh heaps).
+    restart_for_memory: bool,
+    /// Pods enrolled at once, and repetitions of the enrollment measurements.
+    enroll_batch: usize,
+    enroll_reps: usize,
+    /// How long to let an agent settle before reading its idle RSS.
+    settle: Duration,
+}
+
+impl Plan {
+    fn new(smoke: bool) -> Plan {
+        if smoke {
+            Plan {
+                smoke,
+                reps: 1,
+                bulk_secs: 1,
+                http_secs: 1,
+                wrk_threads: 2,
+                wrk_connections: 16,
+                rate: 1000.0,
+                rate_connections: 4,
+                churn_pause: Duration::from_millis(200),
+                warmup: false,
+                idle_connections: 20,
+                restart_for_memory: false,
+                enroll_batch: 5,
+                enroll_reps: 1,
+                settle: Duration::from_millis(300),
+            }
+        } else {
+            Plan {
+                smoke,
+                reps: 3,
+                bulk_secs: 5,
+                http_secs: 5,
+                wrk_threads: 2,
+                wrk_connections: 16,
+                rate: 1000.0,
+                rate_connections: 4,
+                churn_pause: Duration::from_secs(3),
+                warmup: true,
+                idle_connections: 1000,
+                restart_for_memory: true,
+                enroll_batch: 100,
+                enroll_reps: 3,
+                settle: Duration::from_secs(2),
+            }
+        }
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// nproc, memory, kernel and commit, for the record.
+fn machine_summary() {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / (1024.0 * 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let mut commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
+        commit.push_str(" with uncommitted changes");
+    }
+    println!(
+        "machine: {cpus} CPUs, {mem_gib:.1} GiB, kernel {}, commit {commit}",
+        kernel.trim()
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// The table of results.
+
+/// What a figure should reach (issue 6's targets), judged on the medians.
+#[derive(Clone, Copy)]
+enum Target {
+    /// value / baseline >= x
+    RatioAtLeast(f64),
+    /// value <= x
+    AtMost(f64),
+    /// value - baseline <= x
+    AddedAtMost(f64),
+}
+
+enum Baseline {
+    None,
+    /// The median of another row.
+    Row(String),
+    /// A number measured alongside (the micro-benchmark's handshake).
+    Value(f64),
+}
+
+struct Row {
+    key: String,
+    figure: String,
+    unit: &'static str,
+    decimals: usize,
+    samples: Vec<f64>,
+    baseline: Baseline,
+    target: Option<Target>,
+    errors: Vec<String>,
+    /// Only measured on the cluster (not expected without root).
+    cluster: bool,
+}
+
+struct Table {
+    rows: Vec<Row>,
+}
+
+/// A figure measured on every path: key prefix, what, unit, decimals, and the targets
+/// of the same-node and of the cross-node path.
+type PathFigure = (
+    &'static str,
+    String,
+    &'static str,
+    usize,
+    Option<Target>,
+    Option<Target>,
+);
+
+/// The three paths, in the order every interleaved round runs them.
+const PATHS: [(&str, &str); 3] = [
+    ("nomesh", "no mesh (cross-node)"),
+    ("same", "mesh same-node"),
+    ("cross", "mesh cross-node (HBONE)"),
+];
+
+impl Table {
+    /// Every figure, in the order printed, with its unit, baseline and target.
+    fn new(plan: &Plan) -> Table {
+        use Target::{AddedAtMost, AtMost, RatioAtLeast};
+        let mut t = Table { rows: Vec::new() };
+        let authz = t.row(
+            "authz",
+            "authorize 1 conn, 1,000 policies (base: mTLS handshake)",
+            "µs",
+            2,
+        );
+        authz.cluster = false;
+        let rate = plan.rate;
+        let conns = plan.wrk_connections;
+        #[rustfmt::skip]
+        let per_path: [PathFigure; 12] = [
+            ("bulk1", "bulk 1 stream".into(), "Gbit/s", 2, Some(RatioAtLeast(0.8)), Some(RatioAtLeast(0.5))),
+            ("bulk4", "bulk 4 streams".into(), "Gbit/s", 2, Some(RatioAtLeast(0.8)), Some(RatioAtLeast(0.5))),
+            ("ka-rps", format!("keep-alive {conns} conns: requests/s"), "req/s", 0, None, Some(RatioAtLeast(0.5))),
+            ("ka-p50", "keep-alive: p50".into(), "µs", 0, Some(AddedAtMost(30.0)), None),
+            ("ka-p90", "keep-alive: p90".into(), "µs", 0, None, None),
+            ("ka-p99", "keep-alive: p99".into(), "µs", 0, None, None),
+            ("rate-p50", format!("fixed {rate:.0} req/s: p50"), "µs", 0, Some(AddedAtMost(30.0)), None),
+            ("rate-p90", format!("fixed {rate:.0} req/s: p90"), "µs", 0, None, None),
+            ("rate-p99", format!("fixed {rate:.0} req/s: p99"), "µs", 0, None, None),
+            ("churn-rps", "churn (conn per request): requests/s".into(), "req/s", 0, None, Some(RatioAtLeast(0.35))),
+            ("churn-p50", "churn: p50".into(), "µs", 0, None, None),
+            ("churn-p99", "churn: p99".into(), "µs", 0, None, None),
+        ];
+        for (prefix, what, unit, decimals, same, cross) in per_path {
+            for (key, label) in PATHS {
+                let row = t.row(
+                    &format!("{prefix}/{key}"),
+                    &format!("{what}, {label}"),
+                    unit,
+                    decimals,
+                );
+                if key != "nomesh" {
+                    row.baseline = Baseline::Row(format!("{prefix}/nomesh"));
+                }
+                row.target = match key {
+                    "same" => same,
+                    "cross" => cross,
+                    _ => None,
+                };
+            }
+        }
+        #[rustfmt::skip]
+        let per_mesh_path: [(&str, &str, &'static str, usize); 3] = [
+            ("cpu-gb", "agent CPU per GB", "CPU s", 2),
+            ("cpu-ka", "agent CPU per 10k keep-alive requests", "CPU ms", 1),
+            ("cpu-churn", "agent CPU per 10k connections (churn)", "CPU ms", 1),
+        ];
+        for (prefix, what, unit, decimals) in per_mesh_path {
+            for (key, label) in &PATHS[1..] {
+                t.row(
+                    &format!("{prefix}/{key}"),
+                    &format!("{what}, {label}"),
+                    unit,
+                    decimals,
+                );
+            }
+        }
+        let n = plan.idle_connections;
+        let batch = plan.enroll_batch;
+        #[rustfmt::skip]
+        let single: [(&str, String, &'static str, usize, Option<Target>); 7] = [
+            ("conn/same", format!("agent RSS per idle conn ({n} held), same-node"), "KiB", 2, Some(AtMost(8.0))),
+            ("conn/cross-src", format!("agent RSS per idle conn ({n} held), cross: src agent"), "KiB", 2, Some(AtMost(8.0))),
+            ("conn/cross-dst", format!("agent RSS per idle conn ({n} held), cross: dst agent"), "KiB", 2, Some(AtMost(8.0))),
+            ("rss-0", "agent RSS idle, 0 enrolled pods".into(), "MiB", 1, None),
+            ("rss-batch", format!("agent RSS idle, {batch} enrolled pods"), "MiB", 1, Some(AtMost(20.0))),
+            ("enroll-1", "enrollment of 1 pod: config written to captured".into(), "ms", 0, None),
+            ("enroll-batch", format!("enrollment of {batch} pods at once"), "ms", 0, Some(AtMost(1000.0))),
+        ];
+        for (key, what, unit, decimals, target) in single {
+            t.row(key, &what, unit, decimals).target = target;
+        }
+        t
+    }
+
+    /// Adds a cluster figure without baseline or target.
+    fn row(&mut self, key: &str, figure: &str, unit: &'static str, decimals: usize) -> &mut Row {
+        self.rows.push(Row {
+            key: key.into(),
+            figure: figure.into(),
+            unit,
+            decimals,
+            samples: Vec::new(),
+            baseline: Baseline::None,
+            target: None,
+            errors: Vec::new(),
+            cluster: true,
+        });
+        self.rows.last_mut().expect("just pushed")
+    }
+
+    fn get(&mut self, key: &str) -> &mut Row {
+        let i = self
+            .rows
+            .iter()
+            .position(|r| r.key == key)
+            .unwrap_or_else(|| panic!("mesh-bench: no table row {key}"));
+        &mut self.rows[i]
+    }
+
+    fn add(&mut self, key: &str, value: f64) {
+        self.get(key).samples.push(value);
+    }
+
+    fn fail(&mut self, key: &str, error: &anyhow::Error) {
+        println!("    FAILED {key}: {error:#}");
+        self.get(key).errors.push(format!("{error:#}"));
+    }
+
+    fn median(&self, key: &str) -> Option<f64> {
+        let row = self.rows.iter().find(|r| r.key == key)?;
+        Summary::of(&row.samples).map(|s| s.median)
+    }
+
+    fn print(&self, cluster_ran: bool) {
+        println!(
+            "\n{:<62} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7}  target",
+            "figure", "unit", "median", "min", "max", "baseline", "ratio"
+        );
+        for row in &self.rows {
+            let Some(s) = Summary::of(&row.samples) else {
+                if cluster_ran || !row.cluster {
+                    println!("{:<62} {:>7} {:>10}", row.figure, row.unit, "n/a");
+                }
+                continue;
+            };
+            let d = row.decimals;
+            let baseline = match &row.baseline {
+                Baseline::None => None,
+                Baseline::Row(key) => self.median(key),
+                Baseline::Value(v) => Some(*v),
+            };
+            let ratio = baseline.map(|b| s.median / b);
+            let fmt = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
+            let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+            let target = match (row.target, baseline, ratio) {
+                (Some(Target::RatioAtLeast(x)), _, Some(r)) => {
+                    format!(">= {x:.2}x: {}", verdict(r >= x))
+                }
+                (Some(Target::AtMost(x)), _, _) => {
+                    format!("<= {x} {}: {}", row.unit, verdict(s.median <= x))
+                }
+                (Some(Target::AddedAtMost(x)), Some(b), _) => format!(
+                    "{:+.0} {} (<= +{x}): {}",
+                    s.median - b,
+                    row.unit,
+                    verdict(s.median - b <= x)
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "{:<62} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7}  {target}",
+                row.figure,
+                row.unit,
+                format!("{:.d$}", s.median),
+                format!("{:.d$}", s.min),
+                format!("{:.d$}", s.max),
+                fmt(baseline, d),
+                fmt(ratio, 3),
+            );
+        }
+    }
+
+    /// Figures with no number (the cluster's only count when the cluster ran).
+    fn missing(&self, cluster_ran: bool) -> Vec<String> {
+        self.rows
+            .iter()
+            .filter(|r| (cluster_ran || !r.cluster) && Summary::of(&r.samples).is_none())
+            .map(|r| {
+                let why = r.errors.first().map_or("not measured", String::as_str);
+                format!("{}: {why}", r.figure)
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Micro-benchmark: authorization against the cost of a handshake.
 
 /// Median of `rounds` measurements of `per_round` calls of `f`, per call.
 fn median_per_call(rounds: usize, per_round: u32, mut f: impl FnMut()) -> Duration {
@@ -36,9 +556,8 @@ fn median_per_call(rounds: usize, per_round: u32, mut f: impl FnMut()) -> Durati
     samples[samples.len() / 2]
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let (rounds, evals, handshakes) = if args.smoke {
+fn micro_benchmarks(plan: &Plan, table: &mut Table) -> Result<()> {
+    let (rounds, evals, handshakes) = if plan.smoke {
         (3, 100, 3)
     } else {
         (9, 20_000, 50)
@@ -77,19 +596,821 @@ fn main() -> anyhow::Result<()> {
         black_box(policies.evaluate(black_box(&case.workload), black_box(&conn)));
     });
 
+    let row = table.get("authz");
+    row.samples.push(eval_time.as_secs_f64() * 1e6);
+    row.baseline = Baseline::Value(handshake_time.as_secs_f64() * 1e6);
     println!(
-        "{:<58} {:>12} {:>12} {:>10}",
-        "benchmark", "value", "baseline", "ratio"
+        "authorize 1 connection (1,000 policies): {eval_time:.2?}; mTLS handshake: {handshake_time:.2?}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Traffic: throughput, latency, churn, CPU and memory per connection.
+
+const IPERF_PORT: u16 = 5201;
+const HTTP_PORT: u16 = 8080;
+const MESH_NS: &str = "mesh";
+const PLAIN_NS: &str = "plain";
+
+/// One of the three compared paths.
+struct PathCase {
+    key: &'static str,
+    label: &'static str,
+    client: Arc<Pod>,
+    server: Arc<Pod>,
+    /// Nodes whose agents carry this path's traffic.
+    agents: Vec<usize>,
+}
+
+impl PathCase {
+    fn churn_client(&self, cluster: &Cluster, rep: usize) -> Arc<Pod> {
+        cluster.pod(&churn_pod(self.key, rep))
+    }
+}
+
+fn churn_pod(key: &str, rep: usize) -> String {
+    format!("churn-{key}-{rep}")
+}
+
+/// Sum of the user+system CPU seconds of the agents of `nodes`.
+fn agents_cpu(cluster: &Cluster, nodes: &[usize]) -> Result<f64> {
+    let mut total = 0.0;
+    for &n in nodes {
+        total += bench::cpu_seconds(agent_pid(cluster.node(n))?)?;
+    }
+    Ok(total)
+}
+
+fn agent_pid(node: &Node) -> Result<u32> {
+    let agent = node
+        .agent()
+        .with_context(|| format!("{}: no agent", node.name()))?;
+    if !agent.is_running() {
+        bail!(
+            "{}: the agent is not running; log {}",
+            node.name(),
+            agent.log_path().display()
+        );
+    }
+    Ok(agent.pid())
+}
+
+fn exe_str(exe: &Path) -> Result<&str> {
+    exe.to_str()
+        .with_context(|| format!("{} is not UTF-8", exe.display()))
+}
+
+fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
+    println!("\n== traffic: 2 nodes; paths: no mesh, mesh same-node, mesh cross-node ==");
+    let started = Instant::now();
+    let mut builder = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace(MESH_NS)
+        .namespace(PLAIN_NS, std::iter::empty::<(&str, &str)>())
+        .pod(PodSpec::new("m-client", MESH_NS, 0).service_account("client"))
+        .pod(PodSpec::new("m-local", MESH_NS, 0).service_account("server"))
+        .pod(PodSpec::new("m-remote", MESH_NS, 1).service_account("server"))
+        .pod(PodSpec::new("p-client", PLAIN_NS, 0).service_account("client"))
+        .pod(PodSpec::new("p-server", PLAIN_NS, 1).service_account("server"));
+    // A fresh client pod (namespace) for every churn run: no TIME_WAIT left by an
+    // earlier run on the client's side or on the server's side of its 4-tuples.
+    for rep in 0..plan.reps {
+        for (key, _) in PATHS {
+            let ns = if key == "nomesh" { PLAIN_NS } else { MESH_NS };
+            builder =
+                builder.pod(PodSpec::new(churn_pod(key, rep), ns, 0).service_account("client"));
+        }
+    }
+    let cluster = builder.build().context("building the cluster")?;
+    let paths = vec![
+        PathCase {
+            key: "nomesh",
+            label: PATHS[0].1,
+            client: cluster.pod("p-client"),
+            server: cluster.pod("p-server"),
+            agents: vec![0, 1],
+        },
+        PathCase {
+            key: "same",
+            label: PATHS[1].1,
+            client: cluster.pod("m-client"),
+            server: cluster.pod("m-local"),
+            agents: vec![0],
+        },
+        PathCase {
+            key: "cross",
+            label: PATHS[2].1,
+            client: cluster.pod("m-client"),
+            server: cluster.pod("m-remote"),
+            agents: vec![0, 1],
+        },
+    ];
+    // Clients: the widest ephemeral port range (churn opens tens of thousands).
+    for pod in cluster.pods() {
+        if pod.name().contains("client") || pod.name().starts_with("churn-") {
+            widen_port_range(&pod)?;
+        }
+    }
+    let exe_s = exe_str(exe)?;
+    let port = HTTP_PORT.to_string();
+    let iperf_port = IPERF_PORT.to_string();
+    for name in ["m-local", "m-remote", "p-server"] {
+        let pod = cluster.pod(name);
+        let http = pod.spawn(&[exe_s, "serve-http", "--port", &port])?;
+        wait_log(&http, "READY", Duration::from_secs(10))?;
+        pod.spawn(&["iperf3", "-s", "-p", &iperf_port])?;
+        wait_listening(&pod, IPERF_PORT, Duration::from_secs(10))?;
+    }
+    let config = cluster.config_path();
+    cluster.write_config(&config, &ConfigOptions::default())?;
+    cluster.start_agents(&config)?;
     println!(
-        "{:<58} {:>12} {:>12} {:>10.5}",
-        "authorize 1 connection, 1,000 policies in scope (vs mTLS handshake)",
-        format!("{:.2?}", eval_time),
-        format!("{:.2?}", handshake_time),
-        eval_time.as_secs_f64() / handshake_time.as_secs_f64()
+        "cluster {} with {} pods and 2 agents ready in {:.1?}",
+        cluster.prefix(),
+        cluster.pods().len(),
+        started.elapsed()
     );
-    if args.smoke {
-        println!("(smoke run: figures are not meaningful)");
+    for path in &paths {
+        check_path(exe_s, path)?;
+    }
+
+    if plan.warmup {
+        println!("warm-up (discarded): iperf3 1 s and wrk 1 s per path");
+        for path in &paths {
+            let _ = iperf3(path, 1, 1);
+            let _ = wrk(plan, &path.client, &path.server, 1, false, &cluster);
+        }
+    }
+
+    bulk(plan, table, &cluster, &paths);
+    keep_alive(plan, table, &cluster, &paths);
+    fixed_rate(plan, table, &paths, exe_s);
+    churn(plan, table, &cluster, &paths);
+    idle_connections(plan, table, &cluster, &paths, exe_s, &config);
+    cluster
+        .teardown()
+        .context("tearing the traffic cluster down")
+}
+
+fn widen_port_range(pod: &Pod) -> Result<()> {
+    mesh_agent::testing::in_netns(pod.netns_path(), || {
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
+    })?
+    .with_context(|| format!("{}: widening ip_local_port_range", pod.name()))
+}
+
+/// Polls a process's log (its stdout) for `needle`; fails if it exits first.
+fn wait_log(process: &Process, needle: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if process.log_text().contains(needle) {
+            return Ok(());
+        }
+        if let Some(status) = process.try_wait() {
+            bail!(
+                "{} exited ({status}) before printing {needle:?}: {}",
+                process.owner(),
+                process.log_text()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{}: no {needle:?} after {timeout:?}: {}",
+                process.owner(),
+                process.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until something listens on TCP `port` in the pod (`ss`).
+fn wait_listening(pod: &Pod, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let filter = format!("sport = :{port}");
+    loop {
+        if !pod.exec(&["ss", "-Hltn", &filter])?.trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{}: nothing listens on {port} after {timeout:?}",
+                pod.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks the path is what it claims: captured (loopback local address) for the mesh,
+/// straight from the pod's address without.
+fn check_path(exe: &str, path: &PathCase) -> Result<()> {
+    let to = path.server.addr_v4(HTTP_PORT).to_string();
+    let out = path.client.exec(&[exe, "check-path", "--to", &to])?;
+    let local: SocketAddr = out
+        .trim()
+        .parse()
+        .with_context(|| format!("check-path printed {out:?}"))?;
+    let captured = local.ip().is_loopback();
+    let mesh = path.key != "nomesh";
+    if captured != mesh {
+        bail!(
+            "{}: {} -> {to} went from {local}: {} the mesh, expected {}",
+            path.label,
+            path.client.name(),
+            if captured { "through" } else { "around" },
+            if mesh { "through" } else { "around" }
+        );
+    }
+    println!(
+        "path {:<26} {} -> {to}: {}",
+        path.label,
+        path.client.name(),
+        if captured {
+            "captured by the agent"
+        } else {
+            "direct"
+        }
+    );
+    Ok(())
+}
+
+/// One measured run: its result and the CPU seconds the path's agents used meanwhile.
+fn with_agent_cpu<T>(
+    cluster: &Cluster,
+    path: &PathCase,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<(T, f64)> {
+    let before = agents_cpu(cluster, &path.agents)?;
+    let result = run()?;
+    let after = agents_cpu(cluster, &path.agents)?;
+    Ok((result, after - before))
+}
+
+fn iperf3(path: &PathCase, secs: u64, streams: usize) -> Result<bench::IperfResult> {
+    let to = path.server.ipv4().to_string();
+    let (port, secs, streams) = (
+        IPERF_PORT.to_string(),
+        secs.to_string(),
+        streams.to_string(),
+    );
+    let args = [
+        "iperf3",
+        "-c",
+        &to,
+        "-p",
+        &port,
+        "-t",
+        &secs,
+        "-P",
+        &streams,
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ];
+    // The server takes one test at a time; one retry covers the end of the last one.
+    let out = match path.client.exec(&args) {
+        Ok(out) => out,
+        Err(_) => {
+            std::thread::sleep(Duration::from_secs(1));
+            path.client.exec(&args)?
+        }
+    };
+    bench::parse_iperf3(&out)
+}
+
+fn bulk(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) {
+    println!(
+        "\n-- bulk throughput: iperf3 {} s, 1 and 4 streams, {} round(s) --",
+        plan.bulk_secs, plan.reps
+    );
+    for rep in 0..plan.reps {
+        for streams in [1, 4] {
+            for path in paths {
+                let key = format!("bulk{streams}/{}", path.key);
+                match with_agent_cpu(cluster, path, || iperf3(path, plan.bulk_secs, streams)) {
+                    Ok((r, cpu)) => {
+                        let gbit = r.bits_per_second / 1e9;
+                        let gb = r.bytes as f64 / 1e9;
+                        println!(
+                            "  round {} {streams} stream(s) {:<26} {gbit:7.2} Gbit/s  {gb:6.2} GB  agents {cpu:.2} CPU s",
+                            rep + 1,
+                            path.label
+                        );
+                        table.add(&key, gbit);
+                        if path.key != "nomesh" && gb > 0.0 {
+                            table.add(&format!("cpu-gb/{}", path.key), cpu / gb);
+                        }
+                    }
+                    Err(e) => table.fail(&key, &e),
+                }
+            }
+        }
+    }
+}
+
+fn wrk(
+    plan: &Plan,
+    client: &Pod,
+    server: &Pod,
+    secs: u64,
+    close: bool,
+    cluster: &Cluster,
+) -> Result<bench::WrkResult> {
+    let script = cluster.workdir().join("mesh-bench.lua");
+    if !script.exists() {
+        std::fs::write(&script, WRK_SCRIPT)
+            .with_context(|| format!("writing {}", script.display()))?;
+    }
+    let script = script.display().to_string();
+    let url = format!("http://{}/", server.addr_v4(HTTP_PORT));
+    let (threads, conns, duration) = (
+        plan.wrk_threads.to_string(),
+        plan.wrk_connections.to_string(),
+        format!("{secs}s"),
+    );
+    let mut args = vec![
+        "wrk",
+        "-t",
+        &threads,
+        "-c",
+        &conns,
+        "-d",
+        &duration,
+        "--timeout",
+        "5s",
+        "-s",
+        &script,
+    ];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(&url);
+    let result = bench::parse_wrk(&client.exec(&args)?)?;
+    if result.requests == 0.0 {
+        bail!("wrk completed no request");
+    }
+    Ok(result)
+}
+
+fn keep_alive(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) {
+    println!(
+        "\n-- keep-alive requests: wrk -t{} -c{} {} s, {HTTP_BODY_BYTES}-byte responses, {} round(s) --",
+        plan.wrk_threads, plan.wrk_connections, plan.http_secs, plan.reps
+    );
+    for rep in 0..plan.reps {
+        for path in paths {
+            let run = || {
+                wrk(
+                    plan,
+                    &path.client,
+                    &path.server,
+                    plan.http_secs,
+                    false,
+                    cluster,
+                )
+            };
+            match with_agent_cpu(cluster, path, run) {
+                Ok((r, cpu)) => {
+                    let rps = r.requests_per_second();
+                    println!(
+                        "  round {} {:<26} {rps:8.0} req/s  p50 {:6.0} p90 {:6.0} p99 {:6.0} µs  errors {}  agents {cpu:.2} CPU s",
+                        rep + 1,
+                        path.label,
+                        r.p50_us,
+                        r.p90_us,
+                        r.p99_us,
+                        r.errors + r.timeouts
+                    );
+                    let k = path.key;
+                    table.add(&format!("ka-rps/{k}"), rps);
+                    table.add(&format!("ka-p50/{k}"), r.p50_us);
+                    table.add(&format!("ka-p90/{k}"), r.p90_us);
+                    table.add(&format!("ka-p99/{k}"), r.p99_us);
+                    if k != "nomesh" {
+                        table.add(&format!("cpu-ka/{k}"), cpu * 1e3 / r.requests * 1e4);
+                    }
+                }
+                Err(e) => {
+                    for figure in ["ka-rps", "ka-p50", "ka-p90", "ka-p99"] {
+                        table.fail(&format!("{figure}/{}", path.key), &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fixed_rate(plan: &Plan, table: &mut Table, paths: &[PathCase], exe: &str) {
+    println!(
+        "\n-- fixed rate: {:.0} req/s over {} keep-alive connections, {} s, {} round(s) --",
+        plan.rate, plan.rate_connections, plan.http_secs, plan.reps
+    );
+    // Below saturation means well below the slowest path's keep-alive rate.
+    let slowest = PATHS
+        .iter()
+        .filter_map(|(k, _)| table.median(&format!("ka-rps/{k}")))
+        .fold(f64::INFINITY, f64::min);
+    if slowest.is_finite() && plan.rate > slowest / 2.0 {
+        println!(
+            "  note: {:.0} req/s is more than half the slowest path's saturation ({slowest:.0} req/s)",
+            plan.rate
+        );
+    }
+    let (rate, conns, secs) = (
+        plan.rate.to_string(),
+        plan.rate_connections.to_string(),
+        plan.http_secs.to_string(),
+    );
+    for rep in 0..plan.reps {
+        for path in paths {
+            let to = path.server.addr_v4(HTTP_PORT).to_string();
+            let run = || -> Result<RateReport> {
+                let out = path.client.exec(&[
+                    exe,
+                    "load-rate",
+                    "--to",
+                    &to,
+                    "--rate",
+                    &rate,
+                    "--connections",
+                    &conns,
+                    "--seconds",
+                    &secs,
+                ])?;
+                let report: RateReport = serde_json::from_str(out.trim())
+                    .with_context(|| format!("load-rate printed {out:?}"))?;
+                if report.requests == 0 {
+                    bail!("load-rate: no request completed ({} errors)", report.errors);
+                }
+                Ok(report)
+            };
+            match run() {
+                Ok(r) => {
+                    println!(
+                        "  round {} {:<26} {:6.0} req/s  p50 {:6.0} p90 {:6.0} p99 {:6.0} max {:6.0} µs  errors {}",
+                        rep + 1,
+                        path.label,
+                        r.achieved,
+                        r.p50_us,
+                        r.p90_us,
+                        r.p99_us,
+                        r.max_us,
+                        r.errors
+                    );
+                    let k = path.key;
+                    table.add(&format!("rate-p50/{k}"), r.p50_us);
+                    table.add(&format!("rate-p90/{k}"), r.p90_us);
+                    table.add(&format!("rate-p99/{k}"), r.p99_us);
+                }
+                Err(e) => {
+                    for figure in ["rate-p50", "rate-p90", "rate-p99"] {
+                        table.fail(&format!("{figure}/{}", path.key), &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn churn(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) {
+    println!(
+        "\n-- churn: wrk -t{} -c{} {} s with `Connection: close`, a fresh client pod per run, \
+         {:.1?} pause before each, {} round(s) --",
+        plan.wrk_threads, plan.wrk_connections, plan.http_secs, plan.churn_pause, plan.reps
+    );
+    for rep in 0..plan.reps {
+        for path in paths {
+            std::thread::sleep(plan.churn_pause);
+            let client = path.churn_client(cluster, rep);
+            let run = || wrk(plan, &client, &path.server, plan.http_secs, true, cluster);
+            match with_agent_cpu(cluster, path, run) {
+                Ok((r, cpu)) => {
+                    let rps = r.requests_per_second();
+                    println!(
+                        "  round {} {:<26} {rps:8.0} req/s  p50 {:6.0} p99 {:6.0} µs  errors {}  agents {cpu:.2} CPU s  ({})",
+                        rep + 1,
+                        path.label,
+                        r.p50_us,
+                        r.p99_us,
+                        r.errors + r.timeouts,
+                        client.name()
+                    );
+                    let k = path.key;
+                    table.add(&format!("churn-rps/{k}"), rps);
+                    table.add(&format!("churn-p50/{k}"), r.p50_us);
+                    table.add(&format!("churn-p99/{k}"), r.p99_us);
+                    if k != "nomesh" {
+                        table.add(&format!("cpu-churn/{k}"), cpu * 1e3 / r.requests * 1e4);
+                    }
+                }
+                Err(e) => {
+                    for figure in ["churn-rps", "churn-p50", "churn-p99"] {
+                        table.fail(&format!("{figure}/{}", path.key), &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Restarts the agents of `nodes` (they adopt their pinned datapath) and waits for them.
+fn restart_agents(cluster: &Cluster, nodes: &[usize], config: &Path) -> Result<()> {
+    for &n in nodes {
+        cluster.node(n).stop_agent()?;
+    }
+    for &n in nodes {
+        cluster.node(n).spawn_agent(config, &[])?;
+    }
+    for &n in nodes {
+        cluster.node(n).wait_agent_ready(Duration::from_secs(30))?;
     }
     Ok(())
+}
+
+fn idle_connections(
+    plan: &Plan,
+    table: &mut Table,
+    cluster: &Cluster,
+    paths: &[PathCase],
+    exe: &str,
+    config: &Path,
+) {
+    let n = plan.idle_connections;
+    println!(
+        "\n-- memory per idle connection: {n} connections held open through the mesh, agent \
+         RSS before and after{}, {} round(s) --",
+        if plan.restart_for_memory {
+            " (agents restarted first)"
+        } else {
+            ""
+        },
+        plan.reps
+    );
+    for rep in 0..plan.reps {
+        for path in paths.iter().filter(|p| p.key != "nomesh") {
+            let keys: Vec<String> = if path.key == "same" {
+                vec!["conn/same".into()]
+            } else {
+                vec!["conn/cross-src".into(), "conn/cross-dst".into()]
+            };
+            match idle_connections_once(plan, cluster, path, exe, config) {
+                Ok(per_conn) => {
+                    let shown: Vec<String> =
+                        per_conn.iter().map(|k| format!("{k:.2} KiB")).collect();
+                    println!(
+                        "  round {} {:<26} per connection: {}",
+                        rep + 1,
+                        path.label,
+                        shown.join(" (src node), ")
+                            + if per_conn.len() > 1 {
+                                " (dst node)"
+                            } else {
+                                ""
+                            }
+                    );
+                    for (key, value) in keys.iter().zip(per_conn) {
+                        table.add(key, value);
+                    }
+                }
+                Err(e) => {
+                    for key in &keys {
+                        table.fail(key, &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// KiB of agent RSS per held connection, one value per agent of the path.
+fn idle_connections_once(
+    plan: &Plan,
+    cluster: &Cluster,
+    path: &PathCase,
+    exe: &str,
+    config: &Path,
+) -> Result<Vec<f64>> {
+    if plan.restart_for_memory {
+        restart_agents(cluster, &path.agents, config)?;
+    }
+    let to = path.server.addr_v4(HTTP_PORT).to_string();
+    // Warm the path up (identities, pooled HBONE connection) before the baseline.
+    path.client.exec(&[exe, "check-path", "--to", &to])?;
+    std::thread::sleep(plan.settle);
+    let pids: Vec<u32> = path
+        .agents
+        .iter()
+        .map(|&n| agent_pid(cluster.node(n)))
+        .collect::<Result<_>>()?;
+    let before: Vec<u64> = pids
+        .iter()
+        .map(|&p| bench::rss_kib(p))
+        .collect::<Result<_>>()?;
+    let count = plan.idle_connections.to_string();
+    let holder = path.client.spawn(&[
+        exe,
+        "hold-conns",
+        "--to",
+        &to,
+        "--count",
+        &count,
+        "--seconds",
+        "600",
+    ])?;
+    let measured = (|| {
+        wait_log(&holder, "READY", Duration::from_secs(120))?;
+        std::thread::sleep(plan.settle);
+        pids.iter()
+            .map(|&p| bench::rss_kib(p))
+            .collect::<Result<Vec<u64>>>()
+    })();
+    let _ = holder.stop();
+    let after = measured?;
+    Ok(before
+        .iter()
+        .zip(&after)
+        .map(|(&b, &a)| (a as f64 - b as f64) / plan.idle_connections as f64)
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------
+// Enrollment and idle memory with many pods.
+
+const ENROLL_NS: &str = "enroll";
+const SINGLE: &str = "single";
+
+fn enrollment_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
+    let n = plan.enroll_batch;
+    println!("\n== enrollment and idle memory: 1 node, {n} pods enrolled at once ==");
+    let started = Instant::now();
+    let mut builder = Cluster::builder()
+        .nodes(1)
+        .ambient_namespace(ENROLL_NS)
+        .namespace(PLAIN_NS, std::iter::empty::<(&str, &str)>())
+        .pod(PodSpec::new("sink", PLAIN_NS, 0))
+        .pod(PodSpec::new(SINGLE, ENROLL_NS, 0));
+    let batch: Vec<String> = (0..n).map(|k| format!("batch-{k:03}")).collect();
+    for name in &batch {
+        builder = builder.pod(PodSpec::new(name.clone(), ENROLL_NS, 0));
+    }
+    let cluster = builder.build().context("building the enrollment cluster")?;
+    println!(
+        "cluster {} with {} pods built in {:.1?}",
+        cluster.prefix(),
+        n + 2,
+        started.elapsed()
+    );
+    let node = cluster.node(0);
+    let config = cluster.config_path();
+    let options = |single: bool, with_batch: bool| {
+        let mut o = ConfigOptions::default();
+        if !single {
+            o = o.exclude(SINGLE);
+        }
+        if !with_batch {
+            for name in &batch {
+                o = o.exclude(name.clone());
+            }
+        }
+        o
+    };
+    let write = |o: &ConfigOptions| -> Result<()> {
+        bench::write_atomically(&config, cluster.config_yaml(o)?.as_bytes())
+    };
+    write(&options(false, false))?;
+    node.start_agent(&config)?;
+    std::thread::sleep(plan.settle);
+    let pid = agent_pid(node)?;
+    let idle = bench::rss_kib(pid)? as f64 / 1024.0;
+    println!("agent RSS with no enrolled pod: {idle:.1} MiB");
+    table.add("rss-0", idle);
+
+    // Nothing listens on the sink's port 9: uncaptured connects are refused at once.
+    let sink = cluster.pod("sink").addr_v4(9);
+    let exe = exe_str(exe)?;
+    for rep in 0..plan.enroll_reps {
+        let result = (|| -> Result<f64> {
+            let prober = spawn_prober(&cluster.pod(SINGLE), exe, sink)?;
+            let t0 = Instant::now();
+            write(&options(true, false))?;
+            let captured = wait_exit(&prober, Duration::from_secs(60))?;
+            let ms = (captured - t0).as_secs_f64() * 1e3;
+            write(&options(false, false))?;
+            wait_enrolled(node, 0, Duration::from_secs(60))?;
+            Ok(ms)
+        })();
+        match result {
+            Ok(ms) => {
+                println!("  round {} 1 pod captured after {ms:.0} ms", rep + 1);
+                table.add("enroll-1", ms);
+            }
+            Err(e) => table.fail("enroll-1", &e),
+        }
+    }
+    // Each round: all pods at once, the agent's idle RSS with them, then all removed
+    // again (except after the last round).
+    for rep in 0..plan.enroll_reps {
+        let last = rep + 1 == plan.enroll_reps;
+        let timing = (|| -> Result<(f64, f64)> {
+            let prober = spawn_prober(&cluster.pod(&batch[n - 1]), exe, sink)?;
+            let t0 = Instant::now();
+            write(&options(false, true))?;
+            let listed = wait_enrolled(node, n, Duration::from_secs(120))?;
+            let captured = wait_exit(&prober, Duration::from_secs(60))?;
+            let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
+            Ok((ms(listed), ms(captured)))
+        })();
+        match timing {
+            Ok((listed, captured)) => {
+                println!(
+                    "  round {} {n} pods: all listed enrolled after {listed:.0} ms, the last \
+                     pod's traffic captured after {captured:.0} ms",
+                    rep + 1
+                );
+                table.add("enroll-batch", listed.max(captured));
+            }
+            Err(e) => table.fail("enroll-batch", &e),
+        }
+        let idle = (|| -> Result<f64> {
+            std::thread::sleep(plan.settle);
+            wait_enrolled(node, n, Duration::from_secs(60))?;
+            Ok(bench::rss_kib(agent_pid(node)?)? as f64 / 1024.0)
+        })();
+        match idle {
+            Ok(mib) => {
+                println!(
+                    "  round {} agent RSS with {n} enrolled pods: {mib:.1} MiB",
+                    rep + 1
+                );
+                table.add("rss-batch", mib);
+            }
+            Err(e) => table.fail("rss-batch", &e),
+        }
+        if !last {
+            write(&options(false, false))?;
+            wait_enrolled(node, 0, Duration::from_secs(120))?;
+        }
+    }
+    cluster
+        .teardown()
+        .context("tearing the enrollment cluster down")
+}
+
+/// Starts `probe-capture` in `pod` and waits until it has seen the pod uncaptured.
+fn spawn_prober(pod: &Pod, exe: &str, to: SocketAddr) -> Result<Process> {
+    let to = to.to_string();
+    let prober = pod.spawn(&[exe, "probe-capture", "--to", &to, "--interval-us", "1000"])?;
+    if let Err(e) = wait_log(&prober, PROBING, Duration::from_secs(10)) {
+        let _ = prober.stop();
+        return Err(e.context(format!(
+            "{} was captured before it was enrolled",
+            pod.name()
+        )));
+    }
+    Ok(prober)
+}
+
+/// When the prober exited (polled every millisecond); it must have seen the capture.
+fn wait_exit(prober: &Process, timeout: Duration) -> Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = prober.try_wait() {
+            let at = Instant::now();
+            if !status.success() || !prober.log_text().contains(CAPTURED) {
+                bail!(
+                    "{}: the capture prober failed ({status}): {}",
+                    prober.owner(),
+                    prober.log_text()
+                );
+            }
+            return Ok(at);
+        }
+        if Instant::now() > deadline {
+            let _ = prober.stop();
+            bail!("{}: not captured after {timeout:?}", prober.owner());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Polls `/config_dump` until exactly `count` pods are listed as enrolled.
+fn wait_enrolled(node: &Node, count: usize, timeout: Duration) -> Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let dump = node.config_dump()?;
+        let enrolled = dump["enrolled"].as_array().map_or(0, Vec::len);
+        if enrolled == count {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{}: {enrolled} pods enrolled after {timeout:?}, waiting for {count}; failures: {}",
+                node.name(),
+                dump["failures"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
