@@ -39,11 +39,13 @@ use std::sync::Mutex;
 use k8s_openapi::chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::policy_json::{FieldError, as_object, describe, kind_of, known_fields, string};
+use crate::policy_json::{
+    Envelope, FieldError, as_object, describe, envelope, kind_of, known_fields,
+};
 use crate::state::Workload;
 
 /// The `apiVersion`s read as PeerAuthentication.
-pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+pub use crate::policy_json::API_VERSIONS;
 const KIND: &str = "PeerAuthentication";
 
 /// What a connection into a workload's port must be.
@@ -311,33 +313,13 @@ fn mtls(value: Option<&Value>, field: &str, disable: &mut bool) -> Result<Settin
 
 /// Validates one object and converts it.
 fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
-    let Value::Object(top) = object else {
-        return Err(FieldError::new(
-            "(object)",
-            format!("expected an object, got {}", kind_of(object)),
-        ));
-    };
-    let api_version = string(top.get("apiVersion"), "apiVersion")?;
-    if !API_VERSIONS.contains(&api_version) {
-        return Err(FieldError::new(
-            "apiVersion",
-            format!(
-                "expected one of {}, got {api_version:?}",
-                API_VERSIONS.join(", ")
-            ),
-        ));
-    }
-    let kind = string(top.get("kind"), "kind")?;
-    if kind != KIND {
-        return Err(FieldError::new(
-            "kind",
-            format!("expected {KIND}, got {kind:?}"),
-        ));
-    }
-    let meta = as_object(top.get("metadata"), "metadata")?
-        .ok_or_else(|| FieldError::new("metadata", "missing"))?;
-    let name = string(meta.get("name"), "metadata.name")?.to_owned();
-    let namespace = string(meta.get("namespace"), "metadata.namespace")?.to_owned();
+    let Envelope {
+        top,
+        meta,
+        name,
+        namespace,
+    } = envelope(object, KIND)?;
+    let (name, namespace) = (name.to_owned(), namespace.to_owned());
     let created = match meta.get("creationTimestamp") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(

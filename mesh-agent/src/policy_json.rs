@@ -101,3 +101,52 @@ pub(crate) fn as_list<'a>(
         )),
     }
 }
+
+/// The API versions both Istio security kinds are read from.
+pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
+/// The checked envelope of a policy object: its top-level fields, its metadata, its name
+/// and its namespace.
+pub(crate) struct Envelope<'a> {
+    pub(crate) top: &'a Map<String, Value>,
+    pub(crate) meta: &'a Map<String, Value>,
+    pub(crate) name: &'a str,
+    pub(crate) namespace: &'a str,
+}
+
+/// Checks that `object` is a `kind` of one of [`API_VERSIONS`] with a name and a namespace.
+pub(crate) fn envelope<'a>(object: &'a Value, kind: &str) -> Result<Envelope<'a>, FieldError> {
+    let Value::Object(top) = object else {
+        return Err(FieldError::new(
+            "(object)",
+            format!("expected an object, got {}", kind_of(object)),
+        ));
+    };
+    let api_version = string(top.get("apiVersion"), "apiVersion")?;
+    if !API_VERSIONS.contains(&api_version) {
+        return Err(FieldError::new(
+            "apiVersion",
+            format!(
+                "expected one of {}, got {api_version:?}",
+                API_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    let found = string(top.get("kind"), "kind")?;
+    if found != kind {
+        return Err(FieldError::new(
+            "kind",
+            format!("expected {kind}, got {found:?}"),
+        ));
+    }
+    let meta = as_object(top.get("metadata"), "metadata")?
+        .ok_or_else(|| FieldError::new("metadata", "missing"))?;
+    let name = string(meta.get("name"), "metadata.name")?;
+    let namespace = string(meta.get("namespace"), "metadata.namespace")?;
+    Ok(Envelope {
+        top,
+        meta,
+        name,
+        namespace,
+    })
+}

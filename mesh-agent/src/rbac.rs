@@ -83,11 +83,13 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value};
 
 use crate::identity::Identity;
-use crate::policy_json::{FieldError, as_list, as_object, describe, kind_of, known_fields, string};
+use crate::policy_json::{
+    Envelope, FieldError, as_list, as_object, describe, envelope, kind_of, known_fields, string,
+};
 use crate::state::Workload;
 
 /// The `apiVersion`s read as AuthorizationPolicy.
-pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+pub use crate::policy_json::API_VERSIONS;
 const KIND: &str = "AuthorizationPolicy";
 /// The annotation that puts a policy in dry-run mode (`"true"`).
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -1169,33 +1171,12 @@ fn rule(
 
 /// Validates one object and converts it.
 fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
-    let Value::Object(top) = object else {
-        return Err(FieldError::new(
-            "(object)",
-            format!("expected an object, got {}", kind_of(object)),
-        ));
-    };
-    let api_version = string(top.get("apiVersion"), "apiVersion")?;
-    if !API_VERSIONS.contains(&api_version) {
-        return Err(FieldError::new(
-            "apiVersion",
-            format!(
-                "expected one of {}, got {api_version:?}",
-                API_VERSIONS.join(", ")
-            ),
-        ));
-    }
-    let kind = string(top.get("kind"), "kind")?;
-    if kind != KIND {
-        return Err(FieldError::new(
-            "kind",
-            format!("expected {KIND}, got {kind:?}"),
-        ));
-    }
-    let meta = as_object(top.get("metadata"), "metadata")?
-        .ok_or_else(|| FieldError::new("metadata", "missing"))?;
-    let name = string(meta.get("name"), "metadata.name")?;
-    let namespace = string(meta.get("namespace"), "metadata.namespace")?;
+    let Envelope {
+        top,
+        meta,
+        name,
+        namespace,
+    } = envelope(object, KIND)?;
     let key = format!("{namespace}/{name}");
 
     let mut dry_run = false;
