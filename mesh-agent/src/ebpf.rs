@@ -5,6 +5,7 @@
 //! Pin layout under the pin directory (default `/sys/fs/bpf/mesh-agent`):
 //! `maps/<MAP NAME>`, `links/cgroup-<program>`, `links/sk_lookup-<netns cookie>`.
 
+pub mod splice;
 pub mod sys;
 
 use std::{
@@ -13,14 +14,16 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, SockHash},
-    programs::{CgroupSockAddr, SkLookup, SockOps},
+    maps::{HashMap as BpfHashMap, Map, MapData, SockHash},
+    programs::{CgroupSockAddr, SkLookup, SkSkb, SockOps},
 };
 use mesh_common::{AF_INET, AF_INET6, AddrKey, EnrolledNetns, OrigDst, OrigKey, maps, programs};
+pub use splice::Splicer;
 pub use sys::AttachType;
 
 /// The eBPF object built by `build.rs` from `mesh-ebpf`.
@@ -83,6 +86,8 @@ pub struct Datapath {
     orig_dst: BpfHashMap<MapData, OrigKey, OrigDst>,
     listeners: SockHash<MapData, AddrKey>,
     enrolled_addrs: BpfHashMap<MapData, AddrKey, u32>,
+    /// The same-node splice, unless the kernel refused its program.
+    splicer: Option<Arc<Splicer>>,
     /// Open descriptors of every link, so a crash-free shutdown keeps them pinned only.
     _cgroup_links: Vec<OwnedFd>,
 }
@@ -143,6 +148,13 @@ impl Datapath {
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
         let listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let enrolled_addrs = take_map(&mut ebpf, maps::ENROLLED_ADDRS)?;
+        let splicer = match install_splicer(&mut ebpf) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "same-node splice unavailable; the proxy copies same-node connections");
+                None
+            }
+        };
         let datapath = Datapath {
             pin_dir: pin_dir.to_owned(),
             ebpf,
@@ -150,10 +162,16 @@ impl Datapath {
             orig_dst,
             listeners,
             enrolled_addrs,
+            splicer,
             _cgroup_links: cgroup_links,
         };
         datapath.update_pinned_sk_lookup_links()?;
         Ok(datapath)
+    }
+
+    /// The same-node splice, if the kernel accepted its program.
+    pub fn splicer(&self) -> Option<Arc<Splicer>> {
+        self.splicer.clone()
     }
 
     fn sk_lookup_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, EbpfError> {
@@ -324,6 +342,48 @@ where
         })?
         .try_into()
         .map_err(|source| EbpfError::Program { name, source })
+}
+
+/// Loads the stream verdict program and attaches it to this process's socket map.
+fn install_splicer(ebpf: &mut Ebpf) -> Result<Splicer, EbpfError> {
+    let name = programs::SPLICE;
+    let program: &mut SkSkb = program_mut(ebpf, name)?;
+    let perr = |source| EbpfError::Program { name, source };
+    program.load().map_err(perr)?;
+    let prog = program
+        .fd()
+        .map_err(perr)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| EbpfError::Link {
+            what: "duplicating program fd",
+            name: name.to_owned(),
+            source,
+        })?;
+    let sockets = take_map_data(ebpf, maps::SPLICE)?;
+    let state = take_map_data(ebpf, maps::SPLICE_STATE)?;
+    let forwarded = take_map_data(ebpf, maps::SPLICE_FORWARDED)?;
+    sys::attach_stream_verdict(prog.as_fd(), sockets.fd().as_fd()).map_err(|source| {
+        EbpfError::Link {
+            what: "attaching",
+            name: name.to_owned(),
+            source,
+        }
+    })?;
+    Ok(Splicer::new(sockets, state, forwarded))
+}
+
+/// A map of any type, for raw `bpf(2)` use.
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, EbpfError> {
+    match ebpf.take_map(name) {
+        Some(Map::HashMap(data) | Map::SockHash(data)) => Ok(data),
+        _ => Err(EbpfError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName {
+                name: name.to_owned(),
+            },
+        }),
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>

@@ -1,7 +1,14 @@
 //! Istio-compatible TCP metrics (`istio_tcp_*`) kept per label set and rendered in the
 //! Prometheus text format, so existing Kiali and Grafana dashboards read them unchanged.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 /// Which side of a connection reports it (Istio's `reporter` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -87,6 +94,9 @@ struct Counters {
 pub struct Metrics {
     series: Mutex<BTreeMap<ConnectionLabels, Counters>>,
     denied: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    /// Same-node connections whose bytes the kernel moved, and those the proxy copied.
+    spliced: AtomicU64,
+    copied: AtomicU64,
 }
 
 impl Metrics {
@@ -115,6 +125,12 @@ impl Metrics {
                 reason,
             ))
             .or_default() += 1;
+    }
+
+    /// A same-node connection was spliced in the kernel (`true`) or copied by the proxy.
+    pub fn same_node_datapath(&self, spliced: bool) {
+        let counter = if spliced { &self.spliced } else { &self.copied };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every series.
@@ -151,6 +167,15 @@ impl Metrics {
                 labels.render(&mut out);
                 let _ = writeln!(out, " {}", value(counters));
             }
+        }
+        let name = "mesh_agent_same_node_connections_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Same-node connections by who moved their bytes.\n# TYPE {name} counter"
+        );
+        for (datapath, counter) in [("splice", &self.spliced), ("copy", &self.copied)] {
+            let n = counter.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{datapath=\"{datapath}\"}} {n}");
         }
         let name = "mesh_agent_connections_denied_total";
         let _ = writeln!(

@@ -4,10 +4,11 @@
 //! here; the directions live in `outbound`, `inbound` and `hbone`, the byte pump in `copy`.
 
 mod authorize;
-mod copy;
+pub mod copy;
 pub mod hbone;
 mod inbound;
 mod outbound;
+pub mod splice;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -23,7 +24,7 @@ use tokio::{
 
 use crate::{
     config::Settings,
-    ebpf::Datapath,
+    ebpf::{Datapath, Splicer},
     enroll::netns::Netns,
     identity::{Identity, SecretManager},
     metrics::{ConnectionLabels, Metrics, Reporter},
@@ -87,6 +88,8 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
     pub authz: Arc<authorize::Authorizer>,
+    /// Moves the bytes of same-node connections in the kernel, when it can.
+    splicer: Option<Arc<Splicer>>,
     /// The enrolled pods of this node by address (the same-node path).
     local_pods: Mutex<std::collections::HashMap<IpAddr, Arc<PodContext>>>,
     /// Round-robin position for service endpoints.
@@ -115,6 +118,7 @@ impl Proxy {
         certs: Arc<SecretManager>,
     ) -> Self {
         let authz = authorize::Authorizer::new(state.clone(), &settings.root_namespace);
+        let splicer = datapath.lock().expect("datapath lock").splicer();
         Proxy {
             node,
             settings,
@@ -125,6 +129,7 @@ impl Proxy {
             certs,
             authz,
             picks: std::sync::atomic::AtomicUsize::new(0),
+            splicer,
             local_pods: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -147,6 +152,25 @@ impl Proxy {
     /// Whether `w` is an enrolled pod of this node (its traffic passed through us).
     fn is_local_mesh(&self, w: &Workload) -> bool {
         w.captured && w.node.as_deref() == Some(self.node.as_str())
+    }
+
+    /// Hands an authorized same-node connection to the kernel; `None` when the kernel
+    /// refuses (no splice program, or a socket no longer established): the caller copies.
+    fn splice<'a>(
+        &'a self,
+        downstream: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Option<splice::Spliced<'a>> {
+        let splicer = self.splicer.as_deref();
+        let spliced = splicer.and_then(|s| match splice::start(s, downstream, upstream) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(error = %e, "splice refused; copying");
+                None
+            }
+        });
+        self.metrics.same_node_datapath(spliced.is_some());
+        spliced
     }
 
     fn route(&self, dst_ip: IpAddr, dst: Option<&Workload>) -> Route {

@@ -43,6 +43,14 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "MESH_INBOUND";
     /// [`super::AddrKey`] → u32 flags: addresses of enrolled pods (fail closed without listener).
     pub const ENROLLED_ADDRS: &str = "MESH_ENR_ADDRS";
+    /// socket cookie → agent socket of a same-node connection whose bytes the kernel
+    /// moves (`sk_skb` stream verdict). Per agent process, never pinned.
+    pub const SPLICE: &str = "MESH_SPLICE";
+    /// socket cookie → [`super::SpliceState`] of each spliced agent socket.
+    pub const SPLICE_STATE: &str = "MESH_SPLICE_ST";
+    /// socket cookie → bytes the agent forwarded itself from that socket (u64), written
+    /// by the agent only: the verdict redirects once the agent caught up.
+    pub const SPLICE_FORWARDED: &str = "MESH_SPLICE_FWD";
 }
 
 /// Program names (the functions in `mesh-ebpf`).
@@ -53,6 +61,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    pub const SPLICE: &str = "mesh_splice";
 }
 
 /// Value of the ENROLLED map.
@@ -99,6 +108,26 @@ pub struct AddrKey {
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 
+/// Value of the SPLICE_STATE map, one per spliced agent socket. The agent writes it once
+/// before the socket enters the SPLICE map; afterwards only the verdict program writes it.
+///
+/// Bytes the verdict cannot redirect (the peer is not in the SPLICE map yet) are passed to
+/// the socket's own receive queue and counted in `passed`; the agent reads and forwards
+/// them itself. Redirecting starts only once the agent has forwarded everything passed
+/// (`SPLICE_FORWARDED == passed`), so bytes never overtake each other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceState {
+    /// Socket cookie of the other agent socket of the connection.
+    pub peer: u64,
+    /// Bytes passed to user space instead of redirected.
+    pub passed: u64,
+    /// 1 once the verdict has redirected: from then on every byte is redirected.
+    pub redirecting: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SpliceState>() == 24);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all types are repr(C), Copy and padding-free (asserted above).
@@ -106,4 +135,5 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::OrigKey {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::SpliceState {}
 }

@@ -1,5 +1,6 @@
 //! The kernel half of mesh-agent: outbound capture (`cgroup/connect4/6`), the original
-//! destination (`sockops`, `cgroup/getpeername4/6`) and inbound steering (`sk_lookup`).
+//! destination (`sockops`, `cgroup/getpeername4/6`), inbound steering (`sk_lookup`) and
+//! the same-node splice (`sk_skb` stream verdict).
 //! Each program is a thin wrapper around a `try_*` function; every path returns a verdict.
 #![no_std]
 #![no_main]
@@ -12,13 +13,13 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LruHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     AF_INET, AF_INET6, AddrKey, EnrolledNetns, HBONE_PORT, OUTBOUND_PORT, OrigDst, OrigKey,
-    PROXY_MARK, PROXY_MARK_MASK,
+    PROXY_MARK, PROXY_MARK_MASK, SpliceState,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -50,6 +51,16 @@ static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(8192, 0);
 
 #[map(name = "MESH_ENR_ADDRS")]
 static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
+
+// The splice maps belong to one agent process (its sockets die with it): not pinned.
+#[map(name = "MESH_SPLICE")]
+static SPLICE: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+
+#[map(name = "MESH_SPLICE_ST")]
+static SPLICE_STATE: HashMap<u64, SpliceState> = HashMap::with_max_entries(65536, 0);
+
+#[map(name = "MESH_SPLICE_FWD")]
+static SPLICE_FORWARDED: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 
 fn is_loopback4(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
@@ -304,6 +315,49 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         Ok(()) => SK_PASS,
         Err(_) => SK_DROP,
     }
+}
+
+/// Same-node fast path: bytes arriving on one agent socket of a spliced connection are
+/// sent out of the other one without waking the agent. Runs for each socket in SPLICE,
+/// serialized per socket by the kernel; see [`SpliceState`] for the hand-over protocol.
+#[stream_verdict]
+pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
+    // SAFETY: valid context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let Some(state) = SPLICE_STATE.get_ptr_mut(cookie) else {
+        return SK_PASS;
+    };
+    if ctx.len() == 0 {
+        // A bare FIN. Redirected, it would make the kernel's sender fail the other socket
+        // with EPIPE (it treats a zero-byte send as a broken pipe); the agent forwards the
+        // end of stream itself once the bytes before it are out.
+        return SK_DROP;
+    }
+    // SAFETY: the entry stays valid for the program's run; only this socket's verdict
+    // writes it, and the kernel runs one verdict per socket at a time.
+    unsafe {
+        if (*state).redirecting == 0 {
+            // Bytes the agent still has to forward itself go first.
+            // SAFETY: map lookup of a plain key.
+            let forwarded = SPLICE_FORWARDED.get(cookie).copied().unwrap_or(0);
+            if forwarded != (*state).passed {
+                (*state).passed += u64::from(ctx.len());
+                return SK_PASS;
+            }
+        }
+        let mut peer = (*state).peer;
+        if SPLICE.redirect_skb(&ctx, &mut peer, 0) == i64::from(SK_PASS) {
+            (*state).redirecting = 1;
+            return SK_PASS;
+        }
+        if (*state).redirecting == 0 {
+            // The peer is not in the map yet: the agent forwards these bytes.
+            (*state).passed += u64::from(ctx.len());
+            return SK_PASS;
+        }
+    }
+    // The peer socket closed mid-connection; the agent resets both ends.
+    SK_DROP
 }
 
 #[cfg(not(test))]

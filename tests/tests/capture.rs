@@ -18,6 +18,7 @@ const OPENED: &str = "istio_tcp_connections_opened_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 const SENT: &str = "istio_tcp_sent_bytes_total";
 const APP: u16 = 8080;
+const SAME_NODE: &str = "mesh_agent_same_node_connections_total";
 
 /// Two nodes; `shop` is ambient with `a`, `b` on node 1 and `c` on node 2; `legacy` is
 /// not enrolled, with `l1` on node 1 and `l2` on node 2. Agents running.
@@ -131,6 +132,13 @@ fn enrolled_traffic_is_carried_same_node_and_cross_node_byte_exact_over_ipv4_and
             "metrics for {to}:\nsource node:\n{}\ndestination node:\n{}",
             cluster.node(0).metrics().unwrap_or_default(),
             cluster.node(dst_node).metrics().unwrap_or_default()
+        );
+        // Same node: the kernel moved the bytes (the splice), not the proxy.
+        let spliced = |m: &Metrics| m.sum(SAME_NODE, &[("datapath", "splice")]);
+        assert_eq!(
+            spliced(&metrics(&cluster, 0)) - spliced(&src_before),
+            if dst_node == 0 { 1.0 } else { 0.0 },
+            "same-node connections spliced for {to}"
         );
         let dst = to.to_string();
         assert!(

@@ -78,26 +78,37 @@ async fn pump(
     cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>) {
     let mut t = Transferred::default();
-    let error = {
-        let a = one_way(dr, uw, &mut t.downstream_to_upstream);
-        let b = one_way(ur, dw, &mut t.upstream_to_downstream);
-        tokio::pin!(a, b, cancel);
-        let (mut a_done, mut b_done) = (false, false);
-        loop {
-            let r = tokio::select! {
-                r = &mut a, if !a_done => { a_done = true; r }
-                r = &mut b, if !b_done => { b_done = true; r }
-                () = &mut cancel => Err(std::io::Error::other("closed by policy")),
-            };
-            if let Err(e) = r {
-                break Some(e);
-            }
-            if a_done && b_done {
-                break None;
-            }
-        }
-    };
+    let error = until_both(
+        one_way(dr, uw, &mut t.downstream_to_upstream),
+        one_way(ur, dw, &mut t.upstream_to_downstream),
+        cancel,
+    )
+    .await;
     (t, error)
+}
+
+/// Drives the two directions of a connection until both ended, one failed, or `cancel`
+/// resolved (reported as an error: the caller resets the sockets).
+pub async fn until_both(
+    a: impl Future<Output = std::io::Result<()>>,
+    b: impl Future<Output = std::io::Result<()>>,
+    cancel: impl Future<Output = ()>,
+) -> Option<std::io::Error> {
+    tokio::pin!(a, b, cancel);
+    let (mut a_done, mut b_done) = (false, false);
+    loop {
+        let r = tokio::select! {
+            r = &mut a, if !a_done => { a_done = true; r }
+            r = &mut b, if !b_done => { b_done = true; r }
+            () = &mut cancel => Err(std::io::Error::other("closed by policy")),
+        };
+        if let Err(e) = r {
+            return Some(e);
+        }
+        if a_done && b_done {
+            return None;
+        }
+    }
 }
 
 async fn one_way(

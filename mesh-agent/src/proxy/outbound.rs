@@ -132,7 +132,13 @@ async fn handle(
                 src,
                 orig,
             );
-            let (t, error) = copy::tcp(&mut downstream, &mut upstream, live.closed()).await;
+            let (t, error) = match proxy.splice(&downstream, &upstream) {
+                Some(spliced) => {
+                    let outcome = spliced.run(&downstream, &upstream, live.closed()).await;
+                    (outcome.transferred, outcome.error)
+                }
+                None => copy::tcp(&mut downstream, &mut upstream, live.closed()).await,
+            };
             as_source.finish(
                 t.downstream_to_upstream,
                 t.upstream_to_downstream,
