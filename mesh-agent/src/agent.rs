@@ -58,6 +58,9 @@ pub struct RunConfig {
     pub ca_dir: PathBuf,
     /// Lifetime of workload certificates (renewed at half-life).
     pub cert_lifetime: Duration,
+    /// Same-node connections through the `sk_skb` sockmap splice instead of splice(2)
+    /// (slower on small machines: ADR 004).
+    pub sockmap: bool,
 }
 
 /// Runs until SIGTERM or SIGINT. On the way out nothing is released: pods stay captured
@@ -95,7 +98,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             (rx, Some(client))
         }
     };
-    let datapath = Arc::new(Mutex::new(Datapath::install(&cfg.pin_dir, &cgroup)?));
+    let datapath = Arc::new(Mutex::new(Datapath::install(
+        &cfg.pin_dir,
+        &cgroup,
+        cfg.sockmap,
+    )?));
     tracing::info!(cgroup = %cgroup.display(), pin_dir = %cfg.pin_dir.display(), "eBPF programs attached");
 
     let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;

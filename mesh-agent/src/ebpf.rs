@@ -5,7 +5,7 @@
 //! Pin layout under the pin directory (default `/sys/fs/bpf/mesh-agent`):
 //! `maps/<MAP NAME>`, `links/cgroup-<program>`, `links/sk_lookup-<netns cookie>`.
 
-pub mod splice;
+pub mod sockmap;
 pub mod sys;
 
 use std::{
@@ -23,7 +23,7 @@ use aya::{
     programs::{CgroupSockAddr, SkLookup, SkSkb, SockOps},
 };
 use mesh_common::{AF_INET, AF_INET6, AddrKey, EnrolledNetns, OrigDst, OrigKey, maps, programs};
-pub use splice::Splicer;
+pub use sockmap::Sockmap;
 pub use sys::AttachType;
 
 /// The eBPF object built by `build.rs` from `mesh-ebpf`.
@@ -86,16 +86,17 @@ pub struct Datapath {
     orig_dst: BpfHashMap<MapData, OrigKey, OrigDst>,
     listeners: SockHash<MapData, AddrKey>,
     enrolled_addrs: BpfHashMap<MapData, AddrKey, u32>,
-    /// The same-node splice, unless the kernel refused its program.
-    splicer: Option<Arc<Splicer>>,
+    /// The `sk_skb` splice of same-node connections, when asked for and accepted.
+    sockmap: Option<Arc<Sockmap>>,
     /// Open descriptors of every link, so a crash-free shutdown keeps them pinned only.
     _cgroup_links: Vec<OwnedFd>,
 }
 
 impl Datapath {
     /// Loads the programs, reuses pinned maps, and attaches (or updates in place) the
-    /// cgroup programs on `cgroup`.
-    pub fn install(pin_dir: &Path, cgroup: &Path) -> Result<Self, EbpfError> {
+    /// cgroup programs on `cgroup`. With `sockmap`, same-node connections can also be
+    /// spliced by the `sk_skb` stream verdict (see [`Sockmap`]; ADR 004).
+    pub fn install(pin_dir: &Path, cgroup: &Path, sockmap: bool) -> Result<Self, EbpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
@@ -148,12 +149,16 @@ impl Datapath {
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
         let listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let enrolled_addrs = take_map(&mut ebpf, maps::ENROLLED_ADDRS)?;
-        let splicer = match install_splicer(&mut ebpf) {
-            Ok(s) => Some(Arc::new(s)),
-            Err(e) => {
-                tracing::warn!(error = %e, "same-node splice unavailable; the proxy copies same-node connections");
-                None
+        let sockmap = if sockmap {
+            match install_sockmap(&mut ebpf) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sockmap splice unavailable; same-node connections use splice(2)");
+                    None
+                }
             }
+        } else {
+            None
         };
         let datapath = Datapath {
             pin_dir: pin_dir.to_owned(),
@@ -162,16 +167,16 @@ impl Datapath {
             orig_dst,
             listeners,
             enrolled_addrs,
-            splicer,
+            sockmap,
             _cgroup_links: cgroup_links,
         };
         datapath.update_pinned_sk_lookup_links()?;
         Ok(datapath)
     }
 
-    /// The same-node splice, if the kernel accepted its program.
-    pub fn splicer(&self) -> Option<Arc<Splicer>> {
-        self.splicer.clone()
+    /// The `sk_skb` splice of same-node connections, when asked for and accepted.
+    pub fn sockmap(&self) -> Option<Arc<Sockmap>> {
+        self.sockmap.clone()
     }
 
     fn sk_lookup_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, EbpfError> {
@@ -345,7 +350,7 @@ where
 }
 
 /// Loads the stream verdict program and attaches it to this process's socket map.
-fn install_splicer(ebpf: &mut Ebpf) -> Result<Splicer, EbpfError> {
+fn install_sockmap(ebpf: &mut Ebpf) -> Result<Sockmap, EbpfError> {
     let name = programs::SPLICE;
     let program: &mut SkSkb = program_mut(ebpf, name)?;
     let perr = |source| EbpfError::Program { name, source };
@@ -370,7 +375,7 @@ fn install_splicer(ebpf: &mut Ebpf) -> Result<Splicer, EbpfError> {
             source,
         }
     })?;
-    Ok(Splicer::new(sockets, state, forwarded))
+    Ok(Sockmap::new(sockets, state, forwarded))
 }
 
 /// A map of any type, for raw `bpf(2)` use.

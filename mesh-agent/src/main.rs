@@ -81,6 +81,10 @@ struct RunArgs {
     /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// Move same-node bytes with the sk_skb sockmap splice instead of splice(2); slower on
+    /// small machines (docs/adr/004).
+    #[arg(long)]
+    sockmap: bool,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +124,7 @@ fn main() -> anyhow::Result<()> {
                 root_namespace,
                 ca_dir,
                 cert_lifetime,
+                sockmap,
             } = *args;
             let settings = Settings {
                 trust_domain,
@@ -137,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                 settings,
                 ca_dir,
                 cert_lifetime,
+                sockmap,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -94,9 +94,9 @@ struct Counters {
 pub struct Metrics {
     series: Mutex<BTreeMap<ConnectionLabels, Counters>>,
     denied: Mutex<BTreeMap<(String, String, &'static str), u64>>,
-    /// Same-node connections whose bytes the kernel moved, and those the proxy copied.
-    spliced: AtomicU64,
-    copied: AtomicU64,
+    /// Same-node connections by datapath: the sk_skb sockmap, or splice(2).
+    sockmap: AtomicU64,
+    splice: AtomicU64,
 }
 
 impl Metrics {
@@ -127,9 +127,9 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// A same-node connection was spliced in the kernel (`true`) or copied by the proxy.
-    pub fn same_node_datapath(&self, spliced: bool) {
-        let counter = if spliced { &self.spliced } else { &self.copied };
+    /// A same-node connection went through the sk_skb sockmap (`true`) or splice(2).
+    pub fn same_node_datapath(&self, sockmap: bool) {
+        let counter = if sockmap { &self.sockmap } else { &self.splice };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -171,9 +171,9 @@ impl Metrics {
         let name = "mesh_agent_same_node_connections_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Same-node connections by who moved their bytes.\n# TYPE {name} counter"
+            "# HELP {name} Same-node connections by the kernel mechanism that moved their bytes.\n# TYPE {name} counter"
         );
-        for (datapath, counter) in [("splice", &self.spliced), ("copy", &self.copied)] {
+        for (datapath, counter) in [("sockmap", &self.sockmap), ("splice", &self.splice)] {
             let n = counter.load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{datapath=\"{datapath}\"}} {n}");
         }

@@ -8,7 +8,7 @@ pub mod copy;
 pub mod hbone;
 mod inbound;
 mod outbound;
-pub mod splice;
+pub mod sockmap;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -24,7 +24,7 @@ use tokio::{
 
 use crate::{
     config::Settings,
-    ebpf::{Datapath, Splicer},
+    ebpf::{Datapath, Sockmap},
     enroll::netns::Netns,
     identity::{Identity, SecretManager},
     metrics::{ConnectionLabels, Metrics, Reporter},
@@ -88,8 +88,9 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
     pub authz: Arc<authorize::Authorizer>,
-    /// Moves the bytes of same-node connections in the kernel, when it can.
-    splicer: Option<Arc<Splicer>>,
+    /// The `sk_skb` splice for same-node connections, when enabled (ADR 004); otherwise
+    /// they take the splice(2) pump of `copy::tcp`.
+    sockmap: Option<Arc<Sockmap>>,
     /// The enrolled pods of this node by address (the same-node path).
     local_pods: Mutex<std::collections::HashMap<IpAddr, Arc<PodContext>>>,
     /// Round-robin position for service endpoints.
@@ -118,7 +119,7 @@ impl Proxy {
         certs: Arc<SecretManager>,
     ) -> Self {
         let authz = authorize::Authorizer::new(state.clone(), &settings.root_namespace);
-        let splicer = datapath.lock().expect("datapath lock").splicer();
+        let sockmap = datapath.lock().expect("datapath lock").sockmap();
         Proxy {
             node,
             settings,
@@ -129,7 +130,7 @@ impl Proxy {
             certs,
             authz,
             picks: std::sync::atomic::AtomicUsize::new(0),
-            splicer,
+            sockmap,
             local_pods: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -154,20 +155,18 @@ impl Proxy {
         w.captured && w.node.as_deref() == Some(self.node.as_str())
     }
 
-    /// Hands an authorized same-node connection to the kernel; `None` when the kernel
-    /// refuses (no splice program, or a socket no longer established): the caller copies.
-    fn splice<'a>(
+    /// Hands an authorized same-node connection to the sk_skb sockmap; `None` when it is
+    /// not enabled or the kernel refuses (a socket no longer established): the caller
+    /// then pumps the bytes with splice(2).
+    fn sockmap_splice<'a>(
         &'a self,
         downstream: &TcpStream,
         upstream: &TcpStream,
-    ) -> Option<splice::Spliced<'a>> {
-        let splicer = self.splicer.as_deref();
-        let spliced = splicer.and_then(|s| match splice::start(s, downstream, upstream) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::debug!(error = %e, "splice refused; copying");
-                None
-            }
+    ) -> Option<sockmap::Spliced<'a>> {
+        let spliced = self.sockmap.as_deref().and_then(|map| {
+            sockmap::start(map, downstream, upstream)
+                .inspect_err(|e| tracing::debug!(error = %e, "sockmap refused; using splice(2)"))
+                .ok()
         });
         self.metrics.same_node_datapath(spliced.is_some());
         spliced

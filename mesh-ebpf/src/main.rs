@@ -52,15 +52,19 @@ static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(8192, 0);
 #[map(name = "MESH_ENR_ADDRS")]
 static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
 
+/// Hash maps allocate entries on insert: the splice maps are empty unless `--sockmap`.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 // The splice maps belong to one agent process (its sockets die with it): not pinned.
 #[map(name = "MESH_SPLICE")]
 static SPLICE: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 
 #[map(name = "MESH_SPLICE_ST")]
-static SPLICE_STATE: HashMap<u64, SpliceState> = HashMap::with_max_entries(65536, 0);
+static SPLICE_STATE: HashMap<u64, SpliceState> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESH_SPLICE_FWD")]
-static SPLICE_FORWARDED: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+static SPLICE_FORWARDED: HashMap<u64, u64> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 fn is_loopback4(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127

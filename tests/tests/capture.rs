@@ -133,7 +133,7 @@ fn enrolled_traffic_is_carried_same_node_and_cross_node_byte_exact_over_ipv4_and
             cluster.node(0).metrics().unwrap_or_default(),
             cluster.node(dst_node).metrics().unwrap_or_default()
         );
-        // Same node: the kernel moved the bytes (the splice), not the proxy.
+        // Same node: the kernel moved the bytes (splice(2), the default datapath).
         let spliced = |m: &Metrics| m.sum(SAME_NODE, &[("datapath", "splice")]);
         assert_eq!(
             spliced(&metrics(&cluster, 0)) - spliced(&src_before),

@@ -132,7 +132,7 @@ async fn handle(
                 src,
                 orig,
             );
-            let (t, error) = match proxy.splice(&downstream, &upstream) {
+            let (t, error) = match proxy.sockmap_splice(&downstream, &upstream) {
                 Some(spliced) => {
                     let outcome = spliced.run(&downstream, &upstream, live.closed()).await;
                     (outcome.transferred, outcome.error)

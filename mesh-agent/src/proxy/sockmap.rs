@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 
 use super::copy::{self, Transferred};
 use crate::ebpf::{
-    Splicer,
-    splice::{SpliceRefused, SplicedPair},
+    Sockmap,
+    sockmap::{SpliceRefused, SplicedPair},
     sys,
 };
 
@@ -24,24 +24,24 @@ const PASSED_CHUNK: usize = 16 * 1024;
 
 /// A connection whose bytes the kernel moves.
 pub struct Spliced<'a> {
-    splicer: &'a Splicer,
+    sockmap: &'a Sockmap,
     pair: SplicedPair,
 }
 
 impl Drop for Spliced<'_> {
     fn drop(&mut self) {
-        self.splicer.forget(self.pair);
+        self.sockmap.forget(self.pair);
     }
 }
 
 /// Hands the connection to the kernel, or says why not (the caller copies it instead).
 pub fn start<'a>(
-    splicer: &'a Splicer,
+    sockmap: &'a Sockmap,
     downstream: &TcpStream,
     upstream: &TcpStream,
 ) -> Result<Spliced<'a>, SpliceRefused> {
-    let pair = splicer.splice(downstream, upstream)?;
-    Ok(Spliced { splicer, pair })
+    let pair = sockmap.splice(downstream, upstream)?;
+    Ok(Spliced { sockmap, pair })
 }
 
 /// How a spliced connection ended.
@@ -111,7 +111,7 @@ impl Spliced<'_> {
             };
             write_all(to, &passed).await?;
             dir.forwarded += passed.len() as u64;
-            self.splicer.forwarded(cookie, dir.forwarded)?;
+            self.sockmap.forwarded(cookie, dir.forwarded)?;
         }
         dir.ended = true;
         // Every byte `from` received must be queued on `to` before `to` sends its FIN;

@@ -1,6 +1,6 @@
 //! The maps of the same-node splice as the agent writes them: which two agent sockets form
 //! a connection, and how many bytes the agent forwarded itself. The proxy's half (when to
-//! splice, half-close, counters) is `proxy/splice.rs`.
+//! splice, half-close, counters) is `proxy/sockmap.rs`.
 //!
 //! The maps belong to this process: its sockets die with it, so nothing is pinned and a
 //! restarted agent starts with empty maps. All calls are plain `bpf(2)` map operations,
@@ -17,7 +17,7 @@ use mesh_common::SpliceState;
 use super::sys;
 
 /// The splice maps, with the stream verdict program attached to the socket map.
-pub struct Splicer {
+pub struct Sockmap {
     sockets: MapData,
     state: MapData,
     forwarded: MapData,
@@ -38,9 +38,9 @@ pub struct SplicedPair {
     pub upstream: u64,
 }
 
-impl Splicer {
+impl Sockmap {
     pub(super) fn new(sockets: MapData, state: MapData, forwarded: MapData) -> Self {
-        Splicer {
+        Sockmap {
             sockets,
             state,
             forwarded,
@@ -50,7 +50,7 @@ impl Splicer {
     /// Hands the bytes of `downstream` and `upstream` to the kernel. On success the
     /// verdict redirects every byte arriving on one socket out of the other; bytes it
     /// could not redirect yet stay readable on their socket for the agent to forward
-    /// (see [`Splicer::forwarded`]). On failure nothing is redirected and the agent
+    /// (see [`Sockmap::forwarded`]). On failure nothing is redirected and the agent
     /// copies the connection itself; a socket already in the map only passes bytes up.
     pub fn splice(
         &self,

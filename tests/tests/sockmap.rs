@@ -1,4 +1,4 @@
-//! Kernel suite for the same-node splice on its own: real loopback connections handed to
+//! Kernel suite for the opt-in sk_skb sockmap splice (`--sockmap`, ADR 004) on its own: real loopback connections handed to
 //! the stream verdict by the agent's splice code (no pods, no agent process). Bytes arrive
 //! in order and complete whether they were queued before the splice or after, end of
 //! stream and resets propagate, the agent forwards nothing itself, the counters come from
@@ -12,8 +12,8 @@ use std::{
 };
 
 use mesh_agent::{
-    ebpf::{Datapath, Splicer},
-    proxy::splice,
+    ebpf::{Datapath, Sockmap},
+    proxy::sockmap,
     testing::{Cluster, require_root},
 };
 use tokio::{
@@ -24,11 +24,11 @@ use tokio::{
 const MIB: usize = 1 << 20;
 
 /// The agent's kernel programs loaded for a one-node test cluster (whose teardown removes
-/// the pins), and the splicer they provide.
+/// the pins), and the sockmap they provide.
 struct Kernel {
     _cluster: Cluster,
     _datapath: Datapath,
-    splicer: Arc<Splicer>,
+    sockmap: Arc<Sockmap>,
     pin_dir: PathBuf,
 }
 
@@ -45,14 +45,14 @@ fn kernel() -> Kernel {
         .expect("building the test cluster");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-splice", cluster.prefix()));
     let datapath =
-        Datapath::install(&pin_dir, cluster.node(0).cgroup()).expect("loading the programs");
-    let splicer = datapath
-        .splicer()
+        Datapath::install(&pin_dir, cluster.node(0).cgroup(), true).expect("loading the programs");
+    let sockmap = datapath
+        .sockmap()
         .expect("this kernel must accept the splice program");
     Kernel {
         _cluster: cluster,
         _datapath: datapath,
-        splicer,
+        sockmap,
         pin_dir,
     }
 }
@@ -92,14 +92,14 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 /// Splices `agent_down`/`agent_up` in a task that returns the outcome.
 fn spawn_splice(
-    splicer: &Arc<Splicer>,
+    sockmap: &Arc<Sockmap>,
     agent_down: TcpStream,
     agent_up: TcpStream,
     cancel: impl Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<splice::Outcome> {
-    let splicer = splicer.clone();
+) -> tokio::task::JoinHandle<sockmap::Outcome> {
+    let sockmap = sockmap.clone();
     tokio::spawn(async move {
-        let spliced = splice::start(&splicer, &agent_down, &agent_up).expect("splice refused");
+        let spliced = sockmap::start(&sockmap, &agent_down, &agent_up).expect("splice refused");
         spliced.run(&agent_down, &agent_up, cancel).await
     })
 }
@@ -131,7 +131,7 @@ fn spliced_bytes_are_exact_both_ways_with_half_close_and_kernel_counters() {
         client.write_all(b"early request").await.unwrap();
         server.write_all(b"early banner").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let task = spawn_splice(&k.splicer, agent_down, agent_up, pending());
+        let task = spawn_splice(&k.sockmap, agent_down, agent_up, pending());
 
         let mut early = [0u8; 13];
         tokio::time::timeout(Duration::from_secs(2), server.read_exact(&mut early))
@@ -228,7 +228,7 @@ fn request_response_turns_do_not_stall_and_a_reset_propagates() {
             agent_up,
             mut server,
         } = conn().await;
-        let task = spawn_splice(&k.splicer, agent_down, agent_up, pending());
+        let task = spawn_splice(&k.sockmap, agent_down, agent_up, pending());
         let started = Instant::now();
         for i in 0..200u32 {
             let req = format!("request {i}");
@@ -279,7 +279,7 @@ fn a_policy_cut_resets_both_ends_of_a_spliced_connection() {
             mut server,
         } = conn().await;
         let (cut, cut_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = spawn_splice(&k.splicer, agent_down, agent_up, async move {
+        let task = spawn_splice(&k.sockmap, agent_down, agent_up, async move {
             let _ = cut_rx.await;
         });
         client.write_all(b"ping").await.unwrap();
@@ -318,7 +318,7 @@ fn sockets_the_kernel_refuses_are_copied_instead() {
         client.write_all(b"all at once").await.unwrap();
         client.shutdown().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(splice::start(&k.splicer, &agent_down, &agent_up).is_err());
+        assert!(sockmap::start(&k.sockmap, &agent_down, &agent_up).is_err());
         let copy = tokio::spawn(async move {
             tokio::io::copy_bidirectional(&mut agent_down, &mut agent_up).await
         });
@@ -343,7 +343,7 @@ fn sockets_the_kernel_refuses_are_copied_instead() {
         server.write_all(b"bye").await.unwrap();
         server.shutdown().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(splice::start(&k.splicer, &agent_down, &agent_up).is_err());
+        assert!(sockmap::start(&k.sockmap, &agent_down, &agent_up).is_err());
         let copy = tokio::spawn(async move {
             tokio::io::copy_bidirectional(&mut agent_down, &mut agent_up).await
         });
