@@ -1,5 +1,6 @@
-//! Bidirectional byte copy between two streams with correct half-close and byte counts
-//! that survive errors (so metrics stay right when a peer resets).
+//! The byte pumps between two streams, with correct half-close and byte counts that
+//! survive errors (so metrics stay right when a peer resets): TCP to TCP by splice(2)
+//! through a pipe (the bytes stay in the kernel), TCP to an HBONE tunnel by copying.
 
 use std::{
     io,
