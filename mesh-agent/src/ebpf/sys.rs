@@ -135,22 +135,27 @@ pub fn prog_count(target: BorrowedFd<'_>, ty: AttachType) -> io::Result<u32> {
 /// The network-namespace cookie of the namespace a socket lives in (`SO_NETNS_COOKIE`).
 pub fn netns_cookie(sock: &impl AsFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie: u64 = 0;
+    socket_u64(sock, SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a u64.
+fn socket_u64(sock: &impl AsFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, pointer and length describe `cookie`.
+    // SAFETY: valid fd, pointer and length describe `value`.
     let ret = unsafe {
         libc::getsockopt(
             sock.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(cookie)
+        Ok(value)
     }
 }
 
@@ -198,23 +203,7 @@ pub fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
 
 /// The socket cookie (`SO_COOKIE`): the key the kernel programs see for a socket.
 pub fn socket_cookie(sock: &impl AsFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, pointer and length describe `cookie`.
-    let ret = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(cookie)
-    }
+    socket_u64(sock, libc::SO_COOKIE)
 }
 
 const TCP_ESTABLISHED: u32 = 1;
