@@ -155,7 +155,7 @@ async fn handle(
             let src = pod_ip;
             let hbone = SocketAddr::new(orig.ip(), HBONE_PORT);
             let client = SocketAddr::new(src, peer.port());
-            let tunnel = match proxy
+            let mut tunnel = match proxy
                 .pool
                 .tunnel(pod, &pod.identity, &dst, hbone, orig, client)
                 .await
@@ -182,7 +182,8 @@ async fn handle(
                 client,
                 orig,
             );
-            let (t, error) = copy::tcp_to_stream(&mut downstream, tunnel.io, copy::never()).await;
+            let (t, error) =
+                copy::tcp_to_tunnel(&mut downstream, &mut tunnel.stream, copy::never()).await;
             tracked.finish(
                 t.downstream_to_upstream,
                 t.upstream_to_downstream,

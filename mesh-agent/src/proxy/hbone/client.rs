@@ -8,20 +8,18 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::PROXY_MARK;
 use rustls_pki_types::ServerName;
 
-use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME, STREAM_WINDOW, traceparent};
+use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME, STREAM_WINDOW, Stream, traceparent};
 use crate::{
     identity::{Identity, SecretManager, tls},
     proxy::{PodContext, connect, pod_socket},
@@ -30,6 +28,10 @@ use crate::{
 /// How long a connection with no stream stays pooled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection pings its peer this often, and is closed when a ping goes unanswered for
+/// [`PING_TIMEOUT`] (a peer that vanished without a FIN or RST).
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -39,9 +41,17 @@ struct PoolKey {
 }
 
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection ended; it is then never handed out again.
+    closed: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     idle_since: Mutex<Instant>,
+}
+
+impl Pooled {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
 /// Reusable HBONE connections of this agent.
@@ -53,7 +63,7 @@ pub struct Pool {
 
 /// An open tunnel; holds its stream slot in the pooled connection until dropped.
 pub struct Tunnel {
-    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub stream: Stream,
     _slot: StreamSlot,
 }
 
@@ -93,7 +103,7 @@ impl Pool {
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Acquire) == 0
                     && c.idle_since.lock().expect("pool lock").elapsed() > IDLE_TIMEOUT;
-                !c.sender.is_closed() && !idle
+                !c.is_closed() && !idle
             });
         }
         conns.retain(|_, list| !list.is_empty());
@@ -135,14 +145,15 @@ impl Pool {
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{client}\""))
             .header("traceparent", traceparent())
-            .body(Empty::<Bytes>::new())
+            .body(())
             .expect("valid CONNECT request");
-        let mut sender = conn.sender.clone();
         let http = |source| HboneError::Http {
             addr: hbone,
             source,
         };
-        let response = sender.send_request(request).await.map_err(http)?;
+        let mut sender = conn.sender.clone().ready().await.map_err(http)?;
+        let (response, send) = sender.send_request(request, false).map_err(http)?;
+        let response = response.await.map_err(http)?;
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status {
                 addr: hbone,
@@ -150,9 +161,11 @@ impl Pool {
                 status: response.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(response).await.map_err(http)?;
         Ok(Tunnel {
-            io: TokioIo::new(upgraded),
+            stream: Stream {
+                send,
+                recv: response.into_body(),
+            },
             _slot: slot,
         })
     }
@@ -161,7 +174,7 @@ impl Pool {
     fn reuse(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
         let conns = self.conns.lock().expect("pool lock");
         conns.get(key)?.iter().find_map(|c| {
-            if c.sender.is_closed() {
+            if c.is_closed() {
                 return None;
             }
             let taken = c
@@ -192,22 +205,31 @@ impl Pool {
         .await
         .map_err(|_| HboneError::Timeout { addr })?
         .map_err(|source| HboneError::Tls { addr, source })?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(tls))
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ping = connection.ping_pong();
+        let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%addr, error = %e, "HBONE connection ended");
+            tokio::select! {
+                r = &mut connection => if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "HBONE connection ended");
+                },
+                () = keep_alive(ping) => {
+                    tracing::info!(%addr, "HBONE connection closed: peer stopped answering pings");
+                }
             }
+            ended.store(true, Ordering::Release);
         });
         let pooled = Arc::new(Pooled {
             sender,
+            closed,
             streams: Arc::new(AtomicUsize::new(1)),
             idle_since: Mutex::new(Instant::now()),
         });
@@ -218,5 +240,20 @@ impl Pool {
             .or_default()
             .push(pooled.clone());
         Ok(pooled)
+    }
+}
+
+/// Pings every [`PING_INTERVAL`]; returns when a ping goes unanswered (or pings cannot be
+/// sent), which ends the connection.
+async fn keep_alive(ping: Option<h2::PingPong>) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
     }
 }

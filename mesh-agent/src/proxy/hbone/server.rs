@@ -4,16 +4,16 @@
 //! application (200), answering 400 to a malformed request and 503 when the target is not
 //! the pod's or cannot be reached.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use super::{
+    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, Stream,
+};
 use crate::{
     ebpf::canonical,
     identity::{Identity, tls},
@@ -52,24 +52,29 @@ async fn serve_connection(
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.hbone_tls.clone());
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
     let client = tls::peer_identity(tls.get_ref().1);
-    let service = hyper::service::service_fn(move |req| {
-        let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
-        async move { Ok::<_, Infallible>(handle(proxy, pod, peer, client, req).await) }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .serve_connection(TokioIo::new(tls), service)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(tls)
         .await?;
+    // Accepting drives the connection: every stream's frames move while this loop runs.
+    while let Some(request) = connection.accept().await {
+        let (request, respond) = request?;
+        let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
+        tokio::spawn(handle(proxy, pod, peer, client, request, respond));
+    }
     Ok(())
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
+/// Answers a `CONNECT` with `code` and ends the stream.
+fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = code;
+    // Fails only if the client already reset the stream: nothing left to tell.
+    let _ = respond.send_response(response, true);
 }
 
 async fn handle(
@@ -77,20 +82,21 @@ async fn handle(
     pod: Arc<PodContext>,
     peer: SocketAddr,
     client: Option<Identity>,
-    mut req: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let target = req
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
     let (Method::CONNECT, Some(target)) = (req.method().clone(), target) else {
         tracing::info!(pod = %pod.display_name(), %peer, method = %req.method(), uri = %req.uri(), "HBONE: malformed request");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     };
     let target = SocketAddr::new(canonical(target.ip()), target.port());
     if !pod.workload.ips.contains(&target.ip()) {
         tracing::info!(pod = %pod.display_name(), %peer, %target, "HBONE: target is not this pod's");
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
     }
     // The application sees the client pod's address: the tunnel's own source.
     let source = SocketAddr::new(canonical(peer.ip()), peer.port());
@@ -120,44 +126,44 @@ async fn handle(
             "connection denied: AuthorizationPolicy: {}",
             decision
         );
-        return status(StatusCode::UNAUTHORIZED);
+        return refuse(respond, StatusCode::UNAUTHORIZED);
     }
     let mut app = match inbound::deliver(&pod, source.ip(), target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(pod = %pod.display_name(), %peer, %target, error = %e, "HBONE: target unreachable");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let tunnel = match upgrade.await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                tracing::info!(pod = %pod.display_name(), %peer, error = %e, "HBONE: stream closed before upgrade");
-                return;
-            }
-        };
-        let live = proxy.authz.register(&pod.workload, authz_peer);
-        let src_workload = state.workload_by_ip(peer.ip());
-        let info = ConnInfo {
-            src: src_workload,
-            dst: Some(&pod.workload),
-            dst_port: target.port(),
-            src_principal: client.as_ref().map(ToString::to_string),
-            dst_principal: Some(pod.identity.to_string()),
-            mutual_tls: true,
-            service: None,
-        };
-        let labels = labels(Reporter::Destination, &state, &info);
-        let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
-        // Downstream here is the application: what it sends is the response.
-        let (t, error) = copy::tcp_to_stream(&mut app, tunnel, live.closed()).await;
-        tracked.finish(
-            t.upstream_to_downstream,
-            t.downstream_to_upstream,
-            error.as_ref(),
-        );
-    });
-    status(StatusCode::OK)
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::info!(pod = %pod.display_name(), %peer, error = %e, "HBONE: stream closed before the tunnel opened");
+            return;
+        }
+    };
+    let mut tunnel = Stream {
+        send,
+        recv: req.into_body(),
+    };
+    let live = proxy.authz.register(&pod.workload, authz_peer);
+    let src_workload = state.workload_by_ip(peer.ip());
+    let info = ConnInfo {
+        src: src_workload,
+        dst: Some(&pod.workload),
+        dst_port: target.port(),
+        src_principal: client.as_ref().map(ToString::to_string),
+        dst_principal: Some(pod.identity.to_string()),
+        mutual_tls: true,
+        service: None,
+    };
+    let labels = labels(Reporter::Destination, &state, &info);
+    let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
+    // Downstream here is the application: what it sends is the response.
+    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, live.closed()).await;
+    tracked.finish(
+        t.upstream_to_downstream,
+        t.downstream_to_upstream,
+        error.as_ref(),
+    );
 }
