@@ -101,17 +101,26 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn connection_opened(&self, labels: &ConnectionLabels) {
-        let mut series = self.series.lock().expect("metrics lock");
-        series.entry(labels.clone()).or_default().opened += 1;
+        self.update(labels, |c| c.opened += 1);
     }
 
     /// Records a closed connection with its request (`received`) and response (`sent`) bytes.
     pub fn connection_closed(&self, labels: &ConnectionLabels, received: u64, sent: u64) {
+        self.update(labels, |c| {
+            c.closed += 1;
+            c.received += received;
+            c.sent += sent;
+        });
+    }
+
+    /// Updates the counters of a series, creating it (one copy of the labels) only the
+    /// first time: every connection passes here twice.
+    fn update(&self, labels: &ConnectionLabels, f: impl FnOnce(&mut Counters)) {
         let mut series = self.series.lock().expect("metrics lock");
-        let c = series.entry(labels.clone()).or_default();
-        c.closed += 1;
-        c.received += received;
-        c.sent += sent;
+        match series.get_mut(labels) {
+            Some(c) => f(c),
+            None => f(series.entry(labels.clone()).or_default()),
+        }
     }
 
     /// A connection refused before any byte reached the application, with the reason
