@@ -85,6 +85,9 @@ struct RunArgs {
     /// small machines (docs/adr/004).
     #[arg(long)]
     sockmap: bool,
+    /// Threads that run the proxy (default: one per CPU this process may use).
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +128,7 @@ fn main() -> anyhow::Result<()> {
                 ca_dir,
                 cert_lifetime,
                 sockmap,
+                worker_threads,
             } = *args;
             let settings = Settings {
                 trust_domain,
@@ -144,10 +148,11 @@ fn main() -> anyhow::Result<()> {
                 cert_lifetime,
                 sockmap,
             };
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(agent::run(cfg))
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = worker_threads {
+                runtime.worker_threads(n.get());
+            }
+            runtime.enable_all().build()?.block_on(agent::run(cfg))
         }
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
         Command::Ca {

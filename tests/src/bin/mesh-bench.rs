@@ -48,6 +48,13 @@ struct Args {
     /// Pods enrolled at once (default: 100, smoke 5).
     #[arg(long)]
     enroll_pods: Option<usize>,
+    /// Worker threads of each agent (default 1: the two simulated nodes share this
+    /// machine's cores; 0: the agent's own default, one per CPU).
+    #[arg(long)]
+    agent_threads: Option<usize>,
+    /// Run only these stages (repeatable; default: all): to A/B one change quickly.
+    #[arg(long, value_enum)]
+    only: Vec<Stage>,
     #[command(subcommand)]
     pod: Option<PodCommand>,
 }
@@ -151,13 +158,26 @@ fn main() -> Result<()> {
     if let Some(n) = args.enroll_pods {
         plan.enroll_batch = n.max(1);
     }
+    if let Some(n) = args.agent_threads {
+        plan.agent_threads = n;
+    }
     let mut table = Table::new(&plan);
     println!("mesh-bench{}", if plan.smoke { " --smoke" } else { "" });
     machine_summary();
 
-    micro_benchmarks(&plan, &mut table)?;
-    let cluster_ran = require_root();
-    if cluster_ran {
+    let mut ran = vec![];
+    let mut wanted = |stage| {
+        let run = args.only.is_empty() || args.only.contains(&stage);
+        if run {
+            ran.push(stage);
+        }
+        run
+    };
+    if wanted(Stage::Micro) {
+        micro_benchmarks(&plan, &mut table)?;
+    }
+    let (traffic, enrollment) = (wanted(Stage::Traffic), wanted(Stage::Enrollment));
+    if (traffic || enrollment) && require_root() {
         bench::raise_nofile_limit();
         for tool in ["iperf3", "wrk", "ss"] {
             if !on_path(tool) {
@@ -168,22 +188,26 @@ fn main() -> Result<()> {
         let started = Instant::now();
         // A stage that fails leaves its figures without numbers; the table is still
         // printed, and the missing figures make the run fail below.
-        if let Err(e) = traffic_benchmarks(&plan, &mut table, &exe) {
+        if traffic && let Err(e) = traffic_benchmarks(&plan, &mut table, &exe) {
             println!("\ntraffic benchmarks FAILED: {e:#}");
         }
-        if let Err(e) = enrollment_benchmarks(&plan, &mut table, &exe) {
+        if enrollment && let Err(e) = enrollment_benchmarks(&plan, &mut table, &exe) {
             println!("\nenrollment benchmarks FAILED: {e:#}");
         }
         println!(
             "\ncluster benchmarks took {:.0?}",
             Duration::from_secs(started.elapsed().as_secs())
         );
+    } else {
+        // Without root only the micro-benchmarks can run (under CI=true, require_root
+        // fails instead).
+        ran.retain(|s| *s == Stage::Micro);
     }
-    table.print(cluster_ran);
+    table.print(&ran);
     if plan.smoke {
         println!("(smoke run: figures are not meaningful)");
     }
-    let missing = table.missing(cluster_ran);
+    let missing = table.missing(&ran);
     if !missing.is_empty() {
         bail!(
             "{} figure(s) produced no number:\n  {}",
@@ -220,6 +244,8 @@ struct Plan {
     enroll_reps: usize,
     /// How long to let an agent settle before reading its idle RSS.
     settle: Duration,
+    /// `mesh-agent run --worker-threads` (0: not given).
+    agent_threads: usize,
 }
 
 impl Plan {
@@ -241,6 +267,7 @@ impl Plan {
                 enroll_batch: 5,
                 enroll_reps: 1,
                 settle: Duration::from_millis(300),
+                agent_threads: 1,
             }
         } else {
             Plan {
@@ -259,7 +286,16 @@ impl Plan {
                 enroll_batch: 100,
                 enroll_reps: 3,
                 settle: Duration::from_secs(2),
+                agent_threads: 1,
             }
+        }
+    }
+
+    /// The agents' extra flags, as printed with the results.
+    fn agent_flags_shown(&self) -> String {
+        match self.agent_threads {
+            0 => "default worker threads (one per CPU)".into(),
+            n => format!("--worker-threads {n}"),
         }
     }
 }
@@ -330,8 +366,20 @@ struct Row {
     baseline: Baseline,
     target: Option<Target>,
     errors: Vec<String>,
-    /// Only measured on the cluster (not expected without root).
-    cluster: bool,
+    /// The stage that measures it (the cluster's stages need root).
+    stage: Stage,
+}
+
+/// The parts of a run, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Stage {
+    /// In-process micro-benchmarks (no root needed).
+    Micro,
+    /// Traffic on the two-node cluster: throughput, requests, churn, CPU, memory per
+    /// connection.
+    Traffic,
+    /// Idle memory and enrollment time on the one-node cluster.
+    Enrollment,
 }
 
 struct Table {
@@ -367,7 +415,7 @@ impl Table {
             "µs",
             2,
         );
-        authz.cluster = false;
+        authz.stage = Stage::Micro;
         let rate = plan.rate;
         let conns = plan.wrk_connections;
         #[rustfmt::skip]
@@ -432,12 +480,16 @@ impl Table {
             ("enroll-batch", format!("enrollment of {batch} pods at once"), "ms", 0, Some(AtMost(1000.0))),
         ];
         for (key, what, unit, decimals, target) in single {
-            t.row(key, &what, unit, decimals).target = target;
+            let row = t.row(key, &what, unit, decimals);
+            row.target = target;
+            if !key.starts_with("conn/") {
+                row.stage = Stage::Enrollment;
+            }
         }
         t
     }
 
-    /// Adds a cluster figure without baseline or target.
+    /// Adds a traffic figure without baseline or target.
     fn row(&mut self, key: &str, figure: &str, unit: &'static str, decimals: usize) -> &mut Row {
         self.rows.push(Row {
             key: key.into(),
@@ -448,7 +500,7 @@ impl Table {
             baseline: Baseline::None,
             target: None,
             errors: Vec::new(),
-            cluster: true,
+            stage: Stage::Traffic,
         });
         self.rows.last_mut().expect("just pushed")
     }
@@ -476,14 +528,14 @@ impl Table {
         Summary::of(&row.samples).map(|s| s.median)
     }
 
-    fn print(&self, cluster_ran: bool) {
+    fn print(&self, ran: &[Stage]) {
         println!(
             "\n{:<62} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7}  target",
             "figure", "unit", "median", "min", "max", "baseline", "ratio"
         );
         for row in &self.rows {
             let Some(s) = Summary::of(&row.samples) else {
-                if cluster_ran || !row.cluster {
+                if ran.contains(&row.stage) {
                     println!("{:<62} {:>7} {:>10}", row.figure, row.unit, "n/a");
                 }
                 continue;
@@ -525,11 +577,11 @@ impl Table {
         }
     }
 
-    /// Figures with no number (the cluster's only count when the cluster ran).
-    fn missing(&self, cluster_ran: bool) -> Vec<String> {
+    /// Figures with no number, of the stages that ran.
+    fn missing(&self, ran: &[Stage]) -> Vec<String> {
         self.rows
             .iter()
-            .filter(|r| (cluster_ran || !r.cluster) && Summary::of(&r.samples).is_none())
+            .filter(|r| ran.contains(&r.stage) && Summary::of(&r.samples).is_none())
             .map(|r| {
                 let why = r.errors.first().map_or("not measured", String::as_str);
                 format!("{}: {why}", r.figure)
@@ -663,6 +715,7 @@ fn exe_str(exe: &Path) -> Result<&str> {
 
 fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
     println!("\n== traffic: 2 nodes; paths: no mesh, mesh same-node, mesh cross-node ==");
+    println!("agents: {}", plan.agent_flags_shown());
     let started = Instant::now();
     let mut builder = Cluster::builder()
         .nodes(2)
@@ -724,7 +777,7 @@ fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> 
     }
     let config = cluster.config_path();
     cluster.write_config(&config, &ConfigOptions::default())?;
-    cluster.start_agents(&config)?;
+    start_agents(plan, cluster.nodes(), &config)?;
     println!(
         "cluster {} with {} pods and 2 agents ready in {:.1?}",
         cluster.prefix(),
@@ -1115,18 +1168,32 @@ fn churn(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) 
     }
 }
 
+/// Starts the agents of `nodes` with the plan's flags and waits until they are ready.
+fn start_agents<'a>(
+    plan: &Plan,
+    nodes: impl IntoIterator<Item = &'a Node> + Clone,
+    config: &Path,
+) -> Result<()> {
+    let threads = plan.agent_threads.to_string();
+    let flags: &[&str] = match plan.agent_threads {
+        0 => &[],
+        _ => &["--worker-threads", &threads],
+    };
+    for node in nodes.clone() {
+        node.spawn_agent(config, flags)?;
+    }
+    for node in nodes {
+        node.wait_agent_ready(Duration::from_secs(30))?;
+    }
+    Ok(())
+}
+
 /// Restarts the agents of `nodes` (they adopt their pinned datapath) and waits for them.
-fn restart_agents(cluster: &Cluster, nodes: &[usize], config: &Path) -> Result<()> {
+fn restart_agents(plan: &Plan, cluster: &Cluster, nodes: &[usize], config: &Path) -> Result<()> {
     for &n in nodes {
         cluster.node(n).stop_agent()?;
     }
-    for &n in nodes {
-        cluster.node(n).spawn_agent(config, &[])?;
-    }
-    for &n in nodes {
-        cluster.node(n).wait_agent_ready(Duration::from_secs(30))?;
-    }
-    Ok(())
+    start_agents(plan, nodes.iter().map(|&n| cluster.node(n)), config)
 }
 
 fn idle_connections(
@@ -1193,7 +1260,7 @@ fn idle_connections_once(
     config: &Path,
 ) -> Result<Vec<f64>> {
     if plan.restart_for_memory {
-        restart_agents(cluster, &path.agents, config)?;
+        restart_agents(plan, cluster, &path.agents, config)?;
     }
     let to = path.server.addr_v4(HTTP_PORT).to_string();
     // Warm the path up (identities, pooled HBONE connection) before the baseline.
@@ -1244,6 +1311,7 @@ const SINGLE: &str = "single";
 fn enrollment_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
     let n = plan.enroll_batch;
     println!("\n== enrollment and idle memory: 1 node, {n} pods enrolled at once ==");
+    println!("agent: {}", plan.agent_flags_shown());
     let started = Instant::now();
     let mut builder = Cluster::builder()
         .nodes(1)
@@ -1280,7 +1348,7 @@ fn enrollment_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<(
         bench::write_atomically(&config, cluster.config_yaml(o)?.as_bytes())
     };
     write(&options(false, false))?;
-    node.start_agent(&config)?;
+    start_agents(plan, [node], &config)?;
     std::thread::sleep(plan.settle);
     let pid = agent_pid(node)?;
     let idle = bench::rss_kib(pid)? as f64 / 1024.0;
