@@ -264,9 +264,12 @@ impl Enroller {
                 source,
             })??;
         let (listeners, cookie, (connection, handle, _)) = inside;
-        tokio::spawn(connection);
-        add_delivery_routes(&handle, &pod).await?;
-        drop(handle);
+        // The netlink connection lives only while the routes are added: left running it
+        // would keep its socket (and the task) for the agent's life, one per enrollment.
+        let connection = tokio::spawn(connection);
+        let routes = add_delivery_routes(&handle, &pod).await;
+        connection.abort();
+        routes?;
 
         let listeners = to_tokio(&pod, listeners)?;
         {

@@ -265,6 +265,42 @@ fn pods_removed_from_the_file_are_released_within_2s_and_added_pods_are_enrolled
 }
 
 #[test]
+fn enroll_and_release_cycles_leave_no_descriptor_behind() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let node = cluster.node(0);
+    let config = cluster.config_path();
+    let pid = node.agent().expect("the agent runs").pid();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let enrolled = |n: usize| {
+        eventually(Duration::from_secs(5), || {
+            node.config_dump()
+                .is_ok_and(|d| d["enrolled"].as_array().map_or(0, Vec::len) == n)
+        })
+    };
+    let without_a = ConfigOptions::default().exclude("a");
+    cluster.write_config(&config, &without_a).unwrap();
+    assert!(enrolled(1), "pod a not released:\n{}", node.agent_log());
+    let baseline = fds();
+    for round in 1..=5 {
+        cluster
+            .write_config(&config, &ConfigOptions::default())
+            .unwrap();
+        assert!(enrolled(2), "round {round}: pod a not enrolled");
+        cluster.write_config(&config, &without_a).unwrap();
+        assert!(enrolled(1), "round {round}: pod a not released");
+        assert!(
+            eventually(Duration::from_secs(2), || fds() <= baseline),
+            "round {round}: the agent holds {} descriptors, {baseline} before the first \
+             enrollment",
+            fds()
+        );
+    }
+}
+
+#[test]
 fn an_invalid_config_edit_keeps_the_previous_state_and_logs_a_clear_error() {
     if !require_root() {
         return;
