@@ -16,9 +16,13 @@ use tokio::{
 
 use super::hbone::{self, Stream};
 
-/// Bytes one socket read into a tunnel may take: large enough for few system calls and
-/// frames per byte at 10 Gbit/s. Allocated per read, freed once HTTP/2 wrote it.
-const TUNNEL_READ: usize = 64 * 1024;
+/// Bytes one socket read into a tunnel may take, from the smallest to the largest read.
+/// Each read is allocated for that read and freed once HTTP/2 wrote it. A read that fills
+/// its buffer doubles the next one (bulk transfers reach 256 KiB reads, so few system
+/// calls and frames per byte); a read under a quarter of it halves the next one (requests
+/// and responses stay in small allocations).
+const TUNNEL_READ_MIN: usize = 16 * 1024;
+const TUNNEL_READ_MAX: usize = 256 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,15 +212,17 @@ async fn into_tunnel(
     to: &mut h2::SendStream<Bytes>,
     total: &mut u64,
 ) -> io::Result<()> {
+    let mut size = TUNNEL_READ_MIN;
     loop {
         // Waits for bytes first, so an idle connection holds no buffer. A read shorter
         // than the buffer tells tokio the socket is drained (no extra read to find out).
         from.readable().await?;
-        let mut buf = BytesMut::with_capacity(TUNNEL_READ);
+        let mut buf = BytesMut::with_capacity(size);
         let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             break;
         }
+        size = next_read_size(size, n);
         let mut data = buf.freeze();
         while !data.is_empty() {
             let window = send_window(to, data.len()).await?;
@@ -226,6 +232,17 @@ async fn into_tunnel(
         *total += n as u64;
     }
     to.send_data(Bytes::new(), true).map_err(hbone::io_error)
+}
+
+/// The size of the next read into a tunnel after one of `size` bytes returned `n`.
+fn next_read_size(size: usize, n: usize) -> usize {
+    if n >= size {
+        (size * 2).min(TUNNEL_READ_MAX)
+    } else if n < size / 4 {
+        (size / 2).max(TUNNEL_READ_MIN)
+    } else {
+        size
+    }
 }
 
 /// Waits until the stream may send (some of) `wanted` bytes; returns how many.
@@ -355,6 +372,25 @@ mod tests {
         let mut got = Vec::new();
         tokio::join!(send, r.read_to_end(&mut got)).1.unwrap();
         got
+    }
+
+    #[test]
+    fn reads_grow_while_they_fill_and_shrink_when_small() {
+        use super::{TUNNEL_READ_MAX, TUNNEL_READ_MIN, next_read_size};
+        let mut size = TUNNEL_READ_MIN;
+        for _ in 0..10 {
+            size = next_read_size(size, size);
+        }
+        assert_eq!(size, TUNNEL_READ_MAX);
+        assert_eq!(
+            next_read_size(size, size / 2),
+            size,
+            "half full keeps the size"
+        );
+        for _ in 0..10 {
+            size = next_read_size(size, 100);
+        }
+        assert_eq!(size, TUNNEL_READ_MIN);
     }
 
     #[tokio::test]
