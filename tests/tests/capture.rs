@@ -265,6 +265,21 @@ fn pods_removed_from_the_file_are_released_within_2s_and_added_pods_are_enrolled
 }
 
 #[test]
+fn pods_of_one_service_account_each_keep_their_own_address_across_the_tunnel() {
+    if !require_root() {
+        return;
+    }
+    // a and b share node 1 and the service account `default`: one identity, two pods.
+    let cluster = mesh();
+    let c = cluster.pod("c");
+    for to in [c.addr_v4(APP), c.addr_v6(APP)] {
+        for client in ["a", "b", "a"] {
+            assert_carried(&cluster.pod(client), to, 1024);
+        }
+    }
+}
+
+#[test]
 fn enroll_and_release_cycles_leave_no_descriptor_behind() {
     if !require_root() {
         return;

@@ -1,7 +1,10 @@
 //! The HBONE client: opens (or reuses) a mutual-TLS HTTP/2 connection from the source pod's
 //! namespace to the destination's 15008 and sends `CONNECT` for the original destination.
-//! Connections are pooled per (source identity, destination identity, destination address)
-//! with a cap of streams per connection and idle expiry.
+//! Connections are pooled per (source pod address, source identity, destination identity,
+//! destination address) with a cap of streams per connection and idle expiry. The source
+//! address is part of the key because the destination presents the tunnel's source
+//! address to the application and to policy: pods sharing a service account must not
+//! share tunnels.
 
 use std::{
     collections::HashMap,
@@ -35,6 +38,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
+    /// The source pod's address: the tunnel starts in its namespace, from it.
+    src_ip: std::net::IpAddr,
     src: Identity,
     dst: Identity,
     addr: SocketAddr,
@@ -131,6 +136,7 @@ impl Pool {
         client: SocketAddr,
     ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
+            src_ip: client.ip(),
             src: src.clone(),
             dst: dst.clone(),
             addr: hbone,
