@@ -58,8 +58,8 @@ pub struct RunConfig {
     pub ca_dir: PathBuf,
     /// Lifetime of workload certificates (renewed at half-life).
     pub cert_lifetime: Duration,
-    /// Same-node connections through the `sk_skb` sockmap splice instead of splice(2)
-    /// (slower on small machines: ADR 004).
+    /// Same-node connections through the `sk_msg` redirect instead of splice(2)
+    /// (ADR 006).
     pub sockmap: bool,
 }
 

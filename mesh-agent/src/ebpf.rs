@@ -20,7 +20,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, SockHash},
-    programs::{CgroupSockAddr, SkLookup, SkSkb, SockOps},
+    programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use mesh_common::{AF_INET, AF_INET6, AddrKey, EnrolledNetns, OrigDst, OrigKey, maps, programs};
 pub use sockmap::Sockmap;
@@ -86,7 +86,7 @@ pub struct Datapath {
     orig_dst: BpfHashMap<MapData, OrigKey, OrigDst>,
     listeners: SockHash<MapData, AddrKey>,
     enrolled_addrs: BpfHashMap<MapData, AddrKey, u32>,
-    /// The `sk_skb` splice of same-node connections, when asked for and accepted.
+    /// The `sk_msg` redirect of same-node connections, when asked for and accepted.
     sockmap: Option<Arc<Sockmap>>,
     /// Open descriptors of every link, so a crash-free shutdown keeps them pinned only.
     _cgroup_links: Vec<OwnedFd>,
@@ -94,8 +94,8 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs, reuses pinned maps, and attaches (or updates in place) the
-    /// cgroup programs on `cgroup`. With `sockmap`, same-node connections can also be
-    /// spliced by the `sk_skb` stream verdict (see [`Sockmap`]; ADR 004).
+    /// cgroup programs on `cgroup`. With `sockmap`, the sends of same-node connections
+    /// can be redirected between the application sockets (see [`Sockmap`]; ADR 006).
     pub fn install(pin_dir: &Path, cgroup: &Path, sockmap: bool) -> Result<Self, EbpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
@@ -112,6 +112,8 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
+            // Only then does `sockops` hand application sockets to the redirect.
+            .override_global("REDIRECT_ENABLED", &u8::from(sockmap), true)
             .load(EBPF_OBJECT)?;
 
         let cgroup_dir = fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
@@ -153,7 +155,7 @@ impl Datapath {
             match install_sockmap(&mut ebpf) {
                 Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "sockmap splice unavailable; same-node connections use splice(2)");
+                    tracing::warn!(error = %e, "sockmap redirect unavailable; same-node connections use splice(2)");
                     None
                 }
             }
@@ -174,7 +176,7 @@ impl Datapath {
         Ok(datapath)
     }
 
-    /// The `sk_skb` splice of same-node connections, when asked for and accepted.
+    /// The `sk_msg` redirect of same-node connections, when asked for and accepted.
     pub fn sockmap(&self) -> Option<Arc<Sockmap>> {
         self.sockmap.clone()
     }
@@ -349,10 +351,10 @@ where
         .map_err(|source| EbpfError::Program { name, source })
 }
 
-/// Loads the stream verdict program and attaches it to this process's socket map.
+/// Loads the `sk_msg` verdict and attaches it to this process's socket map.
 fn install_sockmap(ebpf: &mut Ebpf) -> Result<Sockmap, EbpfError> {
-    let name = programs::SPLICE;
-    let program: &mut SkSkb = program_mut(ebpf, name)?;
+    let name = programs::REDIRECT;
+    let program: &mut SkMsg = program_mut(ebpf, name)?;
     let perr = |source| EbpfError::Program { name, source };
     program.load().map_err(perr)?;
     let prog = program
@@ -365,17 +367,17 @@ fn install_sockmap(ebpf: &mut Ebpf) -> Result<Sockmap, EbpfError> {
             name: name.to_owned(),
             source,
         })?;
-    let sockets = take_map_data(ebpf, maps::SPLICE)?;
-    let state = take_map_data(ebpf, maps::SPLICE_STATE)?;
-    let forwarded = take_map_data(ebpf, maps::SPLICE_FORWARDED)?;
-    sys::attach_stream_verdict(prog.as_fd(), sockets.fd().as_fd()).map_err(|source| {
+    let sockets = take_map_data(ebpf, maps::REDIRECT_SOCKS)?;
+    let state = take_map_data(ebpf, maps::REDIRECT_STATE)?;
+    let route = take_map_data(ebpf, maps::REDIRECT_ROUTE)?;
+    sys::attach_msg_verdict(prog.as_fd(), sockets.fd().as_fd()).map_err(|source| {
         EbpfError::Link {
             what: "attaching",
             name: name.to_owned(),
             source,
         }
     })?;
-    Ok(Sockmap::new(sockets, state, forwarded))
+    Ok(Sockmap::new(sockets, state, route))
 }
 
 /// A map of any type, for raw `bpf(2)` use.

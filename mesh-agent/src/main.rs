@@ -81,8 +81,9 @@ struct RunArgs {
     /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
-    /// Move same-node bytes with the sk_skb sockmap splice instead of splice(2); slower on
-    /// small machines (docs/adr/004).
+    /// Redirect the sends of same-node connections between the applications' sockets
+    /// (sk_msg) instead of splicing them through the agent; no back-pressure for slow
+    /// readers (docs/adr/006).
     #[arg(long)]
     sockmap: bool,
     /// Threads that run the proxy (default: one per CPU this process may use).

@@ -94,9 +94,12 @@ struct Counters {
 pub struct Metrics {
     series: Mutex<BTreeMap<ConnectionLabels, Counters>>,
     denied: Mutex<BTreeMap<(String, String, &'static str), u64>>,
-    /// Same-node connections by datapath: the sk_skb sockmap, or splice(2).
+    /// Same-node connections by datapath: the sk_msg redirect, or splice(2).
     sockmap: AtomicU64,
     splice: AtomicU64,
+    /// Bytes of redirected connections the agent forwarded itself (sent before the
+    /// redirect started).
+    redirect_forwarded: AtomicU64,
 }
 
 impl Metrics {
@@ -136,10 +139,15 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// A same-node connection went through the sk_skb sockmap (`true`) or splice(2).
+    /// A same-node connection went through the sk_msg redirect (`true`) or splice(2).
     pub fn same_node_datapath(&self, sockmap: bool) {
         let counter = if sockmap { &self.sockmap } else { &self.splice };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A redirected connection ended; the agent forwarded `bytes` of it itself.
+    pub fn redirect_forwarded(&self, bytes: u64) {
+        self.redirect_forwarded.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every series.
@@ -186,6 +194,12 @@ impl Metrics {
             let n = counter.load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{datapath=\"{datapath}\"}} {n}");
         }
+        let name = "mesh_agent_redirect_forwarded_bytes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Bytes of redirected same-node connections the agent forwarded itself.\n# TYPE {name} counter\n{name} {}",
+            self.redirect_forwarded.load(Ordering::Relaxed)
+        );
         let name = "mesh_agent_connections_denied_total";
         let _ = writeln!(
             out,

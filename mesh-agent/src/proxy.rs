@@ -88,7 +88,7 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
     pub authz: Arc<authorize::Authorizer>,
-    /// The `sk_skb` splice for same-node connections, when enabled (ADR 004); otherwise
+    /// The `sk_msg` redirect for same-node connections, when enabled (ADR 006); otherwise
     /// they take the splice(2) pump of `copy::tcp`.
     sockmap: Option<Arc<Sockmap>>,
     /// The enrolled pods of this node by address (the same-node path).
@@ -155,21 +155,41 @@ impl Proxy {
         w.captured && w.node.as_deref() == Some(self.node.as_str())
     }
 
-    /// Hands an authorized same-node connection to the sk_skb sockmap; `None` when it is
-    /// not enabled or the kernel refuses (a socket no longer established): the caller
-    /// then pumps the bytes with splice(2).
-    fn sockmap_splice<'a>(
+    /// Routes an authorized same-node connection for the kernel's redirect before the
+    /// agent connects to the destination; `None` when it is not enabled or the kernel did
+    /// not take the client's socket: the caller then pumps the bytes with splice(2).
+    fn sockmap_prepare<'a>(
         &'a self,
+        pod: &PodContext,
         downstream: &TcpStream,
-        upstream: &TcpStream,
-    ) -> Option<sockmap::Spliced<'a>> {
-        let spliced = self.sockmap.as_deref().and_then(|map| {
-            sockmap::start(map, downstream, upstream)
-                .inspect_err(|e| tracing::debug!(error = %e, "sockmap refused; using splice(2)"))
-                .ok()
+        dst: &PodContext,
+        delivery: &tokio::net::TcpSocket,
+        target: std::net::SocketAddr,
+    ) -> Option<Box<sockmap::Prepared<'a>>> {
+        // Boxed: the connection's task holds only a pointer while it connects, and
+        // connections that are not redirected pay nothing for it.
+        let prepared = self.sockmap.as_deref().and_then(|map| {
+            sockmap::prepare(
+                map,
+                pod.netns_cookie,
+                downstream,
+                dst.netns_cookie,
+                delivery,
+                target,
+            )
+            .inspect_err(|e| tracing::debug!(error = %e, "sockmap refused; using splice(2)"))
+            .ok()
+            .map(Box::new)
         });
-        self.metrics.same_node_datapath(spliced.is_some());
-        spliced
+        self.metrics.same_node_datapath(prepared.is_some());
+        prepared
+    }
+
+    /// A captured connection that is not same-node leaves the redirect's socket map.
+    fn sockmap_untrack(&self, pod: &PodContext, downstream: &TcpStream) {
+        if let Some(map) = self.sockmap.as_deref() {
+            sockmap::untrack(map, pod.netns_cookie, downstream);
+        }
     }
 
     fn route(&self, dst_ip: IpAddr, dst: Option<&Workload>) -> Route {

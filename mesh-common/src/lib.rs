@@ -43,14 +43,16 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "MESH_INBOUND";
     /// [`super::AddrKey`] → u32 flags: addresses of enrolled pods (fail closed without listener).
     pub const ENROLLED_ADDRS: &str = "MESH_ENR_ADDRS";
-    /// socket cookie → agent socket of a same-node connection whose bytes the kernel
-    /// moves (`sk_skb` stream verdict). Per agent process, never pinned.
-    pub const SPLICE: &str = "MESH_SPLICE";
-    /// socket cookie → [`super::SpliceState`] of each spliced agent socket.
-    pub const SPLICE_STATE: &str = "MESH_SPLICE_ST";
-    /// socket cookie → bytes the agent forwarded itself from that socket (u64), written
-    /// by the agent only: the verdict redirects once the agent caught up.
-    pub const SPLICE_FORWARDED: &str = "MESH_SPLICE_FWD";
+    /// [`super::SockKey`] → socket of a same-node connection whose sends the kernel
+    /// redirects (`sk_msg` verdict): the two application sockets (added by `sockops`) and
+    /// the agent's two sockets (added by the agent). Per agent process, never pinned.
+    pub const REDIRECT_SOCKS: &str = "MESH_RDR_SOCKS";
+    /// [`super::SockKey`] → [`super::RedirectState`] of an application socket, written by
+    /// the kernel programs only.
+    pub const REDIRECT_STATE: &str = "MESH_RDR_STATE";
+    /// [`super::SockKey`] → [`super::RedirectRoute`]: where a socket's sends go, written by
+    /// the agent only.
+    pub const REDIRECT_ROUTE: &str = "MESH_RDR_ROUTE";
 }
 
 /// Program names (the functions in `mesh-ebpf`).
@@ -61,7 +63,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
-    pub const SPLICE: &str = "mesh_splice";
+    pub const REDIRECT: &str = "mesh_redirect";
 }
 
 /// Value of the ENROLLED map.
@@ -108,25 +110,90 @@ pub struct AddrKey {
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 
-/// Value of the SPLICE_STATE map, one per spliced agent socket. The agent writes it once
-/// before the socket enters the SPLICE map; afterwards only the verdict program writes it.
-///
-/// Bytes the verdict cannot redirect (the peer is not in the SPLICE map yet) are passed to
-/// the socket's own receive queue and counted in `passed`; the agent reads and forwards
-/// them itself. Redirecting starts only once the agent has forwarded everything passed
-/// (`SPLICE_FORWARDED == passed`), so bytes never overtake each other.
+/// One TCP socket as the kernel programs see it: its network namespace and its two ends
+/// (addresses in network byte order, IPv4 in `addr[0]`, IPv4-mapped IPv6 addresses as
+/// IPv4; ports in host byte order). Key of the redirect maps.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpliceState {
-    /// Socket cookie of the other agent socket of the connection.
-    pub peer: u64,
-    /// Bytes passed to user space instead of redirected.
-    pub passed: u64,
-    /// 1 once the verdict has redirected: from then on every byte is redirected.
-    pub redirecting: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub family: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SpliceState>() == 24);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 56);
+
+impl SockKey {
+    /// The key from the fields the kernel gives `sockops` and `sk_msg` programs alike:
+    /// `local_port` in host byte order, `remote_port` as a network-order port in the upper
+    /// half of the word (little-endian hosts). An IPv6 socket talking IPv4 (mapped
+    /// addresses) gets the IPv4 key, as the agent's IPv4 socket at the other end sees it.
+    pub fn from_kernel(
+        netns_cookie: u64,
+        family: u32,
+        local: [u32; 4],
+        remote: [u32; 4],
+        local_port: u32,
+        remote_port: u32,
+    ) -> Self {
+        let mapped_prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        let mapped = family == AF_INET6 as u32
+            && remote[0] == 0
+            && remote[1] == 0
+            && remote[2] == mapped_prefix;
+        let (family, local, remote) = if mapped {
+            (AF_INET as u32, [local[3], 0, 0, 0], [remote[3], 0, 0, 0])
+        } else {
+            (family, local, remote)
+        };
+        SockKey {
+            netns_cookie,
+            local,
+            remote,
+            local_port,
+            remote_port: u32::from(u16::from_be((remote_port >> 16) as u16)),
+            family,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the REDIRECT_STATE map: what the `sk_msg` verdict did with the sends of one
+/// application socket. Created by `sockops` when the socket is established (so every byte
+/// is counted), updated only by the verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectState {
+    /// Bytes sent over the socket's own TCP connection (to the agent), not redirected.
+    pub passed: u64,
+    /// Bytes redirected into the peer application socket's receive queue.
+    pub redirected: u64,
+}
+const _: () = assert!(core::mem::size_of::<RedirectState>() == 16);
+
+/// Value of the REDIRECT_ROUTE map: the socket a socket's sends are redirected to.
+///
+/// Bytes an application socket sent before its route existed, or while the agent still
+/// had bytes to forward, went over its own TCP connection to the agent (`passed`); the
+/// agent forwards them and records how many in `forwarded`. The verdict redirects only
+/// while `forwarded == passed`, so bytes never overtake each other. The agent's own
+/// sockets have `forwarded == ALWAYS`: what the agent forwards is redirected too, so the
+/// receiver gets every byte from one queue.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectRoute {
+    pub target: SockKey,
+    pub forwarded: u64,
+}
+const _: () = assert!(core::mem::size_of::<RedirectRoute>() == 64);
+
+impl RedirectRoute {
+    /// `forwarded` of a route that always redirects (the agent's sockets).
+    pub const ALWAYS: u64 = u64::MAX;
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -135,5 +202,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::OrigKey {}
     unsafe impl aya::Pod for super::AddrKey {}
-    unsafe impl aya::Pod for super::SpliceState {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::RedirectState {}
+    unsafe impl aya::Pod for super::RedirectRoute {}
 }

@@ -1,6 +1,6 @@
 //! The kernel half of mesh-agent: outbound capture (`cgroup/connect4/6`), the original
 //! destination (`sockops`, `cgroup/getpeername4/6`), inbound steering (`sk_lookup`) and
-//! the same-node splice (`sk_skb` stream verdict).
+//! the same-node redirect between application sockets (`sk_msg` verdict).
 //! Each program is a thin wrapper around a `try_*` function; every path returns a verdict.
 #![no_std]
 #![no_main]
@@ -9,17 +9,18 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
-    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     AF_INET, AF_INET6, AddrKey, EnrolledNetns, HBONE_PORT, OUTBOUND_PORT, OrigDst, OrigKey,
-    PROXY_MARK, PROXY_MARK_MASK, SpliceState,
+    PROXY_MARK, PROXY_MARK_MASK, RedirectRoute, RedirectState, SockKey,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -52,19 +53,25 @@ static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(8192, 0);
 #[map(name = "MESH_ENR_ADDRS")]
 static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
 
-/// Hash maps allocate entries on insert: the splice maps are empty unless `--sockmap`.
+/// Hash maps allocate entries on insert: the redirect maps are empty unless `--sockmap`.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-// The splice maps belong to one agent process (its sockets die with it): not pinned.
-#[map(name = "MESH_SPLICE")]
-static SPLICE: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+/// Set to 1 by the agent at load time when same-node connections are redirected
+/// (`--sockmap`): only then does `sockops` add application sockets to REDIRECT_SOCKS.
+#[unsafe(no_mangle)]
+static REDIRECT_ENABLED: u8 = 0;
 
-#[map(name = "MESH_SPLICE_ST")]
-static SPLICE_STATE: HashMap<u64, SpliceState> =
+// The redirect maps belong to one agent process (its sockets die with it): not pinned.
+#[map(name = "MESH_RDR_SOCKS")]
+static REDIRECT_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+#[map(name = "MESH_RDR_STATE")]
+static REDIRECT_STATE: HashMap<SockKey, RedirectState> =
     HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
-#[map(name = "MESH_SPLICE_FWD")]
-static SPLICE_FORWARDED: HashMap<u64, u64> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+#[map(name = "MESH_RDR_ROUTE")]
+static REDIRECT_ROUTE: HashMap<SockKey, RedirectRoute> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 fn is_loopback4(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
@@ -266,15 +273,95 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             ORIG_DST.insert(key, orig, 0)?;
             // Ask for state changes so the cookie record goes away with the socket.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            // A captured connection may turn out same-node: its sends can be redirected.
+            if redirect_enabled() {
+                track(ctx, &sock_key(ctx))?;
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if redirect_enabled() => {
+            // The application's side of the agent's delivery socket: the agent announced
+            // it (its route) before connecting.
+            let key = sock_key(ctx);
+            // SAFETY: map lookup of a plain key.
+            if unsafe { REDIRECT_ROUTE.get(key) }.is_some() {
+                track(ctx, &key)?;
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: valid context pointer from the kernel.
             let cookie = unsafe { bpf_get_socket_cookie(ops) };
             let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+            if redirect_enabled() {
+                // A routed socket's state is the agent's to read and remove (its byte
+                // counts); the state of one the agent never routed goes with the socket.
+                let key = sock_key(ctx);
+                // SAFETY: map lookup of a plain key.
+                if unsafe { REDIRECT_ROUTE.get(key) }.is_none() {
+                    let _ = REDIRECT_STATE.remove(key);
+                }
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+fn redirect_enabled() -> bool {
+    // SAFETY: a constant the loader may rewrite; read volatile so it is not folded.
+    unsafe { core::ptr::read_volatile(&REDIRECT_ENABLED) == 1 }
+}
+
+/// Adds an application socket to REDIRECT_SOCKS, then creates its state (so the state
+/// exists only for sockets the verdict runs on). Runs before the application can send.
+fn track(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i64> {
+    // SAFETY: the kernel hands a valid, exclusive context.
+    let ops = unsafe { &mut *ctx.ops };
+    REDIRECT_SOCKS.update(*key, ops, 0).map_err(i64::from)?;
+    REDIRECT_STATE
+        .insert(key, RedirectState::default(), 0)
+        .map_err(i64::from)
+}
+
+/// The key of the socket behind a sockops context.
+fn sock_key(ctx: &SockOpsContext) -> SockKey {
+    let o = ctx.ops;
+    // SAFETY: valid context; every field is read as one 32-bit load, volatile, so the
+    // compiler cannot turn them into loads through a modified context pointer, which the
+    // verifier rejects.
+    unsafe {
+        use core::ptr::{addr_of, read_volatile as rv};
+        let family = rv(addr_of!((*o).family));
+        let (local, remote) = if family == u32::from(AF_INET) {
+            (
+                [rv(addr_of!((*o).local_ip4)), 0, 0, 0],
+                [rv(addr_of!((*o).remote_ip4)), 0, 0, 0],
+            )
+        } else {
+            (
+                [
+                    rv(addr_of!((*o).local_ip6[0])),
+                    rv(addr_of!((*o).local_ip6[1])),
+                    rv(addr_of!((*o).local_ip6[2])),
+                    rv(addr_of!((*o).local_ip6[3])),
+                ],
+                [
+                    rv(addr_of!((*o).remote_ip6[0])),
+                    rv(addr_of!((*o).remote_ip6[1])),
+                    rv(addr_of!((*o).remote_ip6[2])),
+                    rv(addr_of!((*o).remote_ip6[3])),
+                ],
+            )
+        };
+        SockKey::from_kernel(
+            bpf_get_netns_cookie(o as *mut c_void),
+            family,
+            local,
+            remote,
+            rv(addr_of!((*o).local_port)),
+            rv(addr_of!((*o).remote_port)),
+        )
+    }
 }
 
 #[sk_lookup]
@@ -321,47 +408,78 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-/// Same-node fast path: bytes arriving on one agent socket of a spliced connection are
-/// sent out of the other one without waking the agent. Runs for each socket in SPLICE,
-/// serialized per socket by the kernel; see [`SpliceState`] for the hand-over protocol.
-#[stream_verdict]
-pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
-    // SAFETY: valid context pointer from the kernel.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let Some(state) = SPLICE_STATE.get_ptr_mut(cookie) else {
-        return SK_PASS;
+/// Same-node fast path: what an application socket of a routed connection sends goes
+/// straight into the receive queue of the application socket at the other end, skipping
+/// both TCP connections through the agent. Runs for each send of a socket in
+/// REDIRECT_SOCKS, serialized per socket by the kernel; see [`RedirectRoute`] for when it
+/// redirects and [`RedirectState`] for what it counts.
+#[sk_msg]
+pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
+    let m = ctx.msg;
+    // SAFETY: valid context; every field is read as one 32-bit load, as the verifier
+    // requires (volatile, so the compiler cannot merge or narrow them).
+    let key = unsafe {
+        use core::ptr::{addr_of, read_volatile as rv};
+        let family = rv(addr_of!((*m).family));
+        let (local, remote) = if family == u32::from(AF_INET) {
+            (
+                [rv(addr_of!((*m).local_ip4)), 0, 0, 0],
+                [rv(addr_of!((*m).remote_ip4)), 0, 0, 0],
+            )
+        } else {
+            (
+                [
+                    rv(addr_of!((*m).local_ip6[0])),
+                    rv(addr_of!((*m).local_ip6[1])),
+                    rv(addr_of!((*m).local_ip6[2])),
+                    rv(addr_of!((*m).local_ip6[3])),
+                ],
+                [
+                    rv(addr_of!((*m).remote_ip6[0])),
+                    rv(addr_of!((*m).remote_ip6[1])),
+                    rv(addr_of!((*m).remote_ip6[2])),
+                    rv(addr_of!((*m).remote_ip6[3])),
+                ],
+            )
+        };
+        SockKey::from_kernel(
+            bpf_get_netns_cookie(m as *mut c_void),
+            family,
+            local,
+            remote,
+            rv(addr_of!((*m).local_port)),
+            rv(addr_of!((*m).remote_port)),
+        )
     };
-    if ctx.len() == 0 {
-        // A bare FIN. Redirected, it would make the kernel's sender fail the other socket
-        // with EPIPE (it treats a zero-byte send as a broken pipe); the agent forwards the
-        // end of stream itself once the bytes before it are out.
-        return SK_DROP;
-    }
-    // SAFETY: the entry stays valid for the program's run; only this socket's verdict
-    // writes it, and the kernel runs one verdict per socket at a time.
-    unsafe {
-        if (*state).redirecting == 0 {
-            // Bytes the agent still has to forward itself go first.
-            // SAFETY: map lookup of a plain key.
-            let forwarded = SPLICE_FORWARDED.get(cookie).copied().unwrap_or(0);
-            if forwarded != (*state).passed {
-                (*state).passed += u64::from(ctx.len());
-                return SK_PASS;
+    let size = u64::from(ctx.size());
+    let state = REDIRECT_STATE.get_ptr_mut(key);
+    // SAFETY: map lookup of a plain key; the value is copied out.
+    if let Some(route) = unsafe { REDIRECT_ROUTE.get(key) }.copied() {
+        // SAFETY: the state entry stays valid for the program's run; only this socket's
+        // verdict writes it, and the kernel runs one verdict per socket at a time.
+        let ready = match state {
+            Some(s) => route.forwarded == unsafe { (*s).passed },
+            None => route.forwarded == RedirectRoute::ALWAYS,
+        };
+        let mut target = route.target;
+        if ready
+            && REDIRECT_SOCKS.redirect_msg(&ctx, &mut target, u64::from(BPF_F_INGRESS))
+                == i64::from(SK_PASS)
+        {
+            if let Some(s) = state {
+                // SAFETY: as above.
+                unsafe { (*s).redirected += size };
             }
-        }
-        let mut peer = (*state).peer;
-        if SPLICE.redirect_skb(&ctx, &mut peer, 0) == i64::from(SK_PASS) {
-            (*state).redirecting = 1;
-            return SK_PASS;
-        }
-        if (*state).redirecting == 0 {
-            // The peer is not in the map yet: the agent forwards these bytes.
-            (*state).passed += u64::from(ctx.len());
             return SK_PASS;
         }
     }
-    // The peer socket closed mid-connection; the agent resets both ends.
-    SK_DROP
+    // Not routed (yet), the agent still forwarding, or the target gone: over TCP to the
+    // agent, which forwards it.
+    if let Some(s) = state {
+        // SAFETY: as above.
+        unsafe { (*s).passed += size };
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

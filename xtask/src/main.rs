@@ -52,6 +52,9 @@ enum Task {
         /// Run every benchmark briefly (what CI does): proves they work, measures nothing.
         #[arg(long)]
         smoke: bool,
+        /// Arguments for `mesh-bench`, e.g. `-- --sockmap` or `-- --only traffic`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Write the generated manifests under deploy/ (the Istio CRDs); `--check` writes
     /// nothing and fails if the committed ones differ.
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
         Task::Test { test_args } => test(&env, &test_args),
         Task::Demo { args } => demo(&env, &args),
         Task::Manifests { check } => manifests::run(&env.root, check).map(|()| ExitCode::SUCCESS),
-        Task::Bench { smoke } => bench(&env, smoke),
+        Task::Bench { smoke, args } => bench(&env, smoke, &args),
     });
     match result {
         Ok(code) => code,
@@ -208,7 +211,7 @@ fn test(env: &Env, test_args: &[String]) -> Result<ExitCode> {
 }
 
 /// `cargo xtask bench`: the benchmark binary from a release build.
-fn bench(env: &Env, smoke: bool) -> Result<ExitCode> {
+fn bench(env: &Env, smoke: bool, args: &[String]) -> Result<ExitCode> {
     setup::setup(env)?;
     build(env, !smoke)?;
     let profile = if smoke { "debug" } else { "release" };
@@ -218,6 +221,7 @@ fn bench(env: &Env, smoke: bool) -> Result<ExitCode> {
     if smoke {
         cmd.arg("--smoke");
     }
+    cmd.args(args);
     process::run(&mut cmd)?;
     Ok(ExitCode::SUCCESS)
 }

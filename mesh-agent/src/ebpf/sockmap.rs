@@ -1,6 +1,7 @@
-//! The maps of the same-node splice as the agent writes them: which two agent sockets form
-//! a connection, and how many bytes the agent forwarded itself. The proxy's half (when to
-//! splice, half-close, counters) is `proxy/sockmap.rs`.
+//! The maps of the same-node redirect as the agent reads and writes them: which sockets
+//! the `sk_msg` verdict may redirect into, where each socket's sends go, and what the
+//! verdict counted. The proxy's half (when to redirect, forwarding, counters) is
+//! `proxy/sockmap.rs`.
 //!
 //! The maps belong to this process: its sockets die with it, so nothing is pinned and a
 //! restarted agent starts with empty maps. All calls are plain `bpf(2)` map operations,
@@ -8,118 +9,102 @@
 
 use std::{
     io,
-    os::fd::{AsFd, BorrowedFd},
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
 };
 
 use aya::maps::MapData;
-use mesh_common::SpliceState;
+use mesh_common::{RedirectRoute, RedirectState, SockKey};
 
-use super::sys;
+use super::{addr_key, sys};
 
-/// The splice maps, with the stream verdict program attached to the socket map.
+/// The redirect maps, with the `sk_msg` verdict attached to the socket map.
 pub struct Sockmap {
     sockets: MapData,
     state: MapData,
-    forwarded: MapData,
+    route: MapData,
 }
 
-/// Why the kernel refused to splice a connection (the proxy copies it instead).
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
-pub struct SpliceRefused {
-    what: &'static str,
-    source: io::Error,
-}
-
-/// The two sockets of a spliced connection, by socket cookie.
-#[derive(Clone, Copy, Debug)]
-pub struct SplicedPair {
-    pub downstream: u64,
-    pub upstream: u64,
+/// The key of a socket in namespace `netns_cookie` with ends `local` and `remote`, as the
+/// kernel programs compute it for the socket at either end.
+pub fn sock_key(netns_cookie: u64, local: SocketAddr, remote: SocketAddr) -> SockKey {
+    let (l, r) = (addr_key(local.ip()), addr_key(remote.ip()));
+    SockKey {
+        netns_cookie,
+        local: l.addr,
+        remote: r.addr,
+        local_port: u32::from(local.port()),
+        remote_port: u32::from(remote.port()),
+        family: l.family,
+        _pad: 0,
+    }
 }
 
 impl Sockmap {
-    pub(super) fn new(sockets: MapData, state: MapData, forwarded: MapData) -> Self {
+    pub(super) fn new(sockets: MapData, state: MapData, route: MapData) -> Self {
         Sockmap {
             sockets,
             state,
-            forwarded,
+            route,
         }
     }
 
-    /// Hands the bytes of `downstream` and `upstream` to the kernel. On success the
-    /// verdict redirects every byte arriving on one socket out of the other; bytes it
-    /// could not redirect yet stay readable on their socket for the agent to forward
-    /// (see [`Sockmap::forwarded`]). On failure nothing is redirected and the agent
-    /// copies the connection itself; a socket already in the map only passes bytes up.
-    pub fn splice(
-        &self,
-        downstream: &impl AsFd,
-        upstream: &impl AsFd,
-    ) -> Result<SplicedPair, SpliceRefused> {
-        let refused = |what| move |source| SpliceRefused { what, source };
-        let pair = SplicedPair {
-            downstream: sys::socket_cookie(downstream).map_err(refused("socket cookie"))?,
-            upstream: sys::socket_cookie(upstream).map_err(refused("socket cookie"))?,
-        };
-        for (me, peer) in [
-            (pair.downstream, pair.upstream),
-            (pair.upstream, pair.downstream),
-        ] {
-            let state = SpliceState {
-                peer,
-                ..SpliceState::default()
-            };
-            if let Err(e) = sys::map_update(
-                self.state.fd().as_fd(),
-                &me.to_ne_bytes(),
-                sys::bytes_of(&state),
-            ) {
-                self.forget(pair);
-                return Err(refused("splice state")(e));
-            }
-        }
-        // The downstream first: a client that already half-closed (CLOSE_WAIT) is refused
-        // here, before anything entered the map.
-        for (cookie, sock) in [
-            (pair.downstream, downstream.as_fd()),
-            (pair.upstream, upstream.as_fd()),
-        ] {
-            if let Err(e) = self.insert_socket(cookie, sock) {
-                self.forget(pair);
-                return Err(refused("socket map")(e));
-            }
-        }
-        Ok(pair)
+    /// What the verdict did with the sends of an application socket; `None` if the kernel
+    /// does not track it (`sockops` did not add it to the socket map).
+    pub fn state(&self, app: &SockKey) -> Option<RedirectState> {
+        let mut state = RedirectState::default();
+        sys::map_lookup(
+            self.state.fd().as_fd(),
+            sys::bytes_of(app),
+            sys::bytes_of_mut(&mut state),
+        )
+        .ok()?;
+        Some(state)
     }
 
-    fn insert_socket(&self, cookie: u64, sock: BorrowedFd<'_>) -> io::Result<()> {
-        use std::os::fd::AsRawFd as _;
-        let fd = sock.as_raw_fd() as u32;
+    /// Adds one of the agent's sockets to the socket map (a socket must be there for the
+    /// verdict to run on its sends, or to redirect into it).
+    pub fn add_socket(&self, key: &SockKey, sock: &impl AsFd) -> io::Result<()> {
+        let fd = sock.as_fd().as_raw_fd() as u32;
         sys::map_update(
             self.sockets.fd().as_fd(),
-            &cookie.to_ne_bytes(),
+            sys::bytes_of(key),
             &fd.to_ne_bytes(),
         )
     }
 
-    /// Records that the agent forwarded `total` bytes read from the socket `cookie` itself;
-    /// once that matches what the verdict passed up, it redirects again.
-    pub fn forwarded(&self, cookie: u64, total: u64) -> io::Result<()> {
+    /// Sends of `from` go into the receive queue of `to`, once the agent forwarded
+    /// `forwarded` bytes of what `from` passed to it ([`RedirectRoute::ALWAYS`]: at once).
+    pub fn route(&self, from: &SockKey, to: &SockKey, forwarded: u64) -> io::Result<()> {
+        let route = RedirectRoute {
+            target: *to,
+            forwarded,
+        };
         sys::map_update(
-            self.forwarded.fd().as_fd(),
-            &cookie.to_ne_bytes(),
-            &total.to_ne_bytes(),
+            self.route.fd().as_fd(),
+            sys::bytes_of(from),
+            sys::bytes_of(&route),
         )
     }
 
-    /// Drops the bookkeeping of a connection. Sockets leave the socket map by themselves
-    /// when they close.
-    pub fn forget(&self, pair: SplicedPair) {
-        for cookie in [pair.downstream, pair.upstream] {
-            let key = cookie.to_ne_bytes();
-            let _ = sys::map_delete(self.state.fd().as_fd(), &key);
-            let _ = sys::map_delete(self.forwarded.fd().as_fd(), &key);
+    /// Takes an application socket out of the socket map (`sockops` adds every captured
+    /// client socket, before anyone knows where the connection goes) and drops its state.
+    pub fn untrack(&self, app: &SockKey) {
+        let _ = sys::map_delete(self.sockets.fd().as_fd(), sys::bytes_of(app));
+        let _ = sys::map_delete(self.state.fd().as_fd(), sys::bytes_of(app));
+    }
+
+    /// Drops the route of one socket: its sends go over TCP again.
+    pub fn forget_route(&self, key: &SockKey) -> io::Result<()> {
+        sys::map_delete(self.route.fd().as_fd(), sys::bytes_of(key))
+    }
+
+    /// Drops the routes and state of these sockets. Sockets leave the socket map by
+    /// themselves when they close.
+    pub fn forget(&self, keys: &[SockKey]) {
+        for key in keys {
+            let _ = sys::map_delete(self.route.fd().as_fd(), sys::bytes_of(key));
+            let _ = sys::map_delete(self.state.fd().as_fd(), sys::bytes_of(key));
         }
     }
 }

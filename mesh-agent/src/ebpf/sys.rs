@@ -159,20 +159,30 @@ fn socket_u64(sock: &impl AsFd, option: libc::c_int) -> io::Result<u64> {
     }
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_ATTACH: libc::c_long = 8;
-/// `BPF_SK_SKB_STREAM_VERDICT`: a verdict program on a socket map.
-const ATTACH_SK_SKB_STREAM_VERDICT: u32 = 5;
+/// `BPF_SK_MSG_VERDICT`: a send verdict program on a socket map.
+const ATTACH_SK_MSG_VERDICT: u32 = 7;
 
-/// `BPF_PROG_ATTACH` of a stream verdict program to a socket map; it stays attached for
+/// `BPF_PROG_ATTACH` of an `sk_msg` verdict program to a socket map; it stays attached for
 /// the life of the map.
-pub fn attach_stream_verdict(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Result<()> {
+pub fn attach_msg_verdict(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = Attr::new();
     attr.put_u32(0, map.as_raw_fd() as u32); // target_fd
     attr.put_u32(4, prog.as_raw_fd() as u32); // attach_bpf_fd
-    attr.put_u32(8, ATTACH_SK_SKB_STREAM_VERDICT); // attach_type
+    attr.put_u32(8, ATTACH_SK_MSG_VERDICT); // attach_type
     bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` into `value`; `ENOENT` when the key is missing.
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, map.as_raw_fd() as u32); // map_fd
+    attr.put_u64(8, key.as_ptr() as u64); // key
+    attr.put_u64(16, value.as_mut_ptr() as u64); // value
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
 }
 
 /// `BPF_MAP_UPDATE_ELEM` with `BPF_ANY`. Thread-safe in the kernel, so callers need no lock.
@@ -201,48 +211,8 @@ pub fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
-/// The socket cookie (`SO_COOKIE`): the key the kernel programs see for a socket.
-pub fn socket_cookie(sock: &impl AsFd) -> io::Result<u64> {
-    socket_u64(sock, libc::SO_COOKIE)
-}
-
-const TCP_ESTABLISHED: u32 = 1;
-const TCP_CLOSE_WAIT: u32 = 8;
-
-/// The kernel's byte counts of a TCP socket.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcpBytes {
-    /// Sequence space received in order (`tcpi_bytes_received`): the data bytes, plus
-    /// one once the peer's FIN arrived.
-    pub received: u64,
-    /// Data bytes handed to TCP for sending, sent or not yet (`tcpi_bytes_sent` less
-    /// retransmissions, plus `tcpi_notsent_bytes`).
-    pub queued: u64,
-    /// The connection can still send (ESTABLISHED or CLOSE_WAIT).
-    pub can_send: bool,
-}
-
-/// Byte counts of a TCP socket, from one consistent `TCP_INFO` snapshot.
-pub fn tcp_bytes(sock: &impl AsFd) -> io::Result<TcpBytes> {
-    // SAFETY: tcp_info is plain old data; zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: valid fd, pointer and length describe `info`.
-    let ret = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(TcpBytes {
-        received: info.tcpi_bytes_received,
-        queued: info.tcpi_bytes_sent - info.tcpi_bytes_retrans + u64::from(info.tcpi_notsent_bytes),
-        can_send: matches!(u32::from(info.tcpi_state), TCP_ESTABLISHED | TCP_CLOSE_WAIT),
-    })
+/// The bytes of a map value to read into.
+pub fn bytes_of_mut<T: aya::Pod>(v: &mut T) -> &mut [u8] {
+    // SAFETY: `aya::Pod` types are plain old data without padding: any bytes are valid.
+    unsafe { std::slice::from_raw_parts_mut((v as *mut T).cast::<u8>(), std::mem::size_of::<T>()) }
 }

@@ -120,7 +120,16 @@ pub(crate) async fn deliver(
     client: IpAddr,
     target: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
-    let socket = pod_socket(pod, target.ip(), |s| {
+    connect(delivery_socket(pod, client, target)?, target).await
+}
+
+/// The socket [`deliver`] connects, bound (its local address is known) but not connected.
+pub(crate) fn delivery_socket(
+    pod: &PodContext,
+    client: IpAddr,
+    target: SocketAddr,
+) -> Result<tokio::net::TcpSocket, ProxyError> {
+    pod_socket(pod, target.ip(), |s| {
         if client.is_ipv4() {
             s.set_ip_transparent_v4(true)?;
         } else {
@@ -128,6 +137,5 @@ pub(crate) async fn deliver(
         }
         s.set_mark(DELIVERY_MARK)?;
         s.bind(&SocketAddr::new(client, 0).into())
-    })?;
-    connect(socket, target).await
+    })
 }

@@ -74,7 +74,11 @@ async fn handle(
         .copied()
         .find(|ip| ip.is_ipv4() == orig.is_ipv4())
         .unwrap_or(peer.ip());
-    match proxy.route(orig.ip(), dst_workload) {
+    let route = proxy.route(orig.ip(), dst_workload);
+    if !matches!(route, Route::Local { .. }) {
+        proxy.sockmap_untrack(pod, &downstream);
+    }
+    match route {
         Route::Local { dst } => {
             let src_ip = pod_ip;
             let src = SocketAddr::new(src_ip, peer.port());
@@ -101,8 +105,15 @@ async fn handle(
                 );
                 return Ok(());
             }
-            let mut upstream = match inbound::deliver(&dst, src_ip, orig).await {
-                Ok(u) => u,
+            let delivered = match inbound::delivery_socket(&dst, src_ip, orig) {
+                Ok(socket) => {
+                    let prepared = proxy.sockmap_prepare(pod, &downstream, &dst, &socket, orig);
+                    connect(socket, orig).await.map(|u| (u, prepared))
+                }
+                Err(e) => Err(e),
+            };
+            let (mut upstream, prepared) = match delivered {
+                Ok(d) => d,
                 Err(e) => {
                     copy::reset(&downstream);
                     return Err(e);
@@ -132,9 +143,11 @@ async fn handle(
                 src,
                 orig,
             );
-            let (t, error) = match proxy.sockmap_splice(&downstream, &upstream) {
-                Some(spliced) => {
-                    let outcome = spliced.run(&downstream, &upstream, live.closed()).await;
+            let (t, error) = match prepared {
+                Some(prepared) => {
+                    let redirected = prepared.start(&upstream).await;
+                    let outcome = redirected.run(&downstream, &upstream, live.closed()).await;
+                    proxy.metrics.redirect_forwarded(outcome.forwarded_by_agent);
                     (outcome.transferred, outcome.error)
                 }
                 None => copy::tcp(&mut downstream, &mut upstream, live.closed()).await,

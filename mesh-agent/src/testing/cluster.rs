@@ -1422,10 +1422,26 @@ impl Pod {
         bytes: u64,
         timeout: Duration,
     ) -> Result<ConnectReport> {
+        self.run_connect(to, bytes, timeout, false)
+    }
+
+    /// [`connect`](Self::connect), sending at once instead of after the server's PEER
+    /// line: bytes are in flight before the proxy has looked at the connection.
+    pub fn connect_eager(&self, to: SocketAddr, bytes: u64) -> Result<ConnectReport> {
+        self.run_connect(to, bytes, Duration::from_secs(10), true)
+    }
+
+    fn run_connect(
+        &self,
+        to: SocketAddr,
+        bytes: u64,
+        timeout: Duration,
+        eager: bool,
+    ) -> Result<ConnectReport> {
         let to = to.to_string();
         let bytes = bytes.to_string();
         let timeout_ms = timeout.as_millis().to_string();
-        let mut cmd = self.mesh_pod(&[
+        let mut args = vec![
             "connect",
             "--to",
             &to,
@@ -1433,7 +1449,11 @@ impl Pod {
             &bytes,
             "--timeout-ms",
             &timeout_ms,
-        ]);
+        ];
+        if eager {
+            args.push("--eager");
+        }
+        let mut cmd = self.mesh_pod(&args);
         let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout

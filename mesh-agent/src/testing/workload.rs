@@ -184,9 +184,11 @@ impl ConnectReport {
 
 /// Connects to `to`, reads the PEER line, sends `bytes` bytes of [`pattern`] while
 /// reading the echo, half-closes, and checks that exactly the same bytes came back.
+/// `eager` starts sending at once instead of after the PEER line (bytes in flight before
+/// the proxy has even looked at the connection).
 ///
 /// `timeout` bounds the connect and every single read or write.
-pub fn connect(to: SocketAddr, bytes: u64, timeout: Duration) -> ConnectReport {
+pub fn connect(to: SocketAddr, bytes: u64, timeout: Duration, eager: bool) -> ConnectReport {
     let mut report = ConnectReport {
         ok: true,
         error: None,
@@ -205,7 +207,7 @@ pub fn connect(to: SocketAddr, bytes: u64, timeout: Duration) -> ConnectReport {
     };
     report.local = stream.local_addr().ok();
     report.getpeername = stream.peer_addr().ok();
-    if let Err(e) = exchange(&stream, bytes, timeout, &mut report) {
+    if let Err(e) = exchange(&stream, bytes, timeout, eager, &mut report) {
         report.failed(format!("{e:#}"));
     }
     let _ = stream.shutdown(Shutdown::Both);
@@ -216,10 +218,18 @@ fn exchange(
     stream: &TcpStream,
     bytes: u64,
     timeout: Duration,
+    eager: bool,
     report: &mut ConnectReport,
 ) -> Result<()> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    let spawn_sender = || -> Result<std::thread::JoinHandle<(u64, Result<()>)>> {
+        let writer = stream
+            .try_clone()
+            .context("cloning the socket for the writer")?;
+        Ok(std::thread::spawn(move || send_pattern(writer, bytes)))
+    };
+    let early = if eager { Some(spawn_sender()?) } else { None };
     let mut reader = BufReader::with_capacity(CHUNK, stream);
     let mut line = Vec::new();
     (&mut reader)
@@ -242,10 +252,10 @@ fn exchange(
             .with_context(|| format!("PEER line carries no address: {line:?}"))?,
     );
 
-    let writer = stream
-        .try_clone()
-        .context("cloning the socket for the writer")?;
-    let sender = std::thread::spawn(move || send_pattern(writer, bytes));
+    let sender = match early {
+        Some(sender) => sender,
+        None => spawn_sender()?,
+    };
 
     let verified = verify_echo(&mut reader, bytes);
     if verified.is_err() {
@@ -469,11 +479,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || accept_loop(listener));
-        let report = connect(addr, 3 * CHUNK as u64 + 17, Duration::from_secs(5));
-        assert!(report.ok, "{report:?}");
-        assert_eq!(report.received, 3 * CHUNK as u64 + 17);
-        assert_eq!(report.server_saw_peer, report.local);
-        assert_eq!(report.getpeername, Some(addr));
+        for eager in [false, true] {
+            let report = connect(addr, 3 * CHUNK as u64 + 17, Duration::from_secs(5), eager);
+            assert!(report.ok, "{report:?}");
+            assert_eq!(report.received, 3 * CHUNK as u64 + 17);
+            assert_eq!(report.server_saw_peer, report.local);
+            assert_eq!(report.getpeername, Some(addr));
+        }
     }
 
     #[test]
@@ -483,7 +495,7 @@ mod tests {
         std::thread::spawn(move || {
             let _ = listener.accept();
         });
-        let report = connect(addr, 10, Duration::from_secs(5));
+        let report = connect(addr, 10, Duration::from_secs(5), false);
         assert!(!report.ok);
         assert!(report.error.unwrap().contains("PEER"));
     }

@@ -52,6 +52,10 @@ struct Args {
     /// machine's cores; 0: the agent's own default, one per CPU).
     #[arg(long)]
     agent_threads: Option<usize>,
+    /// Run the agents with `--sockmap`: same-node sends redirected between the
+    /// applications' sockets by the kernel (ADR 006) instead of splice(2).
+    #[arg(long)]
+    sockmap: bool,
     /// Run only these stages (repeatable; default: all): to A/B one change quickly.
     #[arg(long, value_enum)]
     only: Vec<Stage>,
@@ -161,6 +165,7 @@ fn main() -> Result<()> {
     if let Some(n) = args.agent_threads {
         plan.agent_threads = n;
     }
+    plan.sockmap = args.sockmap;
     let mut table = Table::new(&plan);
     println!("mesh-bench{}", if plan.smoke { " --smoke" } else { "" });
     machine_summary();
@@ -246,6 +251,8 @@ struct Plan {
     settle: Duration,
     /// `mesh-agent run --worker-threads` (0: not given).
     agent_threads: usize,
+    /// `mesh-agent run --sockmap`.
+    sockmap: bool,
 }
 
 impl Plan {
@@ -268,6 +275,7 @@ impl Plan {
                 enroll_reps: 1,
                 settle: Duration::from_millis(300),
                 agent_threads: 1,
+                sockmap: false,
             }
         } else {
             Plan {
@@ -287,16 +295,34 @@ impl Plan {
                 enroll_reps: 3,
                 settle: Duration::from_secs(2),
                 agent_threads: 1,
+                sockmap: false,
             }
         }
     }
 
     /// The agents' extra flags, as printed with the results.
     fn agent_flags_shown(&self) -> String {
-        match self.agent_threads {
+        let threads = match self.agent_threads {
             0 => "default worker threads (one per CPU)".into(),
             n => format!("--worker-threads {n}"),
+        };
+        if self.sockmap {
+            format!("{threads} --sockmap")
+        } else {
+            threads
         }
+    }
+
+    /// The agents' extra flags.
+    fn agent_flags(&self) -> Vec<String> {
+        let mut flags = vec![];
+        if self.agent_threads != 0 {
+            flags.extend(["--worker-threads".into(), self.agent_threads.to_string()]);
+        }
+        if self.sockmap {
+            flags.push("--sockmap".into());
+        }
+        flags
     }
 }
 
@@ -1174,13 +1200,10 @@ fn start_agents<'a>(
     nodes: impl IntoIterator<Item = &'a Node> + Clone,
     config: &Path,
 ) -> Result<()> {
-    let threads = plan.agent_threads.to_string();
-    let flags: &[&str] = match plan.agent_threads {
-        0 => &[],
-        _ => &["--worker-threads", &threads],
-    };
+    let flags = plan.agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     for node in nodes.clone() {
-        node.spawn_agent(config, flags)?;
+        node.spawn_agent(config, &flags)?;
     }
     for node in nodes {
         node.wait_agent_ready(Duration::from_secs(30))?;

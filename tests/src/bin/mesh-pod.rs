@@ -43,6 +43,9 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Send at once, before the server's PEER line.
+        #[arg(long)]
+        eager: bool,
     },
     /// Hold a connection to an echo server open for SECONDS, exchanging a little data
     /// every 20 ms; exits 0 iff it lasted (prints when and how it broke otherwise).
@@ -88,8 +91,9 @@ fn main() -> ExitCode {
             to,
             bytes,
             timeout_ms,
+            eager,
         } => {
-            let report = workload::connect(to, bytes, Duration::from_millis(timeout_ms));
+            let report = workload::connect(to, bytes, Duration::from_millis(timeout_ms), eager);
             match serde_json::to_string(&report) {
                 Ok(json) => println!("{json}"),
                 Err(error) => {
