@@ -323,45 +323,54 @@ fn track(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i64> {
         .map_err(i64::from)
 }
 
+/// The key of the socket behind a context pointer of either kind that carries one:
+/// `bpf_sock_ops` and `sk_msg_md` name the fields alike. Every field is read as one
+/// 32-bit load, volatile, so the compiler cannot merge or narrow them or turn them into
+/// loads through a modified context pointer, all of which the verifier rejects.
+macro_rules! sock_key_of {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        // SAFETY: a valid context pointer from the kernel; each field read is one the
+        // verifier allows for this program type.
+        unsafe {
+            use core::ptr::{addr_of, read_volatile as rv};
+            let family = rv(addr_of!((*c).family));
+            let (local, remote) = if family == u32::from(AF_INET) {
+                (
+                    [rv(addr_of!((*c).local_ip4)), 0, 0, 0],
+                    [rv(addr_of!((*c).remote_ip4)), 0, 0, 0],
+                )
+            } else {
+                (
+                    [
+                        rv(addr_of!((*c).local_ip6[0])),
+                        rv(addr_of!((*c).local_ip6[1])),
+                        rv(addr_of!((*c).local_ip6[2])),
+                        rv(addr_of!((*c).local_ip6[3])),
+                    ],
+                    [
+                        rv(addr_of!((*c).remote_ip6[0])),
+                        rv(addr_of!((*c).remote_ip6[1])),
+                        rv(addr_of!((*c).remote_ip6[2])),
+                        rv(addr_of!((*c).remote_ip6[3])),
+                    ],
+                )
+            };
+            SockKey::from_kernel(
+                bpf_get_netns_cookie(c as *mut c_void),
+                family,
+                local,
+                remote,
+                rv(addr_of!((*c).local_port)),
+                rv(addr_of!((*c).remote_port)),
+            )
+        }
+    }};
+}
+
 /// The key of the socket behind a sockops context.
 fn sock_key(ctx: &SockOpsContext) -> SockKey {
-    let o = ctx.ops;
-    // SAFETY: valid context; every field is read as one 32-bit load, volatile, so the
-    // compiler cannot turn them into loads through a modified context pointer, which the
-    // verifier rejects.
-    unsafe {
-        use core::ptr::{addr_of, read_volatile as rv};
-        let family = rv(addr_of!((*o).family));
-        let (local, remote) = if family == u32::from(AF_INET) {
-            (
-                [rv(addr_of!((*o).local_ip4)), 0, 0, 0],
-                [rv(addr_of!((*o).remote_ip4)), 0, 0, 0],
-            )
-        } else {
-            (
-                [
-                    rv(addr_of!((*o).local_ip6[0])),
-                    rv(addr_of!((*o).local_ip6[1])),
-                    rv(addr_of!((*o).local_ip6[2])),
-                    rv(addr_of!((*o).local_ip6[3])),
-                ],
-                [
-                    rv(addr_of!((*o).remote_ip6[0])),
-                    rv(addr_of!((*o).remote_ip6[1])),
-                    rv(addr_of!((*o).remote_ip6[2])),
-                    rv(addr_of!((*o).remote_ip6[3])),
-                ],
-            )
-        };
-        SockKey::from_kernel(
-            bpf_get_netns_cookie(o as *mut c_void),
-            family,
-            local,
-            remote,
-            rv(addr_of!((*o).local_port)),
-            rv(addr_of!((*o).remote_port)),
-        )
-    }
+    sock_key_of!(ctx.ops)
 }
 
 #[sk_lookup]
@@ -415,42 +424,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 /// redirects and [`RedirectState`] for what it counts.
 #[sk_msg]
 pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
-    let m = ctx.msg;
-    // SAFETY: valid context; every field is read as one 32-bit load, as the verifier
-    // requires (volatile, so the compiler cannot merge or narrow them).
-    let key = unsafe {
-        use core::ptr::{addr_of, read_volatile as rv};
-        let family = rv(addr_of!((*m).family));
-        let (local, remote) = if family == u32::from(AF_INET) {
-            (
-                [rv(addr_of!((*m).local_ip4)), 0, 0, 0],
-                [rv(addr_of!((*m).remote_ip4)), 0, 0, 0],
-            )
-        } else {
-            (
-                [
-                    rv(addr_of!((*m).local_ip6[0])),
-                    rv(addr_of!((*m).local_ip6[1])),
-                    rv(addr_of!((*m).local_ip6[2])),
-                    rv(addr_of!((*m).local_ip6[3])),
-                ],
-                [
-                    rv(addr_of!((*m).remote_ip6[0])),
-                    rv(addr_of!((*m).remote_ip6[1])),
-                    rv(addr_of!((*m).remote_ip6[2])),
-                    rv(addr_of!((*m).remote_ip6[3])),
-                ],
-            )
-        };
-        SockKey::from_kernel(
-            bpf_get_netns_cookie(m as *mut c_void),
-            family,
-            local,
-            remote,
-            rv(addr_of!((*m).local_port)),
-            rv(addr_of!((*m).remote_port)),
-        )
-    };
+    let key = sock_key_of!(ctx.msg);
     let size = u64::from(ctx.size());
     let state = REDIRECT_STATE.get_ptr_mut(key);
     // SAFETY: map lookup of a plain key; the value is copied out.

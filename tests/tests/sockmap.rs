@@ -1,10 +1,10 @@
 //! Kernel suite for the opt-in same-node redirect (`mesh-agent run --sockmap`, ADR 006):
-//! real pods and a real agent, whose `sk_msg` verdict moves what one application sends
+//! real pods and real agents, whose `sk_msg` verdict moves what one application sends
 //! into the other application's receive queue. Bytes arrive complete and in order both
 //! ways (including the server's greeting, and a client that sends before its route
-//! exists), end of
-//! stream propagates, the agent forwards almost nothing itself, the counters are exact,
-//! and a policy change cuts a redirected connection.
+//! exists), end of stream propagates, the agent forwards almost nothing itself, the
+//! counters are exact, a policy change cuts a redirected connection, and cross-node
+//! connections, whose client sockets leave the socket map, are carried as before.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,11 +19,11 @@ const FORWARDED: &str = "mesh_agent_redirect_forwarded_bytes_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 const SENT: &str = "istio_tcp_sent_bytes_total";
 
-/// One node; `shop` is ambient with the client `a` and the server `b`; the agent runs
-/// with `--sockmap`.
+/// Two nodes; `shop` is ambient with the client `a` and the server `b` on node 1 and
+/// the server `c` on node 2; both agents run with `--sockmap`.
 fn cluster() -> Cluster {
     let cluster = Cluster::builder()
-        .nodes(1)
+        .nodes(2)
         .ambient_namespace("shop")
         .pod(
             PodSpec::new("a", "shop", 0)
@@ -31,21 +31,27 @@ fn cluster() -> Cluster {
                 .service_account("client"),
         )
         .pod(PodSpec::new("b", "shop", 0).label("app", "web"))
+        .pod(PodSpec::new("c", "shop", 1).label("app", "web"))
         .build()
         .expect("building the test cluster");
-    cluster
-        .pod("b")
-        .spawn_server(&[APP])
-        .expect("starting a server");
+    for pod in ["b", "c"] {
+        cluster
+            .pod(pod)
+            .spawn_server(&[APP])
+            .expect("starting a server");
+    }
     let config = cluster.config_path();
     cluster
         .write_config(&config, &ConfigOptions::default())
         .expect("writing the config");
-    let node = cluster.node(0);
-    node.spawn_agent(&config, &["--sockmap"])
-        .expect("starting the agent");
-    node.wait_agent_ready(Duration::from_secs(20))
-        .expect("agent ready");
+    for node in cluster.nodes() {
+        node.spawn_agent(&config, &["--sockmap"])
+            .expect("starting the agent");
+    }
+    for node in cluster.nodes() {
+        node.wait_agent_ready(Duration::from_secs(20))
+            .expect("agent ready");
+    }
     cluster
 }
 
@@ -128,6 +134,31 @@ fn same_node_sends_are_redirected_between_the_applications_byte_exact_over_ipv4_
             "the agent forwarded {forwarded} of 20 MiB itself"
         );
     }
+}
+
+#[test]
+fn cross_node_connections_leave_the_socket_map_and_are_carried_as_before() {
+    if !require_root() {
+        return;
+    }
+    let cluster = cluster();
+    let (a, c) = (cluster.pod("a"), cluster.pod("c"));
+    for to in [c.addr_v4(APP), c.addr_v6(APP)] {
+        let report = a.connect_eager(to, 4 * MIB).expect("running the client");
+        assert!(
+            report.ok,
+            "{to}: {report:?}\n{}",
+            cluster.node(0).agent_log()
+        );
+        assert_eq!((report.sent, report.received), (4 * MIB, 4 * MIB));
+    }
+    let m = metrics(&cluster);
+    assert_eq!(
+        m.sum(SAME_NODE, &[]),
+        0.0,
+        "cross-node counted as same-node"
+    );
+    assert_eq!(m.sum(FORWARDED, &[]), 0.0);
 }
 
 #[test]
