@@ -185,13 +185,6 @@ impl Proxy {
         prepared
     }
 
-    /// A captured connection that is not same-node leaves the redirect's socket map.
-    fn sockmap_untrack(&self, pod: &PodContext, downstream: &TcpStream) {
-        if let Some(map) = self.sockmap.as_deref() {
-            sockmap::untrack(map, pod.netns_cookie, downstream);
-        }
-    }
-
     fn route(&self, dst_ip: IpAddr, dst: Option<&Workload>) -> Route {
         if let Some(pod) = self
             .local_pods

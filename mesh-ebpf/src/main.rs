@@ -273,8 +273,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             ORIG_DST.insert(key, orig, 0)?;
             // Ask for state changes so the cookie record goes away with the socket.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            // A captured connection may turn out same-node: its sends can be redirected.
-            if redirect_enabled() {
+            // A connection to an enrolled pod of this node (a pod address, not a service
+            // address: where those go is the agent's choice, made later) is same-node: its
+            // sends can be redirected. Other sockets never enter the socket map: the
+            // kernel can fail a blocked read with EAGAIN when a socket leaves it.
+            let dst = AddrKey {
+                addr: orig.addr,
+                family: u32::from(orig.family),
+            };
+            // SAFETY: map lookup of a plain key.
+            if redirect_enabled() && unsafe { ENROLLED_ADDRS.get(dst) }.is_some() {
                 track(ctx, &sock_key(ctx))?;
             }
         }

@@ -87,13 +87,6 @@ impl Sockmap {
         )
     }
 
-    /// Takes an application socket out of the socket map (`sockops` adds every captured
-    /// client socket, before anyone knows where the connection goes) and drops its state.
-    pub fn untrack(&self, app: &SockKey) {
-        let _ = sys::map_delete(self.sockets.fd().as_fd(), sys::bytes_of(app));
-        let _ = sys::map_delete(self.state.fd().as_fd(), sys::bytes_of(app));
-    }
-
     /// Drops the route of one socket: its sends go over TCP again.
     pub fn forget_route(&self, key: &SockKey) -> io::Result<()> {
         sys::map_delete(self.route.fd().as_fd(), sys::bytes_of(key))

@@ -74,11 +74,7 @@ async fn handle(
         .copied()
         .find(|ip| ip.is_ipv4() == orig.is_ipv4())
         .unwrap_or(peer.ip());
-    let route = proxy.route(orig.ip(), dst_workload);
-    if !matches!(route, Route::Local { .. }) {
-        proxy.sockmap_untrack(pod, &downstream);
-    }
-    match route {
+    match proxy.route(orig.ip(), dst_workload) {
         Route::Local { dst } => {
             let src_ip = pod_ip;
             let src = SocketAddr::new(src_ip, peer.port());

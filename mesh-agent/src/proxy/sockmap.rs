@@ -23,6 +23,7 @@ use crate::ebpf::{Sockmap, sockmap::sock_key};
 /// How long the agent waits, after connecting, for the kernel to add the server's
 /// accepted socket to the map (its handshake completes in the kernel right after ours).
 const SERVER_TRACKED_WAIT: Duration = Duration::from_millis(20);
+/// Checks made between yields to the runtime before falling back to timer ticks.
 const SERVER_TRACKED_YIELDS: u32 = 16;
 /// Bytes read at once from an agent socket (only bytes sent before the redirect).
 const FORWARD_CHUNK: usize = 16 * 1024;
@@ -73,14 +74,6 @@ impl Drop for Routes<'_> {
         let k = self.keys;
         self.map
             .forget(&[k.client, k.agent_down, k.agent_up, k.server]);
-    }
-}
-
-/// Takes a captured connection that is not same-node out of the socket map: its client
-/// application's sends then take the plain TCP path again (no verdict on each send).
-pub fn untrack(map: &Sockmap, client_netns: u64, downstream: &TcpStream) {
-    if let (Ok(local), Ok(peer)) = (downstream.local_addr(), downstream.peer_addr()) {
-        map.untrack(&sock_key(client_netns, peer, local));
     }
 }
 
