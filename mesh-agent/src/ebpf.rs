@@ -112,8 +112,6 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
-            // Only then does `sockops` hand application sockets to the redirect.
-            .override_global("REDIRECT_ENABLED", &u8::from(sockmap), true)
             .load(EBPF_OBJECT)?;
 
         let cgroup_dir = fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
@@ -377,13 +375,23 @@ fn install_sockmap(ebpf: &mut Ebpf) -> Result<Sockmap, EbpfError> {
             source,
         }
     })?;
+    // Only now does `sockops` hand application sockets to the map: a socket in a map
+    // without the verdict would only pay for it.
+    let on = take_map_data(ebpf, maps::REDIRECT_ON)?;
+    sys::map_update(on.fd().as_fd(), &0u32.to_ne_bytes(), &1u32.to_ne_bytes()).map_err(
+        |source| EbpfError::Link {
+            what: "enabling",
+            name: name.to_owned(),
+            source,
+        },
+    )?;
     Ok(Sockmap::new(sockets, state, route))
 }
 
 /// A map of any type, for raw `bpf(2)` use.
 fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, EbpfError> {
     match ebpf.take_map(name) {
-        Some(Map::HashMap(data) | Map::SockHash(data)) => Ok(data),
+        Some(Map::HashMap(data) | Map::SockHash(data) | Map::Array(data)) => Ok(data),
         _ => Err(EbpfError::Map {
             name,
             source: aya::maps::MapError::InvalidName {

@@ -43,6 +43,8 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "MESH_INBOUND";
     /// [`super::AddrKey`] → u32 flags: addresses of enrolled pods (fail closed without listener).
     pub const ENROLLED_ADDRS: &str = "MESH_ENR_ADDRS";
+    /// Array of one u32: 1 once the agent attached the `sk_msg` verdict (`--sockmap`).
+    pub const REDIRECT_ON: &str = "MESH_RDR_ON";
     /// [`super::SockKey`] → socket of a same-node connection whose sends the kernel
     /// redirects (`sk_msg` verdict): the two application sockets (added by `sockops`) and
     /// the agent's two sockets (added by the agent). Per agent process, never pinned.

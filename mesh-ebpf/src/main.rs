@@ -15,7 +15,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
-    maps::{HashMap, LruHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
@@ -56,10 +56,10 @@ static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
 /// Hash maps allocate entries on insert: the redirect maps are empty unless `--sockmap`.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Set to 1 by the agent at load time when same-node connections are redirected
-/// (`--sockmap`): only then does `sockops` add application sockets to REDIRECT_SOCKS.
-#[unsafe(no_mangle)]
-static REDIRECT_ENABLED: u8 = 0;
+/// Entry 0 is set to 1 by the agent once the `sk_msg` verdict is attached (`--sockmap`):
+/// only then does `sockops` add application sockets to REDIRECT_SOCKS.
+#[map(name = "MESH_RDR_ON")]
+static REDIRECT_ON: Array<u32> = Array::with_max_entries(1, 0);
 
 // The redirect maps belong to one agent process (its sockets die with it): not pinned.
 #[map(name = "MESH_RDR_SOCKS")]
@@ -316,8 +316,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
 }
 
 fn redirect_enabled() -> bool {
-    // SAFETY: a constant the loader may rewrite; read volatile so it is not folded.
-    unsafe { core::ptr::read_volatile(&REDIRECT_ENABLED) == 1 }
+    REDIRECT_ON.get(0).is_some_and(|on| *on == 1)
 }
 
 /// Adds an application socket to REDIRECT_SOCKS, then creates its state (so the state
