@@ -44,14 +44,9 @@ fn cluster() -> Cluster {
     cluster
         .write_config(&config, &ConfigOptions::default())
         .expect("writing the config");
-    for node in cluster.nodes() {
-        node.spawn_agent(&config, &["--sockmap"])
-            .expect("starting the agent");
-    }
-    for node in cluster.nodes() {
-        node.wait_agent_ready(Duration::from_secs(20))
-            .expect("agent ready");
-    }
+    cluster
+        .start_agents_with(&config, &["--sockmap"])
+        .expect("starting the agents");
     cluster
 }
 

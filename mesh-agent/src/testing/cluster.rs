@@ -828,8 +828,13 @@ impl Cluster {
 
     /// Starts every node's agent with `config` and waits until all are ready.
     pub fn start_agents(&self, config: &Path) -> Result<()> {
+        self.start_agents_with(config, &[])
+    }
+
+    /// [`start_agents`](Self::start_agents) with extra `mesh-agent run` flags.
+    pub fn start_agents_with(&self, config: &Path, extra: &[&str]) -> Result<()> {
         for node in &self.nodes {
-            node.spawn_agent(config, &[])?;
+            node.spawn_agent(config, extra)?;
         }
         for node in &self.nodes {
             node.wait_agent_ready(AGENT_READY_TIMEOUT)?;
