@@ -280,7 +280,7 @@ async fn out_of_tunnel(
 }
 
 /// Sends FIN on `to`: no more bytes in this direction.
-fn half_close(to: &TcpStream) -> io::Result<()> {
+pub(super) fn half_close(to: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
         // The peer may already be gone; nothing was lost on our side.
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),

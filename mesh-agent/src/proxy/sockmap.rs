@@ -12,7 +12,7 @@
 //! agent routed it before connecting). C sends into S, S into C; A1 forwards what C sent
 //! before its route was ready, into C's peer S via A2's route, and A2 likewise into C.
 
-use std::{io, net::Shutdown, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
 use mesh_common::{RedirectRoute, SockKey};
 use tokio::net::{TcpSocket, TcpStream};
@@ -251,11 +251,7 @@ impl Redirected<'_> {
         }
         // Everything the application sent is in the peer's queue: each redirected send
         // was queued before its system call returned.
-        match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-            // The peer may already be gone; nothing was lost on our side.
-            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-            _ => Ok(()),
-        }
+        copy::half_close(to)
     }
 }
 
