@@ -1,5 +1,5 @@
 //! Enrollment of this node's ambient pods: for each captured pod, in order, open its network
-//! namespace, prepare it (delivery route, `tcp_fwmark_accept`), bind the 15001/15006/15008
+//! namespace, prepare it (delivery route, `tcp_fwmark_accept`, `fwmark_reflect`), bind the 15001/15006/15008
 //! listeners inside it, attach `sk_lookup`, and finally insert its netns cookie into the
 //! ENROLLED map. Release runs the same steps backwards. Reconciliation compares the wanted
 //! pods with what is enrolled, including what a previous agent left pinned.
@@ -30,6 +30,15 @@ use crate::{
 };
 
 const LISTEN_BACKLOG: i32 = 1024;
+/// The sysctls (under `net/`) set to 1 in every enrolled pod's namespace.
+const POD_SYSCTLS: [(&str, &str); 3] = [
+    (
+        "ipv4/tcp_fwmark_accept",
+        "setting net.ipv4.tcp_fwmark_accept",
+    ),
+    ("ipv4/fwmark_reflect", "setting net.ipv4.fwmark_reflect"),
+    ("ipv6/fwmark_reflect", "setting net.ipv6.fwmark_reflect"),
+];
 /// Priority of the delivery-mark rule. It must come before the `local` table: the delivery
 /// socket's SYN to the pod's own address must be routed by table 133 (`dev lo`), because the
 /// `local` table would route it as arriving on `eth0`, and `sk_lookup` would steer it back
@@ -240,7 +249,7 @@ impl Enroller {
         })?;
 
         // net sysctls apply to the namespace of the writer, whichever procfs mount is used.
-        let sysctl = self.options.proc_root.join("sys/net/ipv4");
+        let sysctl = self.options.proc_root.join("sys/net");
         // Inside the namespace: sysctl, listeners and the netlink socket for the route.
         let inside = ns
             .run(|| -> Result<_, EnrollError> {
@@ -249,9 +258,12 @@ impl Enroller {
                     move |source| EnrollError::Setup { pod, what, source }
                 };
                 // The application's accepted socket inherits the delivery socket's mark, so its
-                // replies follow the delivery route back over `lo`.
-                std::fs::write(sysctl.join("tcp_fwmark_accept"), "1")
-                    .map_err(setup("setting net.ipv4.tcp_fwmark_accept"))?;
+                // replies follow the delivery route back over `lo`; the kernel's own answers
+                // (a reset from a port nobody listens on) carry the mark of what they answer,
+                // so they come back too instead of leaving by `eth0` towards the client.
+                for (name, what) in POD_SYSCTLS {
+                    std::fs::write(sysctl.join(name), "1").map_err(setup(what))?;
+                }
                 let listeners = bind_listeners(&pod, w)?;
                 let cookie = ebpf::sys::netns_cookie(&listeners.outbound[0])
                     .map_err(setup("reading the netns cookie"))?;
