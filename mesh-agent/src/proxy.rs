@@ -47,6 +47,10 @@ pub enum ProxyError {
     },
     #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout { addr: SocketAddr },
+    #[error(
+        "refusing {addr}: an agent port of a mesh address is never a destination (it would loop back into the agent)"
+    )]
+    SelfCall { addr: SocketAddr },
     #[error("service {service} ({vip}) has no ready endpoint")]
     NoEndpoints { service: String, vip: SocketAddr },
     #[error(transparent)]
@@ -354,6 +358,13 @@ impl<'a> Tracked<'a> {
     }
 }
 
+/// Whether a connection to `addr` would reach an agent listener of an enrolled pod (this
+/// agent's or a peer's): such a destination is refused on every path.
+fn self_call(state: &MeshState, addr: SocketAddr) -> bool {
+    mesh_common::is_agent_pod_port(addr.port())
+        && state.workload_by_ip(addr.ip()).is_some_and(|w| w.captured)
+}
+
 /// Creates a TCP socket inside the pod's namespace, marked so capture skips it.
 fn pod_socket(
     pod: &PodContext,
@@ -402,11 +413,10 @@ fn deny(
     dst: &Workload,
     src: SocketAddr,
     to: SocketAddr,
-    reason: &'static str,
-    detail: &str,
+    denial: &authorize::Denial,
     downstream: &TcpStream,
 ) {
-    metrics.connection_denied(dst, reason);
+    metrics.connection_denied(dst, denial.reason());
     tracing::info!(
         target: "access",
         direction = "inbound",
@@ -414,9 +424,8 @@ fn deny(
         dst.addr = %to,
         dst.workload = %dst.workload_name,
         dst.namespace = %dst.namespace,
-        reason = reason,
-        "connection denied: {}",
-        detail
+        reason = denial.reason(),
+        "connection denied: {denial}"
     );
     copy::reset(downstream);
 }

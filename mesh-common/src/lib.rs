@@ -20,6 +20,15 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// HBONE listener inside each enrolled pod; never steered by `sk_lookup`.
 pub const HBONE_PORT: u16 = 15008;
+/// The agent's listeners inside an enrolled pod. On a mesh address they are never the
+/// destination of a proxied connection: delivering there would hand the connection back to
+/// the agent (a loop for 15006), so every path refuses them (ztunnel's "self call").
+pub const AGENT_POD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
+
+/// Whether `port` is one of [`AGENT_POD_PORTS`].
+pub fn is_agent_pod_port(port: u16) -> bool {
+    AGENT_POD_PORTS.contains(&port)
+}
 /// Admin (`/config_dump`), on the node's loopback.
 pub const ADMIN_PORT: u16 = 15000;
 /// Prometheus `/metrics`.

@@ -265,7 +265,7 @@ impl HboneClient {
 }
 
 #[test]
-fn a_handcrafted_hbone_client_gets_200_400_and_503() {
+fn a_handcrafted_hbone_client_gets_200_400_and_503_at_once() {
     if !require_root() {
         return;
     }
@@ -314,11 +314,26 @@ fn a_handcrafted_hbone_client_gets_200_400_and_503() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 503);
+        // A refused port is answered at once: the kernel's reset reaches the agent.
+        let started = std::time::Instant::now();
         let resp = client
             .send(http::Method::CONNECT, &c.addr_v4(9).to_string())
             .await
             .unwrap();
         assert_eq!(resp.status(), 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "503 for a refused port took {:?}",
+            started.elapsed()
+        );
+        // The agent's own ports are never a target (they would loop back into it).
+        for port in mesh_common::AGENT_POD_PORTS {
+            let resp = client
+                .send(http::Method::CONNECT, &c.addr_v4(port).to_string())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 400, "CONNECT to the agent's port {port}");
+        }
     });
 }
 
@@ -329,7 +344,7 @@ fn peer_auth(namespace: &str, mode: &str) -> String {
 }
 
 #[test]
-fn strict_rejects_plaintext_permissive_admits_it_and_edits_apply_within_2s() {
+fn strict_rejects_and_cuts_plaintext_permissive_admits_it_and_edits_apply_within_2s() {
     if !require_root() {
         return;
     }
@@ -349,12 +364,37 @@ fn strict_rejects_plaintext_permissive_admits_it_and_edits_apply_within_2s() {
         .sum(OPENED, &none)
         >= 1.0));
 
+    // Live connections, plaintext and mutual TLS, when STRICT arrives.
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = pod_bin.to_str().unwrap();
+    let to = c.addr_v4(APP).to_string();
+    let hold = ["hold", "--to", &to, "--seconds", "20"];
+    let plaintext = l2.spawn(&[&[pod_bin][..], &hold].concat()).unwrap();
+    let mtls = a.spawn(&[&[pod_bin][..], &hold].concat()).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(plaintext.is_running() && mtls.is_running());
+
     cluster
         .write_config(
             &config,
             &ConfigOptions::default().document(peer_auth("shop", "STRICT")),
         )
         .unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || !plaintext.is_running()),
+        "a live plaintext connection survived STRICT: {}",
+        plaintext.log_text()
+    );
+    assert!(
+        plaintext.log_text().contains("broken"),
+        "{}",
+        plaintext.log_text()
+    );
+    assert!(
+        mtls.is_running(),
+        "STRICT cut a mutual-TLS connection: {}",
+        mtls.log_text()
+    );
     let denied = "mesh_agent_connections_denied_total";
     assert!(
         eventually(Duration::from_secs(2), || l2

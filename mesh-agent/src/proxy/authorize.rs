@@ -55,26 +55,75 @@ impl Policy {
         }
     }
 
-    /// The mTLS mode PeerAuthentication sets for `w` on `port`.
-    pub fn mtls_mode(&self, w: &Workload, port: u16) -> MtlsMode {
-        self.peer_auth.mode(w, port, &self.root_namespace)
-    }
-
-    /// The AuthorizationPolicy decision for a connection to `dst`; dry-run denials are logged.
-    pub fn authorize(&self, dst: &Workload, conn: &Peer) -> Decision {
-        let decision = self.rbac.evaluate(dst, &conn.as_connection());
-        if let Some(policy) = &decision.dry_run_denial {
+    /// Admits (or not) a connection at its destination `dst`: PeerAuthentication first (a
+    /// peer without an identity is plaintext, refused where the mode is STRICT), then
+    /// AuthorizationPolicy. Every inbound path calls this, and so does the re-evaluation of
+    /// live connections after a change. Dry-run denials are logged.
+    pub fn admit(&self, dst: &Workload, peer: &Peer) -> Result<Decision, Denial> {
+        let admitted = self.check(dst, peer);
+        if let Ok(decision) | Err(Denial::Policy(decision)) = &admitted
+            && let Some(policy) = &decision.dry_run_denial
+        {
             tracing::info!(
                 target: "access",
                 direction = "inbound",
-                src.addr = %conn.src,
-                dst.addr = %conn.dst,
-                src.identity = conn.identity.as_ref().map(tracing::field::display),
+                src.addr = %peer.src,
+                dst.addr = %peer.dst,
+                src.identity = peer.identity.as_ref().map(tracing::field::display),
                 policy = %policy,
                 "dry-run: connection would be denied"
             );
         }
-        decision
+        admitted
+    }
+
+    /// [`admit`](Self::admit) without logging.
+    fn check(&self, dst: &Workload, peer: &Peer) -> Result<Decision, Denial> {
+        let plaintext = peer.identity.is_none();
+        if plaintext
+            && self
+                .peer_auth
+                .mode(dst, peer.dst.port(), &self.root_namespace)
+                == MtlsMode::Strict
+        {
+            return Err(Denial::PlaintextUnderStrict);
+        }
+        let decision = self.rbac.evaluate(dst, &peer.as_connection());
+        if decision.allowed {
+            Ok(decision)
+        } else {
+            Err(Denial::Policy(decision))
+        }
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// Plaintext to a port whose PeerAuthentication is STRICT.
+    PlaintextUnderStrict,
+    /// An AuthorizationPolicy denied it (the decision names the policy).
+    Policy(Decision),
+}
+
+impl Denial {
+    /// The `reason` label of `mesh_agent_connections_denied_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::PlaintextUnderStrict => "plaintext_under_strict",
+            Denial::Policy(_) => "authorization_policy",
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denial::PlaintextUnderStrict => {
+                f.write_str("plaintext under STRICT PeerAuthentication")
+            }
+            Denial::Policy(decision) => write!(f, "AuthorizationPolicy: {decision}"),
+        }
     }
 }
 
@@ -172,14 +221,13 @@ impl Authorizer {
             let dst = state
                 .workload_by_ip(conn.peer.dst.ip())
                 .unwrap_or(&conn.dst);
-            let decision = policy.rbac.evaluate(dst, &conn.peer.as_connection());
-            if !decision.allowed {
+            if let Err(denial) = policy.check(dst, &conn.peer) {
                 tracing::info!(
                     target: "access",
                     direction = "inbound",
                     src.addr = %conn.peer.src,
                     dst.addr = %conn.peer.dst,
-                    "live connection closed: {decision}"
+                    "live connection closed: {denial}"
                 );
                 conn.closed.notify_one();
             }

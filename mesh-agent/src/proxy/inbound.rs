@@ -16,7 +16,7 @@ use super::{
     ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, deny, labels,
     pod_socket,
 };
-use crate::{ebpf::canonical, metrics::Reporter, peer_auth::MtlsMode};
+use crate::{ebpf::canonical, metrics::Reporter};
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
@@ -53,35 +53,19 @@ async fn handle(
     // Plaintext reaching 15006 is authenticated only when it comes from an enrolled pod of
     // this node: then it went through this agent's own outbound side (same-node path).
     let local_mesh = src_workload.filter(|w| proxy.is_local_mesh(w));
-    let policy = proxy.authz.policy(&state);
-    let denied = |reason, detail: &str| {
-        deny(
-            &proxy.metrics,
-            &pod.workload,
-            peer,
-            orig,
-            reason,
-            detail,
-            &downstream,
-        )
-    };
-    if local_mesh.is_none() && policy.mtls_mode(&pod.workload, orig.port()) == MtlsMode::Strict {
-        denied(
-            "plaintext_under_strict",
-            "plaintext under STRICT PeerAuthentication",
-        );
-        return Ok(());
-    }
     let authz_peer = Peer {
         src: peer,
         dst: orig,
         identity: local_mesh.map(|w| proxy.identity_of(w)),
     };
-    let decision = policy.authorize(&pod.workload, &authz_peer);
-    if !decision.allowed {
-        denied(
-            "authorization_policy",
-            &format!("AuthorizationPolicy: {decision}"),
+    if let Err(denial) = proxy.authz.policy(&state).admit(&pod.workload, &authz_peer) {
+        deny(
+            &proxy.metrics,
+            &pod.workload,
+            peer,
+            orig,
+            &denial,
+            &downstream,
         );
         return Ok(());
     }
@@ -124,11 +108,16 @@ pub(crate) async fn deliver(
 }
 
 /// The socket [`deliver`] connects, bound (its local address is known) but not connected.
+/// A target on one of the agent's own ports is refused ([`ProxyError::SelfCall`]).
 pub(crate) fn delivery_socket(
     pod: &PodContext,
     client: IpAddr,
     target: SocketAddr,
 ) -> Result<tokio::net::TcpSocket, ProxyError> {
+    // The pod's own agent listens there: delivering would accept the connection again.
+    if mesh_common::is_agent_pod_port(target.port()) {
+        return Err(ProxyError::SelfCall { addr: target });
+    }
     pod_socket(pod, target.ip(), |s| {
         if client.is_ipv4() {
             s.set_ip_transparent_v4(true)?;

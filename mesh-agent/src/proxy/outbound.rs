@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     ConnInfo, PodContext, Proxy, ProxyError, Route, Tracked, accept_backoff, authorize::Peer,
-    connect, copy, deny, inbound, labels, pod_socket,
+    connect, copy, deny, inbound, labels, pod_socket, self_call,
 };
 use crate::{lb, metrics::Reporter};
 
@@ -63,6 +63,10 @@ async fn handle(
             }
         }
     };
+    if self_call(&state, orig) {
+        copy::reset(&downstream);
+        return Err(ProxyError::SelfCall { addr: orig });
+    }
     let service_name =
         service.map(|(s, _)| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
     let dst_workload = state.workload_by_ip(orig.ip());
@@ -84,19 +88,13 @@ async fn handle(
                 dst: orig,
                 identity: Some(pod.identity.clone()),
             };
-            let decision = proxy
-                .authz
-                .policy(&state)
-                .authorize(&dst.workload, &peer_id);
-            if !decision.allowed {
-                let detail = format!("AuthorizationPolicy: {decision}");
+            if let Err(denial) = proxy.authz.policy(&state).admit(&dst.workload, &peer_id) {
                 deny(
                     &proxy.metrics,
                     &dst.workload,
                     src,
                     orig,
-                    "authorization_policy",
-                    &detail,
+                    &denial,
                     &downstream,
                 );
                 return Ok(());

@@ -98,6 +98,10 @@ async fn handle(
         tracing::info!(pod = %pod.display_name(), %peer, %target, "HBONE: target is not this pod's");
         return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
     }
+    if mesh_common::is_agent_pod_port(target.port()) {
+        tracing::info!(pod = %pod.display_name(), %peer, %target, "HBONE: target is an agent port (self call)");
+        return refuse(respond, StatusCode::BAD_REQUEST);
+    }
     // The application sees the client pod's address: the tunnel's own source.
     let source = SocketAddr::new(canonical(peer.ip()), peer.port());
     let state = proxy.state();
@@ -106,14 +110,10 @@ async fn handle(
         dst: target,
         identity: client.clone(),
     };
-    let decision = proxy
-        .authz
-        .policy(&state)
-        .authorize(&pod.workload, &authz_peer);
-    if !decision.allowed {
+    if let Err(denial) = proxy.authz.policy(&state).admit(&pod.workload, &authz_peer) {
         proxy
             .metrics
-            .connection_denied(&pod.workload, "authorization_policy");
+            .connection_denied(&pod.workload, denial.reason());
         tracing::info!(
             target: "access",
             direction = "inbound",
@@ -122,9 +122,8 @@ async fn handle(
             src.identity = client.as_ref().map(tracing::field::display),
             dst.workload = %pod.workload.workload_name,
             dst.namespace = %pod.workload.namespace,
-            reason = "authorization_policy",
-            "connection denied: AuthorizationPolicy: {}",
-            decision
+            reason = denial.reason(),
+            "connection denied: {denial}"
         );
         return refuse(respond, StatusCode::UNAUTHORIZED);
     }
