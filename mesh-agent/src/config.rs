@@ -33,9 +33,11 @@
 //!   `start` loads the file once (returning any error), then spawns a task that polls the file's
 //!   metadata (device, inode, length, mtime, ctime) every [`file::DEFAULT_POLL_INTERVAL`], so an
 //!   editor that replaces the file by rename is seen too. A changed file is re-read, parsed and
-//!   translated; a good one is published (only if the state differs), a broken one is logged
-//!   with `tracing::error!` and the previous state is kept. The task ends when every receiver is
-//!   dropped.
+//!   translated once it stayed unchanged for [`file::DEFAULT_SETTLE`] (a file rewritten in place
+//!   passes through partial versions); a good one is published (only if the state differs), a
+//!   broken one is logged with `tracing::error!` and the previous state is kept. A file with no
+//!   object at all is refused ([`ConfigError::Empty`]) unless it is an explicit empty `List`.
+//!   The task ends when every receiver is dropped.
 //!
 //! Errors are one [`ConfigError`]; file errors name the file, the 1-based document (and list
 //! item), the object and the field, e.g.
@@ -94,6 +96,18 @@ pub struct Objects {
     pub authorization_policies: Vec<serde_json::Value>,
     /// `security.istio.io/v1` PeerAuthentication.
     pub peer_authentications: Vec<serde_json::Value>,
+}
+
+impl Objects {
+    /// No object of any kind.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.pods.is_empty()
+            && self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.authorization_policies.is_empty()
+            && self.peer_authentications.is_empty()
+    }
 }
 
 /// The kinds of object a source may carry.
@@ -192,6 +206,14 @@ pub enum ConfigError {
         at: DocRef,
         message: String,
     },
+    /// The file holds no object and does not say so on purpose (an empty List): taken for a
+    /// partly written file, never applied.
+    #[error(
+        "{origin}: no objects: an empty, comment-only or `---`-only file is taken for one being \
+         written and is not applied; to run with no objects, write an empty List \
+         (`apiVersion: v1`, `kind: List`, `items: []`)"
+    )]
+    Empty { origin: String },
     /// An object is invalid or cannot be used (translation, any source).
     #[error("{object}: {message}")]
     Object { object: ObjectKey, message: String },

@@ -356,6 +356,85 @@ fn an_invalid_config_edit_keeps_the_previous_state_and_logs_a_clear_error() {
 }
 
 #[test]
+fn an_emptied_or_half_written_config_never_releases_pods_or_drops_policies() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh();
+    let (a, c) = (cluster.pod("a"), cluster.pod("c"));
+    let config = cluster.config_path();
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - to:\n    - operation: {ports: [\"8080\"]}\n";
+    let without_policy = cluster.config_yaml(&ConfigOptions::default()).unwrap();
+    let full = cluster
+        .config_yaml(&ConfigOptions::default().document(deny))
+        .unwrap();
+    replace_file(&config, &full);
+    assert!(
+        eventually(Duration::from_secs(3), || !a
+            .connect_timeout(c.addr_v4(APP), 64, Duration::from_secs(1))
+            .unwrap()
+            .ok),
+        "the DENY never applied"
+    );
+
+    // A client keeps trying the denied port while the file is rewritten in place five
+    // times: truncated, then written without the policy, then whole, each version
+    // visible for 150 ms. Not one connection may get through.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (a, to, stop) = (a.clone(), c.addr_v4(APP), stop.clone());
+        std::thread::spawn(move || {
+            let (mut tried, mut through) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = a.connect_timeout(to, 64, Duration::from_secs(1)).unwrap();
+                tried += 1;
+                through += usize::from(r.ok);
+            }
+            (tried, through)
+        })
+    };
+    for _ in 0..5 {
+        for version in ["", without_policy.as_str(), full.as_str()] {
+            std::fs::write(&config, version).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tried, through) = prober.join().unwrap();
+    assert!(tried >= 20, "only {tried} probes ran");
+    assert_eq!(
+        through, 0,
+        "{through} of {tried} connections to a DENY'd port got through"
+    );
+
+    // Left empty (or comments only, or `---` only), the file is refused and said so; the
+    // pods stay captured and the policy stays.
+    for empty in ["", "# everything removed\n", "---\n"] {
+        std::fs::write(&config, empty).unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+        let r = a
+            .connect_timeout(c.addr_v4(APP), 64, Duration::from_secs(1))
+            .unwrap();
+        assert!(!r.ok && captured(&r), "{empty:?} applied: {r:?}");
+    }
+    let log = cluster.node(0).agent_log();
+    assert!(
+        log.contains("no objects") && log.contains("items: []"),
+        "{log}"
+    );
+
+    // An explicit empty List releases every pod: traffic flows outside the mesh.
+    std::fs::write(&config, "apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || a
+            .connect(c.addr_v4(APP), 1024)
+            .is_ok_and(|r| r.ok && !captured(&r))),
+        "an explicit empty List did not release the pods"
+    );
+}
+
+#[test]
 fn a_stopped_agent_fails_closed_a_restarted_one_adopts_its_pins_and_uninstall_removes_everything() {
     if !require_root() {
         return;

@@ -19,6 +19,9 @@ use crate::state::MeshState;
 
 /// How often [`FileSource`] looks at the file's metadata.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a changed file must stay unchanged before it is read: a file rewritten in
+/// place passes through truncated and partly written versions, each of which parses.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(300);
 
 /// Parses and validates a configuration text; `origin` (usually the file name) prefixes errors.
 ///
@@ -56,6 +59,7 @@ pub struct FileSource {
     node: String,
     settings: Settings,
     poll_interval: Duration,
+    settle: Duration,
 }
 
 impl FileSource {
@@ -66,12 +70,19 @@ impl FileSource {
             node: node.into(),
             settings,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            settle: DEFAULT_SETTLE,
         }
     }
 
     /// Changes how often the file's metadata is checked.
     pub fn with_poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// Changes how long a changed file must stay unchanged before it is read.
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
         self
     }
 
@@ -93,8 +104,11 @@ impl FileSource {
 
     /// Loads the file (any error is returned: the agent must not start on a broken file), then
     /// spawns a task that polls the file's metadata (device, inode, length, mtime, ctime, so a
-    /// file replaced by rename is noticed) and, when it changes, re-reads and translates it.
-    /// A good file is published if the state differs; a bad one is logged with
+    /// file replaced by rename is noticed) and, once a change has stayed for the settle time
+    /// ([`DEFAULT_SETTLE`]), re-reads and translates it. A file with no object is refused
+    /// unless it is an explicit empty List ([`ConfigError::Empty`]): a file being rewritten
+    /// in place is briefly empty. A good file is published if the state differs; a bad one
+    /// is logged with
     /// `tracing::error!` and the previous state is kept. The task ends when every receiver is
     /// dropped. Must be called within a Tokio runtime.
     pub async fn start(self) -> Result<watch::Receiver<Arc<MeshState>>, ConfigError> {
@@ -118,6 +132,8 @@ impl FileSource {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A missing or unreadable file is reported once, not on every poll.
         let mut missing = false;
+        // A version of the file not applied yet, and when it was first seen.
+        let mut changed: Option<(Fingerprint, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
@@ -139,8 +155,22 @@ impl FileSource {
             };
             missing = false;
             if fingerprint == last {
+                changed = None;
                 continue;
             }
+            match changed {
+                Some((seen, since)) if seen == fingerprint => {
+                    if since.elapsed() < self.settle {
+                        continue;
+                    }
+                }
+                // Still being written: wait for it to settle.
+                _ => {
+                    changed = Some((fingerprint, tokio::time::Instant::now()));
+                    continue;
+                }
+            }
+            changed = None;
             let read = tokio::fs::read_to_string(&self.path).await;
             if Fingerprint::of(&self.path).await.ok() != Some(fingerprint) {
                 // Written while we read it: look again on the next tick.
@@ -225,9 +255,18 @@ fn parse(text: &str, origin: &str) -> Result<Parsed, ConfigError> {
             objects: Objects::default(),
             locations: HashMap::new(),
         },
+        explicit_empty: false,
     };
     for (i, chunk) in documents(text).iter().enumerate() {
         parser.document(i + 1, chunk)?;
+    }
+    // An empty file is what a writer leaves between truncating and writing: applying it
+    // would release every pod and drop every policy. Only an explicit empty List says
+    // "no objects" on purpose.
+    if parser.parsed.objects.is_empty() && !parser.explicit_empty {
+        return Err(ConfigError::Empty {
+            origin: origin.to_owned(),
+        });
     }
     Ok(parser.parsed)
 }
@@ -523,6 +562,8 @@ impl<'de, T: DeserializeOwned> Visitor<'de> for Items<T> {
 struct Parser<'o> {
     origin: &'o str,
     parsed: Parsed,
+    /// A `kind: List` with `items: []` was found: the file means to hold no objects.
+    explicit_empty: bool,
 }
 
 impl Parser<'_> {
@@ -571,7 +612,10 @@ impl Parser<'_> {
         }
         let items = match value.get("items") {
             None | Some(serde_yaml::Value::Null) => return Ok(()),
-            Some(serde_yaml::Value::Sequence(items)) => items,
+            Some(serde_yaml::Value::Sequence(items)) => {
+                self.explicit_empty |= items.is_empty();
+                items
+            }
             Some(other) => {
                 return Err(self.error(
                     &at,
@@ -781,7 +825,32 @@ status:
         );
         let objects = load_str(&text, "config.yaml").unwrap();
         assert_eq!(objects.pods.len(), 1);
-        assert_eq!(load_str("", "config.yaml").unwrap(), Objects::default());
+    }
+
+    #[test]
+    fn a_file_without_objects_is_refused_unless_it_is_an_explicit_empty_list() {
+        for text in ["", "\n\n", "# all gone\n", "---\n", "---\n---\n# x\n...\n"] {
+            let e = load_str(text, "config.yaml").unwrap_err();
+            assert!(matches!(e, ConfigError::Empty { .. }), "{text:?}: {e}");
+            assert!(e.to_string().starts_with("config.yaml: no objects"), "{e}");
+            assert!(e.to_string().contains("items: []"), "{e}");
+        }
+        // A List without items (or with null items) is not an explicit empty.
+        for text in [
+            "apiVersion: v1\nkind: List\n",
+            "apiVersion: v1\nkind: List\nitems:\n",
+        ] {
+            assert!(matches!(
+                load_str(text, "config.yaml"),
+                Err(ConfigError::Empty { .. })
+            ));
+        }
+        for text in [
+            "apiVersion: v1\nkind: List\nitems: []\n",
+            "# nothing on purpose\n---\napiVersion: v1\nitems: []\nkind: List\nmetadata: {}\n",
+        ] {
+            assert_eq!(load_str(text, "config.yaml").unwrap(), Objects::default());
+        }
     }
 
     #[test]
@@ -1217,10 +1286,12 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
     }
 
     const POLL: Duration = Duration::from_millis(10);
+    const SETTLE: Duration = Duration::from_millis(40);
 
     async fn start(file: &TempFile) -> Result<watch::Receiver<Arc<MeshState>>, ConfigError> {
         FileSource::new(&file.0, "node-a", Settings::default())
             .with_poll_interval(POLL)
+            .with_settle(SETTLE)
             .start()
             .await
     }
@@ -1326,7 +1397,7 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
         ];
         for text in &broken {
             file.write(text);
-            tokio::time::sleep(POLL * 10).await;
+            tokio::time::sleep(SETTLE * 3).await;
             assert!(
                 !rx.has_changed().unwrap(),
                 "published a broken file:\n{text}"
@@ -1335,12 +1406,41 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
         }
         // A deleted file keeps the state too, and the watcher recovers when it is back.
         std::fs::remove_file(&file.0).unwrap();
-        tokio::time::sleep(POLL * 10).await;
+        tokio::time::sleep(SETTLE * 3).await;
         assert!(!rx.has_changed().unwrap());
 
         file.write(&format!("{one}---\n{}", pod("web-2", "10.0.0.2")));
         let state = next(&mut rx).await;
         assert_eq!(pod_names(&state), ["web-1", "web-2"]);
+    }
+
+    #[tokio::test]
+    async fn a_file_rewritten_in_place_is_applied_only_once_it_settled() {
+        let one = format!("{NS_AMBIENT}---\n{}", pod("web-1", "10.0.0.1"));
+        let two = format!("{one}---\n{}", pod("web-2", "10.0.0.2"));
+        let file = TempFile::new("settle", &two);
+        let mut rx = start(&file).await.unwrap();
+        rx.borrow_and_update();
+        // Truncated, then half written, then complete: each version lives for less than
+        // the settle time, so only the last one is read.
+        for partial in ["", one.as_str()] {
+            file.write(partial);
+            tokio::time::sleep(SETTLE / 2).await;
+        }
+        file.write(&format!("{two}---\n{}", pod("web-3", "10.0.0.3")));
+        let state = next(&mut rx).await;
+        assert_eq!(pod_names(&state), ["web-1", "web-2", "web-3"]);
+        // An emptied file stays refused however long it stays.
+        let before = state;
+        for empty in ["", "# all gone\n", "---\n"] {
+            file.write(empty);
+            tokio::time::sleep(SETTLE * 3).await;
+            assert!(!rx.has_changed().unwrap(), "published {empty:?}");
+            assert_eq!(*rx.borrow(), before);
+        }
+        // An explicit empty List is applied.
+        file.write("apiVersion: v1\nkind: List\nitems: []\n");
+        assert!(next(&mut rx).await.workloads.is_empty());
     }
 
     #[tokio::test]
@@ -1352,7 +1452,7 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
         file.replace(&format!(
             "# a comment changes the file, not the state\n{one}"
         ));
-        tokio::time::sleep(POLL * 10).await;
+        tokio::time::sleep(SETTLE * 3).await;
         assert!(!rx.has_changed().unwrap());
     }
 

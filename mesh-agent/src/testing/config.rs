@@ -99,6 +99,10 @@ pub(super) fn render(
         );
     }
     docs.extend(opts.extra_documents.iter().cloned());
+    if docs.is_empty() {
+        // The agent refuses a file without objects unless it says so on purpose.
+        docs.push("apiVersion: v1\nkind: List\nitems: []\n".into());
+    }
     Ok(docs
         .iter()
         .map(|d| format!("---\n{}\n", d.trim_end()))
