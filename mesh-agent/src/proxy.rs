@@ -406,15 +406,14 @@ async fn connect(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Result<TcpS
     }
 }
 
-/// Refuses a connection before any byte reached the application: counted, access-logged
-/// with the reason, reset.
+/// Refuses a connection before any byte reached the application: counted and
+/// access-logged with the reason; the caller drops the (armed) socket, which resets it.
 fn deny(
     metrics: &Metrics,
     dst: &Workload,
     src: SocketAddr,
     to: SocketAddr,
     denial: &authorize::Denial,
-    downstream: &TcpStream,
 ) {
     metrics.connection_denied(dst, denial.reason());
     tracing::info!(
@@ -427,7 +426,6 @@ fn deny(
         reason = denial.reason(),
         "connection denied: {denial}"
     );
-    copy::reset(downstream);
 }
 
 /// Accept errors that concern one connection only (keep accepting).

@@ -138,3 +138,62 @@ fn a_port_nobody_listens_on_is_refused_as_fast_as_without_the_mesh() {
         );
     }
 }
+
+/// Starts `mesh-pod hold` (a little data both ways every 20 ms) from `client` to `to`.
+fn hold(cluster: &Cluster, client: &str, to: SocketAddr) -> mesh_agent::testing::Process {
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let to = to.to_string();
+    cluster
+        .pod(client)
+        .spawn(&[
+            pod_bin.to_str().unwrap(),
+            "hold",
+            "--to",
+            &to,
+            "--seconds",
+            "30",
+        ])
+        .unwrap()
+}
+
+/// Waits for `hold` to end and returns what it printed.
+fn broken(process: &mesh_agent::testing::Process) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!process.is_running(), "the connection survived its agent");
+    process.log_text()
+}
+
+#[test]
+fn a_dying_agent_resets_the_connections_it_carries_instead_of_ending_them() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh(&[]);
+    let (b, c) = (cluster.pod("b"), cluster.pod("c"));
+    // Node 1's agent carries all three: same node, HBONE source side, plaintext inbound.
+    let held = [
+        ("a -> b", hold(&cluster, "a", b.addr_v4(APP))),
+        ("a -> c", hold(&cluster, "a", c.addr_v4(APP))),
+        ("l1 -> b", hold(&cluster, "l1", b.addr_v4(APP))),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.node(0).kill_agent().unwrap();
+    for (what, process) in &held {
+        let log = broken(process);
+        assert!(
+            log.contains("reset by peer"),
+            "{what}: a killed agent must reset the application's connection, not end it: {log}"
+        );
+    }
+    // And the destination side: node 2's agent dies under a cross-node connection.
+    cluster.node(0).start_agent(&cluster.config_path()).unwrap();
+    let cross = hold(&cluster, "a", c.addr_v4(APP));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(cross.is_running(), "{}", cross.log_text());
+    cluster.node(1).kill_agent().unwrap();
+    let log = broken(&cross);
+    assert!(log.contains("reset by peer"), "a -> c: {log}");
+}

@@ -37,7 +37,8 @@ pub struct Transferred {
 /// pipe and from the pipe into the other socket, so the bytes never enter the agent's
 /// memory and an idle connection holds no buffer. If either direction fails, both
 /// sockets are reset (SO_LINGER 0) so neither peer hangs or mistakes a broken transfer for
-/// a clean end. `cancel` resolving revokes the connection (reset, reported as an error).
+/// a clean end; once both directions ended cleanly, both close gracefully again
+/// ([`graceful`]). `cancel` resolving revokes the connection (reset, reported as an error).
 pub async fn tcp(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
@@ -53,6 +54,9 @@ pub async fn tcp(
     if error.is_some() {
         reset(downstream);
         reset(upstream);
+    } else {
+        graceful(downstream);
+        graceful(upstream);
     }
     (t, error)
 }
@@ -62,7 +66,8 @@ pub async fn tcp(
 /// buffers exist only while bytes are in flight. Flow control is HTTP/2's: what a
 /// direction read goes out only as the peer's window allows, and it reads again only once
 /// all of it went; a received frame's window is returned once its bytes are in the
-/// socket. On failure the socket is reset and the stream cancelled.
+/// socket. On failure the socket is reset and the stream cancelled; after a clean end the
+/// socket closes gracefully ([`graceful`]).
 pub async fn tcp_to_tunnel(
     downstream: &mut TcpStream,
     tunnel: &mut Stream,
@@ -81,13 +86,23 @@ pub async fn tcp_to_tunnel(
     if error.is_some() {
         reset(downstream);
         tunnel.send.send_reset(h2::Reason::CANCEL);
+    } else {
+        graceful(downstream);
     }
     (t, error)
 }
 
-/// Makes the next close send RST instead of FIN.
-pub fn reset(s: &TcpStream) {
+/// Makes closing `s` send RST instead of FIN, also when the agent itself dies: a socket
+/// the agent proxies is armed like this from the moment it has it, so a peer never takes a
+/// transfer the agent did not finish for a complete one. [`graceful`] undoes it.
+pub fn reset(s: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// The connection on `s` ended cleanly (its end of stream was forwarded both ways): closing
+/// it sends FIN and lets what is still queued go out first.
+pub fn graceful(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(None);
 }
 
 /// Never resolves: for connections nothing can revoke.

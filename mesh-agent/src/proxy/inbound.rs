@@ -22,6 +22,8 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Until the connection ends cleanly, closing it (or the agent dying) resets it.
+                copy::reset(&stream);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
                     if let Err(e) = handle(&proxy, &pod, stream, peer).await {
@@ -59,22 +61,12 @@ async fn handle(
         identity: local_mesh.map(|w| proxy.identity_of(w)),
     };
     if let Err(denial) = proxy.authz.policy(&state).admit(&pod.workload, &authz_peer) {
-        deny(
-            &proxy.metrics,
-            &pod.workload,
-            peer,
-            orig,
-            &denial,
-            &downstream,
-        );
+        deny(&proxy.metrics, &pod.workload, peer, orig, &denial);
         return Ok(());
     }
     let mut upstream = match deliver(pod, peer.ip(), orig).await {
         Ok(u) => u,
-        Err(e) => {
-            copy::reset(&downstream);
-            return Err(e);
-        }
+        Err(e) => return Err(e),
     };
     let info = ConnInfo {
         src: src_workload,
@@ -125,6 +117,8 @@ pub(crate) fn delivery_socket(
             s.set_ip_transparent_v6(true)?;
         }
         s.set_mark(DELIVERY_MARK)?;
+        // Reset on close until the connection ended cleanly (see `copy::reset`).
+        s.set_linger(Some(std::time::Duration::ZERO))?;
         s.bind(&SocketAddr::new(client, 0).into())
     })
 }

@@ -17,6 +17,8 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Until the connection ends cleanly, closing it (or the agent dying) resets it.
+                copy::reset(&stream);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
                     if let Err(e) = handle(&proxy, &pod, stream, peer).await {
@@ -54,7 +56,6 @@ async fn handle(
             match lb::pick(&endpoints, orig.ip(), proxy.next_pick()) {
                 Some(endpoint) => endpoint,
                 None => {
-                    copy::reset(&downstream);
                     return Err(ProxyError::NoEndpoints {
                         service: format!("{}/{}", svc.namespace, svc.name),
                         vip,
@@ -64,7 +65,6 @@ async fn handle(
         }
     };
     if self_call(&state, orig) {
-        copy::reset(&downstream);
         return Err(ProxyError::SelfCall { addr: orig });
     }
     let service_name =
@@ -89,14 +89,7 @@ async fn handle(
                 identity: Some(pod.identity.clone()),
             };
             if let Err(denial) = proxy.authz.policy(&state).admit(&dst.workload, &peer_id) {
-                deny(
-                    &proxy.metrics,
-                    &dst.workload,
-                    src,
-                    orig,
-                    &denial,
-                    &downstream,
-                );
+                deny(&proxy.metrics, &dst.workload, src, orig, &denial);
                 return Ok(());
             }
             let delivered = match inbound::delivery_socket(&dst, src_ip, orig) {
@@ -108,10 +101,7 @@ async fn handle(
             };
             let (mut upstream, prepared) = match delivered {
                 Ok(d) => d,
-                Err(e) => {
-                    copy::reset(&downstream);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             let info = ConnInfo {
                 src: Some(&pod.workload),
@@ -168,10 +158,7 @@ async fn handle(
                 .await
             {
                 Ok(t) => t,
-                Err(e) => {
-                    copy::reset(&downstream);
-                    return Err(ProxyError::Hbone(Box::new(e)));
-                }
+                Err(e) => return Err(ProxyError::Hbone(Box::new(e))),
             };
             let info = ConnInfo {
                 src: Some(&pod.workload),
@@ -198,13 +185,14 @@ async fn handle(
             );
         }
         Route::Direct => {
-            let socket = pod_socket(pod, orig.ip(), |s| s.set_mark(PROXY_MARK))?;
+            let socket = pod_socket(pod, orig.ip(), |s| {
+                s.set_mark(PROXY_MARK)?;
+                // Reset on close until the connection ended cleanly (see `copy::reset`).
+                s.set_linger(Some(std::time::Duration::ZERO))
+            })?;
             let mut upstream = match connect(socket, orig).await {
                 Ok(u) => u,
-                Err(e) => {
-                    copy::reset(&downstream);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             // The connection as the destination sees it: from the pod's address.
             let src = upstream.local_addr().unwrap_or(peer);

@@ -189,7 +189,8 @@ pub struct Outcome {
 
 impl Redirected<'_> {
     /// Runs the connection to its end. On error (or `cancel`) both agent sockets are
-    /// reset, and with them the applications' connections.
+    /// reset, and with them the applications' connections; after a clean end both close
+    /// gracefully.
     pub async fn run(
         self,
         downstream: &TcpStream,
@@ -211,6 +212,9 @@ impl Redirected<'_> {
         if error.is_some() {
             copy::reset(downstream);
             copy::reset(upstream);
+        } else {
+            copy::graceful(downstream);
+            copy::graceful(upstream);
         }
         let redirected = |app| map.state(app).map_or(0, |s| s.redirected);
         Outcome {
