@@ -197,3 +197,51 @@ fn a_dying_agent_resets_the_connections_it_carries_instead_of_ending_them() {
     let log = broken(&cross);
     assert!(log.contains("reset by peer"), "a -> c: {log}");
 }
+
+/// Descriptors the process `pid` holds.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_idle_proxied_connection_holds_no_more_than_its_two_sockets() {
+    if !require_root() {
+        return;
+    }
+    const HELD: usize = 500;
+    let cluster = mesh(&[]);
+    let agent = cluster.node(0).agent().unwrap().pid();
+    let before = open_fds(agent);
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let to = cluster.pod("b").addr_v4(APP).to_string();
+    let count = HELD.to_string();
+    let holder = cluster
+        .pod("a")
+        .spawn(&[
+            pod_bin.to_str().unwrap(),
+            "hold-idle",
+            "--to",
+            &to,
+            "--count",
+            &count,
+            "--seconds",
+            "60",
+        ])
+        .unwrap();
+    assert!(
+        mesh_agent::testing::eventually(Duration::from_secs(20), || holder
+            .log_text()
+            .contains("READY")),
+        "the connections did not open: {}",
+        holder.log_text()
+    );
+    // Same node: the agent holds the accepted and the delivery socket of each (plus at
+    // most 32 empty pipes per worker thread, kept for the next burst).
+    let per_connection = (open_fds(agent) - before) as f64 / HELD as f64;
+    assert!(
+        per_connection <= 2.5,
+        "{per_connection:.2} descriptors per idle same-node connection (2 sockets expected)"
+    );
+}

@@ -134,15 +134,24 @@ pub async fn until_both(
     }
 }
 
-/// One direction of [`tcp`]: socket → pipe → socket until end of stream, then FIN.
+/// One direction of [`tcp`]: socket → pipe → socket until end of stream, then FIN. The
+/// pipe is taken from this thread's pool only once bytes are waiting and goes back as soon
+/// as it is empty again, so an idle connection holds its two sockets and nothing else.
 async fn spliced_one_way(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
-    let pipe = Pipe::new()?;
     loop {
         from.readable().await?;
+        let pipe = Pipe::take()?;
         let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
-            Ok(0) => break,
+            Ok(0) => {
+                pipe.give_back();
+                break;
+            }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                continue;
+            }
+            // A pipe that failed midway may hold bytes: it is closed, not reused.
             Err(e) => return Err(e),
         };
         let mut left = n;
@@ -154,19 +163,44 @@ async fn spliced_one_way(from: &TcpStream, to: &TcpStream, total: &mut u64) -> i
                 Err(e) => return Err(e),
             }
         }
+        pipe.give_back();
         *total += n as u64;
     }
     half_close(to)
 }
 
 /// A kernel pipe that bytes pass through between two sockets; its pages are only in use
-/// while bytes are in flight.
+/// while bytes are in flight. Empty pipes are kept per thread for the next burst.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
+/// Empty pipes kept per worker thread (each costs two descriptors, no pages).
+const PIPES_KEPT: usize = 32;
+
+thread_local! {
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Pipe {
+    /// An empty pipe: one this thread kept, or a new one.
+    fn take() -> io::Result<Self> {
+        match PIPES.with_borrow_mut(Vec::pop) {
+            Some(pipe) => Ok(pipe),
+            None => Self::new(),
+        }
+    }
+
+    /// Keeps this pipe, which must be empty, for the next burst on this thread.
+    fn give_back(self) {
+        PIPES.with_borrow_mut(|pipes| {
+            if pipes.len() < PIPES_KEPT {
+                pipes.push(self);
+            }
+        });
+    }
+
     fn new() -> io::Result<Self> {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
@@ -406,6 +440,40 @@ mod tests {
             size = next_read_size(size, 100);
         }
         assert_eq!(size, TUNNEL_READ_MIN);
+    }
+
+    #[tokio::test]
+    async fn spliced_both_ways_with_half_close_exact_bytes_and_pipes_reused() {
+        for round in 0..2 {
+            let (client_app, mut downstream) = tcp_pair().await;
+            let (server_app, mut upstream) = tcp_pair().await;
+            let (up, down) = (payload((2 << 20) + 3, 0x11), payload(700_001, 0x22));
+            let all = async {
+                tokio::join!(
+                    super::tcp(&mut downstream, &mut upstream, never()),
+                    exchange(server_app, down.clone()),
+                    exchange(client_app, up.clone()),
+                )
+            };
+            let ((t, error), got_up, got_down) = tokio::time::timeout(Duration::from_secs(30), all)
+                .await
+                .expect("the transfer stalled");
+            assert!(error.is_none(), "{error:?}");
+            assert!(
+                got_up == up && got_down == down,
+                "round {round}: bytes differ"
+            );
+            assert_eq!(
+                t,
+                Transferred {
+                    downstream_to_upstream: up.len() as u64,
+                    upstream_to_downstream: down.len() as u64,
+                }
+            );
+            // Both directions gave their pipe back (this test runs on one thread).
+            let kept = super::PIPES.with_borrow(Vec::len);
+            assert!((1..=2).contains(&kept), "round {round}: {kept} pipes kept");
+        }
     }
 
     #[tokio::test]

@@ -455,6 +455,33 @@ pub fn hold(to: SocketAddr, duration: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Opens `count` connections to an echo server at `to`, exchanges one byte on each (so
+/// every direction carried data), prints `READY <count>` and keeps them open and idle for
+/// `duration`.
+pub fn hold_idle(to: SocketAddr, count: usize, duration: Duration) -> Result<()> {
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .with_context(|| format!("connection {i} to {to}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .with_context(|| format!("connection {i}: reading the PEER line"))?;
+        stream.write_all(b"x")?;
+        let mut back = [0u8; 1];
+        reader
+            .read_exact(&mut back)
+            .with_context(|| format!("connection {i}: reading the echo"))?;
+        held.push(stream);
+    }
+    println!("{READY_PREFIX} {count}");
+    io::stdout().flush()?;
+    std::thread::sleep(duration);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

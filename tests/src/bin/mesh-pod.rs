@@ -55,6 +55,16 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// Open COUNT connections to an echo server, exchange a byte on each, print
+    /// `READY <count>`, then keep them idle for SECONDS.
+    HoldIdle {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// HTTP/1.1 GET http://HOST:PORT/PATH; prints the status code, then the body.
     HttpGet {
         #[arg(long)]
@@ -117,6 +127,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::HoldIdle { to, count, seconds } => {
+            match workload::hold_idle(to, count, Duration::from_secs(seconds)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("mesh-pod hold-idle: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::HttpGet {
             port,
             path,
