@@ -1,15 +1,19 @@
 //! The node-local admin endpoints: `/config_dump` (15000), `/metrics` (15020) and
-//! `/healthz/ready` (15021), served over plain HTTP/1.1 on 127.0.0.1 of the agent's namespace.
+//! `/healthz/ready` (15021), served by hyper over HTTP/1.1 on 127.0.0.1 of the agent's
+//! namespace. A request head must arrive within [`HEADER_TIMEOUT`]: a client that opens a
+//! connection and sends nothing (or a byte at a time) does not hold it for ever.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 
-/// The largest request head accepted.
-const MAX_REQUEST: usize = 8 * 1024;
+/// How long a client has to send a request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What an endpoint returns.
 pub struct Response {
@@ -48,43 +52,48 @@ pub struct AdminError {
 }
 
 /// Binds `addr` now (so a taken port is a start-up error) and serves it in the background.
-pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<(), AdminError> {
+pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<SocketAddr, AdminError> {
+    serve_with(addr, handler, HEADER_TIMEOUT).await
+}
+
+async fn serve_with(
+    addr: SocketAddr,
+    handler: Arc<dyn Handler>,
+    header_timeout: Duration,
+) -> Result<SocketAddr, AdminError> {
     let listener = TcpListener::bind(addr)
         .await
+        .map_err(|source| AdminError { addr, source })?;
+    let bound = listener
+        .local_addr()
         .map_err(|source| AdminError { addr, source })?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let handler = handler.clone();
-            tokio::spawn(async move {
-                let _ = answer(stream, &*handler).await;
+            let service = service_fn(move |request| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(answer(&request, &*handler)) }
             });
+            tokio::spawn(
+                http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service),
+            );
         }
     });
-    Ok(())
+    Ok(bound)
 }
 
-async fn answer(mut stream: TcpStream, handler: &dyn Handler) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or("/"),
-    );
-    let path = target.split('?').next().unwrap_or(target);
-    let response = if method == "GET" {
-        handler.get(path)
+fn answer(request: &Request<Incoming>, handler: &dyn Handler) -> http::Response<Full<Bytes>> {
+    let response = if request.method() == Method::GET {
+        handler.get(request.uri().path())
     } else {
         Response {
             status: 405,
@@ -92,20 +101,66 @@ async fn answer(mut stream: TcpStream, handler: &dyn Handler) -> std::io::Result
             body: "method not allowed\n".into(),
         }
     };
-    let reason = match response.status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
+    let mut http = http::Response::new(Full::new(Bytes::from(response.body)));
+    *http.status_mut() =
+        StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    http.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(response.content_type),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
-    stream.shutdown().await
+    http
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Paths;
+
+    impl Handler for Paths {
+        fn get(&self, path: &str) -> Response {
+            match path {
+                "/healthz/ready" => Response::ok("text/plain", "ready\n".into()),
+                _ => Response::not_found(),
+            }
+        }
+    }
+
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_get_refuses_other_methods_and_drops_a_stalled_head() {
+        let local = "127.0.0.1:0".parse().unwrap();
+        let addr = serve_with(local, Arc::new(Paths), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let ok = exchange(addr, b"GET /healthz/ready?x=1 HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.ends_with("\r\n\r\nready\n") && ok.contains("text/plain"),
+            "{ok}"
+        );
+        let missing = exchange(addr, b"GET /nope HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let post = exchange(
+            addr,
+            b"POST /healthz/ready HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        // Half a request head, then nothing: the server closes the connection.
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(b"GET /healthz/re").await.unwrap();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(3), stalled.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a stalled request head kept its connection");
+    }
 }

@@ -61,6 +61,8 @@ pub struct RunConfig {
     /// Same-node connections through the `sk_msg` redirect instead of splice(2)
     /// (ADR 006).
     pub sockmap: bool,
+    /// What peers may hold of the proxy (handshakes, idle connections).
+    pub limits: crate::proxy::Limits,
 }
 
 /// Runs until SIGTERM or SIGINT. On the way out nothing is released: pods stay captured
@@ -112,6 +114,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let proxy = Arc::new(Proxy::new(
         cfg.node.clone(),
         cfg.settings.clone(),
+        cfg.limits.clone(),
         state.clone(),
         datapath.clone(),
         metrics.clone(),
@@ -130,7 +133,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         state: state.clone(),
         metrics,
         certs,
-        pool: proxy.pool.clone(),
+        proxy: proxy.clone(),
         status: Mutex::new(Status::default()),
     });
     let localhost = |port| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
@@ -201,7 +204,7 @@ struct AdminView {
     state: tokio::sync::watch::Receiver<Arc<MeshState>>,
     metrics: Arc<Metrics>,
     certs: Arc<SecretManager>,
-    pool: Arc<crate::proxy::hbone::client::Pool>,
+    proxy: Arc<Proxy>,
     status: Mutex<Status>,
 }
 
@@ -231,7 +234,8 @@ impl AdminView {
                 "not_before": humanize(cert.not_before),
                 "not_after": humanize(cert.not_after),
             })).collect::<Vec<_>>(),
-            "hbone_pool_connections": self.pool.connections(),
+            "hbone_pool_connections": self.proxy.pool.connections(),
+            "hbone_handshakes_in_progress": self.proxy.handshakes_in_progress(),
             "state": &**self.state.borrow(),
         })
     }

@@ -8,6 +8,7 @@ pub mod ebpf;
 pub mod enroll;
 pub mod identity;
 pub mod lb;
+pub mod log_limit;
 pub mod metrics;
 pub mod peer_auth;
 mod policy_json;

@@ -89,6 +89,12 @@ struct RunArgs {
     /// Threads that run the proxy (default: one per CPU this process may use).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
+    /// How long an HBONE peer has to finish TLS and the HTTP/2 preface.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// An HBONE connection that carries no stream for this long is closed.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    hbone_idle_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +136,8 @@ fn main() -> anyhow::Result<()> {
                 cert_lifetime,
                 sockmap,
                 worker_threads,
+                handshake_timeout,
+                hbone_idle_timeout,
             } = *args;
             let settings = Settings {
                 trust_domain,
@@ -148,6 +156,11 @@ fn main() -> anyhow::Result<()> {
                 ca_dir,
                 cert_lifetime,
                 sockmap,
+                limits: mesh_agent::proxy::Limits {
+                    handshake_timeout,
+                    hbone_idle_timeout,
+                    ..Default::default()
+                },
             };
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = worker_threads {

@@ -100,6 +100,8 @@ pub struct Metrics {
     /// Bytes of redirected connections the agent forwarded itself (sent before the
     /// redirect started).
     redirect_forwarded: AtomicU64,
+    /// HBONE connections closed before their handshake because too many were in progress.
+    handshakes_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -148,6 +150,11 @@ impl Metrics {
     /// A redirected connection ended; the agent forwarded `bytes` of it itself.
     pub fn redirect_forwarded(&self, bytes: u64) {
         self.redirect_forwarded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// An HBONE connection was closed unanswered: too many handshakes in progress.
+    pub fn handshake_refused(&self) {
+        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every series.
@@ -199,6 +206,12 @@ impl Metrics {
             out,
             "# HELP {name} Bytes of redirected same-node connections the agent forwarded itself.\n# TYPE {name} counter\n{name} {}",
             self.redirect_forwarded.load(Ordering::Relaxed)
+        );
+        let name = "mesh_agent_hbone_handshakes_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HBONE connections closed before their handshake: too many in progress.\n# TYPE {name} counter\n{name} {}",
+            self.handshakes_refused.load(Ordering::Relaxed)
         );
         let name = "mesh_agent_connections_denied_total";
         let _ = writeln!(

@@ -5,6 +5,7 @@
 
 mod authorize;
 pub mod copy;
+mod handshakes;
 pub mod hbone;
 mod inbound;
 mod outbound;
@@ -33,6 +34,30 @@ use crate::{
 
 /// How long an upstream connect may take before the downstream is reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The proxy's bounds on what peers may hold, with their defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// How long an HBONE peer has to finish TLS and the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress on the node's HBONE listeners, in all and per source address.
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    /// An HBONE connection with no stream for this long is closed (the clients' pools
+    /// drop theirs after a minute).
+    pub hbone_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 1024,
+            max_handshakes_per_source: 32,
+            hbone_idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -85,6 +110,7 @@ pub struct PodListeners {
 pub struct Proxy {
     pub node: String,
     pub settings: Settings,
+    pub limits: Limits,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub datapath: Arc<Mutex<Datapath>>,
     pub metrics: Arc<Metrics>,
@@ -92,6 +118,8 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
     pub authz: Arc<authorize::Authorizer>,
+    /// TLS handshakes in progress on the HBONE listeners of every pod of the node.
+    handshakes: Arc<handshakes::Handshakes>,
     /// The `sk_msg` redirect for same-node connections, when enabled (ADR 006); otherwise
     /// they take the splice(2) pump of `copy::tcp`.
     sockmap: Option<Arc<Sockmap>>,
@@ -117,6 +145,7 @@ impl Proxy {
     pub fn new(
         node: String,
         settings: Settings,
+        limits: Limits,
         state: watch::Receiver<Arc<MeshState>>,
         datapath: Arc<Mutex<Datapath>>,
         metrics: Arc<Metrics>,
@@ -127,6 +156,11 @@ impl Proxy {
         Proxy {
             node,
             settings,
+            handshakes: handshakes::Handshakes::new(
+                limits.max_handshakes,
+                limits.max_handshakes_per_source,
+            ),
+            limits,
             state,
             datapath,
             metrics,
@@ -137,6 +171,11 @@ impl Proxy {
             sockmap,
             local_pods: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// TLS handshakes in progress on the HBONE listeners (for `/config_dump`).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshakes.in_progress()
     }
 
     /// The SPIFFE identity of a workload in this trust domain.
@@ -440,7 +479,16 @@ fn transient_accept_error(e: &std::io::Error) -> bool {
 /// Backs off when the process is out of descriptors instead of spinning.
 async fn accept_backoff(pod: &PodContext, listener: &str, e: std::io::Error) {
     if !transient_accept_error(&e) {
-        tracing::warn!(pod = %pod.display_name(), listener, error = %e, "accept failed");
+        if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+            tracing::warn!(pod = %pod.display_name(), listener, error = %e, suppressed, "accept failed");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs a failed connection of `pod` (rate-limited: any peer can cause these at will).
+fn connection_failed(pod: &PodContext, direction: &'static str, error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+        tracing::warn!(pod = %pod.display_name(), direction, %error, suppressed, "connection failed");
     }
 }

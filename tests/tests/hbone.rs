@@ -210,12 +210,13 @@ struct HboneClient {
     server_serial: String,
 }
 
-async fn hbone_client(
+/// Mutual TLS as `shop/tester` to `server` (expected to be `expect`), from inside `netns`.
+async fn tls_to(
     ca_dir: &Path,
     netns: &Path,
     server: SocketAddr,
     expect: &Identity,
-) -> anyhow::Result<HboneClient> {
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let ca = FileCa::open(ca_dir)?;
     let certs = SecretManager::new(ca, Duration::from_secs(3600));
     let me: Identity = "spiffe://cluster.local/ns/shop/sa/tester".parse()?;
@@ -227,9 +228,18 @@ async fn hbone_client(
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
     let config = tls::client_config(&certs, &me, expect);
     let name = rustls_pki_types::ServerName::IpAddress(server.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config)
+    Ok(tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
-        .await?;
+        .await?)
+}
+
+async fn hbone_client(
+    ca_dir: &Path,
+    netns: &Path,
+    server: SocketAddr,
+    expect: &Identity,
+) -> anyhow::Result<HboneClient> {
+    let tls = tls_to(ca_dir, netns, server, expect).await?;
     let serial = {
         let (_, conn) = tls.get_ref();
         let der = conn
@@ -467,4 +477,108 @@ fn certificates_renew_and_traffic_keeps_flowing_with_new_handshakes_on_new_certi
         serials.len() >= 4,
         "server certificate renewed too rarely: {serials:?}"
     );
+}
+
+#[test]
+fn half_open_handshakes_are_bounded_per_source_and_in_time_and_idle_connections_closed() {
+    if !require_root() {
+        return;
+    }
+    let cluster = cluster();
+    cluster
+        .start_agents_with(
+            &cluster.config_path(),
+            &["--handshake-timeout", "2s", "--hbone-idle-timeout", "2s"],
+        )
+        .unwrap();
+    let (a, c, l2) = (cluster.pod("a"), cluster.pod("c"), cluster.pod("l2"));
+    let node2 = cluster.node(1);
+    let agent = node2.agent().unwrap().pid();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{agent}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+
+    // A pod outside the mesh opens 2,000 connections to 15008 and sends the first bytes of a
+    // ClientHello on each, never the rest.
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let hbone = SocketAddr::new(c.ipv4().into(), 15008).to_string();
+    let flood = l2
+        .spawn(&[
+            pod_bin.to_str().unwrap(),
+            "half-open",
+            "--to",
+            &hbone,
+            "--count",
+            "2000",
+            "--send",
+            "1603010200",
+            "--seconds",
+            "30",
+        ])
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || flood
+            .log_text()
+            .contains("READY")),
+        "the flood did not start: {}",
+        flood.log_text()
+    );
+    let held = fds() - before;
+    assert!(
+        held <= 48,
+        "one source holds {held} descriptors of the agent with half-open handshakes"
+    );
+    // Other pods' traffic to the flooded pod goes on.
+    let r = a.connect(c.addr_v4(APP), MIB).unwrap();
+    assert!(ok(&r), "mesh traffic failed during the flood: {r:?}");
+    let refused = metrics(&cluster, 1).sum("mesh_agent_hbone_handshakes_refused_total", &[]);
+    assert!(refused >= 1900.0, "{refused} handshakes refused");
+    // The refusals are logged a few times, not once each.
+    let lines = node2
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("HBONE connection"))
+        .count();
+    assert!(lines < 10, "{lines} log lines for one flood");
+    // The handshakes in progress time out and give their descriptors back.
+    assert!(
+        eventually(Duration::from_secs(4), || fds() <= before + 2),
+        "{} descriptors still held after the handshake timeout",
+        fds() - before
+    );
+
+    let web: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let ca = cluster.workdir().join("ca");
+    let server = SocketAddr::new(c.ipv4().into(), 15008);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // TLS done, but no HTTP/2 preface: closed within the handshake timeout (the
+        // server's own SETTINGS arrive first).
+        let mut tls = tls_to(&ca, l2.netns_path(), server, &web).await.unwrap();
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(4), tls.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "a TLS connection without an HTTP/2 preface stayed open ({} bytes read)",
+            buf.len()
+        );
+        // HTTP/2 up, no stream ever: closed after the idle timeout.
+        let client = hbone_client(&ca, l2.netns_path(), server, &web)
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while !client.sender.is_closed() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "an HBONE connection without streams stayed open"
+        );
+    });
 }

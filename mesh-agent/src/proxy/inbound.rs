@@ -27,7 +27,7 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
                     if let Err(e) = handle(&proxy, &pod, stream, peer).await {
-                        tracing::warn!(pod = %pod.display_name(), direction = "inbound", error = %e, "connection failed");
+                        super::connection_failed(&pod, "inbound", &e);
                     }
                 });
             }

@@ -482,6 +482,27 @@ pub fn hold_idle(to: SocketAddr, count: usize, duration: Duration) -> Result<()>
     Ok(())
 }
 
+/// Opens `count` connections to `to`, sends `send` on each and nothing more (a handshake
+/// begun and never finished), prints `READY <opened>`, and holds them for `duration`.
+/// Raises its own descriptor limit first.
+pub fn half_open(to: SocketAddr, count: usize, send: &[u8], duration: Duration) -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .with_context(|| format!("connection {i} to {to}"))?;
+        // The peer may already have closed it; the connection still counts as made.
+        let _ = stream.write_all(send);
+        held.push(stream);
+    }
+    println!("{READY_PREFIX} {}", held.len());
+    io::stdout().flush()?;
+    std::thread::sleep(duration);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -65,6 +65,18 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// Open COUNT connections, send the bytes SEND (hex) on each and nothing more, print
+    /// `READY <count>`, then hold them for SECONDS (half-open handshakes).
+    HalfOpen {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value = "")]
+        send: String,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// HTTP/1.1 GET http://HOST:PORT/PATH; prints the status code, then the body.
     HttpGet {
         #[arg(long)]
@@ -132,6 +144,28 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("mesh-pod hold-idle: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::HalfOpen {
+            to,
+            count,
+            send,
+            seconds,
+        } => {
+            let bytes: Result<Vec<u8>, _> = (0..send.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(send.get(i..i + 2).unwrap_or("x"), 16))
+                .collect();
+            let Ok(bytes) = bytes else {
+                eprintln!("mesh-pod half-open: --send {send:?} is not hex");
+                return ExitCode::FAILURE;
+            };
+            match workload::half_open(to, count, &bytes, Duration::from_secs(seconds)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("mesh-pod half-open: {error:#}");
                     ExitCode::FAILURE
                 }
             }

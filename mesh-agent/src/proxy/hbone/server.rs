@@ -1,15 +1,26 @@
 //! The HBONE server on 15008 inside each enrolled pod: terminates mutual TLS with the pod's
 //! certificate, learns the client's SPIFFE identity from its certificate, and for each
 //! `CONNECT` whose authority is one of the pod's own `ip:port` delivers the stream to the
-//! application (200), answering 400 to a malformed request and 503 when the target is not
-//! the pod's or cannot be reached.
+//! application (200), answering 400 to a malformed request or an agent port and 503 when the
+//! target is not the pod's or cannot be reached. Handshakes are bounded in number
+//! (`handshakes`) and time (TLS and the HTTP/2 preface together); a connection that carries
+//! no stream for the idle timeout is closed.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
 
 use super::{
     CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, Stream,
@@ -19,21 +30,32 @@ use crate::{
     identity::{Identity, tls},
     metrics::Reporter,
     proxy::{
-        ConnInfo, PodContext, Proxy, Tracked, accept_backoff, authorize::Peer, copy, inbound,
-        labels,
+        ConnInfo, PodContext, Proxy, Tracked, accept_backoff, authorize::Peer, copy, handshakes,
+        inbound, labels,
     },
 };
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let slot = match proxy.handshakes.start(canonical(peer.ip())) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        // Closed unanswered: the peer holds nothing of ours.
+                        proxy.metrics.handshake_refused();
+                        if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                            tracing::warn!(pod = %pod.display_name(), %peer, suppressed, "HBONE connection closed before its handshake: {refused}");
+                        }
+                        continue;
+                    }
+                };
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(proxy, pod.clone(), stream, peer).await {
-                        tracing::warn!(pod = %pod.display_name(), %peer, error = %e, "HBONE connection failed");
+                    if let Err(e) = serve_connection(proxy, pod.clone(), stream, peer, slot).await
+                        && let Some(suppressed) = crate::log_limit::once_per_interval!()
+                    {
+                        tracing::warn!(pod = %pod.display_name(), %peer, error = %e, suppressed, "HBONE connection failed");
                     }
                 });
             }
@@ -47,26 +69,98 @@ async fn serve_connection(
     pod: Arc<PodContext>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: handshakes::Slot,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = stream.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.hbone_tls.clone());
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
-    let client = tls::peer_identity(tls.get_ref().1);
-    let mut connection = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(SERVER_MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(tls)
-        .await?;
-    // Accepting drives the connection: every stream's frames move while this loop runs.
-    while let Some(request) = connection.accept().await {
-        let (request, respond) = request?;
-        let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
-        tokio::spawn(handle(proxy, pod, peer, client, request, respond));
+    // TLS and the HTTP/2 preface both count against the handshake's time and place.
+    let handshake = async {
+        let tls = acceptor.accept(stream).await?;
+        let client = tls::peer_identity(tls.get_ref().1);
+        let connection = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(SERVER_MAX_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((client, connection))
+    };
+    let (client, mut connection) =
+        match tokio::time::timeout(proxy.limits.handshake_timeout, handshake).await {
+            Ok(done) => done?,
+            Err(_) => return Err("handshake timed out".into()),
+        };
+    drop(slot);
+    // Accepting drives the connection: every stream's frames move while this loop runs. A
+    // connection that carries no stream for the idle timeout is closed (GOAWAY).
+    let streams = Arc::new(Streams::default());
+    let mut idle_since = Some(tokio::time::Instant::now());
+    loop {
+        let idle_deadline = idle_since.map(|since| since + proxy.limits.hbone_idle_timeout);
+        tokio::select! {
+            request = connection.accept() => {
+                let Some(request) = request else { break };
+                let (request, respond) = request?;
+                idle_since = None;
+                let guard = streams.open();
+                let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
+                tokio::spawn(async move {
+                    handle(proxy, pod, peer, client, request, respond).await;
+                    drop(guard);
+                });
+            }
+            () = streams.idle.notified(), if idle_since.is_none() => {
+                if streams.open.load(Ordering::Acquire) == 0 {
+                    idle_since = Some(tokio::time::Instant::now());
+                }
+            }
+            () = sleep_until_some(idle_deadline) => {
+                connection.graceful_shutdown();
+                // Streams opened meanwhile are refused by the shutdown; drive it to the end.
+                while let Some(request) = connection.accept().await {
+                    let (_request, respond) = request?;
+                    refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+                }
+                break;
+            }
+        }
     }
     Ok(())
+}
+
+/// The streams open on one HBONE connection; `idle` is notified when the last one ends.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// One open stream; dropping it closes it.
+struct StreamGuard(Arc<Streams>);
+
+impl Streams {
+    fn open(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(self.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+/// Sleeps until `deadline`; forever when there is none.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Answers a `CONNECT` with `code` and ends the stream.
