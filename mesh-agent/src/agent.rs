@@ -151,8 +151,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             ready: enroller.ready(),
             enrolled: enroller.dump(),
             failures: enroller.failures().clone(),
+            pending: enroller.pending().clone(),
         };
-        let retry = !enroller.failures().is_empty();
+        let retry = enroller.incomplete();
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },
             _ = tokio::time::sleep(RETRY_INTERVAL), if retry => {}
@@ -195,6 +196,8 @@ struct Status {
     ready: bool,
     enrolled: Vec<EnrolledDump>,
     failures: std::collections::BTreeMap<String, String>,
+    /// Pods waiting for their network namespace (not a failure).
+    pending: std::collections::BTreeMap<String, String>,
 }
 
 struct AdminView {
@@ -217,6 +220,7 @@ impl AdminView {
             "ready": status.ready,
             "enrolled": status.enrolled,
             "failures": status.failures,
+            "pending": status.pending,
             "datapath": {
                 "cgroup": self.cgroup,
                 "pin_dir": self.pin_dir,
@@ -263,7 +267,11 @@ impl Handler for AdminView {
             "/healthz/ready" => {
                 let status = self.status.lock().expect("status lock");
                 if status.ready {
-                    Response::ok("text/plain", "ready\n".into())
+                    let mut body = String::from("ready\n");
+                    for (pod, why) in &status.pending {
+                        body.push_str(&format!("{pod}: pending: {why}\n"));
+                    }
+                    Response::ok("text/plain", body)
                 } else {
                     let mut body = String::from("not ready\n");
                     for (pod, why) in &status.failures {

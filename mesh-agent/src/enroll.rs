@@ -86,6 +86,18 @@ pub enum EnrollError {
     },
 }
 
+impl EnrollError {
+    /// The pod cannot be captured *yet*: its network namespace does not exist (the sandbox
+    /// is still being created). Retried without counting as a failure.
+    pub fn is_not_yet(&self) -> bool {
+        match self {
+            EnrollError::NoNetns { .. } => true,
+            EnrollError::Netns { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
 /// A pod the agent captures.
 struct Enrolled {
     pod: Arc<PodContext>,
@@ -122,6 +134,9 @@ pub struct Enroller {
     pods: BTreeMap<String, Enrolled>,
     /// Pods that should be captured but could not be, with the reason.
     failed: BTreeMap<String, String>,
+    /// Pods that cannot be captured yet (their network namespace does not exist yet), with
+    /// the reason: retried, but not a failure of the agent.
+    pending: BTreeMap<String, String>,
     reconciled: bool,
 }
 
@@ -139,17 +154,29 @@ impl Enroller {
             proxy,
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
+            pending: BTreeMap::new(),
             reconciled: false,
         }
     }
 
-    /// Ready when the state was applied once and every wanted pod is captured.
+    /// Ready when the state was applied once and every wanted pod that can be captured is:
+    /// a pod whose network namespace does not exist yet is pending, not a failure.
     pub fn ready(&self) -> bool {
         self.reconciled && self.failed.is_empty()
     }
 
     pub fn failures(&self) -> &BTreeMap<String, String> {
         &self.failed
+    }
+
+    /// Pods waiting for their network namespace, with the reason.
+    pub fn pending(&self) -> &BTreeMap<String, String> {
+        &self.pending
+    }
+
+    /// Whether some wanted pod is not captured (failed or pending): reconcile again soon.
+    pub fn incomplete(&self) -> bool {
+        !self.failed.is_empty() || !self.pending.is_empty()
     }
 
     /// Enrolls the wanted pods that are not, releases the enrolled pods that are no longer
@@ -181,21 +208,36 @@ impl Enroller {
                 self.release(e);
             }
         }
-        self.failed.clear();
+        // Retried every second: a pod's trouble is logged when it starts or changes, not
+        // on every attempt.
+        let (was_failed, was_pending) = (
+            std::mem::take(&mut self.failed),
+            std::mem::take(&mut self.pending),
+        );
         for (uid, w) in &wanted {
             if self.pods.contains_key(uid) {
                 continue;
             }
+            let name = format!("{}/{}", w.namespace, w.name);
             match self.enroll(w).await {
                 Ok(e) => {
                     tracing::info!(pod = %e.pod.display_name(), netns_cookie = e.pod.netns_cookie, ips = ?w.ips, "pod enrolled");
                     self.annotate(w, true);
                     self.pods.insert(uid.clone(), e);
                 }
+                Err(err) if err.is_not_yet() => {
+                    let why = err.to_string();
+                    if was_pending.get(&name) != Some(&why) {
+                        tracing::info!(pod = %name, "enrollment waits for the pod's network namespace: {why}");
+                    }
+                    self.pending.insert(name, why);
+                }
                 Err(err) => {
-                    tracing::error!(error = %err, "enrollment failed");
-                    self.failed
-                        .insert(format!("{}/{}", w.namespace, w.name), err.to_string());
+                    let why = err.to_string();
+                    if was_failed.get(&name) != Some(&why) {
+                        tracing::error!(error = %why, "enrollment failed; retrying every second");
+                    }
+                    self.failed.insert(name, why);
                 }
             }
         }
