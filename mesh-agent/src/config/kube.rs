@@ -30,9 +30,10 @@
 //! # Behaviour
 //!
 //! One `kube::runtime::watcher` per kind (list, then watch from the list's resourceVersion,
-//! with bookmarks), each behind [`WatchStreamExt::default_backoff`] and feeding a reflector
-//! [`Store`]. The watcher handles closed streams (re-watch from the last resourceVersion), `410
-//! Gone` (re-list) and API server restarts (retry with backoff); a re-list replaces a store's
+//! with bookmarks), feeding a reflector [`Store`]. The watcher handles closed streams
+//! (re-watch from the last resourceVersion), `410 Gone` (re-list at once: every restarted API
+//! server answers it) and API server outages (retry after a jittered backoff capped at 4 s, so
+//! a change made right after an outage applies within seconds); a re-list replaces a store's
 //! contents atomically when it completes, so while disconnected or re-listing the stores, and
 //! the published state, keep their last contents.
 //!
@@ -593,6 +594,42 @@ fn is_not_found(error: &watcher::Error) -> bool {
     )
 }
 
+/// Whether a watcher error is the API server saying the watch's resourceVersion expired.
+fn is_gone(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::WatchError(e) if e.code == 410)
+        || matches!(
+            error,
+            watcher::Error::WatchStartFailed(::kube::Error::Api(e)) if e.code == 410
+        )
+}
+
+/// How long a watcher waits after a failure: doubling from [`RetryBackoff::FIRST`] up to
+/// [`RetryBackoff::MAX`], each delay drawn at random from its upper half so that the
+/// watchers of every node do not come back in step; back to the start after a success.
+/// The cap is low because the agent is a reader of the API server, not a controller
+/// hammering it: after an outage it must catch up within seconds, not half a minute.
+#[derive(Debug, Default)]
+struct RetryBackoff {
+    failures: u32,
+}
+
+impl RetryBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(4);
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// Starts the watcher of one kind; its store and the task driving it.
 fn watch_kind<K>(
     api: Api<K>,
@@ -612,18 +649,36 @@ where
     let reader = store.clone();
     let task = tokio::spawn(async move {
         let events = watcher(api, watcher::Config::default())
-            .default_backoff()
             .modify(trim)
             .reflect(writer);
         let mut events = std::pin::pin!(events);
+        let mut backoff = RetryBackoff::default();
         while let Some(event) = events.next().await {
             match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => progress.touch(),
-                // A (re-)list is buffered by the reflector until it completes.
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(watcher::Event::InitDone) => progress.listed(kind, reader.len()),
-                Err(e) if optional && is_not_found(&e) => progress.absent(kind),
-                Err(e) => progress.error(kind, &e),
+                Ok(event) => {
+                    backoff.reset();
+                    match event {
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => progress.touch(),
+                        // A (re-)list is buffered by the reflector until it completes.
+                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        watcher::Event::InitDone => progress.listed(kind, reader.len()),
+                    }
+                }
+                // The watch fell behind (every restarted API server says so): the watcher
+                // re-lists on its next poll; waiting first would only delay catching up.
+                Err(e) if is_gone(&e) => {
+                    tracing::info!(%kind, "watch expired (410 Gone); listing again");
+                    backoff.reset();
+                }
+                Err(e) => {
+                    if optional && is_not_found(&e) {
+                        progress.absent(kind);
+                    } else {
+                        progress.error(kind, &e);
+                    }
+                    // Not polled while sleeping: no request goes out meanwhile.
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
             }
         }
     });

@@ -8,8 +8,6 @@
 pub mod client;
 pub mod server;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use bytes::Bytes;
 
 /// HTTP/2 flow-control windows, as ztunnel sizes them for throughput.
@@ -81,29 +79,10 @@ pub enum HboneError {
 /// A W3C `traceparent` with fresh random trace and span ids, sampled.
 pub fn traceparent() -> String {
     format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        random_u64(),
-        random_u64(),
-        random_u64()
+        "00-{:032x}-{:016x}-01",
+        fastrand::u128(1..),
+        fastrand::u64(1..)
     )
-}
-
-/// Good-enough randomness for trace ids (not for secrets): splitmix64 over a counter
-/// seeded from the clock and the process id.
-fn random_u64() -> u64 {
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let mut seed = STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-    if seed == 0 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        seed = now.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32);
-        STATE.store(seed, Ordering::Relaxed);
-    }
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
