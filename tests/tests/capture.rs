@@ -434,6 +434,62 @@ fn an_emptied_or_half_written_config_never_releases_pods_or_drops_policies() {
     );
 }
 
+/// As in the DaemonSet's container: `/proc/sys` is read-only, and the host's procfs is
+/// mounted writable elsewhere (the manifest mounts it at /host/proc and passes
+/// `--proc-root`). Enrollment writes its sysctls inside each pod's namespace through
+/// `--proc-root`; with the default it cannot.
+#[test]
+fn in_a_container_with_a_read_only_proc_sys_enrollment_writes_through_proc_root() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .ambient_namespace("shop")
+        .pod(PodSpec::new("a", "shop", 0).label("app", "client"))
+        .pod(PodSpec::new("b", "shop", 0).label("app", "web"))
+        .build()
+        .expect("building the test cluster");
+    let (a, b) = (cluster.pod("a"), cluster.pod("b"));
+    b.spawn_server(&[APP]).unwrap();
+    let config = cluster.config_path();
+    cluster
+        .write_config(&config, &ConfigOptions::default())
+        .unwrap();
+    let host_proc = cluster.workdir().join("host-proc");
+    std::fs::create_dir_all(&host_proc).unwrap();
+    let host_proc = host_proc.to_str().unwrap();
+    // A private mount namespace: a fresh procfs at host-proc, then /proc/sys read-only.
+    let container = format!(
+        "mount -t proc proc {host_proc} && mount --bind /proc/sys /proc/sys && \
+         mount -o remount,bind,ro /proc/sys && exec \"$@\""
+    );
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-ec",
+        &container,
+        "sh",
+    ];
+    let node = cluster.node(0);
+
+    node.spawn_agent_wrapped(&config, &[], &wrapper).unwrap();
+    let refused = eventually(Duration::from_secs(10), || {
+        node.http_get(15021, "/healthz/ready")
+            .is_ok_and(|(status, body)| status == 503 && body.contains("Read-only file system"))
+    });
+    assert!(refused, "{}", node.agent_log());
+    node.stop_agent().unwrap();
+
+    node.spawn_agent_wrapped(&config, &["--proc-root", host_proc], &wrapper)
+        .unwrap();
+    node.wait_agent_ready(Duration::from_secs(10)).unwrap();
+    assert_carried(&a, b.addr_v4(APP), MIB);
+}
+
 #[test]
 fn a_stopped_agent_fails_closed_a_restarted_one_adopts_its_pins_and_uninstall_removes_everything() {
     if !require_root() {

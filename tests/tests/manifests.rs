@@ -597,6 +597,23 @@ fn daemonset_mounts_bpffs_cgroup_proc_netns_and_the_ca() {
 
     let (proc, _) = host_mount(spec, c, "/proc");
     assert_eq!(proc, "/host/proc");
+    // The container's /proc/sys is read-only: enrollment writes sysctls through the host's.
+    assert_eq!(
+        flag_value(args, "--proc-root"),
+        Some(proc),
+        "--proc-root names the host procfs mount"
+    );
+    let proc_mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == proc)
+        .expect("the host procfs mount");
+    assert_ne!(
+        proc_mount.read_only,
+        Some(true),
+        "sysctls are written through {proc}"
+    );
     let (netns, _) = host_mount(spec, c, "/run/netns");
     assert_eq!(netns, "/run/netns");
 

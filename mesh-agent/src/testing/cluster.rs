@@ -1075,15 +1075,32 @@ impl Node {
     /// Starts `mesh-agent run --node <node> --config <config> --cgroup <node cgroup>
     /// --bpffs-dir <dir> <extra...>` in the node's namespace, without waiting.
     pub fn spawn_agent(&self, config: &Path, extra: &[&str]) -> Result<()> {
-        self.spawn_agent_from("--config", config, extra)
+        self.spawn_agent_from("--config", config, extra, &[])
     }
 
     /// Like [`Node::spawn_agent`], in Kubernetes mode: `--kubeconfig <kubeconfig>`.
     pub fn spawn_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<()> {
-        self.spawn_agent_from("--kubeconfig", kubeconfig, extra)
+        self.spawn_agent_from("--kubeconfig", kubeconfig, extra, &[])
     }
 
-    fn spawn_agent_from(&self, source_flag: &str, source: &Path, extra: &[&str]) -> Result<()> {
+    /// Like [`Node::spawn_agent`], with the agent's command line run by `wrapper` (e.g.
+    /// `unshare -m ... sh -c '...; exec "$@"' sh`): the agent's path and arguments follow it.
+    pub fn spawn_agent_wrapped(
+        &self,
+        config: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Result<()> {
+        self.spawn_agent_from("--config", config, extra, wrapper)
+    }
+
+    fn spawn_agent_from(
+        &self,
+        source_flag: &str,
+        source: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Result<()> {
         let mut agent = lock(&self.agent);
         if agent.as_ref().is_some_and(Process::is_running) {
             bail!("{}: the agent is already running", self.name);
@@ -1095,11 +1112,10 @@ impl Node {
         if !own_ca {
             init_ca(&agent_bin, &ca_dir)?;
         }
-        let mut cmd = self.shared.mesh_pod(
-            &self.netns_path,
-            Some(&self.agent_cgroup()),
-            &["exec", "--"],
-        );
+        let exec = [&["exec", "--"][..], wrapper].concat();
+        let mut cmd = self
+            .shared
+            .mesh_pod(&self.netns_path, Some(&self.agent_cgroup()), &exec);
         cmd.arg(agent_bin)
             .args(["run", "--node", &self.name, source_flag])
             .arg(source)
