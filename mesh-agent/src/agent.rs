@@ -63,6 +63,9 @@ pub struct RunConfig {
     pub sockmap: bool,
     /// What peers may hold of the proxy (handshakes, idle connections).
     pub limits: crate::proxy::Limits,
+    /// The kubelet's cgroups (its probes reach pods without the proxy); empty: the
+    /// cgroups, under `cgroup`, of a process named `kubelet`.
+    pub kubelet_cgroups: Vec<PathBuf>,
 }
 
 /// Runs until SIGTERM or SIGINT. On the way out nothing is released: pods stay captured
@@ -106,6 +109,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.sockmap,
     )?));
     tracing::info!(cgroup = %cgroup.display(), pin_dir = %cfg.pin_dir.display(), "eBPF programs attached");
+    let probers = kubelet_cgroups(&cfg, &cgroup)?;
+    datapath
+        .lock()
+        .expect("datapath lock")
+        .set_probers(&probers)?;
 
     let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;
     ca.watch(CA_POLL_INTERVAL);
@@ -166,6 +174,32 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         "agent stopping; enrolled pods stay captured and fail closed until an agent returns"
     );
     Ok(())
+}
+
+/// The cgroup ids of the node's kubelet: the ones given, or those found under `cgroup`.
+/// None found is not an error (the node may have no kubelet), but health probes to pods
+/// under STRICT will then be refused: said loudly.
+fn kubelet_cgroups(cfg: &RunConfig, cgroup: &Path) -> anyhow::Result<Vec<u64>> {
+    let dirs = if cfg.kubelet_cgroups.is_empty() {
+        crate::probes::find_kubelet_cgroups(cgroup, &cfg.proc_root)
+    } else {
+        cfg.kubelet_cgroups.clone()
+    };
+    if dirs.is_empty() {
+        tracing::warn!(
+            cgroup = %cgroup.display(),
+            "no kubelet process found under the captured cgroup: kubelet health probes to \
+             pods under STRICT PeerAuthentication will be refused (--kubelet-cgroup names it)"
+        );
+    }
+    dirs.iter()
+        .map(|dir| {
+            let id = crate::probes::cgroup_id(dir)
+                .with_context(|| format!("kubelet cgroup {}", dir.display()))?;
+            tracing::info!(cgroup = %dir.display(), id, "kubelet probes bypass the proxy");
+            Ok(id)
+        })
+        .collect()
 }
 
 /// Descriptor exhaustion under connection storms is a known failure of node proxies.

@@ -86,6 +86,8 @@ pub struct Datapath {
     orig_dst: BpfHashMap<MapData, OrigKey, OrigDst>,
     listeners: SockHash<MapData, AddrKey>,
     enrolled_addrs: BpfHashMap<MapData, AddrKey, u32>,
+    /// cgroup ids of the node's kubelet: its probes to enrolled pods bypass the proxy.
+    probers: BpfHashMap<MapData, u64, u32>,
     /// The `sk_msg` redirect of same-node connections, when asked for and accepted.
     sockmap: Option<Arc<Sockmap>>,
     /// Open descriptors of every link, so a crash-free shutdown keeps them pinned only.
@@ -149,6 +151,7 @@ impl Datapath {
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
         let listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let enrolled_addrs = take_map(&mut ebpf, maps::ENROLLED_ADDRS)?;
+        let probers = take_map(&mut ebpf, maps::PROBERS)?;
         let sockmap = if sockmap {
             match install_sockmap(&mut ebpf) {
                 Ok(s) => Some(Arc::new(s)),
@@ -167,6 +170,7 @@ impl Datapath {
             orig_dst,
             listeners,
             enrolled_addrs,
+            probers,
             sockmap,
             _cgroup_links: cgroup_links,
         };
@@ -299,6 +303,23 @@ impl Datapath {
             .filter_map(Result::ok)
             .filter_map(|k| key_addr(&k))
             .collect()
+    }
+
+    /// Makes the processes of these cgroups the node's probers (the kubelet): their
+    /// connections to enrolled pods reach the application without the proxy. Replaces what
+    /// a previous agent set.
+    pub fn set_probers(&mut self, cgroup_ids: &[u64]) -> Result<(), EbpfError> {
+        let name = maps::PROBERS;
+        let stale: Vec<u64> = self.probers.keys().filter_map(Result::ok).collect();
+        for id in stale.iter().filter(|id| !cgroup_ids.contains(id)) {
+            ignore_missing(self.probers.remove(id), name)?;
+        }
+        for id in cgroup_ids {
+            self.probers
+                .insert(id, 1, 0)
+                .map_err(|source| EbpfError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     /// Starts capturing the outbound connections of a namespace.

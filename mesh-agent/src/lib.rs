@@ -12,6 +12,7 @@ pub mod log_limit;
 pub mod metrics;
 pub mod peer_auth;
 mod policy_json;
+pub mod probes;
 pub mod proxy;
 pub mod rbac;
 pub mod state;

@@ -95,6 +95,11 @@ struct RunArgs {
     /// An HBONE connection that carries no stream for this long is closed.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     hbone_idle_timeout: Duration,
+    /// cgroup v2 directory of the node's kubelet, whose health probes reach pods without
+    /// the proxy (repeatable; default: the cgroups of a process named `kubelet` under
+    /// --cgroup).
+    #[arg(long)]
+    kubelet_cgroup: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                 worker_threads,
                 handshake_timeout,
                 hbone_idle_timeout,
+                kubelet_cgroup,
             } = *args;
             let settings = Settings {
                 trust_domain,
@@ -161,6 +167,7 @@ fn main() -> anyhow::Result<()> {
                     hbone_idle_timeout,
                     ..Default::default()
                 },
+                kubelet_cgroups: kubelet_cgroup,
             };
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = worker_threads {

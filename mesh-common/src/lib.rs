@@ -52,6 +52,14 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "MESH_INBOUND";
     /// [`super::AddrKey`] → u32 flags: addresses of enrolled pods (fail closed without listener).
     pub const ENROLLED_ADDRS: &str = "MESH_ENR_ADDRS";
+    /// cgroup id → u32: the cgroups of the node's kubelet, whose health probes to an
+    /// enrolled pod bypass the proxy (Istio exempts them from STRICT the same way).
+    pub const PROBERS: &str = "MESH_PROBERS";
+    /// socket cookie → u32: sockets a prober connected to an enrolled pod address.
+    pub const PROBE_SOCKS: &str = "MESH_PROBE_SOCKS";
+    /// [`super::ProbeKey`] → u32: the probe connections in flight, as the pod's `sk_lookup`
+    /// sees their SYN; not steered into the proxy.
+    pub const PROBES: &str = "MESH_PROBES";
     /// Array of one u32: 1 once the agent attached the `sk_msg` verdict (`--sockmap`).
     pub const REDIRECT_ON: &str = "MESH_RDR_ON";
     /// [`super::SockKey`] → socket of a same-node connection whose sends the kernel
@@ -120,6 +128,20 @@ pub struct AddrKey {
     pub family: u32,
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+/// One TCP connection from a prober (the kubelet) to an enrolled pod: both ends,
+/// addresses in network byte order (IPv4 in `[0]`, IPv4-mapped IPv6 as IPv4), ports in host
+/// byte order. Key of the PROBES map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProbeKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<ProbeKey>() == 40);
 
 /// One TCP socket as the kernel programs see it: its network namespace and its two ends
 /// (addresses in network byte order, IPv4 in `addr[0]`, IPv4-mapped IPv6 addresses as
@@ -214,6 +236,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigKey {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ProbeKey {}
     unsafe impl aya::Pod for super::RedirectState {}
     unsafe impl aya::Pod for super::RedirectRoute {}
 }

@@ -1,5 +1,6 @@
 //! The kernel half of mesh-agent: outbound capture (`cgroup/connect4/6`), the original
-//! destination (`sockops`, `cgroup/getpeername4/6`), inbound steering (`sk_lookup`) and
+//! destination (`sockops`, `cgroup/getpeername4/6`), inbound steering (`sk_lookup`), the
+//! kubelet's health probes let past the proxy (`connect4/6` + `sockops` + `sk_lookup`), and
 //! the same-node redirect between application sockets (`sk_msg` verdict).
 //! Each program is a thin wrapper around a `try_*` function; every path returns a verdict.
 #![no_std]
@@ -13,17 +14,18 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     AF_INET, AF_INET6, AddrKey, EnrolledNetns, HBONE_PORT, OUTBOUND_PORT, OrigDst, OrigKey,
-    PROXY_MARK, PROXY_MARK_MASK, RedirectRoute, RedirectState, SockKey,
+    PROXY_MARK, PROXY_MARK_MASK, ProbeKey, RedirectRoute, RedirectState, SockKey,
 };
 
 const IPPROTO_TCP: u32 = 6;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = aya_ebpf::bindings::BPF_SOCK_OPS_TCP_CONNECT_CB;
 const TCP_CLOSE: u32 = 7;
 /// `lo` is always interface 1 in a network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -53,6 +55,15 @@ static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(8192, 0);
 #[map(name = "MESH_ENR_ADDRS")]
 static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
 
+#[map(name = "MESH_PROBERS")]
+static PROBERS: HashMap<u64, u32> = HashMap::pinned(64, 0);
+
+#[map(name = "MESH_PROBE_SOCKS")]
+static PROBE_SOCKS: LruHashMap<u64, u32> = LruHashMap::pinned(8192, 0);
+
+#[map(name = "MESH_PROBES")]
+static PROBES: LruHashMap<ProbeKey, u32> = LruHashMap::pinned(8192, 0);
+
 /// Hash maps allocate entries on insert: the redirect maps are empty unless `--sockmap`.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -77,23 +88,46 @@ fn is_loopback4(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
 }
 
-/// Whether the socket behind a sock_addr context is enrolled and not one of the agent's own.
-fn should_capture(ctx: &SockAddrContext) -> bool {
+/// What `connect4/6` do with a socket.
+enum Connect {
+    /// An enrolled pod's socket (not one of the agent's own): redirect to the proxy.
+    Capture,
+    /// A socket of the node's kubelet (outside the mesh): note it if it dials a pod.
+    Probe,
+    Leave,
+}
+
+fn classify(ctx: &SockAddrContext) -> Connect {
     // SAFETY: the kernel hands a valid context; fields are read as the verifier allows.
     unsafe {
         let sa = ctx.sock_addr;
         if (*sa).protocol != IPPROTO_TCP {
-            return false;
+            return Connect::Leave;
         }
         let netns = bpf_get_netns_cookie(sa as *mut c_void);
         if ENROLLED.get(netns).is_none() {
-            return false;
+            return if PROBERS.get(bpf_get_current_cgroup_id()).is_some() {
+                Connect::Probe
+            } else {
+                Connect::Leave
+            };
         }
         let sk = (*sa).__bindgen_anon_1.sk;
-        if sk.is_null() {
-            return false;
+        if sk.is_null() || (*sk).mark & PROXY_MARK_MASK == PROXY_MARK {
+            return Connect::Leave;
         }
-        (*sk).mark & PROXY_MARK_MASK != PROXY_MARK
+        Connect::Capture
+    }
+}
+
+/// A prober's socket dialing an enrolled pod address: remembered by cookie, so that
+/// `sockops` records the connection's two ends once the kernel chose its source.
+fn note_probe(ctx: &SockAddrContext, dst: AddrKey) {
+    // SAFETY: map lookup of a plain key.
+    if unsafe { ENROLLED_ADDRS.get(dst) }.is_some() {
+        // SAFETY: valid context pointer from the kernel.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+        let _ = PROBE_SOCKS.insert(cookie, 1, 0);
     }
 }
 
@@ -114,10 +148,23 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    if !should_capture(ctx) {
-        return Ok(ALLOW);
-    }
     let sa = ctx.sock_addr;
+    match classify(ctx) {
+        Connect::Capture => {}
+        Connect::Leave => return Ok(ALLOW),
+        Connect::Probe => {
+            // SAFETY: valid context; user_ip4 is readable in connect4.
+            let ip = unsafe { (*sa).user_ip4 };
+            note_probe(
+                ctx,
+                AddrKey {
+                    addr: [ip, 0, 0, 0],
+                    family: u32::from(AF_INET),
+                },
+            );
+            return Ok(ALLOW);
+        }
+    }
     // SAFETY: valid context; user_ip4/user_port are readable and writable in connect4.
     unsafe {
         let ip = (*sa).user_ip4;
@@ -146,10 +193,11 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
-    if !should_capture(ctx) {
+    let sa = ctx.sock_addr;
+    let action = classify(ctx);
+    if let Connect::Leave = action {
         return Ok(ALLOW);
     }
-    let sa = ctx.sock_addr;
     // SAFETY: valid context; user_ip6 is read and written one 32-bit word at a time.
     unsafe {
         let ip = [
@@ -160,6 +208,21 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         ];
         let port = (*sa).user_port as u16;
         let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_PREFIX;
+        if let Connect::Probe = action {
+            let dst = if mapped {
+                AddrKey {
+                    addr: [ip[3], 0, 0, 0],
+                    family: u32::from(AF_INET),
+                }
+            } else {
+                AddrKey {
+                    addr: ip,
+                    family: u32::from(AF_INET6),
+                }
+            };
+            note_probe(ctx, dst);
+            return Ok(ALLOW);
+        }
         let orig = if mapped {
             if ip[3] == 0 || is_loopback4(ip[3]) {
                 return Ok(ALLOW);
@@ -296,10 +359,23 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // A prober's connection, about to send its SYN: its two ends are known now.
+            // SAFETY: valid context pointer from the kernel; map lookup of a plain key.
+            let cookie = unsafe { bpf_get_socket_cookie(ops) };
+            if unsafe { PROBE_SOCKS.get(cookie) }.is_some() {
+                PROBES.insert(probe_key(&sock_key(ctx)), 1, 0)?;
+                // Ask for state changes so the record goes away with the connection.
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: valid context pointer from the kernel.
             let cookie = unsafe { bpf_get_socket_cookie(ops) };
             let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+            if PROBE_SOCKS.remove(cookie).is_ok() {
+                let _ = PROBES.remove(probe_key(&sock_key(ctx)));
+            }
             if redirect_enabled() {
                 // A routed socket's state is the agent's to read and remove (its byte
                 // counts); the state of one the agent never routed goes with the socket.
@@ -380,13 +456,24 @@ fn sock_key(ctx: &SockOpsContext) -> SockKey {
     sock_key_of!(ctx.ops)
 }
 
+/// A prober's connection as its own socket sees it: local end = source.
+fn probe_key(socket: &SockKey) -> ProbeKey {
+    ProbeKey {
+        src: socket.local,
+        dst: socket.remote,
+        src_port: socket.local_port as u16,
+        dst_port: socket.remote_port as u16,
+        family: socket.family,
+    }
+}
+
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: valid context; every field read here is readable in sk_lookup. The reads are
     // volatile and unconditional so the compiler cannot turn them into loads through a
     // modified context pointer, which the verifier rejects.
-    let (protocol, ifindex, port, family, ip4, ip6) = unsafe {
+    let (protocol, ifindex, port, family, ip4, ip6, remote_port, remote4, remote6) = unsafe {
         use core::ptr::{addr_of, read_volatile as rv};
         (
             rv(addr_of!((*l).protocol)),
@@ -399,6 +486,14 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
                 rv(addr_of!((*l).local_ip6[1])),
                 rv(addr_of!((*l).local_ip6[2])),
                 rv(addr_of!((*l).local_ip6[3])),
+            ],
+            rv(addr_of!((*l).remote_port)),
+            rv(addr_of!((*l).remote_ip4)),
+            [
+                rv(addr_of!((*l).remote_ip6[0])),
+                rv(addr_of!((*l).remote_ip6[1])),
+                rv(addr_of!((*l).remote_ip6[2])),
+                rv(addr_of!((*l).remote_ip6[3])),
             ],
         )
     };
@@ -415,6 +510,23 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     };
     // SAFETY: map lookup of a plain key.
     if unsafe { ENROLLED_ADDRS.get(key) }.is_none() {
+        return SK_PASS;
+    }
+    // The kubelet's health probe goes straight to the application (STRICT must not fail
+    // every pod's probes; Istio exempts them the same way).
+    let probe = ProbeKey {
+        src: if family == u32::from(AF_INET) {
+            [remote4, 0, 0, 0]
+        } else {
+            remote6
+        },
+        dst: key.addr,
+        src_port: u16::from_be(remote_port),
+        dst_port: port as u16,
+        family,
+    };
+    // SAFETY: map lookup of a plain key.
+    if unsafe { PROBES.get(probe) }.is_some() {
         return SK_PASS;
     }
     // An enrolled pod without its inbound listener (agent down) fails closed.

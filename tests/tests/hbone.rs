@@ -582,3 +582,111 @@ fn half_open_handshakes_are_bounded_per_source_and_in_time_and_idle_connections_
         );
     });
 }
+
+/// The node's kubelet (a process named `kubelet` in its own cgroup of the node) probes a
+/// pod under STRICT: the probe reaches the application; another host process does not.
+#[test]
+fn kubelet_probes_reach_pods_under_strict_and_other_host_processes_do_not() {
+    if !require_root() {
+        return;
+    }
+    let cluster = cluster();
+    let (c, node2) = (cluster.pod("c"), cluster.node(1));
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let kubelet_bin = cluster.workdir().join("kubelet");
+    std::fs::copy(&pod_bin, &kubelet_bin).unwrap();
+    let kubelet_cgroup = node2.cgroup().join("_kubelet");
+    std::fs::create_dir_all(&kubelet_cgroup).unwrap();
+    // In the node's namespace and the kubelet's cgroup, as `kubelet`.
+    let as_kubelet = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(&kubelet_bin);
+        cmd.arg("--netns")
+            .arg(node2.netns_path())
+            .arg("--cgroup")
+            .arg(&kubelet_cgroup)
+            .args(args);
+        cmd
+    };
+    // The long-running kubelet the agent finds at start (killed with the cluster).
+    let mut kubelet = as_kubelet(&["serve", "--port", "10250"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    cluster
+        .write_config(
+            &cluster.config_path(),
+            &ConfigOptions::default().document(peer_auth("shop", "STRICT")),
+        )
+        .unwrap();
+    cluster.start_agents(&cluster.config_path()).unwrap();
+    assert!(
+        node2
+            .agent_log()
+            .contains("kubelet probes bypass the proxy"),
+        "{}",
+        node2.agent_log()
+    );
+
+    let to = c.addr_v4(APP).to_string();
+    let probe = as_kubelet(&[
+        "connect",
+        "--to",
+        &to,
+        "--bytes",
+        "1024",
+        "--timeout-ms",
+        "3000",
+    ])
+    .output()
+    .unwrap();
+    let report: ConnectReport =
+        serde_json::from_slice(probe.stdout.trim_ascii()).expect("the probe's report");
+    assert!(
+        ok(&report),
+        "the kubelet's probe was refused under STRICT: {report:?}"
+    );
+    let v6 = c.addr_v6(APP).to_string();
+    let probe = as_kubelet(&[
+        "connect",
+        "--to",
+        &v6,
+        "--bytes",
+        "1024",
+        "--timeout-ms",
+        "3000",
+    ])
+    .output()
+    .unwrap();
+    let report: ConnectReport =
+        serde_json::from_slice(probe.stdout.trim_ascii()).expect("the probe's report");
+    assert!(
+        ok(&report),
+        "the kubelet's IPv6 probe was refused: {report:?}"
+    );
+
+    // Any other process of the node is plaintext from outside the mesh: refused.
+    let other = std::process::Command::new(&pod_bin)
+        .arg("--netns")
+        .arg(node2.netns_path())
+        .arg("--cgroup")
+        .arg(node2.cgroup().join("_host"))
+        .args([
+            "connect",
+            "--to",
+            &to,
+            "--bytes",
+            "1024",
+            "--timeout-ms",
+            "3000",
+        ])
+        .output()
+        .unwrap();
+    let report: ConnectReport =
+        serde_json::from_slice(other.stdout.trim_ascii()).expect("the host process's report");
+    assert!(
+        !ok(&report),
+        "a host process got through STRICT: {report:?}"
+    );
+    let _ = kubelet.kill();
+    let _ = kubelet.wait();
+}
