@@ -714,3 +714,226 @@ mod tests {
         assert_eq!(Summary::of(&[f64::NAN]), None);
     }
 }
+
+/// What [`storm`] measured; `mesh-bench storm` prints it as one JSON line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StormReport {
+    /// New connections per second asked for.
+    pub rate: f64,
+    /// Connections attempted (one GET each, `Connection: close`).
+    pub attempted: u64,
+    /// Of those, the ones that failed (connect, request or response; 5 s each at most).
+    pub failed: u64,
+    /// The first failure, for the record.
+    pub first_error: Option<String>,
+    /// From the connection's scheduled start to the end of its response.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// Keep-alive connections held through the storm (a GET on each every second).
+    pub live: u64,
+    /// Of those, the ones that broke, and the first reason.
+    pub live_lost: u64,
+    pub first_live_error: Option<String>,
+}
+
+/// A connection storm: a new connection every `1 / rate` seconds for `duration`
+/// (open loop: a slow connection does not delay the next) to the server of
+/// [`serve_http`]; each does a GET, stays open for `hold`, then does a last GET with
+/// `Connection: close` and reads to the end (so `rate * hold` connections are open at
+/// once). Meanwhile `live` keep-alive connections, opened before the storm, each do a GET
+/// every second; one that fails is a live connection lost.
+pub fn storm(
+    to: SocketAddr,
+    rate: f64,
+    duration: Duration,
+    hold: Duration,
+    live: usize,
+) -> Result<StormReport> {
+    if !rate.is_finite() || rate <= 0.0 {
+        bail!("storm needs a positive rate");
+    }
+    raise_nofile_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the storm's runtime")?;
+    runtime.block_on(storm_async(to, rate, duration, hold, live))
+}
+
+const STORM_TIMEOUT: Duration = Duration::from_secs(5);
+const STORM_REQUEST: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: mesh-bench\r\nConnection: close\r\n\r\n";
+
+async fn storm_async(
+    to: SocketAddr,
+    rate: f64,
+    duration: Duration,
+    hold: Duration,
+    live: usize,
+) -> Result<StormReport> {
+    use tokio::time::{Instant, sleep_until, timeout};
+    let mut held = Vec::with_capacity(live);
+    for i in 0..live {
+        let stream = timeout(STORM_TIMEOUT, tokio::net::TcpStream::connect(to))
+            .await
+            .with_context(|| format!("live connection {i}: connect timed out"))?
+            .with_context(|| format!("live connection {i} to {to}"))?;
+        held.push(stream);
+    }
+    let start = Instant::now() + Duration::from_millis(20);
+    let end = start + duration;
+    let keepers: Vec<_> = held
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| {
+            let first = start + Duration::from_secs(1).mul_f64(i as f64 / live.max(1) as f64);
+            tokio::spawn(keep_alive_gets(stream, first, end))
+        })
+        .collect();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut attempts = Vec::new();
+    let mut k: u32 = 0;
+    loop {
+        let scheduled = start + interval * k;
+        if scheduled >= end {
+            break;
+        }
+        sleep_until(scheduled).await;
+        attempts.push(tokio::spawn(async move {
+            let first = timeout(STORM_TIMEOUT, async {
+                let mut stream = tokio::net::TcpStream::connect(to)
+                    .await
+                    .context("connect")?;
+                async_get(&mut stream).await?;
+                Ok::<_, anyhow::Error>(stream)
+            })
+            .await;
+            let elapsed = scheduled.elapsed();
+            let mut stream = match first {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(format!("{e:#}")),
+                Err(_) => return Err(format!("no response within {STORM_TIMEOUT:?}")),
+            };
+            tokio::time::sleep(hold).await;
+            match timeout(STORM_TIMEOUT, last_get(&mut stream)).await {
+                Ok(Ok(())) => Ok(elapsed),
+                Ok(Err(e)) => Err(format!("after {hold:?} open: {e:#}")),
+                Err(_) => Err(format!(
+                    "after {hold:?} open: no response within {STORM_TIMEOUT:?}"
+                )),
+            }
+        }));
+        k += 1;
+    }
+    let mut latencies_ns = Vec::with_capacity(attempts.len());
+    let (mut failed, mut first_error) = (0, None);
+    for attempt in attempts {
+        match attempt.await {
+            Ok(Ok(elapsed)) => latencies_ns.push(elapsed.as_nanos() as u64),
+            Ok(Err(e)) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(format!("task: {e}"));
+            }
+        }
+    }
+    let (mut live_lost, mut first_live_error) = (0, None);
+    for keeper in keepers {
+        let error = match keeper.await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) => format!("task: {e}"),
+        };
+        live_lost += 1;
+        first_live_error.get_or_insert(error);
+    }
+    latencies_ns.sort_unstable();
+    let us = |p: f64| percentile(&latencies_ns, p).map_or(f64::NAN, |ns| ns as f64 / 1e3);
+    Ok(StormReport {
+        rate,
+        attempted: latencies_ns.len() as u64 + failed,
+        failed,
+        first_error,
+        p50_us: us(50.0),
+        p99_us: us(99.0),
+        max_us: latencies_ns.last().map_or(f64::NAN, |&ns| ns as f64 / 1e3),
+        live: live as u64,
+        live_lost,
+        first_live_error,
+    })
+}
+
+/// The end of a storm connection: a GET with `Connection: close`, read to the end.
+async fn last_get(stream: &mut tokio::net::TcpStream) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(STORM_REQUEST).await.context("request")?;
+    let mut response = Vec::with_capacity(2048);
+    stream
+        .read_to_end(&mut response)
+        .await
+        .context("response")?;
+    if !response.starts_with(b"HTTP/1.1 200") {
+        bail!("unexpected response ({} bytes)", response.len());
+    }
+    Ok(())
+}
+
+/// A live connection through the storm: a keep-alive GET every second from `first` until
+/// `end`, and one more at the end.
+async fn keep_alive_gets(
+    mut stream: tokio::net::TcpStream,
+    first: tokio::time::Instant,
+    end: tokio::time::Instant,
+) -> Result<()> {
+    let mut next = first;
+    let started = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep_until(next).await;
+        tokio::time::timeout(STORM_TIMEOUT, async_get(&mut stream))
+            .await
+            .context("no response within the timeout")?
+            .with_context(|| format!("after {:?}", started.elapsed()))?;
+        if next >= end {
+            return Ok(());
+        }
+        next = (next + Duration::from_secs(1)).min(end);
+    }
+}
+
+/// One keep-alive GET: the request, the head, exactly `Content-Length` body bytes.
+async fn async_get(stream: &mut tokio::net::TcpStream) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(REQUEST).await?;
+    let mut buf = Vec::with_capacity(2048);
+    let head_end = loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("connection closed");
+        }
+        if let Some(end) = request_head_end(&buf) {
+            break end;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("unexpected status line {:?}", head.lines().next());
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .context("response without Content-Length")?;
+    while buf.len() < head_end + length {
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("connection closed in the body");
+        }
+    }
+    Ok(())
+}

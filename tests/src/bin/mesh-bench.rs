@@ -59,6 +59,9 @@ struct Args {
     /// Run only these stages (repeatable; default: all): to A/B one change quickly.
     #[arg(long, value_enum)]
     only: Vec<Stage>,
+    /// Storm only these paths (repeatable: nomesh, same, cross; default: all).
+    #[arg(long)]
+    storm_path: Vec<String>,
     #[command(subcommand)]
     pod: Option<PodCommand>,
 }
@@ -93,6 +96,21 @@ enum PodCommand {
         #[arg(long)]
         seconds: u64,
     },
+    /// A new connection (one GET, `Connection: close`) every 1/RATE s for SECONDS, with
+    /// LIVE keep-alive connections held through it; prints one JSON report line.
+    Storm {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        /// How long each connection stays open between its two GETs.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        live: usize,
+    },
     /// One connection with one GET; prints the client socket's local address.
     CheckPath {
         #[arg(long)]
@@ -125,6 +143,23 @@ fn run_pod_command(command: PodCommand) -> Result<()> {
         }
         PodCommand::HoldConns { to, count, seconds } => {
             bench::hold_connections(to, count, Duration::from_secs(seconds))
+        }
+        PodCommand::Storm {
+            to,
+            rate,
+            seconds,
+            hold_ms,
+            live,
+        } => {
+            let report = bench::storm(
+                to,
+                rate,
+                Duration::from_secs_f64(seconds),
+                Duration::from_millis(hold_ms),
+                live,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
         }
         PodCommand::CheckPath { to } => {
             println!("{}", bench::check_path(to)?);
@@ -166,6 +201,7 @@ fn main() -> Result<()> {
         plan.agent_threads = n;
     }
     plan.sockmap = args.sockmap;
+    plan.storm_paths = args.storm_path.clone();
     let mut table = Table::new(&plan);
     println!("mesh-bench{}", if plan.smoke { " --smoke" } else { "" });
     machine_summary();
@@ -181,8 +217,12 @@ fn main() -> Result<()> {
     if wanted(Stage::Micro) {
         micro_benchmarks(&plan, &mut table)?;
     }
-    let (traffic, enrollment) = (wanted(Stage::Traffic), wanted(Stage::Enrollment));
-    if (traffic || enrollment) && require_root() {
+    let (traffic, enrollment, storm) = (
+        wanted(Stage::Traffic),
+        wanted(Stage::Enrollment),
+        wanted(Stage::Storm),
+    );
+    if (traffic || enrollment || storm) && require_root() {
         bench::raise_nofile_limit();
         for tool in ["iperf3", "wrk", "ss"] {
             if !on_path(tool) {
@@ -198,6 +238,9 @@ fn main() -> Result<()> {
         }
         if enrollment && let Err(e) = enrollment_benchmarks(&plan, &mut table, &exe) {
             println!("\nenrollment benchmarks FAILED: {e:#}");
+        }
+        if storm && let Err(e) = storm_benchmarks(&plan, &mut table, &exe) {
+            println!("\nstorm benchmarks FAILED: {e:#}");
         }
         println!(
             "\ncluster benchmarks took {:.0?}",
@@ -253,6 +296,18 @@ struct Plan {
     agent_threads: usize,
     /// `mesh-agent run --sockmap`.
     sockmap: bool,
+    /// Storm rates (new connections per second), ascending, and seconds at each; a path
+    /// stops at the first rate that loses a connection.
+    storm_rates: Vec<f64>,
+    storm_secs: Vec<f64>,
+    /// Keep-alive connections held through each storm.
+    storm_live: usize,
+    /// How long each storm connection stays open.
+    storm_hold: Duration,
+    /// The paths stormed (empty: all).
+    storm_paths: Vec<String>,
+    /// How long the agents settle after a path's storms before their RSS is read.
+    storm_settle: Duration,
 }
 
 impl Plan {
@@ -276,6 +331,12 @@ impl Plan {
                 settle: Duration::from_millis(300),
                 agent_threads: 1,
                 sockmap: false,
+                storm_rates: vec![200.0],
+                storm_secs: vec![1.0],
+                storm_live: 5,
+                storm_hold: Duration::from_millis(200),
+                storm_paths: vec![],
+                storm_settle: Duration::from_millis(500),
             }
         } else {
             Plan {
@@ -296,6 +357,12 @@ impl Plan {
                 settle: Duration::from_secs(2),
                 agent_threads: 1,
                 sockmap: false,
+                storm_rates: vec![1000.0, 2000.0, 3000.0],
+                storm_secs: vec![30.0, 10.0, 10.0],
+                storm_live: 100,
+                storm_hold: Duration::from_secs(5),
+                storm_paths: vec![],
+                storm_settle: Duration::from_secs(10),
             }
         }
     }
@@ -371,6 +438,10 @@ enum Target {
     RatioAtLeast(f64),
     /// value <= x
     AtMost(f64),
+    /// value >= x
+    AtLeast(f64),
+    /// value / baseline <= x
+    RatioAtMost(f64),
     /// value - baseline <= x
     AddedAtMost(f64),
 }
@@ -406,6 +477,8 @@ enum Stage {
     Traffic,
     /// Idle memory and enrollment time on the one-node cluster.
     Enrollment,
+    /// Connection storms: new connections per second held with no failure.
+    Storm,
 }
 
 struct Table {
@@ -433,7 +506,7 @@ const PATHS: [(&str, &str); 3] = [
 impl Table {
     /// Every figure, in the order printed, with its unit, baseline and target.
     fn new(plan: &Plan) -> Table {
-        use Target::{AddedAtMost, AtMost, RatioAtLeast};
+        use Target::{AddedAtMost, AtLeast, AtMost, RatioAtLeast, RatioAtMost};
         let mut t = Table { rows: Vec::new() };
         let authz = t.row(
             "authz",
@@ -512,6 +585,63 @@ impl Table {
                 row.stage = Stage::Enrollment;
             }
         }
+        let first = plan.storm_rates[0];
+        #[rustfmt::skip]
+        let storm: [(&str, String, &'static str, usize, Option<Target>); 3] = [
+            ("storm-held", format!("storm: new conns/s held, 0 failed, 0 live lost ({}s at {first:.0}/s first)", plan.storm_secs[0]), "conn/s", 0, Some(AtLeast(1000.0))),
+            ("storm-p99", format!("storm {first:.0} conn/s: p99 connect to response"), "µs", 0, None),
+            ("storm-cpu", format!("storm {first:.0} conn/s: agent CPU per 10k connections"), "CPU ms", 1, None),
+        ];
+        for (key, label) in &PATHS[1..] {
+            let before = format!("storm-rss-before/{key}");
+            let row = t.row(
+                &before,
+                &format!("storm: agent RSS before, {label}"),
+                "MiB",
+                1,
+            );
+            row.stage = Stage::Storm;
+            let row = t.row(
+                &format!("storm-rss-peak/{key}"),
+                &format!("storm: agent RSS as the first storm ends, {label}"),
+                "MiB",
+                1,
+            );
+            row.stage = Stage::Storm;
+            row.baseline = Baseline::Row(before.clone());
+            let row = t.row(
+                &format!("storm-rss-after/{key}"),
+                &format!("storm: agent RSS settled after the storms, {label}"),
+                "MiB",
+                1,
+            );
+            row.stage = Stage::Storm;
+            row.baseline = Baseline::Row(before);
+            if !plan.smoke {
+                row.target = Some(RatioAtMost(1.5));
+            }
+        }
+        for (prefix, what, unit, decimals, target) in storm {
+            for (key, label) in PATHS {
+                if prefix == "storm-cpu" && key == "nomesh" {
+                    continue;
+                }
+                let row = t.row(
+                    &format!("{prefix}/{key}"),
+                    &format!("{what}, {label}"),
+                    unit,
+                    decimals,
+                );
+                row.stage = Stage::Storm;
+                if key != "nomesh" {
+                    row.baseline = Baseline::Row(format!("{prefix}/nomesh"));
+                    if plan.smoke {
+                        continue;
+                    }
+                    row.target = target;
+                }
+            }
+        }
         t
     }
 
@@ -581,6 +711,12 @@ impl Table {
                 }
                 (Some(Target::AtMost(x)), _, _) => {
                     format!("<= {x} {}: {}", row.unit, verdict(s.median <= x))
+                }
+                (Some(Target::AtLeast(x)), _, _) => {
+                    format!(">= {x} {}: {}", row.unit, verdict(s.median >= x))
+                }
+                (Some(Target::RatioAtMost(x)), _, Some(r)) => {
+                    format!("<= {x:.2}x: {}", verdict(r <= x))
                 }
                 (Some(Target::AddedAtMost(x)), Some(b), _) => format!(
                     "{:+.0} {} (<= +{x}): {}",
@@ -718,6 +854,27 @@ fn agents_cpu(cluster: &Cluster, nodes: &[usize]) -> Result<f64> {
         total += bench::cpu_seconds(agent_pid(cluster.node(n))?)?;
     }
     Ok(total)
+}
+
+/// Descriptors the agents of `nodes` hold.
+fn agents_fds(cluster: &Cluster, nodes: &[usize]) -> Result<usize> {
+    let mut total = 0;
+    for &n in nodes {
+        let pid = agent_pid(cluster.node(n))?;
+        total += std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("listing /proc/{pid}/fd"))?
+            .count();
+    }
+    Ok(total)
+}
+
+/// Resident memory of the agents of `nodes`, in MiB.
+fn agents_rss_mib(cluster: &Cluster, nodes: &[usize]) -> Result<f64> {
+    let mut kib = 0;
+    for &n in nodes {
+        kib += bench::rss_kib(agent_pid(cluster.node(n))?)?;
+    }
+    Ok(kib as f64 / 1024.0)
 }
 
 fn agent_pid(node: &Node) -> Result<u32> {
@@ -1192,6 +1349,156 @@ fn churn(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) 
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Connection storms.
+
+/// New connections at fixed rates (open loop, one GET each) on each path, with live
+/// keep-alive connections held through them: the highest rate a path held with no failed
+/// connection and no live connection lost. A fresh client pod per run (TIME_WAIT).
+fn storm_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
+    let rates = &plan.storm_rates;
+    println!(
+        "\n== connection storms: rates {rates:?}/s for {:?} s, each connection open {:?}, {} live connections held ==",
+        plan.storm_secs, plan.storm_hold, plan.storm_live
+    );
+    println!("agents: {}", plan.agent_flags_shown());
+    let mut builder = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace(MESH_NS)
+        .namespace(PLAIN_NS, std::iter::empty::<(&str, &str)>())
+        .pod(PodSpec::new("m-local", MESH_NS, 0).service_account("server"))
+        .pod(PodSpec::new("m-remote", MESH_NS, 1).service_account("server"))
+        .pod(PodSpec::new("p-server", PLAIN_NS, 1).service_account("server"));
+    let client = |key: &str, i: usize| format!("storm-{key}-{i}");
+    for (key, _) in PATHS {
+        let ns = if key == "nomesh" { PLAIN_NS } else { MESH_NS };
+        for i in 0..rates.len() {
+            builder = builder.pod(PodSpec::new(client(key, i), ns, 0).service_account("client"));
+        }
+    }
+    let cluster = builder.build().context("building the storm cluster")?;
+    let exe_s = exe_str(exe)?;
+    let port = HTTP_PORT.to_string();
+    for pod in cluster.pods() {
+        widen_port_range(&pod)?;
+    }
+    for name in ["m-local", "m-remote", "p-server"] {
+        let http = cluster
+            .pod(name)
+            .spawn(&[exe_s, "serve-http", "--port", &port])?;
+        wait_log(&http, "READY", Duration::from_secs(10))?;
+    }
+    let config = cluster.config_path();
+    cluster.write_config(&config, &ConfigOptions::default())?;
+    start_agents(plan, cluster.nodes(), &config)?;
+    for (key, label) in PATHS {
+        if !plan.storm_paths.is_empty() && !plan.storm_paths.iter().any(|p| p == key) {
+            continue;
+        }
+        let (server, agents) = match key {
+            "nomesh" => ("p-server", vec![]),
+            "same" => ("m-local", vec![0]),
+            _ => ("m-remote", vec![0, 1]),
+        };
+        let to = cluster.pod(server).addr_v4(HTTP_PORT).to_string();
+        let fds_before = agents_fds(&cluster, &agents)?;
+        if !agents.is_empty() {
+            table.add(
+                &format!("storm-rss-before/{key}"),
+                agents_rss_mib(&cluster, &agents)?,
+            );
+        }
+        let mut held = 0.0;
+        for (i, (&rate, &secs)) in rates.iter().zip(&plan.storm_secs).enumerate() {
+            let pod = cluster.pod(&client(key, i));
+            let cpu_before = agents_cpu(&cluster, &agents)?;
+            let args = [
+                exe_s,
+                "storm",
+                "--to",
+                &to,
+                "--rate",
+                &rate.to_string(),
+                "--seconds",
+                &secs.to_string(),
+                "--live",
+                &plan.storm_live.to_string(),
+                "--hold-ms",
+                &plan.storm_hold.as_millis().to_string(),
+            ];
+            let report = pod.exec(&args).and_then(|out| {
+                let line = out.lines().last().unwrap_or_default();
+                serde_json::from_str::<bench::StormReport>(line)
+                    .with_context(|| format!("storm printed {out:?}"))
+            });
+            let cpu = agents_cpu(&cluster, &agents)? - cpu_before;
+            let r = match report {
+                Ok(r) => r,
+                Err(e) => {
+                    for figure in ["storm-held", "storm-p99", "storm-cpu"] {
+                        if figure != "storm-cpu" || key != "nomesh" {
+                            table.fail(&format!("{figure}/{key}"), &e);
+                        }
+                    }
+                    break;
+                }
+            };
+            println!(
+                "  {label:<26} {rate:6.0}/s x {secs} s: {} connections, {} failed, live {}/{} lost, p50 {:.0} p99 {:.0} max {:.0} µs, agents {cpu:.2} CPU s{}",
+                r.attempted,
+                r.failed,
+                r.live_lost,
+                r.live,
+                r.p50_us,
+                r.p99_us,
+                r.max_us,
+                r.first_error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" (first failure: {e})"))
+            );
+            if let Some(e) = &r.first_live_error {
+                println!("    first live connection lost: {e}");
+            }
+            if i == 0 {
+                if !agents.is_empty() {
+                    table.add(
+                        &format!("storm-rss-peak/{key}"),
+                        agents_rss_mib(&cluster, &agents)?,
+                    );
+                }
+                table.add(&format!("storm-p99/{key}"), r.p99_us);
+                if key != "nomesh" && r.attempted > 0 {
+                    table.add(
+                        &format!("storm-cpu/{key}"),
+                        cpu * 1e3 / r.attempted as f64 * 1e4,
+                    );
+                }
+            }
+            if r.failed > 0 || r.live_lost > 0 {
+                break;
+            }
+            held = rate;
+        }
+        table.add(&format!("storm-held/{key}"), held);
+        // Let the storm's connections close (the next path starts from a quiet node),
+        // then the agents settle: what they keep of the storm's memory.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while agents_fds(&cluster, &agents)? > fds_before + 64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !agents.is_empty() {
+            std::thread::sleep(plan.storm_settle);
+            let rss = agents_rss_mib(&cluster, &agents)?;
+            println!(
+                "  {label:<26} agents' RSS {rss:.1} MiB {:?} after the storms",
+                plan.storm_settle
+            );
+            table.add(&format!("storm-rss-after/{key}"), rss);
+        }
+    }
+    cluster.teardown().context("tearing the storm cluster down")
 }
 
 /// Starts the agents of `nodes` with the plan's flags and waits until they are ready.
