@@ -115,6 +115,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .expect("datapath lock")
         .set_probers(&probers)?;
 
+    crate::memory::spawn_trimmer(crate::memory::TRIM_INTERVAL);
     let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;
     ca.watch(CA_POLL_INTERVAL);
     let certs = SecretManager::new(ca, cfg.cert_lifetime);
@@ -202,9 +203,21 @@ fn kubelet_cgroups(cfg: &RunConfig, cgroup: &Path) -> anyhow::Result<Vec<u64>> {
         .collect()
 }
 
-/// Descriptor exhaustion under connection storms is a known failure of node proxies.
+/// Descriptor exhaustion under connection storms is a known failure of node proxies. The
+/// agent holds two descriptors for every connection of every pod of its node that it
+/// proxies, so a limit sized for one application does not fit it: it raises its limit to
+/// the kernel's ceiling (`fs.nr_open`) when it may (CAP_SYS_RESOURCE), else to its hard
+/// limit.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    if let Some(ceiling) = ceiling
+        && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok()
+    {
+        return;
+    }
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {

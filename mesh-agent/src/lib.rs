@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod identity;
 pub mod lb;
 pub mod log_limit;
+pub mod memory;
 pub mod metrics;
 pub mod peer_auth;
 mod policy_json;

@@ -95,6 +95,9 @@ struct RunArgs {
     /// An HBONE connection that carries no stream for this long is closed.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     hbone_idle_timeout: Duration,
+    /// A pooled HBONE connection to a peer that carries no stream for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    hbone_pool_idle_timeout: Duration,
     /// cgroup v2 directory of the node's kubelet, whose health probes reach pods without
     /// the proxy (repeatable; default: the cgroups of a process named `kubelet` under
     /// --cgroup).
@@ -143,6 +146,7 @@ fn main() -> anyhow::Result<()> {
                 worker_threads,
                 handshake_timeout,
                 hbone_idle_timeout,
+                hbone_pool_idle_timeout,
                 kubelet_cgroup,
             } = *args;
             let settings = Settings {
@@ -165,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 limits: mesh_agent::proxy::Limits {
                     handshake_timeout,
                     hbone_idle_timeout,
+                    pool_idle_timeout: hbone_pool_idle_timeout,
                     ..Default::default()
                 },
                 kubelet_cgroups: kubelet_cgroup,

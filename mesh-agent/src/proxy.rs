@@ -46,6 +46,8 @@ pub struct Limits {
     /// An HBONE connection with no stream for this long is closed (the clients' pools
     /// drop theirs after a minute).
     pub hbone_idle_timeout: Duration,
+    /// A pooled HBONE client connection with no stream for this long is closed.
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -55,6 +57,7 @@ impl Default for Limits {
             max_handshakes: 1024,
             max_handshakes_per_source: 32,
             hbone_idle_timeout: Duration::from_secs(120),
+            pool_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -152,6 +155,7 @@ impl Proxy {
         certs: Arc<SecretManager>,
     ) -> Self {
         let authz = authorize::Authorizer::new(state.clone(), &settings.root_namespace);
+        let pool_idle_timeout = limits.pool_idle_timeout;
         let sockmap = datapath.lock().expect("datapath lock").sockmap();
         Proxy {
             node,
@@ -164,7 +168,11 @@ impl Proxy {
             state,
             datapath,
             metrics,
-            pool: hbone::client::Pool::new(certs.clone(), hbone::DEFAULT_MAX_STREAMS),
+            pool: hbone::client::Pool::new(
+                certs.clone(),
+                hbone::DEFAULT_MAX_STREAMS,
+                pool_idle_timeout,
+            ),
             certs,
             authz,
             picks: std::sync::atomic::AtomicUsize::new(0),

@@ -245,3 +245,70 @@ fn an_idle_proxied_connection_holds_no_more_than_its_two_sockets() {
         "{per_connection:.2} descriptors per idle same-node connection (2 sockets expected)"
     );
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    mesh_agent::testing::bench::rss_kib(pid).unwrap()
+}
+
+#[test]
+fn memory_a_flood_of_connections_took_goes_back_once_they_closed() {
+    if !require_root() {
+        return;
+    }
+    const FLOOD: usize = 3000;
+    // Idle pooled HBONE connections (what the flood needed) are let go within seconds.
+    let cluster = mesh(&["--hbone-pool-idle-timeout", "2s"]);
+    let agent = cluster.node(0).agent().unwrap().pid();
+    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    // Warm up once (certificates, pools, first allocations), then measure from there.
+    let to = cluster.pod("c").addr_v4(APP).to_string();
+    let flood = |count: usize| {
+        let count = count.to_string();
+        let holder = cluster
+            .pod("a")
+            .spawn(&[
+                pod_bin.to_str().unwrap(),
+                "hold-idle",
+                "--to",
+                &to,
+                "--count",
+                &count,
+                "--seconds",
+                "60",
+            ])
+            .unwrap();
+        assert!(
+            mesh_agent::testing::eventually(Duration::from_secs(60), || holder
+                .log_text()
+                .contains("READY")),
+            "the connections did not open: {}",
+            holder.log_text()
+        );
+        holder
+    };
+    flood(10).stop().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = rss_kib(agent);
+    let holder = flood(FLOOD);
+    let peak = rss_kib(agent);
+    holder.stop().unwrap();
+    // The connections close, the pool lets its idle connections go, and the heap is
+    // trimmed within its interval.
+    let settled = mesh_agent::testing::eventually(mesh_agent::memory::TRIM_INTERVAL * 3, || {
+        rss_kib(agent) < before + (peak - before) / 4
+    });
+    let after = rss_kib(agent);
+    println!(
+        "agent RSS: {before} KiB before, {peak} KiB with {FLOOD} connections, {after} KiB after"
+    );
+    assert!(
+        peak > before + 10_000,
+        "the flood took only {} KiB",
+        peak - before
+    );
+    assert!(
+        settled,
+        "the agent kept {after} KiB after the flood ({before} KiB before, {peak} KiB at its peak)"
+    );
+}

@@ -8,6 +8,8 @@
 pub mod client;
 pub mod server;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// HTTP/2 flow-control windows, as ztunnel sizes them for throughput.
@@ -74,6 +76,13 @@ pub enum HboneError {
     Timeout { addr: std::net::SocketAddr },
     #[error("HBONE: {0}")]
     Socket(#[from] Box<super::ProxyError>),
+    /// Opening the connection this tunnel waited for failed (shared by every waiter).
+    #[error("{0}")]
+    Dial(Arc<HboneError>),
+    #[error("HBONE: opening a connection: {0}")]
+    Task(String),
+    #[error("HBONE to {addr}: every connection opened for this tunnel was taken or closed")]
+    Busy { addr: std::net::SocketAddr },
 }
 
 /// A W3C `traceparent` with fresh random trace and span ids, sampled.

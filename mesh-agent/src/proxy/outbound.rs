@@ -33,7 +33,7 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
 
 async fn handle(
     proxy: &Proxy,
-    pod: &PodContext,
+    pod: &Arc<PodContext>,
     mut downstream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {

@@ -4,7 +4,12 @@
 //! destination address) with a cap of streams per connection and idle expiry. The source
 //! address is part of the key because the destination presents the tunnel's source
 //! address to the application and to policy: pods sharing a service account must not
-//! share tunnels.
+//! share tunnels. At most one connection per key is being opened at a time: tunnels that
+//! need one while it is opened wait for that handshake instead of starting their own (a
+//! burst of new connections costs one handshake, and the destination never sees a burst
+//! of handshakes from one source). A pooled connection is pinged only while it carries no
+//! stream: a connection busy with streams proves itself by its traffic, and a peer too
+//! loaded to answer a ping in time must not lose every tunnel it carries.
 
 use std::{
     collections::HashMap,
@@ -17,6 +22,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use mesh_common::PROXY_MARK;
@@ -28,13 +34,14 @@ use crate::{
     proxy::{PodContext, connect, pod_socket},
 };
 
-/// How long a connection with no stream stays pooled.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection pings its peer this often, and is closed when a ping goes unanswered for
 /// [`PING_TIMEOUT`] (a peer that vanished without a FIN or RST).
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connections a tunnel may see opened for it before it gives up (each one's streams
+/// were all taken by others, or it closed at once).
+const DIAL_ATTEMPTS: usize = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -62,9 +69,17 @@ impl Pooled {
 /// Reusable HBONE connections of this agent.
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    /// The connection being opened for a key, if one is: its outcome, shared by every
+    /// tunnel waiting for it.
+    dialing: Mutex<HashMap<PoolKey, Dial>>,
     max_streams: usize,
+    /// How long a connection with no stream stays pooled.
+    idle_timeout: Duration,
     certs: Arc<SecretManager>,
 }
+
+/// The outcome of opening one connection, awaited by every tunnel that needs it.
+type Dial = Shared<BoxFuture<'static, Result<Arc<Pooled>, Arc<HboneError>>>>;
 
 /// An open tunnel; holds its stream slot in the pooled connection until dropped.
 pub struct Tunnel {
@@ -83,15 +98,17 @@ impl Drop for StreamSlot {
 }
 
 impl Pool {
-    pub fn new(certs: Arc<SecretManager>, max_streams: usize) -> Arc<Self> {
+    pub fn new(certs: Arc<SecretManager>, max_streams: usize, idle_timeout: Duration) -> Arc<Self> {
         let pool = Arc::new(Pool {
             conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             max_streams,
+            idle_timeout,
             certs,
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+            let mut tick = tokio::time::interval(idle_timeout / 4);
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
@@ -101,13 +118,13 @@ impl Pool {
         pool
     }
 
-    /// Drops closed connections and those idle for longer than [`IDLE_TIMEOUT`].
+    /// Drops closed connections and those idle for longer than the idle timeout.
     fn expire(&self) {
         let mut conns = self.conns.lock().expect("pool lock");
         for list in conns.values_mut() {
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Acquire) == 0
-                    && c.idle_since.lock().expect("pool lock").elapsed() > IDLE_TIMEOUT;
+                    && c.idle_since.lock().expect("pool lock").elapsed() > self.idle_timeout;
                 !c.is_closed() && !idle
             });
         }
@@ -127,8 +144,8 @@ impl Pool {
     /// Opens a tunnel from `pod` (identity `src`) through `hbone` (the destination pod's
     /// 15008, expected to present `dst`) to `target`.
     pub async fn tunnel(
-        &self,
-        pod: &PodContext,
+        self: &Arc<Self>,
+        pod: &Arc<PodContext>,
         src: &Identity,
         dst: &Identity,
         hbone: SocketAddr,
@@ -141,10 +158,7 @@ impl Pool {
             dst: dst.clone(),
             addr: hbone,
         };
-        let conn = match self.reuse(&key) {
-            Some(c) => c,
-            None => self.open(pod, key).await?,
-        };
+        let conn = self.connection(pod, key).await?;
         let slot = StreamSlot(conn.clone());
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -176,23 +190,69 @@ impl Pool {
         })
     }
 
+    /// A connection for `key` with a stream slot taken: a pooled one with a free stream,
+    /// else the one being opened for the key, else a new one.
+    async fn connection(
+        self: &Arc<Self>,
+        pod: &Arc<PodContext>,
+        key: PoolKey,
+    ) -> Result<Arc<Pooled>, HboneError> {
+        for _ in 0..DIAL_ATTEMPTS {
+            if let Some(conn) = self.reuse(&key) {
+                return Ok(conn);
+            }
+            let conn = self.dial(pod, &key).await.map_err(HboneError::Dial)?;
+            if self.take_slot(&conn) {
+                return Ok(conn);
+            }
+            // Opened for others too, and they took its streams first (or the peer closed
+            // it at once): look again.
+        }
+        Err(HboneError::Busy { addr: key.addr })
+    }
+
+    /// The opening of a connection for `key`: the one in progress, or a new one. It runs
+    /// as a task of its own, so it completes (and is pooled) even if every tunnel that
+    /// waited for it gave up.
+    fn dial(self: &Arc<Self>, pod: &Arc<PodContext>, key: &PoolKey) -> Dial {
+        let mut dialing = self.dialing.lock().expect("pool lock");
+        if let Some(dial) = dialing.get(key) {
+            return dial.clone();
+        }
+        let (pool, pod, key2) = (self.clone(), pod.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            let opened = pool.open(&pod, key2.clone()).await;
+            pool.dialing.lock().expect("pool lock").remove(&key2);
+            opened.map_err(Arc::new)
+        });
+        let dial = async move {
+            task.await
+                .unwrap_or_else(|e| Err(Arc::new(HboneError::Task(e.to_string()))))
+        }
+        .boxed()
+        .shared();
+        dialing.insert(key.clone(), dial.clone());
+        dial
+    }
+
     /// A pooled connection with a free stream, its slot already taken.
     fn reuse(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
         let conns = self.conns.lock().expect("pool lock");
-        conns.get(key)?.iter().find_map(|c| {
-            if c.is_closed() {
-                return None;
-            }
-            let taken = c
+        conns.get(key)?.iter().find(|c| self.take_slot(c)).cloned()
+    }
+
+    /// Takes a stream slot of `conn` if it is open and has one free.
+    fn take_slot(&self, conn: &Pooled) -> bool {
+        !conn.is_closed()
+            && conn
                 .streams
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                     (n < self.max_streams).then_some(n + 1)
                 })
-                .is_ok();
-            taken.then(|| c.clone())
-        })
+                .is_ok()
     }
 
+    /// Opens a connection and pools it, with no stream slot taken.
     async fn open(&self, pod: &PodContext, key: PoolKey) -> Result<Arc<Pooled>, HboneError> {
         let addr = key.addr;
         let socket = pod_socket(pod, addr.ip(), |s| s.set_mark(PROXY_MARK)).map_err(Box::new)?;
@@ -220,14 +280,15 @@ impl Pool {
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
+        let streams = Arc::new(AtomicUsize::new(0));
         let ping = connection.ping_pong();
-        let ended = closed.clone();
+        let (ended, busy) = (closed.clone(), streams.clone());
         tokio::spawn(async move {
             tokio::select! {
                 r = &mut connection => if let Err(e) = r {
                     tracing::debug!(%addr, error = %e, "HBONE connection ended");
                 },
-                () = keep_alive(ping) => {
+                () = keep_alive(ping, busy) => {
                     tracing::info!(%addr, "HBONE connection closed: peer stopped answering pings");
                 }
             }
@@ -236,7 +297,7 @@ impl Pool {
         let pooled = Arc::new(Pooled {
             sender,
             closed,
-            streams: Arc::new(AtomicUsize::new(1)),
+            streams,
             idle_since: Mutex::new(Instant::now()),
         });
         self.conns
@@ -249,14 +310,19 @@ impl Pool {
     }
 }
 
-/// Pings every [`PING_INTERVAL`]; returns when a ping goes unanswered (or pings cannot be
-/// sent), which ends the connection.
-async fn keep_alive(ping: Option<h2::PingPong>) {
+/// Pings every [`PING_INTERVAL`] while the connection carries no stream; returns when a
+/// ping goes unanswered (or pings cannot be sent), which ends the connection. A connection
+/// with streams is left to them: their own traffic, and TCP's retransmission timeout,
+/// tell a dead peer from a busy one.
+async fn keep_alive(ping: Option<h2::PingPong>, streams: Arc<AtomicUsize>) {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(PING_INTERVAL).await;
+        if streams.load(Ordering::Acquire) > 0 {
+            continue;
+        }
         match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
             Ok(Err(_)) | Err(_) => return,

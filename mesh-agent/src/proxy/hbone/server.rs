@@ -39,7 +39,11 @@ pub(crate) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let slot = match proxy.handshakes.start(canonical(peer.ip())) {
+                let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
+                let slot = match proxy
+                    .handshakes
+                    .start(canonical(peer.ip()), canonical(local))
+                {
                     Ok(slot) => slot,
                     Err(refused) => {
                         // Closed unanswered: the peer holds nothing of ours.
