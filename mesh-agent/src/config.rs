@@ -33,8 +33,9 @@
 //!   `start` loads the file once (returning any error), then spawns a task that polls the file's
 //!   metadata (device, inode, length, mtime, ctime) every [`file::DEFAULT_POLL_INTERVAL`], so an
 //!   editor that replaces the file by rename is seen too. A changed file is re-read, parsed and
-//!   translated once it stayed unchanged for [`file::DEFAULT_SETTLE`] (a file rewritten in place
-//!   passes through partial versions); a good one is published (only if the state differs), a
+//!   translated: at once when it was replaced by rename, once it stayed unchanged for
+//!   [`file::DEFAULT_SETTLE`] when it was rewritten in place (it passes through partial
+//!   versions); a good one is published (only if the state differs), a
 //!   broken one is logged with `tracing::error!` and the previous state is kept. A file with no
 //!   object at all is refused ([`ConfigError::Empty`]) unless it is an explicit empty `List`.
 //!   The task ends when every receiver is dropped.

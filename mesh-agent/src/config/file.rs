@@ -19,8 +19,9 @@ use crate::state::MeshState;
 
 /// How often [`FileSource`] looks at the file's metadata.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// How long a changed file must stay unchanged before it is read: a file rewritten in
-/// place passes through truncated and partly written versions, each of which parses.
+/// How long a file rewritten in place must stay unchanged before it is read: it passes
+/// through truncated and partly written versions, each of which parses. (A file replaced
+/// by rename is whole at once and read at the next poll.)
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(300);
 
 /// Parses and validates a configuration text; `origin` (usually the file name) prefixes errors.
@@ -104,8 +105,9 @@ impl FileSource {
 
     /// Loads the file (any error is returned: the agent must not start on a broken file), then
     /// spawns a task that polls the file's metadata (device, inode, length, mtime, ctime, so a
-    /// file replaced by rename is noticed) and, once a change has stayed for the settle time
-    /// ([`DEFAULT_SETTLE`]), re-reads and translates it. A file with no object is refused
+    /// file replaced by rename is noticed) and, when it changes, re-reads and translates it:
+    /// at once when it was replaced by rename, once the change has stayed for the settle
+    /// time ([`DEFAULT_SETTLE`]) when it was rewritten in place. A file with no object is refused
     /// unless it is an explicit empty List ([`ConfigError::Empty`]): a file being rewritten
     /// in place is briefly empty. A good file is published if the state differs; a bad one
     /// is logged with
@@ -158,13 +160,17 @@ impl FileSource {
                 changed = None;
                 continue;
             }
+            // A file put in place by rename (an editor, a ConfigMap's symlink swap) is
+            // whole at once; one rewritten in place passes through partial versions, so
+            // it is read only once it stayed the same for the settle time.
+            let replaced = last.ino != 0 && (fingerprint.ino, fingerprint.dev) != (last.ino, last.dev);
             match changed {
+                _ if replaced => {}
                 Some((seen, since)) if seen == fingerprint => {
                     if since.elapsed() < self.settle {
                         continue;
                     }
                 }
-                // Still being written: wait for it to settle.
                 _ => {
                     changed = Some((fingerprint, tokio::time::Instant::now()));
                     continue;
@@ -1412,6 +1418,26 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
         file.write(&format!("{one}---\n{}", pod("web-2", "10.0.0.2")));
         let state = next(&mut rx).await;
         assert_eq!(pod_names(&state), ["web-1", "web-2"]);
+    }
+
+    #[tokio::test]
+    async fn a_file_replaced_by_rename_is_applied_without_waiting_to_settle() {
+        let one = format!("{NS_AMBIENT}---\n{}", pod("web-1", "10.0.0.1"));
+        let file = TempFile::new("rename-now", &one);
+        let mut rx = FileSource::new(&file.0, "node-a", Settings::default())
+            .with_poll_interval(POLL)
+            .with_settle(Duration::from_secs(30))
+            .start()
+            .await
+            .unwrap();
+        file.replace(&format!("{one}---\n{}", pod("web-2", "10.0.0.2")));
+        let state = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+        assert!(state.is_ok(), "a renamed file waited for the settle time");
+        assert_eq!(pod_names(&rx.borrow_and_update()), ["web-1", "web-2"]);
+        // Rewritten in place, the same file waits.
+        file.write(&one);
+        tokio::time::sleep(POLL * 20).await;
+        assert!(!rx.has_changed().unwrap());
     }
 
     #[tokio::test]
