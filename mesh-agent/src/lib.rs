@@ -17,5 +17,3 @@ pub mod probes;
 pub mod proxy;
 pub mod rbac;
 pub mod state;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;

@@ -57,7 +57,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::Kind;
+use mesh_agent::config::Kind;
 
 type Body = BoxBody<Bytes, Infallible>;
 

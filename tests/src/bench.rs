@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::workload::{READY_PREFIX, bind_dual_stack};
+use crate::workload::{READY_PREFIX, bind_dual_stack};
 
 /// Body size of every response of [`serve_http`] unless told otherwise.
 pub const HTTP_BODY_BYTES: usize = 1024;

@@ -51,7 +51,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{LinkAddr, recvfrom, setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::workload::enter_netns;
+use crate::workload::enter_netns;
 
 /// Largest frame read whole (a GSO super-packet with BIG TCP off is at most 64 KiB + headers).
 pub const MAX_FRAME: usize = 256 * 1024;

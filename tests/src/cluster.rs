@@ -28,10 +28,10 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::host::{self, ip, ip_batch, locate_binary};
-use super::workload::{self, ConnectReport, READY_PREFIX};
+use crate::host::{self, ip, ip_batch, locate_binary};
+use crate::workload::{self, ConnectReport, READY_PREFIX};
 
-pub use super::config::ConfigOptions;
+pub use crate::config::ConfigOptions;
 
 /// Environment variable naming the agent binary (default: next to the test executable).
 pub const AGENT_BIN_ENV: &str = "MESH_AGENT_BIN";
@@ -823,7 +823,7 @@ impl Cluster {
 
     /// The text [`write_config`](Self::write_config) writes.
     pub fn config_yaml(&self, opts: &ConfigOptions) -> Result<String> {
-        super::config::render(&self.namespaces, &self.pods(), opts)
+        crate::config::render(&self.namespaces, &self.pods(), opts)
     }
 
     /// Starts every node's agent with `config` and waits until all are ready.

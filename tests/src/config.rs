@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::cluster::{NETNS_ANNOTATION, Pod};
+use crate::cluster::{NETNS_ANNOTATION, Pod};
 
 /// What to change in the generated file relative to the cluster as built.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::workload::enter_netns;
+use crate::workload::enter_netns;
 
 /// Runs `f` on a fresh thread that has entered the network namespace at `netns`;
 /// sockets it opens stay in that namespace after it returns. The calling thread is

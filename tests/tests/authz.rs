@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{Cluster, ConfigOptions, Pod, PodSpec, require_root};
+use tests::metrics::Metrics;
+use tests::{Cluster, ConfigOptions, Pod, PodSpec, require_root};
 
 const APP: u16 = 8080;
 
@@ -236,7 +236,7 @@ fn a_deny_added_to_the_file_cuts_live_connections_within_2s_and_dry_run_only_log
 
     // Live connections, cross node (HBONE) and same node, then the DENY arrives.
     let a = cluster.pod("a");
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let pod_bin = pod_bin.to_str().unwrap();
     let hold = |to: SocketAddr| {
         a.spawn(&[pod_bin, "hold", "--to", &to.to_string(), "--seconds", "20"])
@@ -253,7 +253,7 @@ fn a_deny_added_to_the_file_cuts_live_connections_within_2s_and_dry_run_only_log
     let opts = ConfigOptions::default().document(deny_client(false));
     cluster.write_config(&cluster.config_path(), &opts).unwrap();
     let written = Instant::now();
-    let cut = |p: &mesh_agent::testing::cluster::Process| {
+    let cut = |p: &tests::cluster::Process| {
         while written.elapsed() < Duration::from_secs(2) {
             if p.try_wait().is_some() {
                 return true;

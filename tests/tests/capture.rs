@@ -8,10 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use mesh_agent::ebpf::{AttachType, attached_count};
-use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{
-    Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, eventually, require_root,
-};
+use tests::metrics::Metrics;
+use tests::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, eventually, require_root};
 
 const MIB: u64 = 1 << 20;
 const OPENED: &str = "istio_tcp_connections_opened_total";

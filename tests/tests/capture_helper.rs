@@ -1,4 +1,4 @@
-//! Kernel tests of the packet capture helper (`mesh_agent::testing::capture`) itself, with no
+//! Kernel tests of the packet capture helper (`tests::capture`) itself, with no
 //! agent: on the fabric bridge between two nodes a plaintext 1 MiB echo is visible byte for
 //! byte, once (the bridge sees each frame on two ports), in both directions, over IPv4 and
 //! IPv6; a capture on one link sees that link only; a capture in a pod's own namespace keeps
@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use mesh_agent::testing::capture::{self, Capture, Segment};
-use mesh_agent::testing::workload::pattern;
-use mesh_agent::testing::{Cluster, Pod, require_root};
+use tests::capture::{self, Capture, Segment};
+use tests::workload::pattern;
+use tests::{Cluster, Pod, require_root};
 
 const MIB: u64 = 1 << 20;
 const PORT: u16 = 8080;

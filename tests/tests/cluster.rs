@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_agent::testing::{Cluster, ConfigOptions, Pod, PodSpec, in_netns, require_root};
+use tests::{Cluster, ConfigOptions, Pod, PodSpec, in_netns, require_root};
 
 const MIB: u64 = 1 << 20;
 

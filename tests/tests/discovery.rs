@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_agent::enroll::discovery::{ProcRoot, find_pod_netns};
-use mesh_agent::testing::{locate_binary, require_root};
+use tests::{locate_binary, require_root};
 
 /// How long a started process may take to be in its cgroup and namespace.
 const SETTLE: Duration = Duration::from_secs(10);

@@ -11,12 +11,10 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_agent::identity::{FileCa, Identity, SecretManager, tls};
-use mesh_agent::testing::capture::{Capture, contains, tls_client_hello_to};
-use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::workload::pattern;
-use mesh_agent::testing::{
-    Cluster, ConfigOptions, ConnectReport, PodSpec, eventually, in_netns, require_root,
-};
+use tests::capture::{Capture, contains, tls_client_hello_to};
+use tests::metrics::Metrics;
+use tests::workload::pattern;
+use tests::{Cluster, ConfigOptions, ConnectReport, PodSpec, eventually, in_netns, require_root};
 
 const MIB: u64 = 1 << 20;
 const APP: u16 = 8080;
@@ -170,7 +168,7 @@ fn the_client_refuses_a_server_with_another_identity_or_another_root() {
     cluster.node(0).stop_agent().unwrap();
     cluster.node(1).stop_agent().unwrap();
     let other_root = cluster.workdir().join("other-ca");
-    mesh_agent::testing::cluster::init_ca(&mesh_agent_bin(), &other_root).unwrap();
+    tests::cluster::init_ca(&mesh_agent_bin(), &other_root).unwrap();
     cluster.node(0).start_agent(&cluster.config_path()).unwrap();
     cluster
         .node(1)
@@ -375,7 +373,7 @@ fn strict_rejects_and_cuts_plaintext_permissive_admits_it_and_edits_apply_within
         >= 1.0));
 
     // Live connections, plaintext and mutual TLS, when STRICT arrives.
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let pod_bin = pod_bin.to_str().unwrap();
     let to = c.addr_v4(APP).to_string();
     let hold = ["hold", "--to", &to, "--seconds", "20"];
@@ -503,7 +501,7 @@ fn half_open_handshakes_are_bounded_per_source_and_in_time_and_idle_connections_
 
     // A pod outside the mesh opens 2,000 connections to 15008 and sends the first bytes of a
     // ClientHello on each, never the rest.
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let hbone = SocketAddr::new(c.ipv4().into(), 15008).to_string();
     let flood = l2
         .spawn(&[
@@ -592,7 +590,7 @@ fn kubelet_probes_reach_pods_under_strict_and_other_host_processes_do_not() {
     }
     let cluster = cluster();
     let (c, node2) = (cluster.pod("c"), cluster.node(1));
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let kubelet_bin = cluster.workdir().join("kubelet");
     std::fs::copy(&pod_bin, &kubelet_bin).unwrap();
     let kubelet_cgroup = node2.cgroup().join("_kubelet");

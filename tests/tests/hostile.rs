@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mesh_agent::testing::{Cluster, ConfigOptions, PodSpec, require_root};
+use tests::{Cluster, ConfigOptions, PodSpec, require_root};
 
 const APP: u16 = 8080;
 
@@ -140,8 +140,8 @@ fn a_port_nobody_listens_on_is_refused_as_fast_as_without_the_mesh() {
 }
 
 /// Starts `mesh-pod hold` (a little data both ways every 20 ms) from `client` to `to`.
-fn hold(cluster: &Cluster, client: &str, to: SocketAddr) -> mesh_agent::testing::Process {
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+fn hold(cluster: &Cluster, client: &str, to: SocketAddr) -> tests::Process {
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let to = to.to_string();
     cluster
         .pod(client)
@@ -157,7 +157,7 @@ fn hold(cluster: &Cluster, client: &str, to: SocketAddr) -> mesh_agent::testing:
 }
 
 /// Waits for `hold` to end and returns what it printed.
-fn broken(process: &mesh_agent::testing::Process) -> String {
+fn broken(process: &tests::Process) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     while process.is_running() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -214,7 +214,7 @@ fn an_idle_proxied_connection_holds_no_more_than_its_two_sockets() {
     let cluster = mesh(&[]);
     let agent = cluster.node(0).agent().unwrap().pid();
     let before = open_fds(agent);
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let to = cluster.pod("b").addr_v4(APP).to_string();
     let count = HELD.to_string();
     let holder = cluster
@@ -231,7 +231,7 @@ fn an_idle_proxied_connection_holds_no_more_than_its_two_sockets() {
         ])
         .unwrap();
     assert!(
-        mesh_agent::testing::eventually(Duration::from_secs(20), || holder
+        tests::eventually(Duration::from_secs(20), || holder
             .log_text()
             .contains("READY")),
         "the connections did not open: {}",
@@ -248,7 +248,7 @@ fn an_idle_proxied_connection_holds_no_more_than_its_two_sockets() {
 
 /// Resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    mesh_agent::testing::bench::rss_kib(pid).unwrap()
+    tests::bench::rss_kib(pid).unwrap()
 }
 
 #[test]
@@ -260,7 +260,7 @@ fn memory_a_flood_of_connections_took_goes_back_once_they_closed() {
     // Idle pooled HBONE connections (what the flood needed) are let go within seconds.
     let cluster = mesh(&["--hbone-pool-idle-timeout", "2s"]);
     let agent = cluster.node(0).agent().unwrap().pid();
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     // Warm up once (certificates, pools, first allocations), then measure from there.
     let to = cluster.pod("c").addr_v4(APP).to_string();
     let flood = |count: usize| {
@@ -279,7 +279,7 @@ fn memory_a_flood_of_connections_took_goes_back_once_they_closed() {
             ])
             .unwrap();
         assert!(
-            mesh_agent::testing::eventually(Duration::from_secs(60), || holder
+            tests::eventually(Duration::from_secs(60), || holder
                 .log_text()
                 .contains("READY")),
             "the connections did not open: {}",
@@ -295,7 +295,7 @@ fn memory_a_flood_of_connections_took_goes_back_once_they_closed() {
     holder.stop().unwrap();
     // The connections close, the pool lets its idle connections go, and the heap is
     // trimmed within its interval.
-    let settled = mesh_agent::testing::eventually(mesh_agent::memory::TRIM_INTERVAL * 3, || {
+    let settled = tests::eventually(mesh_agent::memory::TRIM_INTERVAL * 3, || {
         rss_kib(agent) < before + (peak - before) / 4
     });
     let after = rss_kib(agent);

@@ -1,5 +1,5 @@
 //! The Kubernetes config source against an in-process API server
-//! ([`mesh_agent::testing::apiserver`]) through kube-rs's real client and watchers: the same
+//! ([`tests::apiserver`]) through kube-rs's real client and watchers: the same
 //! state as the file source for the same objects, live namespace opt-in, recovery from closed
 //! streams, `410 Gone` and an unreachable API server without losing an update, absent Istio
 //! CRDs, readiness only after the initial lists, and the redirection annotation. No root, no
@@ -16,8 +16,8 @@ use mesh_agent::config::kube::{KubeSource, REDIRECTION_ANNOTATION, annotate_pod}
 use mesh_agent::config::translate::{self, NetnsSource};
 use mesh_agent::config::{Kind, Settings};
 use mesh_agent::state::MeshState;
-use mesh_agent::testing::apiserver::ApiServer;
 use serde_json::{Value, json};
+use tests::apiserver::ApiServer;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -278,10 +278,7 @@ impl Drop for TempFile {
     }
 }
 
-fn count(
-    server: &ApiServer,
-    f: impl Fn(&mesh_agent::testing::apiserver::RecordedRequest) -> bool,
-) -> usize {
+fn count(server: &ApiServer, f: impl Fn(&tests::apiserver::RecordedRequest) -> bool) -> usize {
     server.requests().iter().filter(|r| f(r)).count()
 }
 

@@ -7,12 +7,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mesh_agent::testing::apiserver::ApiServer;
-use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{
-    Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, eventually, require_root,
-};
 use serde_json::json;
+use tests::apiserver::ApiServer;
+use tests::metrics::Metrics;
+use tests::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec, eventually, require_root};
 
 const APP: u16 = 8080;
 const OPENED: &str = "istio_tcp_connections_opened_total";
@@ -26,7 +24,7 @@ fn apiserver_in(netns: &Path) -> ApiServer {
     let (tx, rx) = std::sync::mpsc::channel();
     let netns = netns.to_owned();
     std::thread::spawn(move || {
-        mesh_agent::testing::workload::enter_netns(&netns).expect("entering the node namespace");
+        tests::workload::enter_netns(&netns).expect("entering the node namespace");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -126,7 +124,7 @@ fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_p
     // The watch breaks (streams closed, history expired: 410 on re-watch) while a
     // connection is open and an update lands in the gap: the connection survives, the
     // update is not lost.
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let held = a
         .spawn(&[
             pod_bin.to_str().unwrap(),

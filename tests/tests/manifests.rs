@@ -18,11 +18,11 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_agent::ebpf::DEFAULT_PIN_DIR;
 use mesh_agent::identity::ca::{ROOT_CERT_FILE, ROOT_KEY_FILE};
-use mesh_agent::testing::locate_binary;
 use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tests::locate_binary;
 
 const NAMESPACE: &str = "mesh-system";
 const AGENT_CONTAINER: &str = "mesh-agent";

@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{Cluster, ConfigOptions, PodSpec, eventually, require_root};
+use tests::metrics::Metrics;
+use tests::{Cluster, ConfigOptions, PodSpec, eventually, require_root};
 
 const MIB: u64 = 1 << 20;
 const APP: u16 = 8080;
@@ -163,7 +163,7 @@ fn a_deny_cuts_a_redirected_connection_within_2s() {
     }
     let cluster = cluster();
     let (a, b) = (cluster.pod("a"), cluster.pod("b"));
-    let pod_bin = mesh_agent::testing::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
     let to: SocketAddr = b.addr_v4(APP);
     let held = a
         .spawn(&[

@@ -163,7 +163,8 @@ impl FileSource {
             // A file put in place by rename (an editor, a ConfigMap's symlink swap) is
             // whole at once; one rewritten in place passes through partial versions, so
             // it is read only once it stayed the same for the settle time.
-            let replaced = last.ino != 0 && (fingerprint.ino, fingerprint.dev) != (last.ino, last.dev);
+            let replaced =
+                last.ino != 0 && (fingerprint.ino, fingerprint.dev) != (last.ino, last.dev);
             match changed {
                 _ if replaced => {}
                 Some((seen, since)) if seen == fingerprint => {

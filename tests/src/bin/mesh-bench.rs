@@ -22,10 +22,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_agent::identity::{FileCa, Identity, SecretManager, testing::handshake, tls};
 use mesh_agent::rbac::{BenchCase, Connection, Policies, bench_policies};
-use mesh_agent::testing::bench::{
-    self, CAPTURED, HTTP_BODY_BYTES, PROBING, RateReport, Summary, WRK_SCRIPT,
-};
-use mesh_agent::testing::{Cluster, ConfigOptions, Node, Pod, PodSpec, Process, require_root};
+use tests::bench::{self, CAPTURED, HTTP_BODY_BYTES, PROBING, RateReport, Summary, WRK_SCRIPT};
+use tests::{Cluster, ConfigOptions, Node, Pod, PodSpec, Process, require_root};
 
 #[derive(Parser)]
 #[command(
@@ -990,7 +988,7 @@ fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> 
 }
 
 fn widen_port_range(pod: &Pod) -> Result<()> {
-    mesh_agent::testing::in_netns(pod.netns_path(), || {
+    tests::in_netns(pod.netns_path(), || {
         std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
     })?
     .with_context(|| format!("{}: widening ip_local_port_range", pod.name()))

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use mesh_agent::testing::cluster::strip_ansi;
-use mesh_agent::testing::metrics::Metrics;
-use mesh_agent::testing::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec};
+use tests::cluster::strip_ansi;
+use tests::metrics::Metrics;
+use tests::{Cluster, ConfigOptions, ConnectReport, Pod, PodSpec};
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";
@@ -270,7 +270,7 @@ fn run(args: &Args) -> Result<bool> {
 /// One line per (reporter, source, destination, service) with the four TCP counters;
 /// `raw` also prints the exposition lines themselves.
 fn print_metrics(metrics: &Metrics, raw: bool) {
-    let label = |s: &mesh_agent::testing::metrics::Sample, k: &str| {
+    let label = |s: &tests::metrics::Sample, k: &str| {
         s.labels.get(k).cloned().unwrap_or_else(|| "-".into())
     };
     let mut rows: BTreeMap<(String, String, String, String), [f64; 4]> = BTreeMap::new();

@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mesh_agent::testing::workload;
+use tests::workload;
 
 #[derive(Parser)]
 #[command(name = "mesh-pod", about = "A pod of the mesh-agent test cluster")]
