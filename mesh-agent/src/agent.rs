@@ -23,7 +23,7 @@ use crate::{
     enroll::{EnrollOptions, EnrolledDump, Enroller, netns},
     identity::{FileCa, SecretManager},
     metrics::Metrics,
-    proxy::Proxy,
+    proxy::{Proxy, ProxyParts},
     state::MeshState,
 };
 
@@ -120,14 +120,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     ca.watch(CA_POLL_INTERVAL);
     let certs = SecretManager::new(ca, cfg.cert_lifetime);
     let metrics = Arc::new(Metrics::default());
+    let (orig_dst, sockmap) = {
+        let dp = datapath.lock().expect("datapath lock");
+        (dp.orig_dst(), dp.sockmap())
+    };
     let proxy = Arc::new(Proxy::new(
         cfg.node.clone(),
         cfg.settings.clone(),
         cfg.limits.clone(),
-        state.clone(),
-        datapath.clone(),
-        metrics.clone(),
-        certs.clone(),
+        ProxyParts {
+            state: state.clone(),
+            orig_dst,
+            sockmap,
+            metrics: metrics.clone(),
+            certs: certs.clone(),
+        },
     ));
     let options = EnrollOptions {
         proc_root: cfg.proc_root.clone(),

@@ -83,7 +83,7 @@ pub struct Datapath {
     /// Owns the loaded programs (the maps are taken out of it).
     ebpf: Ebpf,
     enrolled: BpfHashMap<MapData, u64, EnrolledNetns>,
-    orig_dst: BpfHashMap<MapData, OrigKey, OrigDst>,
+    orig_dst: Arc<OrigDstMap>,
     listeners: SockHash<MapData, AddrKey>,
     enrolled_addrs: BpfHashMap<MapData, AddrKey, u32>,
     /// cgroup ids of the node's kubelet: its probes to enrolled pods bypass the proxy.
@@ -148,7 +148,7 @@ impl Datapath {
         })?;
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
-        let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
+        let orig_dst = Arc::new(OrigDstMap(take_map_data(&mut ebpf, maps::ORIG_DST)?));
         let listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let enrolled_addrs = take_map(&mut ebpf, maps::ENROLLED_ADDRS)?;
         let probers = take_map(&mut ebpf, maps::PROBERS)?;
@@ -337,16 +337,34 @@ impl Datapath {
         ignore_missing(self.enrolled.remove(&netns_cookie), maps::ENROLLED)
     }
 
-    /// Takes the original destination of a connection accepted on the outbound listener.
-    pub fn take_orig_dst(&mut self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+    /// The map of original destinations, for the proxy to read without this object's lock.
+    pub fn orig_dst(&self) -> Arc<OrigDstMap> {
+        self.orig_dst.clone()
+    }
+}
+
+/// The original destinations `sockops` recorded for captured connections, by (pod
+/// namespace, client port, family). Read once per connection with one lock-free
+/// lookup-and-delete.
+pub struct OrigDstMap(MapData);
+
+impl OrigDstMap {
+    /// Takes the original destination of a connection from `client` accepted on the
+    /// outbound listener of the pod namespace `netns_cookie`.
+    pub fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         let key = OrigKey {
             netns_cookie,
             port: client.port(),
             family: if client.is_ipv4() { AF_INET } else { AF_INET6 },
             _pad: 0,
         };
-        let orig = self.orig_dst.get(&key, 0).ok()?;
-        let _ = self.orig_dst.remove(&key);
+        let mut orig = OrigDst::default();
+        sys::map_take(
+            self.0.fd().as_fd(),
+            sys::bytes_of(&key),
+            sys::bytes_of_mut(&mut orig),
+        )
+        .ok()?;
         Some(SocketAddr::new(
             key_addr(&AddrKey {
                 addr: orig.addr,
@@ -412,7 +430,9 @@ fn install_sockmap(ebpf: &mut Ebpf) -> Result<Sockmap, EbpfError> {
 /// A map of any type, for raw `bpf(2)` use.
 fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, EbpfError> {
     match ebpf.take_map(name) {
-        Some(Map::HashMap(data) | Map::SockHash(data) | Map::Array(data)) => Ok(data),
+        Some(
+            Map::HashMap(data) | Map::LruHashMap(data) | Map::SockHash(data) | Map::Array(data),
+        ) => Ok(data),
         _ => Err(EbpfError::Map {
             name,
             source: aya::maps::MapError::InvalidName {

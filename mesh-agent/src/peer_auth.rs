@@ -451,6 +451,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            waypoint: None,
         }
     }
 

@@ -9,13 +9,17 @@ mod handshakes;
 pub mod hbone;
 mod inbound;
 mod outbound;
+pub mod plan;
 pub mod sockmap;
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use arc_swap::ArcSwap;
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -25,7 +29,7 @@ use tokio::{
 
 use crate::{
     config::Settings,
-    ebpf::{Datapath, Sockmap},
+    ebpf::Sockmap,
     enroll::netns::Netns,
     identity::{Identity, SecretManager},
     metrics::{ConnectionLabels, Metrics, Reporter},
@@ -75,12 +79,8 @@ pub enum ProxyError {
     },
     #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout { addr: SocketAddr },
-    #[error(
-        "refusing {addr}: an agent port of a mesh address is never a destination (it would loop back into the agent)"
-    )]
-    SelfCall { addr: SocketAddr },
-    #[error("service {service} ({vip}) has no ready endpoint")]
-    NoEndpoints { service: String, vip: SocketAddr },
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
     #[error(transparent)]
     Hbone(Box<hbone::HboneError>),
 }
@@ -115,7 +115,8 @@ pub struct Proxy {
     pub settings: Settings,
     pub limits: Limits,
     pub state: watch::Receiver<Arc<MeshState>>,
-    pub datapath: Arc<Mutex<Datapath>>,
+    /// Where captured connections were going.
+    pub orig_dst: Arc<dyn OriginalDestinations>,
     pub metrics: Arc<Metrics>,
     pub certs: Arc<SecretManager>,
     pub pool: Arc<hbone::client::Pool>,
@@ -126,37 +127,48 @@ pub struct Proxy {
     /// The `sk_msg` redirect for same-node connections, when enabled (ADR 006); otherwise
     /// they take the splice(2) pump of `copy::tcp`.
     sockmap: Option<Arc<Sockmap>>,
-    /// The enrolled pods of this node by address (the same-node path).
-    local_pods: Mutex<std::collections::HashMap<IpAddr, Arc<PodContext>>>,
+    /// The enrolled pods of this node by address (the same-node path): read by every
+    /// connection without a lock, replaced whole when a pod comes or goes.
+    local_pods: ArcSwap<HashMap<IpAddr, Arc<PodContext>>>,
     /// Round-robin position for service endpoints.
     picks: std::sync::atomic::AtomicUsize,
 }
 
-/// Where an outbound connection goes.
-enum Route {
-    /// An enrolled pod of this node: authorized and delivered straight into its
-    /// namespace, one hop (ADR 003).
-    Local { dst: Arc<PodContext> },
-    /// An enrolled pod on another node: HBONE to its 15008.
-    Hbone { dst: Identity },
-    /// Same-node enrolled pod (the destination's inbound listener takes it) or a
-    /// destination outside the mesh (passthrough).
-    Direct,
+/// Where the proxy learns where a captured connection was going: the kernel's map in the
+/// agent, a table in tests without eBPF.
+pub trait OriginalDestinations: Send + Sync {
+    /// The original destination of the connection from `client` accepted on the outbound
+    /// listener of the pod namespace `netns_cookie`, forgotten once read.
+    fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr>;
+}
+
+impl OriginalDestinations for crate::ebpf::OrigDstMap {
+    fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+        crate::ebpf::OrigDstMap::take(self, netns_cookie, client)
+    }
+}
+
+/// What a [`Proxy`] is built from besides its configuration.
+pub struct ProxyParts {
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub orig_dst: Arc<dyn OriginalDestinations>,
+    /// The `sk_msg` redirect, when enabled and loaded.
+    pub sockmap: Option<Arc<Sockmap>>,
+    pub metrics: Arc<Metrics>,
+    pub certs: Arc<SecretManager>,
 }
 
 impl Proxy {
-    pub fn new(
-        node: String,
-        settings: Settings,
-        limits: Limits,
-        state: watch::Receiver<Arc<MeshState>>,
-        datapath: Arc<Mutex<Datapath>>,
-        metrics: Arc<Metrics>,
-        certs: Arc<SecretManager>,
-    ) -> Self {
+    pub fn new(node: String, settings: Settings, limits: Limits, parts: ProxyParts) -> Self {
+        let ProxyParts {
+            state,
+            orig_dst,
+            sockmap,
+            metrics,
+            certs,
+        } = parts;
         let authz = authorize::Authorizer::new(state.clone(), &settings.root_namespace);
         let pool_idle_timeout = limits.pool_idle_timeout;
-        let sockmap = datapath.lock().expect("datapath lock").sockmap();
         Proxy {
             node,
             settings,
@@ -166,7 +178,7 @@ impl Proxy {
             ),
             limits,
             state,
-            datapath,
+            orig_dst,
             metrics,
             pool: hbone::client::Pool::new(
                 certs.clone(),
@@ -177,7 +189,7 @@ impl Proxy {
             authz,
             picks: std::sync::atomic::AtomicUsize::new(0),
             sockmap,
-            local_pods: Mutex::new(std::collections::HashMap::new()),
+            local_pods: ArcSwap::default(),
         }
     }
 
@@ -236,29 +248,20 @@ impl Proxy {
         prepared
     }
 
-    fn route(&self, dst_ip: IpAddr, dst: Option<&Workload>) -> Route {
-        if let Some(pod) = self
-            .local_pods
-            .lock()
-            .expect("local pods lock")
-            .get(&dst_ip)
-        {
-            return Route::Local { dst: pod.clone() };
-        }
-        match dst {
-            Some(w) if w.captured && !self.is_local_mesh(w) && w.node.is_some() => Route::Hbone {
-                dst: self.identity_of(w),
-            },
-            _ => Route::Direct,
-        }
+    /// The enrolled pod of this node that owns `ip`. Lock-free.
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        self.local_pods.load().get(&ip).cloned()
     }
 
     /// The pod no longer takes same-node connections (released or shutting down).
     pub fn forget_pod(&self, pod: &PodContext) {
-        let mut local = self.local_pods.lock().expect("local pods lock");
-        for ip in &pod.workload.ips {
-            local.remove(ip);
-        }
+        self.local_pods.rcu(|local| {
+            let mut local = HashMap::clone(local);
+            for ip in &pod.workload.ips {
+                local.remove(ip);
+            }
+            local
+        });
     }
 
     /// Starts the accept loops of a pod; aborting the returned tasks closes its listeners.
@@ -267,12 +270,13 @@ impl Proxy {
         pod: Arc<PodContext>,
         listeners: PodListeners,
     ) -> Vec<JoinHandle<()>> {
-        {
-            let mut local = self.local_pods.lock().expect("local pods lock");
+        self.local_pods.rcu(|local| {
+            let mut local = HashMap::clone(local);
             for ip in &pod.workload.ips {
                 local.insert(*ip, pod.clone());
             }
-        }
+            local
+        });
         let mut tasks = Vec::new();
         for l in listeners.outbound {
             tasks.push(tokio::spawn(outbound::accept_loop(
@@ -403,13 +407,6 @@ impl<'a> Tracked<'a> {
             "connection complete"
         );
     }
-}
-
-/// Whether a connection to `addr` would reach an agent listener of an enrolled pod (this
-/// agent's or a peer's): such a destination is refused on every path.
-fn self_call(state: &MeshState, addr: SocketAddr) -> bool {
-    mesh_common::is_agent_pod_port(addr.port())
-        && state.workload_by_ip(addr.ip()).is_some_and(|w| w.captured)
 }
 
 /// Creates a TCP socket inside the pod's namespace, marked so capture skips it.

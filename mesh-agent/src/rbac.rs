@@ -1411,6 +1411,7 @@ impl BenchCase {
                 netns: None,
                 captured: true,
                 host_network: false,
+                waypoint: None,
             },
             identity: Identity::new("cluster.local", "client", "client"),
             src: "10.0.0.1:40000".parse().expect("valid address"),
@@ -1463,6 +1464,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            waypoint: None,
         }
     }
 

@@ -3,9 +3,10 @@
 //! [`config::translate`](crate::config::translate); immutable once built.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 /// Everything the agent knows about the mesh at one point in time.
@@ -14,27 +15,36 @@ use serde::Serialize;
 /// the lookup indexes; the fields are public for reading, and a changed copy must be rebuilt
 /// with `new` to keep the indexes right. Serialized as JSON in `/config_dump` (the indexes are
 /// skipped).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MeshState {
     /// Sorted by (namespace, name).
     pub workloads: Vec<Workload>,
     /// Sorted by (namespace, name).
     pub services: Vec<Service>,
+    /// Sorted by (namespace, name).
+    pub waypoints: Vec<Waypoint>,
     /// Objects interpreted by later features, sorted by (namespace, name).
     pub raw: RawObjects,
+    /// The ready endpoints of every TCP service port, by (service index, port): computed
+    /// once, when the state is built.
+    #[serde(skip)]
+    endpoints: HashMap<(usize, u16), Vec<SocketAddr>>,
     /// Workload IP (canonical: IPv4-mapped IPv6 stored as IPv4) -> index in `workloads`.
     #[serde(skip)]
     workload_ips: HashMap<IpAddr, usize>,
     /// Service VIP (canonical) -> index in `services`.
     #[serde(skip)]
     service_vips: HashMap<IpAddr, usize>,
+    /// (namespace, name) -> index in `waypoints`.
+    #[serde(skip)]
+    waypoint_index: HashMap<(String, String), usize>,
 }
 
-/// Kubernetes objects kept as JSON until the feature that uses them types them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// Kubernetes objects kept as they came until the feature that uses them types them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RawObjects {
-    /// `discovery.k8s.io/v1` EndpointSlice.
-    pub endpoint_slices: Vec<serde_json::Value>,
+    /// `discovery.k8s.io/v1` EndpointSlice (indexed into ready endpoints by `MeshState::new`).
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// `security.istio.io/v1` AuthorizationPolicy.
     pub authorization_policies: Vec<serde_json::Value>,
     /// `security.istio.io/v1` PeerAuthentication.
@@ -62,6 +72,8 @@ pub struct Workload {
     /// Whether the pod is enrolled in the mesh (Istio ambient opt-in rules).
     pub captured: bool,
     pub host_network: bool,
+    /// The waypoint its traffic (as a workload) goes through, if it names one.
+    pub waypoint: Option<WaypointRef>,
 }
 
 /// One Kubernetes service.
@@ -74,7 +86,54 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Empty: the service selects no pods (endpoints are managed elsewhere).
     pub selector: BTreeMap<String, String>,
+    /// The waypoint its traffic goes through, if it names one.
+    pub waypoint: Option<WaypointRef>,
 }
+
+/// A waypoint a service, workload or namespace names (`istio.io/use-waypoint`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct WaypointRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What traffic a waypoint takes (`istio.io/waypoint-for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaypointFor {
+    /// Traffic to a service's address (the default).
+    Service,
+    /// Traffic to a workload's own address.
+    Workload,
+    All,
+    None,
+}
+
+/// A waypoint: an L7 proxy for the services or workloads bound to it (a Gateway of class
+/// `istio-waypoint`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Waypoint {
+    pub namespace: String,
+    pub name: String,
+    pub traffic: WaypointFor,
+    /// The service account of its pods: the identity HBONE to it must present.
+    pub service_account: String,
+    /// The addresses of its ready pods. Empty: it does not exist for binding.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Waypoint {
+    /// Whether `w` is one of this waypoint's pods (traffic it sends is never sent back to it).
+    pub fn is_pod(&self, w: &Workload) -> bool {
+        w.namespace == self.namespace
+            && w.labels
+                .get(GATEWAY_NAME_LABEL)
+                .is_some_and(|n| *n == self.name)
+    }
+}
+
+/// The label Gateway API puts on a gateway's pods (a waypoint's among them).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// One port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -111,12 +170,15 @@ impl MeshState {
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for list in [
-            &mut raw.endpoint_slices,
             &mut raw.authorization_policies,
             &mut raw.peer_authentications,
         ] {
             list.sort_by(|a, b| raw_key(a).cmp(&raw_key(b)));
         }
+        raw.endpoint_slices.sort_by(|a, b| {
+            let key = |s: &EndpointSlice| (s.metadata.namespace.clone(), s.metadata.name.clone());
+            key(a).cmp(&key(b))
+        });
 
         let mut workload_ips: HashMap<IpAddr, usize> = HashMap::new();
         for (i, w) in workloads.iter().enumerate() {
@@ -140,13 +202,58 @@ impl MeshState {
                 service_vips.entry(vip.to_canonical()).or_insert(i);
             }
         }
+        let endpoints = crate::lb::index(&services, &workloads, &raw.endpoint_slices);
         Self {
             workloads,
             services,
+            waypoints: Vec::new(),
             raw,
+            endpoints,
             workload_ips,
             service_vips,
+            waypoint_index: HashMap::new(),
         }
+    }
+
+    /// The same state with these waypoints (sorted by (namespace, name) and indexed).
+    pub fn with_waypoints(mut self, mut waypoints: Vec<Waypoint>) -> Self {
+        waypoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.waypoint_index = waypoints
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ((w.namespace.clone(), w.name.clone()), i))
+            .collect();
+        self.waypoints = waypoints;
+        self
+    }
+
+    /// The waypoint `r` names, if it exists.
+    pub fn waypoint(&self, r: &WaypointRef) -> Option<&Waypoint> {
+        // Looked up by borrowed parts: no allocation on the data path.
+        self.waypoints
+            .binary_search_by(|w| {
+                (w.namespace.as_str(), w.name.as_str())
+                    .cmp(&(r.namespace.as_str(), r.name.as_str()))
+            })
+            .ok()
+            .map(|i| &self.waypoints[i])
+    }
+
+    /// The ready endpoints of `service`'s `port` (see [`crate::lb`]), sorted. O(1).
+    pub fn endpoints(&self, service: &Service, port: &ServicePort) -> &[SocketAddr] {
+        self.service_index(service)
+            .and_then(|i| self.endpoints.get(&(i, port.port)))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Where `service` (by namespace and name) is in `services`. O(log n), no allocation.
+    fn service_index(&self, service: &Service) -> Option<usize> {
+        self.services
+            .binary_search_by(|s| {
+                (s.namespace.as_str(), s.name.as_str())
+                    .cmp(&(service.namespace.as_str(), service.name.as_str()))
+            })
+            .ok()
     }
 
     /// The workload that owns `ip` (IPv4-mapped IPv6 addresses are looked up as IPv4). O(1).
@@ -225,6 +332,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            waypoint: None,
         }
     }
 
@@ -243,6 +351,7 @@ mod tests {
                 })
                 .collect(),
             selector: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            waypoint: None,
         }
     }
 

@@ -314,7 +314,7 @@ async fn file_and_kube_sources_yield_identical_state() -> anyhow::Result<()> {
     assert_eq!(kube.raw.authorization_policies.len(), 2);
     assert_eq!(kube.raw.peer_authentications.len(), 1);
     // managedFields are dropped by both (kubectl hides them, the kube source strips them).
-    assert!(kube.raw.endpoint_slices[0]["metadata"]["managedFields"].is_null());
+    assert!(kube.raw.endpoint_slices[0].metadata.managed_fields.is_none());
     assert_eq!(
         kube.raw.authorization_policies[0]["metadata"]["resourceVersion"],
         server

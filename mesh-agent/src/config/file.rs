@@ -1107,8 +1107,8 @@ ports:
         );
         let state = load_state(text, "config.yaml", "node-a").unwrap();
         assert_eq!(
-            state.raw.endpoint_slices[0]["endpoints"][0]["addresses"][0],
-            "10.0.0.1"
+            state.raw.endpoint_slices[0].endpoints[0].addresses,
+            ["10.0.0.1"]
         );
     }
 

@@ -71,22 +71,11 @@ pub fn translate(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let endpoint_slices = objects
-        .endpoint_slices
-        .iter()
-        .map(|slice| {
-            serde_json::to_value(slice).map_err(|e| ConfigError::Object {
-                object: key(Kind::EndpointSlice, &slice.metadata),
-                message: e.to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-
     Ok(MeshState::new(
         workloads,
         services,
         RawObjects {
-            endpoint_slices,
+            endpoint_slices: objects.endpoint_slices.clone(),
             authorization_policies: objects.authorization_policies.clone(),
             peer_authentications: objects.peer_authentications.clone(),
         },
@@ -171,6 +160,7 @@ pub(crate) fn workload(
         netns: netns(pod)?,
         captured: is_captured(pod, namespace_labels),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        waypoint: None,
         workload_name,
         labels,
         name,
@@ -243,6 +233,7 @@ pub(crate) fn service(svc: &k8s::Service) -> Result<Service, FieldError> {
         vips,
         ports,
         selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+        waypoint: None,
     })
 }
 

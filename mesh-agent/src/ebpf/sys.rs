@@ -163,6 +163,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 /// `BPF_SK_MSG_VERDICT`: a send verdict program on a socket map.
 const ATTACH_SK_MSG_VERDICT: u32 = 7;
 
@@ -183,6 +184,16 @@ pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Resu
     attr.put_u64(8, key.as_ptr() as u64); // key
     attr.put_u64(16, value.as_mut_ptr() as u64); // value
     bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` into `value`: reads and removes an entry in one
+/// operation (hash maps, Linux 5.14+); `ENOENT` when the key is missing.
+pub fn map_take(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, map.as_raw_fd() as u32); // map_fd
+    attr.put_u64(8, key.as_ptr() as u64); // key
+    attr.put_u64(16, value.as_mut_ptr() as u64); // value
+    bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr).map(drop)
 }
 
 /// `BPF_MAP_UPDATE_ELEM` with `BPF_ANY`. Thread-safe in the kernel, so callers need no lock.

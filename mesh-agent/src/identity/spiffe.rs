@@ -29,6 +29,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The identity of `workload`'s pods: its namespace and service account.
+    pub fn of(trust_domain: &str, workload: &crate::state::Workload) -> Self {
+        Identity::new(
+            trust_domain,
+            workload.namespace.as_str(),
+            workload.service_account.as_str(),
+        )
+    }
+
     pub fn new(
         trust_domain: impl Into<String>,
         namespace: impl Into<String>,

@@ -100,7 +100,7 @@ pub(crate) async fn deliver(
 }
 
 /// The socket [`deliver`] connects, bound (its local address is known) but not connected.
-/// A target on one of the agent's own ports is refused ([`ProxyError::SelfCall`]).
+/// A target on one of the agent's own ports is refused ([`super::plan::PlanError::SelfCall`]).
 pub(crate) fn delivery_socket(
     pod: &PodContext,
     client: IpAddr,
@@ -108,7 +108,7 @@ pub(crate) fn delivery_socket(
 ) -> Result<tokio::net::TcpSocket, ProxyError> {
     // The pod's own agent listens there: delivering would accept the connection again.
     if mesh_common::is_agent_pod_port(target.port()) {
-        return Err(ProxyError::SelfCall { addr: target });
+        return Err(super::plan::PlanError::SelfCall { addr: target }.into());
     }
     pod_socket(pod, target.ip(), |s| {
         if client.is_ipv4() {
