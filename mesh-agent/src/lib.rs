@@ -2,6 +2,7 @@
 //! Istio's ambient mode. See DESIGN.md for the architecture; README.md for usage.
 
 pub mod admin;
+pub mod admission;
 pub mod agent;
 pub mod config;
 pub mod ebpf;

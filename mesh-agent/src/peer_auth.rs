@@ -17,8 +17,8 @@
 //!   policies; an entry overrides the policy's resolved mode for that port, `UNSET` there
 //!   inherits it. On a policy without a selector it is ignored, as istiod does, and reported as
 //!   [`PeerAuthError::PortLevelWithoutSelector`] (Istio's validation webhook rejects it).
-//! - `DISABLE` is PERMISSIVE here (HBONE is always mutual TLS), with one `tracing::warn!` per
-//!   policy per process.
+//! - `DISABLE` is PERMISSIVE here (HBONE is always mutual TLS), reported as
+//!   [`PeerAuthError::Disable`].
 //!
 //! # Fail closed
 //!
@@ -33,8 +33,7 @@
 //! cannot be read.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -124,6 +123,12 @@ pub enum PeerAuthError {
          (spec.selector.matchLabels); ignored"
     )]
     PortLevelWithoutSelector { policy: String },
+    /// A mode is `DISABLE`: read as PERMISSIVE.
+    #[error(
+        "PeerAuthentication {policy}: mode DISABLE is treated as PERMISSIVE (HBONE between mesh \
+         workloads is always mutual TLS)"
+    )]
+    Disable { policy: String },
 }
 
 impl PeerAuthError {
@@ -146,8 +151,8 @@ struct Parsed {
 impl PeerAuthentications {
     /// Validates `objects` (PeerAuthentication objects as JSON, e.g.
     /// `MeshState.raw.peer_authentications`). Every problem is reported; an invalid policy is
-    /// left out and makes every workload it could select STRICT (see the module docs). Logs one
-    /// `warn` per policy (per process) that uses `DISABLE`.
+    /// left out and makes every workload it could select STRICT (see the module docs). A policy
+    /// that uses `DISABLE` is reported ([`PeerAuthError::Disable`]) and read as PERMISSIVE.
     pub fn parse(objects: &[Value]) -> (Self, Vec<PeerAuthError>) {
         let mut set = Self::default();
         let mut errors = Vec::new();
@@ -161,7 +166,9 @@ impl PeerAuthentications {
                         });
                     }
                     if parsed.disable {
-                        warn_disable_once(&policy);
+                        errors.push(PeerAuthError::Disable {
+                            policy: policy.clone(),
+                        });
                     }
                     set.by_namespace
                         .entry(parsed.namespace)
@@ -242,20 +249,6 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     selector
         .iter()
         .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
-}
-
-/// Policies already warned about for DISABLE, by `namespace/name`.
-static WARNED_DISABLE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-
-fn warn_disable_once(policy: &str) {
-    let mut warned = WARNED_DISABLE.lock().unwrap_or_else(|e| e.into_inner());
-    if warned.insert(policy.to_owned()) {
-        tracing::warn!(
-            policy,
-            "PeerAuthentication {policy}: mode DISABLE is treated as PERMISSIVE (HBONE between \
-             mesh workloads is always mutual TLS)"
-        );
-    }
 }
 
 /// What an invalid policy could select, read leniently (see the module docs).
@@ -403,8 +396,6 @@ fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::Arc;
 
     use serde_json::json;
 
@@ -462,7 +453,12 @@ mod tests {
     /// expected mode) case.
     fn check(policies: &[Value], cases: &[(&str, Labels<'_>, u16, MtlsMode)]) {
         let (set, errors) = PeerAuthentications::parse(policies);
-        assert!(errors.is_empty(), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .all(|e| matches!(e, PeerAuthError::Disable { .. })),
+            "{errors:?}"
+        );
         for &(ns, labels, port, want) in cases {
             let got = set.mode(&workload(ns, labels), port, ROOT);
             assert_eq!(got, want, "{ns} {labels:?} port {port}");
@@ -677,33 +673,12 @@ mod tests {
         );
     }
 
-    /// A `MakeWriter` collecting everything logged.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
-    fn disable_is_warned_once_per_policy() {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        // Names unique to this test: the once-per-policy memory is process-wide.
+    fn disable_is_reported_once_per_policy_that_uses_it() {
         let policies = [
-            pa("warn-once", "legacy", json!({"mtls": {"mode": "DISABLE"}})),
+            pa("disable", "legacy", json!({"mtls": {"mode": "DISABLE"}})),
             pa(
-                "warn-once",
+                "disable",
                 "ports",
                 json!({
                     "selector": {"matchLabels": {"app": "web"}},
@@ -712,24 +687,21 @@ mod tests {
                 }),
             ),
             pa(
-                "warn-once",
+                "disable",
                 "strict",
                 json!({"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": "STRICT"}}),
             ),
         ];
-        tracing::subscriber::with_default(subscriber, || {
-            for _ in 0..3 {
-                PeerAuthentications::parse(&policies);
-            }
-        });
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert!(
-            lines[0].contains("WARN") && lines[0].contains("warn-once/legacy"),
-            "{text}"
-        );
-        assert!(lines[1].contains("warn-once/ports"), "{text}");
+        let (_, errors) = PeerAuthentications::parse(&policies);
+        let policies: Vec<String> = errors
+            .iter()
+            .map(|e| match e {
+                PeerAuthError::Disable { policy } if !e.fails_closed() => policy.clone(),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(policies, ["disable/legacy", "disable/ports"]);
+        assert!(errors[0].to_string().contains("treated as PERMISSIVE"));
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! Per-connection concerns (routing, peer authentication, metrics, access log) are assembled
 //! here; the directions live in `outbound`, `inbound` and `hbone`, the byte pump in `copy`.
 
-mod authorize;
 pub mod copy;
 mod handshakes;
 pub mod hbone;
 mod inbound;
 mod outbound;
 pub mod plan;
+mod revocation;
 pub mod sockmap;
 
 use std::{
@@ -120,8 +120,6 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub certs: Arc<SecretManager>,
     pub pool: Arc<hbone::client::Pool>,
-    /// PeerAuthentication and AuthorizationPolicy, and the live connections they govern.
-    pub authz: Arc<authorize::Authorizer>,
     /// TLS handshakes in progress on the HBONE listeners of every pod of the node.
     handshakes: Arc<handshakes::Handshakes>,
     /// The `sk_msg` redirect for same-node connections, when enabled (ADR 006); otherwise
@@ -167,7 +165,6 @@ impl Proxy {
             metrics,
             certs,
         } = parts;
-        let authz = authorize::Authorizer::new(state.clone(), &settings.root_namespace);
         let pool_idle_timeout = limits.pool_idle_timeout;
         Proxy {
             node,
@@ -186,7 +183,6 @@ impl Proxy {
                 pool_idle_timeout,
             ),
             certs,
-            authz,
             picks: std::sync::atomic::AtomicUsize::new(0),
             sockmap,
             local_pods: ArcSwap::default(),
@@ -302,8 +298,12 @@ impl Proxy {
         tasks
     }
 
-    fn state(&self) -> Arc<MeshState> {
-        self.state.borrow().clone()
+    /// The current state, and a receiver of the states after it (a connection admitted
+    /// under this state is re-admitted under each later one).
+    fn config(&self) -> (Arc<MeshState>, watch::Receiver<Arc<MeshState>>) {
+        let mut config = self.state.clone();
+        let state = config.borrow_and_update().clone();
+        (state, config)
     }
 }
 
@@ -457,7 +457,7 @@ fn deny(
     dst: &Workload,
     src: SocketAddr,
     to: SocketAddr,
-    denial: &authorize::Denial,
+    denial: &crate::admission::Denial,
 ) {
     metrics.connection_denied(dst, denial.reason());
     tracing::info!(

@@ -13,7 +13,7 @@
 //!   counts as no selector. Policies with `targetRef`/`targetRefs` belong to a waypoint and are
 //!   ignored here.
 //! - **Actions.** `ALLOW` (the default) and `DENY`. `AUDIT` and `CUSTOM` are not L4 actions:
-//!   the policy is ignored, reported as [`RbacError::UnsupportedAction`] and warned about once.
+//!   the policy is ignored and reported as [`RbacError::UnsupportedAction`].
 //! - **Decision.** Any matching DENY denies. Otherwise, if no ALLOW policy applies to the
 //!   workload the connection is allowed; otherwise it is allowed only if some ALLOW policy
 //!   matches. A policy matches when any of its `rules` matches, so an ALLOW policy without rules
@@ -38,8 +38,7 @@
 //!   `connection.sni`, `source.serviceAccount`) cannot be seen at L4. In an ALLOW policy a rule
 //!   using any of them never matches; in a DENY policy they are left out of the rule, so it
 //!   matches more than written (stricter), and a source, operation or condition left with
-//!   nothing matches every connection. Reported as [`RbacError::HttpAttributes`] and warned
-//!   about once per policy.
+//!   nothing matches every connection. Reported as [`RbacError::HttpAttributes`].
 //! - **Dry run** (annotation `istio.io/dry-run: "true"`): the policy never changes
 //!   [`Decision::allowed`]. [`Decision::dry_run_denial`] names a dry-run policy when enforcing the
 //!   dry-run policies as well would deny the connection: a matching dry-run DENY, or a dry-run
@@ -78,7 +77,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -294,8 +293,8 @@ impl Policies {
     /// Validates `objects` (AuthorizationPolicy objects as JSON, e.g.
     /// `MeshState.raw.authorization_policies`) for a mesh whose root namespace is
     /// `root_namespace`. Every problem is reported; an invalid policy is kept as a DENY of every
-    /// connection to whatever it could select (see the module docs). Warns once per policy (per
-    /// process) about ignored actions and HTTP attributes.
+    /// connection to whatever it could select (see the module docs). The caller reports the
+    /// errors (ignored actions and HTTP attributes among them).
     pub fn parse(objects: &[Value], root_namespace: &str) -> (Self, Vec<RbacError>) {
         let mut set = Policies {
             root_namespace: root_namespace.to_owned(),
@@ -306,9 +305,7 @@ impl Policies {
             match parse_policy(object) {
                 Ok(Parsed::Waypoint) => {}
                 Ok(Parsed::Unsupported { policy, action }) => {
-                    let error = RbacError::UnsupportedAction { policy, action };
-                    warn_once(&error);
-                    errors.push(error);
+                    errors.push(RbacError::UnsupportedAction { policy, action });
                 }
                 Ok(Parsed::Policy {
                     namespace,
@@ -317,13 +314,11 @@ impl Policies {
                     http,
                 }) => {
                     if !http.is_empty() {
-                        let error = RbacError::HttpAttributes {
+                        errors.push(RbacError::HttpAttributes {
                             policy: policy.key.to_string(),
                             deny: policy.action == Action::Deny,
                             fields: http.into_iter().collect(),
-                        };
-                        warn_once(&error);
-                        errors.push(error);
+                        });
                     }
                     set.insert(Some(namespace), selector, policy);
                 }
@@ -716,17 +711,6 @@ struct Reach {
     namespace: Option<String>,
     selector: Vec<(String, String)>,
     dry_run: bool,
-}
-
-/// Policies already warned about (by the full message, so a changed policy warns again).
-static WARNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-
-fn warn_once(error: &RbacError) {
-    let message = error.to_string();
-    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if warned.insert(message.clone()) {
-        tracing::warn!("{message}");
-    }
 }
 
 /// What an invalid policy could select, read leniently (see the module docs); `None` for a
@@ -1426,7 +1410,6 @@ impl BenchCase {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
 
     use serde_json::json;
 
@@ -2426,63 +2409,34 @@ mod tests {
         assert!(decide(&set, &w, &tls("good", "x")).allowed);
     }
 
-    /// A `MakeWriter` collecting everything logged.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
-    fn http_attributes_and_ignored_actions_are_warned_once_per_policy() {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        // Names unique to this test: the once-per-policy memory is process-wide.
+    fn http_attributes_and_ignored_actions_are_reported() {
         let policies = [
             ap(
-                "warn-once",
+                "report",
                 "http",
                 json!({"rules": [operation(json!({"methods": ["GET"], "paths": ["/x"]}))]}),
             ),
-            ap("warn-once", "audit", json!({"action": "AUDIT"})),
+            ap("report", "audit", json!({"action": "AUDIT"})),
             ap(
-                "warn-once",
+                "report",
                 "l4",
                 json!({"rules": [operation(json!({"ports": ["80"]}))]}),
             ),
         ];
-        tracing::subscriber::with_default(subscriber, || {
-            for _ in 0..3 {
-                let (_, errors) = Policies::parse(&policies, ROOT);
-                assert_eq!(errors.len(), 2, "{errors:?}");
-            }
-        });
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert!(lines[0].contains("WARN"), "{text}");
+        let (_, errors) = Policies::parse(&policies, ROOT);
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
         assert!(
-            lines[0].contains("warn-once/http") && lines[0].contains("methods, paths"),
-            "{text}"
+            text[0].contains("report/http") && text[0].contains("methods, paths"),
+            "{text:?}"
         );
         assert!(
-            lines[1].contains("warn-once/audit") && lines[1].contains("AUDIT"),
-            "{text}"
+            text[1].contains("report/audit") && text[1].contains("AUDIT"),
+            "{text:?}"
         );
+        assert!(errors.iter().all(|e| !e.fails_closed()));
     }
-
-    // ----- dry run -----
 
     #[test]
     fn dry_run_deny_is_reported_and_not_enforced() {

@@ -6,8 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
+
+use crate::admission::PolicySet;
 
 /// Everything the agent knows about the mesh at one point in time.
 ///
@@ -15,7 +19,7 @@ use serde::Serialize;
 /// the lookup indexes; the fields are public for reading, and a changed copy must be rebuilt
 /// with `new` to keep the indexes right. Serialized as JSON in `/config_dump` (the indexes are
 /// skipped).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct MeshState {
     /// Sorted by (namespace, name).
     pub workloads: Vec<Workload>,
@@ -35,9 +39,20 @@ pub struct MeshState {
     /// Service VIP (canonical) -> index in `services`.
     #[serde(skip)]
     service_vips: HashMap<IpAddr, usize>,
-    /// (namespace, name) -> index in `waypoints`.
+    /// The PeerAuthentications and AuthorizationPolicies of `raw`, parsed.
     #[serde(skip)]
-    waypoint_index: HashMap<(String, String), usize>,
+    policies: Arc<PolicySet>,
+}
+
+/// States are equal when what they were built from is: everything else is derived.
+impl PartialEq for MeshState {
+    fn eq(&self, other: &Self) -> bool {
+        self.workloads == other.workloads
+            && self.services == other.services
+            && self.waypoints == other.waypoints
+            && self.raw == other.raw
+            && self.policies.root_namespace() == other.policies.root_namespace()
+    }
 }
 
 /// Kubernetes objects kept as they came until the feature that uses them types them.
@@ -162,10 +177,22 @@ impl MeshState {
     /// the node's address, so the address does not identify them). When two pods claim an IP
     /// (a finished pod and its successor), a captured pod wins over an uncaptured one, then the
     /// first in (namespace, name) order. A VIP maps to the first service that claims it.
-    pub fn new(
+    pub fn new(workloads: Vec<Workload>, services: Vec<Service>, raw: RawObjects) -> Self {
+        Self::build(
+            workloads,
+            services,
+            raw,
+            &crate::config::Settings::default().root_namespace,
+        )
+    }
+
+    /// [`new`](Self::new), with policies parsed for a mesh whose root namespace (where
+    /// policies apply mesh-wide) is `root_namespace`.
+    pub fn build(
         mut workloads: Vec<Workload>,
         mut services: Vec<Service>,
         mut raw: RawObjects,
+        root_namespace: &str,
     ) -> Self {
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -203,6 +230,11 @@ impl MeshState {
             }
         }
         let endpoints = crate::lb::index(&services, &workloads, &raw.endpoint_slices);
+        let policies = Arc::new(PolicySet::parse(
+            &raw.authorization_policies,
+            &raw.peer_authentications,
+            root_namespace,
+        ));
         Self {
             workloads,
             services,
@@ -211,18 +243,18 @@ impl MeshState {
             endpoints,
             workload_ips,
             service_vips,
-            waypoint_index: HashMap::new(),
+            policies,
         }
     }
 
-    /// The same state with these waypoints (sorted by (namespace, name) and indexed).
+    /// The state's PeerAuthentications and AuthorizationPolicies, parsed.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// The same state with these waypoints (sorted by (namespace, name)).
     pub fn with_waypoints(mut self, mut waypoints: Vec<Waypoint>) -> Self {
         waypoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        self.waypoint_index = waypoints
-            .iter()
-            .enumerate()
-            .map(|(i, w)| ((w.namespace.clone(), w.name.clone()), i))
-            .collect();
         self.waypoints = waypoints;
         self
     }

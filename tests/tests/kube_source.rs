@@ -314,7 +314,12 @@ async fn file_and_kube_sources_yield_identical_state() -> anyhow::Result<()> {
     assert_eq!(kube.raw.authorization_policies.len(), 2);
     assert_eq!(kube.raw.peer_authentications.len(), 1);
     // managedFields are dropped by both (kubectl hides them, the kube source strips them).
-    assert!(kube.raw.endpoint_slices[0].metadata.managed_fields.is_none());
+    assert!(
+        kube.raw.endpoint_slices[0]
+            .metadata
+            .managed_fields
+            .is_none()
+    );
     assert_eq!(
         kube.raw.authorization_policies[0]["metadata"]["resourceVersion"],
         server
@@ -338,11 +343,16 @@ async fn file_pipeline_with_discovered_netns_equals_kube_source() -> anyhow::Res
     let kube = start(&server).await?.borrow().clone();
 
     let yaml = kubectl_get_yaml(&server)?;
-    let e = file::load_state(&yaml, "cluster.yaml", NODE).unwrap_err();
+    let e = file::load_state(&yaml, "cluster.yaml", NODE, &Settings::default()).unwrap_err();
     assert!(e.to_string().contains("mesh-agent.io/netns"), "{e}");
 
     let objects = file::load_str(&yaml, "cluster.yaml")?;
-    let from_file = translate::translate(&objects, NODE, NetnsSource::Discovered)?;
+    let from_file = translate::translate(
+        &objects,
+        NODE,
+        NetnsSource::Discovered,
+        &Settings::default(),
+    )?;
     assert_eq!(
         serde_json::to_string_pretty(&*kube)?,
         serde_json::to_string_pretty(&from_file)?

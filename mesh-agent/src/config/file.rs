@@ -38,18 +38,25 @@ pub fn load_str(text: &str, origin: &str) -> Result<Objects, ConfigError> {
 
 /// [`load_str`], then [`translate::translate`] for `node` with the file-mode rules: a captured
 /// pod on `node` must carry the `mesh-agent.io/netns` annotation. Errors name the document.
-pub fn load_state(text: &str, origin: &str, node: &str) -> Result<MeshState, ConfigError> {
+pub fn load_state(
+    text: &str,
+    origin: &str,
+    node: &str,
+    settings: &Settings,
+) -> Result<MeshState, ConfigError> {
     let parsed = parse(text, origin)?;
-    translate::translate(&parsed.objects, node, NetnsSource::Annotation).map_err(|e| match e {
-        ConfigError::Object { object, message } => match parsed.locations.get(&object) {
-            Some(at) => ConfigError::Document {
-                origin: origin.to_owned(),
-                at: at.clone(),
-                message,
+    translate::translate(&parsed.objects, node, NetnsSource::Annotation, settings).map_err(|e| {
+        match e {
+            ConfigError::Object { object, message } => match parsed.locations.get(&object) {
+                Some(at) => ConfigError::Document {
+                    origin: origin.to_owned(),
+                    at: at.clone(),
+                    message,
+                },
+                None => ConfigError::Object { object, message },
             },
-            None => ConfigError::Object { object, message },
-        },
-        other => other,
+            other => other,
+        }
     })
 }
 
@@ -100,7 +107,7 @@ impl FileSource {
         let text = tokio::fs::read_to_string(&self.path)
             .await
             .map_err(|source| self.read_error(source))?;
-        load_state(&text, &self.origin(), &self.node)
+        load_state(&text, &self.origin(), &self.node, &self.settings)
     }
 
     /// Loads the file (any error is returned: the agent must not start on a broken file), then
@@ -124,6 +131,7 @@ impl FileSource {
             services = state.services.len(),
             "configuration loaded"
         );
+        state.policies().log_problems();
         let (tx, rx) = watch::channel(Arc::new(state));
         tokio::spawn(self.watch(tx, fingerprint));
         Ok(rx)
@@ -186,15 +194,16 @@ impl FileSource {
             last = fingerprint;
             let result = read
                 .map_err(|source| self.read_error(source))
-                .and_then(|text| load_state(&text, &self.origin(), &self.node));
+                .and_then(|text| load_state(&text, &self.origin(), &self.node, &self.settings));
             match result {
                 Ok(state) => {
                     let (workloads, services) = (state.workloads.len(), state.services.len());
+                    let state = Arc::new(state);
                     let changed = tx.send_if_modified(|current| {
-                        if **current == state {
+                        if **current == *state {
                             return false;
                         }
-                        *current = Arc::new(state);
+                        *current = state.clone();
                         true
                     });
                     if changed {
@@ -204,6 +213,7 @@ impl FileSource {
                             services,
                             "configuration reloaded"
                         );
+                        state.policies().log_problems();
                     } else {
                         tracing::debug!(path = %self.path.display(), "configuration file changed, state unchanged");
                     }
@@ -1080,7 +1090,7 @@ spec: {mtls: {mode: STRICT}}
             objects.peer_authentications[0]["spec"]["mtls"]["mode"],
             "STRICT"
         );
-        let state = load_state(text, "config.yaml", "node-a").unwrap();
+        let state = load_state(text, "config.yaml", "node-a", &Settings::default()).unwrap();
         assert_eq!(state.raw.authorization_policies.len(), 2);
         assert_eq!(state.raw.peer_authentications.len(), 1);
     }
@@ -1105,7 +1115,7 @@ ports:
             objects.endpoint_slices[0].endpoints[0].addresses,
             ["10.0.0.1"]
         );
-        let state = load_state(text, "config.yaml", "node-a").unwrap();
+        let state = load_state(text, "config.yaml", "node-a", &Settings::default()).unwrap();
         assert_eq!(
             state.raw.endpoint_slices[0].endpoints[0].addresses,
             ["10.0.0.1"]
@@ -1242,7 +1252,7 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
             "",
         );
         let text = format!("{NS_AMBIENT}---\n{}---\n{bare}", pod("web-1", "10.0.0.1"));
-        let e = load_state(&text, "config.yaml", "node-a")
+        let e = load_state(&text, "config.yaml", "node-a", &Settings::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -1252,7 +1262,7 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: we
             "{e}"
         );
         // The agent on another node does not enroll it, so does not need it.
-        assert!(load_state(&text, "config.yaml", "node-b").is_ok());
+        assert!(load_state(&text, "config.yaml", "node-b", &Settings::default()).is_ok());
     }
 
     // ---- the watcher -------------------------------------------------------------------

@@ -261,6 +261,7 @@ impl KubeSource {
 
         let mut builder = Builder {
             node: self.node.clone(),
+            settings: self.settings.clone(),
             rejected: BTreeSet::new(),
         };
         let state = builder.build(stores.objects())?;
@@ -269,6 +270,7 @@ impl KubeSource {
             services = state.services.len(),
             "configuration listed from the Kubernetes API server"
         );
+        state.policies().log_problems();
         let (tx, rx) = watch::channel(Arc::new(state));
         tokio::spawn(rebuild_on_change(
             tx,
@@ -731,6 +733,7 @@ impl Stores {
 /// Translates snapshots, leaving out (and logging once) the objects the translation rejects.
 struct Builder {
     node: String,
+    settings: Settings,
     rejected: BTreeSet<ObjectKey>,
 }
 
@@ -738,7 +741,12 @@ impl Builder {
     fn build(&mut self, mut objects: Objects) -> Result<MeshState, ConfigError> {
         let mut rejected = BTreeSet::new();
         let result = loop {
-            match translate::translate(&objects, &self.node, NetnsSource::Discovered) {
+            match translate::translate(
+                &objects,
+                &self.node,
+                NetnsSource::Discovered,
+                &self.settings,
+            ) {
                 Ok(state) => break Ok(state),
                 Err(ConfigError::Object { object, message }) if remove(&mut objects, &object) => {
                     if !self.rejected.contains(&object) {
@@ -820,11 +828,12 @@ async fn rebuild_on_change(
             }
         };
         let (workloads, services) = (state.workloads.len(), state.services.len());
+        let state = Arc::new(state);
         let changed = tx.send_if_modified(|current| {
-            if **current == state {
+            if **current == *state {
                 return false;
             }
-            *current = Arc::new(state);
+            *current = state.clone();
             true
         });
         if changed {
@@ -833,6 +842,7 @@ async fn rebuild_on_change(
                 services,
                 "configuration updated from the API server"
             );
+            state.policies().log_problems();
         }
     }
 }
@@ -893,7 +903,13 @@ status:
             pods: vec![pod],
             ..Default::default()
         };
-        translate::translate(&objects, "node-a", NetnsSource::Discovered).unwrap()
+        translate::translate(
+            &objects,
+            "node-a",
+            NetnsSource::Discovered,
+            &Settings::default(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1010,6 +1026,7 @@ spec: {clusterIP: 10.96.0.1}
 
         let mut builder = Builder {
             node: "node-a".into(),
+            settings: Settings::default(),
             rejected: BTreeSet::new(),
         };
         let state = builder.build(objects.clone()).unwrap();

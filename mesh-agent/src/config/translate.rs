@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     ConfigError, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, FieldError,
-    Kind, NETNS_ANNOTATION, ObjectKey, Objects, SIDECAR_STATUS_ANNOTATION,
+    Kind, NETNS_ANNOTATION, ObjectKey, Objects, SIDECAR_STATUS_ANNOTATION, Settings,
 };
 use crate::state::{MeshState, RawObjects, Service, ServicePort, TargetPort, Workload};
 
@@ -32,6 +32,7 @@ pub fn translate(
     objects: &Objects,
     node: &str,
     netns: NetnsSource,
+    settings: &Settings,
 ) -> Result<MeshState, ConfigError> {
     let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = objects
         .namespaces
@@ -71,7 +72,7 @@ pub fn translate(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    Ok(MeshState::new(
+    Ok(MeshState::build(
         workloads,
         services,
         RawObjects {
@@ -79,6 +80,7 @@ pub fn translate(
             authorization_policies: objects.authorization_policies.clone(),
             peer_authentications: objects.peer_authentications.clone(),
         },
+        &settings.root_namespace,
     ))
 }
 
@@ -340,6 +342,7 @@ mod tests {
             &load_str(yaml, "test.yaml")?,
             "node-a",
             NetnsSource::Annotation,
+            &Settings::default(),
         )
     }
 
@@ -506,21 +509,50 @@ mod tests {
     fn captured_local_pod_without_netns_annotation_is_rejected_in_file_mode() {
         let yaml = namespace("default", Some("ambient")) + &pod(PodSpec::default());
         let objects = load_str(&yaml, "test.yaml").unwrap();
-        let err = translate(&objects, "node-b", NetnsSource::Annotation)
-            .unwrap_err()
-            .to_string();
+        let err = translate(
+            &objects,
+            "node-b",
+            NetnsSource::Annotation,
+            &Settings::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("Pod default/web-1: "), "{err}");
         assert!(err.contains("mesh-agent.io/netns"), "{err}");
         // Other nodes' pods, and kube mode, do not need it.
-        assert!(translate(&objects, "node-a", NetnsSource::Annotation).is_ok());
-        assert!(translate(&objects, "node-b", NetnsSource::Discovered).is_ok());
+        assert!(
+            translate(
+                &objects,
+                "node-a",
+                NetnsSource::Annotation,
+                &Settings::default()
+            )
+            .is_ok()
+        );
+        assert!(
+            translate(
+                &objects,
+                "node-b",
+                NetnsSource::Discovered,
+                &Settings::default()
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn uncaptured_local_pod_without_netns_annotation_is_accepted() {
         let yaml = pod(PodSpec::default());
         let objects = load_str(&yaml, "test.yaml").unwrap();
-        assert!(translate(&objects, "node-b", NetnsSource::Annotation).is_ok());
+        assert!(
+            translate(
+                &objects,
+                "node-b",
+                NetnsSource::Annotation,
+                &Settings::default()
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -704,9 +736,14 @@ spec:
             pods: vec![pod],
             ..Default::default()
         };
-        let err = translate(&objects, "node-a", NetnsSource::Discovered)
-            .unwrap_err()
-            .to_string();
+        let err = translate(
+            &objects,
+            "node-a",
+            NetnsSource::Discovered,
+            &Settings::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             err,
             "Pod default/web-1: status.podIP: invalid IP address \"10.0.0.300\""

@@ -11,11 +11,11 @@ use std::{
 use mesh_common::DELIVERY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::authorize::Peer;
 use super::{
     ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, deny, labels,
-    pod_socket,
+    pod_socket, revocation::revoked,
 };
+use crate::admission::Peer;
 use crate::{ebpf::canonical, metrics::Reporter};
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
@@ -50,7 +50,7 @@ async fn handle(
         })?;
     let orig = SocketAddr::new(canonical(orig.ip()), orig.port());
     let _ = downstream.set_nodelay(true);
-    let state = proxy.state();
+    let (state, config) = proxy.config();
     let src_workload = state.workload_by_ip(peer.ip());
     // Plaintext reaching 15006 is authenticated only when it comes from an enrolled pod of
     // this node: then it went through this agent's own outbound side (same-node path).
@@ -60,7 +60,7 @@ async fn handle(
         dst: orig,
         identity: local_mesh.map(|w| proxy.identity_of(w)),
     };
-    if let Err(denial) = proxy.authz.policy(&state).admit(&pod.workload, &authz_peer) {
+    if let Err(denial) = state.policies().admit(&pod.workload, &authz_peer) {
         deny(&proxy.metrics, &pod.workload, peer, orig, &denial);
         return Ok(());
     }
@@ -77,10 +77,10 @@ async fn handle(
         mutual_tls: local_mesh.is_some(),
         service: None,
     };
-    let live = proxy.authz.register(&pod.workload, authz_peer);
     let labels = labels(Reporter::Destination, &state, &info);
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
-    let (t, error) = copy::tcp(&mut downstream, &mut upstream, live.closed()).await;
+    let revoked = revoked(config, pod.workload.clone(), authz_peer);
+    let (t, error) = copy::tcp(&mut downstream, &mut upstream, revoked).await;
     tracked.finish(
         t.downstream_to_upstream,
         t.upstream_to_downstream,

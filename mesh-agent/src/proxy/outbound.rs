@@ -7,16 +7,20 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use mesh_common::PROXY_MARK;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 
 use super::{
-    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff,
-    authorize::Peer,
-    connect, copy, deny, inbound, labels,
+    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, deny, inbound,
+    labels,
     plan::{self, Hbone, Plan},
     pod_socket,
+    revocation::revoked,
 };
 use crate::{
+    admission::Peer,
     metrics::Reporter,
     state::{MeshState, Service},
 };
@@ -52,7 +56,7 @@ async fn handle(
         .take(pod.netns_cookie, peer)
         .ok_or(ProxyError::NoOriginalDestination { client: peer })?;
     let _ = downstream.set_nodelay(true);
-    let state = proxy.state();
+    let (state, config) = proxy.config();
     let plan = plan::plan(
         &state,
         &proxy.node,
@@ -77,6 +81,7 @@ async fn handle(
         proxy,
         pod,
         state: &state,
+        config,
         downstream,
         client: SocketAddr::new(pod_ip, peer.port()),
     };
@@ -104,6 +109,8 @@ struct Call<'a> {
     proxy: &'a Proxy,
     pod: &'a Arc<PodContext>,
     state: &'a Arc<MeshState>,
+    /// The states after `state`, for the revocation of a live connection.
+    config: watch::Receiver<Arc<MeshState>>,
     downstream: TcpStream,
     /// The pod's address (in the destination's family) and the application's port.
     client: SocketAddr,
@@ -130,7 +137,7 @@ impl Call<'_> {
             dst: target,
             identity: Some(pod.identity.clone()),
         };
-        if let Err(denial) = proxy.authz.policy(state).admit(&dst.workload, &peer_id) {
+        if let Err(denial) = state.policies().admit(&dst.workload, &peer_id) {
             deny(&proxy.metrics, &dst.workload, src, target, &denial);
             return Ok(());
         }
@@ -146,7 +153,7 @@ impl Call<'_> {
             mutual_tls: true,
             service: service_name(service),
         };
-        let live = proxy.authz.register(&dst.workload, peer_id);
+        let revoked = revoked(self.config, dst.workload.clone(), peer_id);
         let as_source = Tracked::open(
             &proxy.metrics,
             labels(Reporter::Source, state, &info),
@@ -164,13 +171,11 @@ impl Call<'_> {
         let (t, error) = match prepared {
             Some(prepared) => {
                 let redirected = prepared.start(&upstream).await;
-                let outcome = redirected
-                    .run(&self.downstream, &upstream, live.closed())
-                    .await;
+                let outcome = redirected.run(&self.downstream, &upstream, revoked).await;
                 proxy.metrics.redirect_forwarded(outcome.forwarded_by_agent);
                 (outcome.transferred, outcome.error)
             }
-            None => copy::tcp(&mut self.downstream, &mut upstream, live.closed()).await,
+            None => copy::tcp(&mut self.downstream, &mut upstream, revoked).await,
         };
         as_source.finish(
             t.downstream_to_upstream,

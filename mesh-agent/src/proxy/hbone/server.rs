@@ -26,12 +26,13 @@ use super::{
     CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, Stream,
 };
 use crate::{
+    admission::Peer,
     ebpf::canonical,
     identity::{Identity, tls},
     metrics::Reporter,
     proxy::{
-        ConnInfo, PodContext, Proxy, Tracked, accept_backoff, authorize::Peer, copy, handshakes,
-        inbound, labels,
+        ConnInfo, PodContext, Proxy, Tracked, accept_backoff, copy, handshakes, inbound, labels,
+        revocation::revoked,
     },
 };
 
@@ -202,13 +203,13 @@ async fn handle(
     }
     // The application sees the client pod's address: the tunnel's own source.
     let source = SocketAddr::new(canonical(peer.ip()), peer.port());
-    let state = proxy.state();
+    let (state, config) = proxy.config();
     let authz_peer = Peer {
         src: source,
         dst: target,
         identity: client.clone(),
     };
-    if let Err(denial) = proxy.authz.policy(&state).admit(&pod.workload, &authz_peer) {
+    if let Err(denial) = state.policies().admit(&pod.workload, &authz_peer) {
         proxy
             .metrics
             .connection_denied(&pod.workload, denial.reason());
@@ -243,7 +244,7 @@ async fn handle(
         send,
         recv: req.into_body(),
     };
-    let live = proxy.authz.register(&pod.workload, authz_peer);
+    let revoked = revoked(config, pod.workload.clone(), authz_peer);
     let src_workload = state.workload_by_ip(peer.ip());
     let info = ConnInfo {
         src: src_workload,
@@ -257,7 +258,7 @@ async fn handle(
     let labels = labels(Reporter::Destination, &state, &info);
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
     // Downstream here is the application: what it sends is the response.
-    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, live.closed()).await;
+    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, revoked).await;
     tracked.finish(
         t.upstream_to_downstream,
         t.downstream_to_upstream,
