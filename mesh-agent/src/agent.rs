@@ -131,6 +131,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ProxyParts {
             state: state.clone(),
             orig_dst,
+            sockets: Arc::new(crate::proxy::sockets::NamespaceSockets),
             sockmap,
             metrics: metrics.clone(),
             certs: certs.clone(),

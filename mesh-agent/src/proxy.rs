@@ -10,6 +10,7 @@ mod inbound;
 mod outbound;
 pub mod plan;
 mod revocation;
+pub mod sockets;
 pub mod sockmap;
 
 use std::{
@@ -117,6 +118,8 @@ pub struct Proxy {
     pub state: watch::Receiver<Arc<MeshState>>,
     /// Where captured connections were going.
     pub orig_dst: Arc<dyn OriginalDestinations>,
+    /// Creates the sockets the proxy opens for pods.
+    pub sockets: Arc<dyn sockets::PodSockets>,
     pub metrics: Arc<Metrics>,
     pub certs: Arc<SecretManager>,
     pub pool: Arc<hbone::client::Pool>,
@@ -150,6 +153,7 @@ impl OriginalDestinations for crate::ebpf::OrigDstMap {
 pub struct ProxyParts {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub orig_dst: Arc<dyn OriginalDestinations>,
+    pub sockets: Arc<dyn sockets::PodSockets>,
     /// The `sk_msg` redirect, when enabled and loaded.
     pub sockmap: Option<Arc<Sockmap>>,
     pub metrics: Arc<Metrics>,
@@ -161,6 +165,7 @@ impl Proxy {
         let ProxyParts {
             state,
             orig_dst,
+            sockets,
             sockmap,
             metrics,
             certs,
@@ -179,9 +184,11 @@ impl Proxy {
             metrics,
             pool: hbone::client::Pool::new(
                 certs.clone(),
+                sockets.clone(),
                 hbone::DEFAULT_MAX_STREAMS,
                 pool_idle_timeout,
             ),
+            sockets,
             certs,
             picks: std::sync::atomic::AtomicUsize::new(0),
             sockmap,
@@ -409,34 +416,19 @@ impl<'a> Tracked<'a> {
     }
 }
 
-/// Creates a TCP socket inside the pod's namespace, marked so capture skips it.
+/// A socket for `purpose` from `pod`, through the proxy's socket factory.
 fn pod_socket(
+    sockets: &dyn sockets::PodSockets,
     pod: &PodContext,
     family: IpAddr,
-    configure: impl FnOnce(&socket2::Socket) -> std::io::Result<()>,
+    purpose: sockets::Purpose,
 ) -> Result<tokio::net::TcpSocket, ProxyError> {
-    let err = |source| ProxyError::Socket {
-        pod: pod.display_name(),
-        source,
-    };
-    let domain = if family.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let socket = pod
-        .netns
-        .run(|| {
-            socket2::Socket::new(
-                domain,
-                socket2::Type::STREAM.nonblocking(),
-                Some(socket2::Protocol::TCP),
-            )
+    sockets
+        .socket(pod, family, purpose)
+        .map_err(|source| ProxyError::Socket {
+            pod: pod.display_name(),
+            source,
         })
-        .map_err(err)?
-        .map_err(err)?;
-    configure(&socket).map_err(err)?;
-    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
 
 async fn connect(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Result<TcpStream, ProxyError> {

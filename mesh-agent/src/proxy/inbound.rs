@@ -8,7 +8,6 @@ use std::{
     sync::Arc,
 };
 
-use mesh_common::DELIVERY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
@@ -64,7 +63,7 @@ async fn handle(
         deny(&proxy.metrics, &pod.workload, peer, orig, &denial);
         return Ok(());
     }
-    let mut upstream = match deliver(pod, peer.ip(), orig).await {
+    let mut upstream = match deliver(proxy, pod, peer.ip(), orig).await {
         Ok(u) => u,
         Err(e) => return Err(e),
     };
@@ -92,16 +91,18 @@ async fn handle(
 /// Connects to the application at `target` over the pod's `lo`, from `client` (the real
 /// client address, transparently bound), marked so the replies come back the same way.
 pub(crate) async fn deliver(
+    proxy: &Proxy,
     pod: &PodContext,
     client: IpAddr,
     target: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
-    connect(delivery_socket(pod, client, target)?, target).await
+    connect(delivery_socket(proxy, pod, client, target)?, target).await
 }
 
 /// The socket [`deliver`] connects, bound (its local address is known) but not connected.
 /// A target on one of the agent's own ports is refused ([`super::plan::PlanError::SelfCall`]).
 pub(crate) fn delivery_socket(
+    proxy: &Proxy,
     pod: &PodContext,
     client: IpAddr,
     target: SocketAddr,
@@ -110,15 +111,10 @@ pub(crate) fn delivery_socket(
     if mesh_common::is_agent_pod_port(target.port()) {
         return Err(super::plan::PlanError::SelfCall { addr: target }.into());
     }
-    pod_socket(pod, target.ip(), |s| {
-        if client.is_ipv4() {
-            s.set_ip_transparent_v4(true)?;
-        } else {
-            s.set_ip_transparent_v6(true)?;
-        }
-        s.set_mark(DELIVERY_MARK)?;
-        // Reset on close until the connection ended cleanly (see `copy::reset`).
-        s.set_linger(Some(std::time::Duration::ZERO))?;
-        s.bind(&SocketAddr::new(client, 0).into())
-    })
+    pod_socket(
+        &*proxy.sockets,
+        pod,
+        target.ip(),
+        super::sockets::Purpose::Delivery { client },
+    )
 }

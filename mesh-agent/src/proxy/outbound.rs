@@ -6,7 +6,6 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use mesh_common::PROXY_MARK;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -18,6 +17,7 @@ use super::{
     plan::{self, Hbone, Plan},
     pod_socket,
     revocation::revoked,
+    sockets::Purpose,
 };
 use crate::{
     admission::Peer,
@@ -141,7 +141,7 @@ impl Call<'_> {
             deny(&proxy.metrics, &dst.workload, src, target, &denial);
             return Ok(());
         }
-        let socket = inbound::delivery_socket(dst, src.ip(), target)?;
+        let socket = inbound::delivery_socket(proxy, dst, src.ip(), target)?;
         let prepared = proxy.sockmap_prepare(pod, &self.downstream, dst, &socket, target);
         let mut upstream = connect(socket, target).await?;
         let info = ConnInfo {
@@ -241,11 +241,7 @@ impl Call<'_> {
         service: Option<&Service>,
     ) -> Result<(), ProxyError> {
         let (proxy, pod, state) = (self.proxy, self.pod, self.state);
-        let socket = pod_socket(pod, target.ip(), |s| {
-            s.set_mark(PROXY_MARK)?;
-            // Reset on close until the connection ended cleanly (see `copy::reset`).
-            s.set_linger(Some(std::time::Duration::ZERO))
-        })?;
+        let socket = pod_socket(&*proxy.sockets, pod, target.ip(), Purpose::Passthrough)?;
         let mut upstream = connect(socket, target).await?;
         // The connection as the destination sees it: from the pod's address.
         let src = upstream.local_addr().unwrap_or(self.client);

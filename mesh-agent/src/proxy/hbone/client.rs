@@ -25,13 +25,15 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use mesh_common::PROXY_MARK;
 use rustls_pki_types::ServerName;
 
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME, STREAM_WINDOW, Stream, traceparent};
 use crate::{
     identity::{Identity, SecretManager, tls},
-    proxy::{PodContext, connect, pod_socket},
+    proxy::{
+        PodContext, connect, pod_socket,
+        sockets::{PodSockets, Purpose},
+    },
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +78,7 @@ pub struct Pool {
     /// How long a connection with no stream stays pooled.
     idle_timeout: Duration,
     certs: Arc<SecretManager>,
+    sockets: Arc<dyn PodSockets>,
 }
 
 /// The outcome of opening one connection, awaited by every tunnel that needs it.
@@ -98,13 +101,19 @@ impl Drop for StreamSlot {
 }
 
 impl Pool {
-    pub fn new(certs: Arc<SecretManager>, max_streams: usize, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        certs: Arc<SecretManager>,
+        sockets: Arc<dyn PodSockets>,
+        max_streams: usize,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             conns: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
             max_streams,
             idle_timeout,
             certs,
+            sockets,
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -255,7 +264,8 @@ impl Pool {
     /// Opens a connection and pools it, with no stream slot taken.
     async fn open(&self, pod: &PodContext, key: PoolKey) -> Result<Arc<Pooled>, HboneError> {
         let addr = key.addr;
-        let socket = pod_socket(pod, addr.ip(), |s| s.set_mark(PROXY_MARK)).map_err(Box::new)?;
+        let socket =
+            pod_socket(&*self.sockets, pod, addr.ip(), Purpose::Hbone).map_err(Box::new)?;
         let tcp = connect(socket, addr).await.map_err(|e| match e {
             crate::proxy::ProxyError::Connect { source, .. } => {
                 HboneError::Connect { addr, source }

@@ -226,7 +226,7 @@ async fn handle(
         );
         return refuse(respond, StatusCode::UNAUTHORIZED);
     }
-    let mut app = match inbound::deliver(&pod, source.ip(), target).await {
+    let mut app = match inbound::deliver(&proxy, &pod, source.ip(), target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(pod = %pod.display_name(), %peer, %target, error = %e, "HBONE: target unreachable");
