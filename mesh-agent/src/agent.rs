@@ -314,7 +314,7 @@ impl Handler for AdminView {
                 serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default(),
             ),
             "/metrics" | "/stats/prometheus" => {
-                Response::ok("text/plain; version=0.0.4", self.metrics.render())
+                Response::ok(crate::metrics::CONTENT_TYPE, self.metrics.render())
             }
             // Liveness: the process and its runtime answer (unlike readiness, one pod that
             // cannot be enrolled yet does not fail it).

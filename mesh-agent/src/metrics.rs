@@ -1,14 +1,15 @@
-//! Istio-compatible TCP metrics (`istio_tcp_*`) kept per label set and rendered in the
-//! Prometheus text format, so existing Kiali and Grafana dashboards read them unchanged.
+//! Istio-compatible TCP metrics (`istio_tcp_*`) and the agent's own counters, kept with
+//! `prometheus-client` and served in the OpenMetrics text format, so existing Kiali and
+//! Grafana dashboards (and Prometheus) read them unchanged.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
 };
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Which side of a connection reports it (Istio's `reporter` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -27,8 +28,14 @@ impl Reporter {
     }
 }
 
+impl EncodeLabelValue for Reporter {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 /// The labels of one series. Unknown values are `"unknown"`, as in Istio.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub reporter: Reporter,
     pub source_workload: String,
@@ -43,189 +50,153 @@ pub struct ConnectionLabels {
     pub connection_security_policy: String,
 }
 
-impl ConnectionLabels {
-    fn render(&self, out: &mut String) {
-        let pairs = [
-            ("reporter", self.reporter.as_str()),
-            ("source_workload", &self.source_workload),
-            ("source_workload_namespace", &self.source_workload_namespace),
-            ("destination_workload", &self.destination_workload),
-            (
-                "destination_workload_namespace",
-                &self.destination_workload_namespace,
-            ),
-            ("destination_service", &self.destination_service),
-            ("source_principal", &self.source_principal),
-            ("destination_principal", &self.destination_principal),
-            (
-                "connection_security_policy",
-                &self.connection_security_policy,
-            ),
-        ];
-        out.push('{');
-        for (i, (k, v)) in pairs.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{k}=\"{}\"", escape(v));
-        }
-        out.push('}');
-    }
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeniedLabels {
+    destination_workload: String,
+    destination_workload_namespace: String,
+    reason: &'static str,
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DatapathLabels {
+    datapath: &'static str,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Counters {
-    opened: u64,
-    closed: u64,
-    /// Bytes from the destination back to the source (Istio: "sent during response").
-    sent: u64,
-    /// Bytes from the source to the destination (Istio: "received during request").
-    received: u64,
-}
-
-/// All series of this agent.
-#[derive(Debug, Default)]
+/// Every series of this agent, and the registry that serves them.
+#[derive(Debug)]
 pub struct Metrics {
-    series: Mutex<BTreeMap<ConnectionLabels, Counters>>,
-    denied: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    registry: Registry,
+    opened: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    /// Bytes from the destination back to the source (Istio: "sent during response").
+    sent: Family<ConnectionLabels, Counter>,
+    /// Bytes from the source to the destination (Istio: "received during request").
+    received: Family<ConnectionLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
     /// Same-node connections by datapath: the sk_msg redirect, or splice(2).
-    sockmap: AtomicU64,
-    splice: AtomicU64,
+    same_node: Family<DatapathLabels, Counter>,
     /// Bytes of redirected connections the agent forwarded itself (sent before the
     /// redirect started).
-    redirect_forwarded: AtomicU64,
+    redirect_forwarded: Counter,
     /// HBONE connections closed before their handshake because too many were in progress.
-    handshakes_refused: AtomicU64,
+    handshakes_refused: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::<ConnectionLabels, Counter>::default();
+        let closed = Family::<ConnectionLabels, Counter>::default();
+        let sent = Family::<ConnectionLabels, Counter>::default();
+        let received = Family::<ConnectionLabels, Counter>::default();
+        let denied = Family::<DeniedLabels, Counter>::default();
+        let same_node = Family::<DatapathLabels, Counter>::default();
+        let redirect_forwarded = Counter::default();
+        let handshakes_refused = Counter::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "Total TCP connections opened.",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "Total TCP connections closed.",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent during response (destination to source).",
+            sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during request (source to destination).",
+            received.clone(),
+        );
+        registry.register(
+            "mesh_agent_same_node_connections",
+            "Same-node connections by the kernel mechanism that moved their bytes.",
+            same_node.clone(),
+        );
+        // Both datapaths are always shown, at zero until used.
+        for datapath in ["sockmap", "splice"] {
+            let _ = same_node.get_or_create(&DatapathLabels { datapath });
+        }
+        registry.register(
+            "mesh_agent_redirect_forwarded_bytes",
+            "Bytes of redirected same-node connections the agent forwarded itself.",
+            redirect_forwarded.clone(),
+        );
+        registry.register(
+            "mesh_agent_hbone_handshakes_refused",
+            "HBONE connections closed before their handshake: too many in progress.",
+            handshakes_refused.clone(),
+        );
+        registry.register(
+            "mesh_agent_connections_denied",
+            "Connections refused before reaching the application.",
+            denied.clone(),
+        );
+        Metrics {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            denied,
+            same_node,
+            redirect_forwarded,
+            handshakes_refused,
+        }
+    }
 }
 
 impl Metrics {
     pub fn connection_opened(&self, labels: &ConnectionLabels) {
-        self.update(labels, |c| c.opened += 1);
+        self.opened.get_or_create(labels).inc();
     }
 
     /// Records a closed connection with its request (`received`) and response (`sent`) bytes.
     pub fn connection_closed(&self, labels: &ConnectionLabels, received: u64, sent: u64) {
-        self.update(labels, |c| {
-            c.closed += 1;
-            c.received += received;
-            c.sent += sent;
-        });
+        self.closed.get_or_create(labels).inc();
+        self.received.get_or_create(labels).inc_by(received);
+        self.sent.get_or_create(labels).inc_by(sent);
     }
 
-    /// Updates the counters of a series, creating it (one copy of the labels) only the
-    /// first time: every connection passes here twice.
-    fn update(&self, labels: &ConnectionLabels, f: impl FnOnce(&mut Counters)) {
-        let mut series = self.series.lock().expect("metrics lock");
-        match series.get_mut(labels) {
-            Some(c) => f(c),
-            None => f(series.entry(labels.clone()).or_default()),
-        }
-    }
-
-    /// A connection refused before any byte reached the application, with the reason
-    /// (`plaintext_under_strict`, later policy denials).
+    /// A connection refused before any byte reached the application, with the reason.
     pub fn connection_denied(&self, destination: &crate::state::Workload, reason: &'static str) {
-        let mut denied = self.denied.lock().expect("metrics lock");
-        *denied
-            .entry((
-                destination.workload_name.clone(),
-                destination.namespace.clone(),
+        self.denied
+            .get_or_create(&DeniedLabels {
+                destination_workload: destination.workload_name.clone(),
+                destination_workload_namespace: destination.namespace.clone(),
                 reason,
-            ))
-            .or_default() += 1;
+            })
+            .inc();
     }
 
     /// A same-node connection went through the sk_msg redirect (`true`) or splice(2).
     pub fn same_node_datapath(&self, sockmap: bool) {
-        let counter = if sockmap { &self.sockmap } else { &self.splice };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let datapath = if sockmap { "sockmap" } else { "splice" };
+        self.same_node
+            .get_or_create(&DatapathLabels { datapath })
+            .inc();
     }
 
     /// A redirected connection ended; the agent forwarded `bytes` of it itself.
     pub fn redirect_forwarded(&self, bytes: u64) {
-        self.redirect_forwarded.fetch_add(bytes, Ordering::Relaxed);
+        self.redirect_forwarded.inc_by(bytes);
     }
 
     /// An HBONE connection was closed unanswered: too many handshakes in progress.
     pub fn handshake_refused(&self) {
-        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_refused.inc();
     }
 
-    /// The Prometheus text exposition of every series.
+    /// The OpenMetrics text exposition of every series ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let series = self.series.lock().expect("metrics lock").clone();
         let mut out = String::new();
-        type Family = (&'static str, &'static str, fn(&Counters) -> u64);
-        let families: [Family; 4] = [
-            (
-                "istio_tcp_connections_opened_total",
-                "Total TCP connections opened.",
-                |c| c.opened,
-            ),
-            (
-                "istio_tcp_connections_closed_total",
-                "Total TCP connections closed.",
-                |c| c.closed,
-            ),
-            (
-                "istio_tcp_sent_bytes_total",
-                "Bytes sent during response (destination to source).",
-                |c| c.sent,
-            ),
-            (
-                "istio_tcp_received_bytes_total",
-                "Bytes received during request (source to destination).",
-                |c| c.received,
-            ),
-        ];
-        for (name, help, value) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, counters) in &series {
-                out.push_str(name);
-                labels.render(&mut out);
-                let _ = writeln!(out, " {}", value(counters));
-            }
-        }
-        let name = "mesh_agent_same_node_connections_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Same-node connections by the kernel mechanism that moved their bytes.\n# TYPE {name} counter"
-        );
-        for (datapath, counter) in [("sockmap", &self.sockmap), ("splice", &self.splice)] {
-            let n = counter.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}{{datapath=\"{datapath}\"}} {n}");
-        }
-        let name = "mesh_agent_redirect_forwarded_bytes_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Bytes of redirected same-node connections the agent forwarded itself.\n# TYPE {name} counter\n{name} {}",
-            self.redirect_forwarded.load(Ordering::Relaxed)
-        );
-        let name = "mesh_agent_hbone_handshakes_refused_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} HBONE connections closed before their handshake: too many in progress.\n# TYPE {name} counter\n{name} {}",
-            self.handshakes_refused.load(Ordering::Relaxed)
-        );
-        let name = "mesh_agent_connections_denied_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Connections refused before reaching the application.\n# TYPE {name} counter"
-        );
-        for ((workload, namespace, reason), n) in self.denied.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "{name}{{destination_workload=\"{}\",destination_workload_namespace=\"{}\",reason=\"{reason}\"}} {n}",
-                escape(workload),
-                escape(namespace)
-            );
-        }
+        // Writing into a String does not fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -249,38 +220,42 @@ mod tests {
     }
 
     #[test]
-    fn counters_accumulate_per_label_set_in_prometheus_text() {
+    fn counters_accumulate_per_label_set_in_the_text_exposition() {
         let m = Metrics::default();
         m.connection_opened(&labels());
         m.connection_opened(&labels());
         m.connection_closed(&labels(), 100, 7);
         let text = m.render();
         let l = r#"{reporter="source",source_workload="client",source_workload_namespace="shop",destination_workload="web",destination_workload_namespace="shop",destination_service="unknown",source_principal="spiffe://cluster.local/ns/shop/sa/client",destination_principal="unknown",connection_security_policy="mutual_tls"}"#;
+        for (series, value) in [
+            ("istio_tcp_connections_opened_total", 2),
+            ("istio_tcp_connections_closed_total", 1),
+            ("istio_tcp_received_bytes_total", 100),
+            ("istio_tcp_sent_bytes_total", 7),
+        ] {
+            assert!(text.contains(&format!("{series}{l} {value}\n")), "{text}");
+        }
         assert!(
-            text.contains(&format!("istio_tcp_connections_opened_total{l} 2\n")),
+            text.contains("# TYPE istio_tcp_sent_bytes counter"),
             "{text}"
         );
         assert!(
-            text.contains(&format!("istio_tcp_connections_closed_total{l} 1\n")),
+            text.contains("mesh_agent_same_node_connections_total{datapath=\"splice\"} 0"),
             "{text}"
         );
-        assert!(
-            text.contains(&format!("istio_tcp_received_bytes_total{l} 100\n")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("istio_tcp_sent_bytes_total{l} 7\n")),
-            "{text}"
-        );
-        assert!(text.contains("# TYPE istio_tcp_sent_bytes_total counter"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     #[test]
     fn label_values_are_escaped() {
+        let m = Metrics::default();
         let mut l = labels();
         l.source_workload = "a\"b\\c".into();
-        let mut out = String::new();
-        l.render(&mut out);
-        assert!(out.contains(r#"source_workload="a\"b\\c""#), "{out}");
+        m.connection_opened(&l);
+        assert!(
+            m.render().contains(r#"source_workload="a\"b\\c""#),
+            "{}",
+            m.render()
+        );
     }
 }

@@ -359,8 +359,10 @@ fn service_port_targets(p: &crate::state::ServicePort, port: u16) -> bool {
     }
 }
 
-/// A connection in flight: counted as opened now, as closed (with its bytes) on `finish`,
-/// and access-logged once.
+/// A connection in flight: counted as opened when created; counted as closed, with its
+/// bytes, and access-logged once when dropped, whichever way its task ends: finished,
+/// aborted (the pod was released) or panicked. Only [`finish`](Self::finish) knows the
+/// bytes and the error; a record dropped without it says so in the log.
 struct Tracked<'a> {
     metrics: &'a Metrics,
     labels: ConnectionLabels,
@@ -368,6 +370,8 @@ struct Tracked<'a> {
     src: SocketAddr,
     dst: SocketAddr,
     started: Instant,
+    /// Request bytes, response bytes and the error, once finished.
+    outcome: Option<(u64, u64, Option<String>)>,
 }
 
 impl<'a> Tracked<'a> {
@@ -386,11 +390,22 @@ impl<'a> Tracked<'a> {
             src,
             dst,
             started: Instant::now(),
+            outcome: None,
         }
     }
 
-    /// Closes the record: `request` bytes went from source to destination, `response` back.
-    fn finish(self, request: u64, response: u64, error: Option<&std::io::Error>) {
+    /// Ends the record: `request` bytes went from source to destination, `response` back.
+    fn finish(mut self, request: u64, response: u64, error: Option<&std::io::Error>) {
+        self.outcome = Some((request, response, error.map(ToString::to_string)));
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        let (request, response, error) = self.outcome.take().unwrap_or_else(|| {
+            let why = "ended before the proxy finished it (task aborted or panicked)";
+            (0, 0, Some(why.to_owned()))
+        });
         self.metrics
             .connection_closed(&self.labels, request, response);
         let l = &self.labels;
@@ -410,7 +425,7 @@ impl<'a> Tracked<'a> {
             bytes_sent = response,
             bytes_recv = request,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            error = error.map(tracing::field::display),
+            error,
             "connection complete"
         );
     }
@@ -487,5 +502,55 @@ async fn accept_backoff(pod: &PodContext, listener: &str, e: std::io::Error) {
 fn connection_failed(pod: &PodContext, direction: &'static str, error: &dyn std::fmt::Display) {
     if let Some(suppressed) = crate::log_limit::once_per_interval!() {
         tracing::warn!(pod = %pod.display_name(), direction, %error, suppressed, "connection failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> ConnectionLabels {
+        let unknown = || "unknown".to_owned();
+        ConnectionLabels {
+            reporter: Reporter::Source,
+            source_workload: "client".into(),
+            source_workload_namespace: "shop".into(),
+            destination_workload: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_service: unknown(),
+            source_principal: unknown(),
+            destination_principal: unknown(),
+            connection_security_policy: "none".into(),
+        }
+    }
+
+    fn closed(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_closed_total")
+                    || l.starts_with("istio_tcp_received_bytes_total")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_connection_is_recorded_once_whether_finished_dropped_or_panicked() {
+        let metrics = Metrics::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        Tracked::open(&metrics, labels(), "outbound", addr, addr).finish(5, 0, None);
+        assert_eq!(closed(&metrics), ["1", "5"]);
+        // Dropped unfinished (its task aborted).
+        drop(Tracked::open(&metrics, labels(), "outbound", addr, addr));
+        assert_eq!(closed(&metrics), ["2", "5"]);
+        // Its task panicked.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _record = Tracked::open(&metrics, labels(), "outbound", addr, addr);
+            panic!("a pump bug");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(closed(&metrics), ["3", "5"]);
     }
 }

@@ -85,7 +85,7 @@ pub(super) fn render(
             },
             ..Default::default()
         };
-        docs.push(serde_yaml::to_string(&namespace).context("serializing a Namespace")?);
+        docs.push(serde_yaml_ng::to_string(&namespace).context("serializing a Namespace")?);
     }
     for pod in pods
         .iter()
@@ -94,7 +94,7 @@ pub(super) fn render(
         let labels = opts.pod_labels.get(pod.name()).unwrap_or(pod.labels());
         let object = k8s_pod(pod, labels);
         docs.push(
-            serde_yaml::to_string(&object)
+            serde_yaml_ng::to_string(&object)
                 .with_context(|| format!("serializing pod {}", pod.name()))?,
         );
     }

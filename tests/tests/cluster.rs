@@ -239,7 +239,7 @@ fn config_file_describes_every_pod_with_its_netns() {
         .write_config(&path, &ConfigOptions::default().exclude("x"))
         .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+    let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();

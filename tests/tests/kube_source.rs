@@ -200,7 +200,7 @@ fn kubectl_get_yaml(server: &ApiServer) -> anyhow::Result<String> {
         })
         .collect();
     let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items});
-    Ok(serde_yaml::to_string(&list)?)
+    Ok(serde_yaml_ng::to_string(&list)?)
 }
 
 // ---- helpers -------------------------------------------------------------------------

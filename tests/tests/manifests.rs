@@ -78,8 +78,8 @@ fn documents() -> Vec<Doc> {
             .display()
             .to_string();
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
-        for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(de)
+        for (index, de) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            let yaml = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de)
                 .unwrap_or_else(|e| panic!("{file} (document {}): {e}", index + 1));
             if yaml.is_null() {
                 continue;
@@ -1142,7 +1142,7 @@ fn istio_documentation_examples_fit_the_crd_schemas() {
 }
 
 /// What kustomize (Go's YAML parser, which e.g. reads `0400` as octal) makes of deploy/
-/// equals what this test read (serde_yaml, YAML 1.2), but for the image the kustomization
+/// equals what this test read (serde_yaml_ng, YAML 1.2), but for the image the kustomization
 /// sets.
 /// Needs `kubectl` (its built-in kustomize); without it this check is skipped, not failed:
 /// kubectl is not something the project installs.
@@ -1165,9 +1165,9 @@ fn kustomize_build_agrees_with_the_files() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8 output");
-    let built: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+    let built: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|de| {
-            let y = <serde_yaml::Value as serde::Deserialize>::deserialize(de)
+            let y = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de)
                 .expect("kustomize output");
             serde_json::to_value(y).expect("JSON")
         })

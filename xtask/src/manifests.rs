@@ -503,7 +503,7 @@ fn enumeration(description: &str, values: &[&str]) -> Value {
 // ---- YAML ----
 
 /// Block-style YAML for a JSON value: keys sorted, strings plain when that is unambiguous in
-/// YAML 1.1 and 1.2 (what kubectl and serde_yaml read), JSON-quoted otherwise (a JSON
+/// YAML 1.1 and 1.2 (what kubectl and serde_yaml_ng read), JSON-quoted otherwise (a JSON
 /// string is a valid YAML double-quoted scalar).
 pub fn to_yaml(value: &Value) -> String {
     let mut out = String::new();

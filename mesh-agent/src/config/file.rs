@@ -322,7 +322,7 @@ impl Chunk<'_> {
 /// Splits a YAML stream into documents at `---` and `...` markers (column 0, followed by
 /// blank or end of line), as YAML does even inside block scalars. Text before the first marker
 /// or after `...` counts as a document only if it is not blank, so the indices match what
-/// `serde_yaml` and `kubectl` see.
+/// `serde_yaml_ng` and `kubectl` see.
 fn documents(text: &str) -> Vec<Chunk<'_>> {
     fn is_marker(line: &str, marker: &str) -> bool {
         line.strip_prefix(marker)
@@ -409,22 +409,22 @@ struct Header<'a> {
 }
 
 impl<'a> Header<'a> {
-    fn of(value: &'a serde_yaml::Value) -> Result<Self, String> {
+    fn of(value: &'a serde_yaml_ng::Value) -> Result<Self, String> {
         if !value.is_mapping() {
             return Err(format!(
                 "expected a Kubernetes object (a mapping), found {}",
                 describe_yaml(value)
             ));
         }
-        let str_field = |v: &'a serde_yaml::Value, field: &str| match v.get(field) {
-            None | Some(serde_yaml::Value::Null) => Ok(None),
-            Some(serde_yaml::Value::String(s)) => Ok(Some(s.as_str())),
+        let str_field = |v: &'a serde_yaml_ng::Value, field: &str| match v.get(field) {
+            None | Some(serde_yaml_ng::Value::Null) => Ok(None),
+            Some(serde_yaml_ng::Value::String(s)) => Ok(Some(s.as_str())),
             Some(other) => Err(format!(
                 "{field}: expected a string, found {}",
                 describe_yaml(other)
             )),
         };
-        let meta = value.get("metadata").unwrap_or(&serde_yaml::Value::Null);
+        let meta = value.get("metadata").unwrap_or(&serde_yaml_ng::Value::Null);
         let name = str_field(meta, "name").unwrap_or(None);
         let namespace = str_field(meta, "namespace").unwrap_or(None);
         let kind = str_field(value, "kind")?.ok_or("kind: missing")?;
@@ -449,15 +449,15 @@ impl<'a> Header<'a> {
     }
 }
 
-fn describe_yaml(v: &serde_yaml::Value) -> &'static str {
+fn describe_yaml(v: &serde_yaml_ng::Value) -> &'static str {
     match v {
-        serde_yaml::Value::Null => "null",
-        serde_yaml::Value::Bool(_) => "a boolean",
-        serde_yaml::Value::Number(_) => "a number",
-        serde_yaml::Value::String(_) => "a string",
-        serde_yaml::Value::Sequence(_) => "a sequence",
-        serde_yaml::Value::Mapping(_) => "a mapping",
-        serde_yaml::Value::Tagged(_) => "a tagged value",
+        serde_yaml_ng::Value::Null => "null",
+        serde_yaml_ng::Value::Bool(_) => "a boolean",
+        serde_yaml_ng::Value::Number(_) => "a number",
+        serde_yaml_ng::Value::String(_) => "a string",
+        serde_yaml_ng::Value::Sequence(_) => "a sequence",
+        serde_yaml_ng::Value::Mapping(_) => "a mapping",
+        serde_yaml_ng::Value::Tagged(_) => "a tagged value",
     }
 }
 
@@ -468,19 +468,19 @@ enum Source<'a> {
         chunk: &'a Chunk<'a>,
         /// 0-based index in `items`.
         index: usize,
-        value: &'a serde_yaml::Value,
+        value: &'a serde_yaml_ng::Value,
     },
 }
 
 impl Source<'_> {
-    /// Deserializes the object. On failure the message carries serde_yaml's field path and the
+    /// Deserializes the object. On failure the message carries serde_yaml_ng's field path and the
     /// file's line and column (the fast path parses without them; the error path re-parses the
     /// document so that both are right).
     fn parse<T: DeserializeOwned>(&self) -> Result<T, String> {
         let fast = match self {
-            Source::Document(chunk) => serde_yaml::from_str::<T>(chunk.text),
+            Source::Document(chunk) => serde_yaml_ng::from_str::<T>(chunk.text),
             Source::Item { value, .. } => {
-                serde_yaml::to_string(value).and_then(|text| serde_yaml::from_str::<T>(&text))
+                serde_yaml_ng::to_string(value).and_then(|text| serde_yaml_ng::from_str::<T>(&text))
             }
         };
         let error = match fast {
@@ -488,9 +488,9 @@ impl Source<'_> {
             Err(e) => e,
         };
         let precise = match self {
-            Source::Document(chunk) => serde_yaml::from_str::<T>(&chunk.padded()).err(),
+            Source::Document(chunk) => serde_yaml_ng::from_str::<T>(&chunk.padded()).err(),
             Source::Item { chunk, index, .. } => ListItem::<T>::new(*index)
-                .deserialize(serde_yaml::Deserializer::from_str(&chunk.padded()))
+                .deserialize(serde_yaml_ng::Deserializer::from_str(&chunk.padded()))
                 .err(),
         };
         Err(precise.unwrap_or(error).to_string())
@@ -598,11 +598,11 @@ impl Parser<'_> {
             item: None,
             object: None,
         };
-        let value: serde_yaml::Value = match serde_yaml::from_str(chunk.text) {
+        let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(chunk.text) {
             Ok(v) => v,
             Err(_) => {
                 let message = Source::Document(chunk)
-                    .parse::<serde_yaml::Value>()
+                    .parse::<serde_yaml_ng::Value>()
                     .err()
                     .unwrap_or_else(|| "invalid YAML".to_owned());
                 return Err(self.error(&at, message));
@@ -628,8 +628,8 @@ impl Parser<'_> {
             ));
         }
         let items = match value.get("items") {
-            None | Some(serde_yaml::Value::Null) => return Ok(()),
-            Some(serde_yaml::Value::Sequence(items)) => {
+            None | Some(serde_yaml_ng::Value::Null) => return Ok(()),
+            Some(serde_yaml_ng::Value::Sequence(items)) => {
                 self.explicit_empty |= items.is_empty();
                 items
             }
