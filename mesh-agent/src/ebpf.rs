@@ -6,7 +6,6 @@
 //! `maps/<MAP NAME>`, `links/cgroup-<program>`, `links/sk_lookup-<netns cookie>`.
 
 pub mod sockmap;
-pub mod sys;
 
 use std::{
     collections::BTreeSet,
@@ -17,6 +16,8 @@ use std::{
     sync::Arc,
 };
 
+use crate::sys;
+pub use crate::sys::AttachType;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, SockHash},
@@ -24,7 +25,6 @@ use aya::{
 };
 use mesh_common::{AF_INET, AF_INET6, AddrKey, EnrolledNetns, OrigDst, OrigKey, maps, programs};
 pub use sockmap::Sockmap;
-pub use sys::AttachType;
 
 /// The eBPF object built by `build.rs` from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));

@@ -23,7 +23,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use self::netns::Netns;
 use crate::{
-    ebpf::{self, Datapath, EbpfError},
+    ebpf::{Datapath, EbpfError},
     identity::{Identity, tls},
     proxy::{PodContext, PodListeners, Proxy},
     state::{MeshState, Workload},
@@ -307,7 +307,7 @@ impl Enroller {
                     std::fs::write(sysctl.join(name), "1").map_err(setup(what))?;
                 }
                 let listeners = bind_listeners(&pod, w)?;
-                let cookie = ebpf::sys::netns_cookie(&listeners.outbound[0])
+                let cookie = crate::sys::netns_cookie(&listeners.outbound[0])
                     .map_err(setup("reading the netns cookie"))?;
                 let netlink = rtnetlink::new_connection().map_err(setup("opening netlink"))?;
                 Ok((listeners, cookie, netlink))

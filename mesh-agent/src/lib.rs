@@ -1,5 +1,6 @@
 //! mesh-agent: an eBPF-accelerated, sidecarless service-mesh node agent in the style of
-//! Istio's ambient mode. See DESIGN.md for the architecture; README.md for usage.
+//! Istio's ambient mode. README.md says how to use it; docs/ records the design.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod admission;
@@ -18,3 +19,4 @@ pub mod probes;
 pub mod proxy;
 pub mod rbac;
 pub mod state;
+pub mod sys;

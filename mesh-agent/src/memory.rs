@@ -25,9 +25,7 @@ pub fn spawn_trimmer(every: Duration) {
 /// Returns the heap's free pages to the system; whether any were.
 #[cfg(target_env = "gnu")]
 pub fn trim() -> bool {
-    // SAFETY: malloc_trim takes no pointer and only walks the allocator's own state,
-    // under its locks; any thread may call it at any time.
-    unsafe { libc::malloc_trim(0) == 1 }
+    crate::sys::malloc_trim()
 }
 
 /// Other C libraries' allocators return memory on their own (or offer no call to ask).

@@ -16,7 +16,8 @@ use std::{
 use aya::maps::MapData;
 use mesh_common::{RedirectRoute, RedirectState, SockKey};
 
-use super::{addr_key, sys};
+use super::addr_key;
+use crate::sys;
 
 /// The redirect maps, with the `sk_msg` verdict attached to the socket map.
 pub struct Sockmap {

@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, OwnedFd},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -202,57 +202,23 @@ impl Pipe {
     }
 
     fn new() -> io::Result<Self> {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 just returned these descriptors; we are their only owner.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A larger pipe moves more per system call; failing to grow it is harmless.
-        // SAFETY: F_SETPIPE_SZ takes an int.
-        unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_BYTES as libc::c_int,
-            )
-        };
+        let (read, write) = crate::sys::pipe(PIPE_BYTES)?;
         Ok(Pipe { read, write })
     }
 
     /// Moves what `from` has received into the empty pipe; 0 at end of stream.
     fn fill_from(&self, from: &TcpStream) -> io::Result<usize> {
-        splice(from.as_raw_fd(), self.write.as_raw_fd(), PIPE_BYTES)
+        crate::sys::splice(from.as_fd(), self.write.as_fd(), PIPE_BYTES)
     }
 
     /// Moves up to `len` bytes from the pipe into `to`.
     fn drain_into(&self, to: &TcpStream, len: usize) -> io::Result<usize> {
-        splice(self.read.as_raw_fd(), to.as_raw_fd(), len)
+        crate::sys::splice(self.read.as_fd(), to.as_fd(), len)
     }
 }
 
 /// Bytes one pipe holds (and so moves per system call at most).
 const PIPE_BYTES: usize = 256 * 1024;
-
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain descriptors, no offsets (NULL: both are a socket or a pipe).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
 
 /// Socket → tunnel: one allocation per read, handed to HTTP/2 as it is (split only where
 /// the window ends), then END_STREAM at end of stream.

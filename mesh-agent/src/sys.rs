@@ -1,7 +1,9 @@
-//! The few raw `bpf(2)` and socket calls aya does not expose: link create/update/detach on
-//! arbitrary targets, pinning by fd, attachment queries, lock-free map updates, and the
-//! cookies and TCP byte counts of sockets.
-//! Every `unsafe` block of the agent's eBPF handling lives here.
+//! Every system call the agent makes that no safe wrapper offers, and the only module of
+//! the crate where `unsafe` is allowed: the `bpf(2)` commands aya does not expose (link
+//! create/update/detach on arbitrary targets, pinning by fd, attachment queries,
+//! lock-free map operations), socket cookies, pipes and `splice(2)` for the same-node
+//! pump, and `malloc_trim`. Each `unsafe` block carries its SAFETY argument.
+#![allow(unsafe_code)]
 
 use std::{
     ffi::CString,
@@ -226,4 +228,53 @@ pub fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
 pub fn bytes_of_mut<T: aya::Pod>(v: &mut T) -> &mut [u8] {
     // SAFETY: `aya::Pod` types are plain old data without padding: any bytes are valid.
     unsafe { std::slice::from_raw_parts_mut((v as *mut T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// A non-blocking pipe: (read end, write end). Its capacity is raised to `capacity` bytes
+/// when the kernel allows (failing to grow it is harmless).
+pub fn pipe(capacity: usize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these descriptors; we are their only owner.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ takes an int; the descriptor is valid.
+    unsafe {
+        libc::fcntl(
+            write.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            capacity as libc::c_int,
+        )
+    };
+    Ok((read, write))
+}
+
+/// `splice(2)` of up to `len` bytes from `from` to `to` (one of them a pipe), non-blocking.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: plain descriptors, no offsets (NULL: both are a socket or a pipe).
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Returns the heap's free pages to the system (glibc); whether any were.
+#[cfg(target_env = "gnu")]
+pub fn malloc_trim() -> bool {
+    // SAFETY: malloc_trim takes no pointer and only walks the allocator's own state,
+    // under its locks; any thread may call it at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
 }
