@@ -169,6 +169,7 @@ impl Peer {
             dst_ip: self.dst.ip(),
             dst_port: self.dst.port(),
             src_identity: self.identity.as_ref(),
+            request: None,
         }
     }
 }

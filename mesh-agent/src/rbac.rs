@@ -33,12 +33,18 @@
 //!   are empty): `principals`, `namespaces`, `serviceAccounts` (and their `when` keys) never
 //!   match them, `*` included, and the `not*` twins always do, so `notPrincipals: ["*"]` selects
 //!   exactly the plaintext connections. They can be matched by IP only.
-//! - **HTTP attributes** (`methods`, `paths`, `hosts`, `requestPrincipals`, `remoteIpBlocks`,
-//!   their `not*` twins, and every other `when` key such as `request.headers[..]`, `remote.ip`,
-//!   `connection.sni`, `source.serviceAccount`) cannot be seen at L4. In an ALLOW policy a rule
-//!   using any of them never matches; in a DENY policy they are left out of the rule, so it
-//!   matches more than written (stricter), and a source, operation or condition left with
-//!   nothing matches every connection. Reported as [`RbacError::HttpAttributes`].
+//! - **HTTP attributes** (`methods`, `paths`, `hosts`, `remoteIpBlocks`, their `not*` twins,
+//!   and the `when` keys `request.headers[..]`, `remote.ip`, `source.serviceAccount`) are
+//!   parsed into typed matches and judged when the connection is judged for one request (a
+//!   waypoint passes [`Request`] in [`Connection::request`]): methods and paths (without the
+//!   query) as strings, hosts case-insensitively with or without the port, headers by any of
+//!   their values, the remote address as the connection's source. At L4 they cannot be seen:
+//!   in an ALLOW policy a rule using any of them never matches; in a DENY policy they are left
+//!   out of the rule, so it matches more than written (stricter), and a source, operation or
+//!   condition left with nothing matches every connection. Reported as
+//!   [`RbacError::HttpAttributes`]. Attributes this mesh never sees (`requestPrincipals` and
+//!   `request.auth.*`, as no JWT is validated; `connection.sni`; Envoy filter metadata) are
+//!   treated the same way at every layer.
 //! - **Dry run** (annotation `istio.io/dry-run: "true"`): the policy never changes
 //!   [`Decision::allowed`]. [`Decision::dry_run_denial`] names a dry-run policy when enforcing the
 //!   dry-run policies as well would deny the connection: a matching dry-run DENY, or a dry-run
@@ -94,7 +100,7 @@ const KIND: &str = "AuthorizationPolicy";
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// One inbound connection, as authorization sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Connection<'a> {
     pub src_ip: IpAddr,
     pub src_port: u16,
@@ -103,6 +109,30 @@ pub struct Connection<'a> {
     /// From the verified peer certificate (HBONE) or the agent's own knowledge of a same-node
     /// source; `None` for plaintext.
     pub src_identity: Option<&'a Identity>,
+    /// The HTTP request, when the connection is judged per request (at a waypoint); `None`
+    /// at L4.
+    pub request: Option<&'a Request<'a>>,
+}
+
+/// One HTTP request, as authorization sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// `:authority` or `Host`, as sent (a port may follow).
+    pub host: &'a str,
+    /// The path without the query.
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+/// What a rule needs to see to be judged as written: the connection (L4), the request
+/// (HTTP), or something this mesh never sees (JWT claims, SNI, Envoy filter metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+enum Layer {
+    #[default]
+    L4,
+    Http,
+    Never,
 }
 
 impl<'a> Connection<'a> {
@@ -113,6 +143,15 @@ impl<'a> Connection<'a> {
             dst_ip: dst.ip(),
             dst_port: dst.port(),
             src_identity,
+            request: None,
+        }
+    }
+
+    /// The same connection, judged for one of its requests.
+    pub fn with_request(self, request: &'a Request<'a>) -> Self {
+        Self {
+            request: Some(request),
+            ..self
         }
     }
 }
@@ -239,6 +278,8 @@ struct Policy {
 #[derive(Debug, Clone, Default)]
 struct Rule {
     clauses: Vec<Vec<Match>>,
+    /// The highest layer among its attributes.
+    needs: Layer,
 }
 
 /// L4 attributes that must all hold; within one field any value (`not*`: none). All empty =
@@ -257,6 +298,35 @@ struct Match {
     not_dst_ips: Vec<Cidr>,
     ports: Vec<u16>,
     not_ports: Vec<u16>,
+    /// HTTP attributes: only judged when there is a request.
+    http: Option<Box<HttpMatch>>,
+}
+
+/// The HTTP attributes of a [`Match`]; all must hold, as for the L4 ones.
+#[derive(Debug, Clone, Default)]
+struct HttpMatch {
+    /// Lower-case patterns.
+    hosts: Vec<StringMatch>,
+    not_hosts: Vec<StringMatch>,
+    methods: Vec<StringMatch>,
+    not_methods: Vec<StringMatch>,
+    paths: Vec<StringMatch>,
+    not_paths: Vec<StringMatch>,
+    /// The remote address (the connection's source: this mesh trusts no proxy header).
+    remote_ips: Vec<Cidr>,
+    not_remote_ips: Vec<Cidr>,
+    /// `when: source.serviceAccount`.
+    service_accounts: Vec<ServiceAccount>,
+    not_service_accounts: Vec<ServiceAccount>,
+    /// `when: request.headers[name]`.
+    headers: Vec<HeaderCondition>,
+}
+
+#[derive(Debug, Clone)]
+struct HeaderCondition {
+    name: http::HeaderName,
+    values: Vec<StringMatch>,
+    not_values: Vec<StringMatch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +357,18 @@ struct Peer<'a> {
     dst_ip: IpAddr,
     dst_port: u16,
     identity: Option<&'a Identity>,
+    request: Option<&'a Request<'a>>,
+}
+
+impl Peer<'_> {
+    /// The layer this peer is judged at.
+    fn layer(&self) -> Layer {
+        if self.request.is_some() {
+            Layer::Http
+        } else {
+            Layer::L4
+        }
+    }
 }
 
 impl Policies {
@@ -352,6 +434,7 @@ impl Policies {
             dst_ip: conn.dst_ip.to_canonical(),
             dst_port: conn.dst_port,
             identity: conn.src_identity,
+            request: conn.request,
         };
         let mut deny = None;
         let mut allow_applies = false;
@@ -495,8 +578,13 @@ fn selects(selector: &[(String, String)], labels: &BTreeMap<String, String>) -> 
 }
 
 impl Policy {
+    /// A rule that needs more than the peer's layer shows: in an ALLOW policy it never matches;
+    /// in a DENY policy it is judged without what cannot be seen (it matches more).
     fn matches(&self, peer: &Peer<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(peer))
+        let layer = peer.layer();
+        self.rules
+            .iter()
+            .any(|rule| (rule.needs <= layer || self.action == Action::Deny) && rule.matches(peer))
     }
 }
 
@@ -530,10 +618,12 @@ impl Match {
                 id.is_some_and(|id| m.matches_principal(id))
             })
             && field(&self.service_accounts, &self.not_service_accounts, |sa| {
-                id.is_some_and(|id| {
-                    *id.namespace == *sa.namespace && *id.service_account == *sa.name
-                })
+                id.is_some_and(|id| sa.is(id))
             })
+            && match (&self.http, peer.request) {
+                (Some(http), Some(request)) => http.matches(peer, request),
+                _ => true,
+            }
     }
 
     /// Whether no field is set (matches everything).
@@ -550,6 +640,54 @@ impl Match {
             && self.not_dst_ips.is_empty()
             && self.ports.is_empty()
             && self.not_ports.is_empty()
+            && self.http.is_none()
+    }
+}
+
+impl HttpMatch {
+    fn matches(&self, peer: &Peer<'_>, request: &Request<'_>) -> bool {
+        let id = peer.identity;
+        let host = request.host;
+        let bare_host = strip_port(host);
+        field(&self.methods, &self.not_methods, |m| {
+            m.matches(request.method)
+        }) && field(&self.paths, &self.not_paths, |m| m.matches(request.path))
+            && field(&self.hosts, &self.not_hosts, |m| {
+                m.matches_ignore_case(host) || m.matches_ignore_case(bare_host)
+            })
+            && field(&self.remote_ips, &self.not_remote_ips, |c| {
+                c.contains(peer.src_ip)
+            })
+            && field(&self.service_accounts, &self.not_service_accounts, |sa| {
+                id.is_some_and(|id| sa.is(id))
+            })
+            && self.headers.iter().all(|h| {
+                let values = || request.headers.get_all(&h.name).iter();
+                let holds =
+                    |m: &StringMatch| values().any(|v| v.to_str().is_ok_and(|v| m.matches(v)));
+                (h.values.is_empty() || h.values.iter().any(holds))
+                    && !h.not_values.iter().any(holds)
+            })
+    }
+}
+
+/// `host` without a trailing `:port` (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => host,
+    }
+}
+
+impl ServiceAccount {
+    fn is(&self, id: &Identity) -> bool {
+        *id.namespace == *self.namespace && *id.service_account == *self.name
     }
 }
 
@@ -578,6 +716,21 @@ impl StringMatch {
             Self::Prefix(s) => value.starts_with(&**s),
             Self::Suffix(s) => value.ends_with(&**s),
             Self::Presence => !value.is_empty(),
+        }
+    }
+
+    /// As [`matches`](Self::matches), ASCII case-insensitively (the pattern is lower-case).
+    fn matches_ignore_case(&self, value: &str) -> bool {
+        let v = value.as_bytes();
+        match self {
+            Self::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
+            Self::Prefix(s) => {
+                v.len() >= s.len() && v[..s.len()].eq_ignore_ascii_case(s.as_bytes())
+            }
+            Self::Suffix(s) => {
+                v.len() >= s.len() && v[v.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+            Self::Presence => !v.is_empty(),
         }
     }
 
@@ -887,7 +1040,7 @@ fn source(
     map: &Map<String, Value>,
     field: &str,
     namespace: &str,
-    http: &mut Vec<String>,
+    seen: &mut Seen,
 ) -> Result<Match, FieldError> {
     known_fields(map, field, &SOURCE_FIELDS)?;
     if !SOURCE_FIELDS.iter().any(|k| is_set(map, k)) {
@@ -896,21 +1049,18 @@ fn source(
     let f = |key: &str| format!("{field}.{key}");
     for key in ["requestPrincipals", "notRequestPrincipals"] {
         strings(map.get(key), &f(key))?;
+        seen.mark(map, key, Layer::Never);
     }
+    let http = HttpMatch {
+        remote_ips: cidrs(map.get("remoteIpBlocks"), &f("remoteIpBlocks"))?,
+        not_remote_ips: cidrs(map.get("notRemoteIpBlocks"), &f("notRemoteIpBlocks"))?,
+        ..HttpMatch::default()
+    };
     for key in ["remoteIpBlocks", "notRemoteIpBlocks"] {
-        cidrs(map.get(key), &f(key))?;
-    }
-    for key in [
-        "requestPrincipals",
-        "notRequestPrincipals",
-        "remoteIpBlocks",
-        "notRemoteIpBlocks",
-    ] {
-        if is_set(map, key) {
-            http.push(key.to_owned());
-        }
+        seen.mark(map, key, Layer::Http);
     }
     Ok(Match {
+        http: seen.http(http),
         principals: principal_matches(map.get("principals"), &f("principals"))?,
         not_principals: principal_matches(map.get("notPrincipals"), &f("notPrincipals"))?,
         namespaces: string_matches(map.get("namespaces"), &f("namespaces"))?,
@@ -932,15 +1082,27 @@ fn source(
 }
 
 /// One `to[].operation`: its L4 match, and the HTTP fields it sets.
-fn operation(
-    map: &Map<String, Value>,
-    field: &str,
-    http: &mut Vec<String>,
-) -> Result<Match, FieldError> {
+fn operation(map: &Map<String, Value>, field: &str, seen: &mut Seen) -> Result<Match, FieldError> {
     known_fields(map, field, &OPERATION_FIELDS)?;
     if !OPERATION_FIELDS.iter().any(|k| is_set(map, k)) {
         return Err(FieldError::new(field, "must not be empty"));
     }
+    let f = |key: &str| format!("{field}.{key}");
+    let lower = |key: &str| -> Result<Vec<StringMatch>, FieldError> {
+        Ok(strings(map.get(key), &f(key))?
+            .into_iter()
+            .map(|s| StringMatch::parse(&s.to_ascii_lowercase()))
+            .collect())
+    };
+    let http = HttpMatch {
+        hosts: lower("hosts")?,
+        not_hosts: lower("notHosts")?,
+        methods: string_matches(map.get("methods"), &f("methods"))?,
+        not_methods: string_matches(map.get("notMethods"), &f("notMethods"))?,
+        paths: string_matches(map.get("paths"), &f("paths"))?,
+        not_paths: string_matches(map.get("notPaths"), &f("notPaths"))?,
+        ..HttpMatch::default()
+    };
     for key in [
         "hosts",
         "notHosts",
@@ -949,12 +1111,10 @@ fn operation(
         "paths",
         "notPaths",
     ] {
-        strings(map.get(key), &format!("{field}.{key}"))?;
-        if is_set(map, key) {
-            http.push(key.to_owned());
-        }
+        seen.mark(map, key, Layer::Http);
     }
     Ok(Match {
+        http: seen.http(http),
         ports: ports(map.get("ports"), &format!("{field}.ports"))?,
         not_ports: ports(map.get("notPorts"), &format!("{field}.notPorts"))?,
         ..Match::default()
@@ -978,12 +1138,55 @@ fn bracketed(key: &str, prefix: &str) -> bool {
         .is_some_and(|name| !name.is_empty())
 }
 
-/// One `when` condition: `Ok(Some(match))` at L4, `Ok(None)` for an HTTP key (pushed to
-/// `http`).
+/// The attributes above L4 that a rule uses: their names (for the node's report) and the
+/// highest layer among them.
+#[derive(Default)]
+struct Seen {
+    fields: Vec<String>,
+    needs: Layer,
+}
+
+impl Seen {
+    fn add(&mut self, key: &str, layer: Layer) {
+        self.fields.push(key.to_owned());
+        self.needs = self.needs.max(layer);
+    }
+
+    /// Records `key` when it is set in `map`.
+    fn mark(&mut self, map: &Map<String, Value>, key: &str, layer: Layer) {
+        if is_set(map, key) {
+            self.add(key, layer);
+        }
+    }
+
+    /// `http`, unless it holds nothing.
+    fn http(&self, http: HttpMatch) -> Option<Box<HttpMatch>> {
+        (!http.is_empty()).then(|| Box::new(http))
+    }
+}
+
+impl HttpMatch {
+    fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.remote_ips.is_empty()
+            && self.not_remote_ips.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+            && self.headers.is_empty()
+    }
+}
+
+/// One `when` condition: `Ok(Some(match))` for an attribute this mesh can see (at L4 or per
+/// request), `Ok(None)` for one it never sees; either way recorded in `seen` when above L4.
 fn condition(
     map: &Map<String, Value>,
     field: &str,
-    http: &mut Vec<String>,
+    seen: &mut Seen,
 ) -> Result<Option<Match>, FieldError> {
     known_fields(map, field, &["key", "values", "notValues"])?;
     let key = string(map.get("key"), &format!("{field}.key"))?;
@@ -1020,30 +1223,51 @@ fn condition(
             m.not_principals = principal_matches(not, &not_field)?;
         }
         "remote.ip" => {
-            cidrs(values, &values_field)?;
-            cidrs(not, &not_field)?;
-            http.push(key.to_owned());
-            return Ok(None);
+            m.http = Some(Box::new(HttpMatch {
+                remote_ips: cidrs(values, &values_field)?,
+                not_remote_ips: cidrs(not, &not_field)?,
+                ..HttpMatch::default()
+            }));
+            seen.add(key, Layer::Http);
         }
         "source.serviceAccount" => {
-            service_accounts(values, &values_field, "-")?;
-            service_accounts(not, &not_field, "-")?;
-            http.push(key.to_owned());
-            return Ok(None);
+            m.http = Some(Box::new(HttpMatch {
+                service_accounts: service_accounts(values, &values_field, "-")?,
+                not_service_accounts: service_accounts(not, &not_field, "-")?,
+                ..HttpMatch::default()
+            }));
+            seen.add(key, Layer::Http);
+        }
+        _ if bracketed(key, "request.headers") => {
+            let name = &key["request.headers[".len()..key.len() - 1];
+            let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                FieldError::new(
+                    format!("{field}.key"),
+                    format!("{name:?} is not a valid header name"),
+                )
+            })?;
+            m.http = Some(Box::new(HttpMatch {
+                headers: vec![HeaderCondition {
+                    name,
+                    values: string_matches(values, &values_field)?,
+                    not_values: string_matches(not, &not_field)?,
+                }],
+                ..HttpMatch::default()
+            }));
+            seen.add(key, Layer::Http);
         }
         "request.auth.principal"
         | "request.auth.audiences"
         | "request.auth.presenter"
         | "connection.sni" => {
-            http.push(key.to_owned());
+            seen.add(key, Layer::Never);
             return Ok(None);
         }
-        _ if bracketed(key, "request.headers")
-            || bracketed(key, "request.experimental.inline.headers")
+        _ if bracketed(key, "request.experimental.inline.headers")
             || bracketed(key, "request.auth.claims")
             || (key.starts_with("experimental.envoy.filters.") && key.ends_with(']')) =>
         {
-            http.push(key.to_owned());
+            seen.add(key, Layer::Never);
             return Ok(None);
         }
         _ => {
@@ -1094,14 +1318,13 @@ fn entries<'a>(
     Ok(Some(out))
 }
 
-/// One rule: `Ok(None)` when it can never match at L4 (an ALLOW rule with HTTP attributes).
+/// One rule, and the names of the attributes it uses above L4 (added to `http_seen`).
 fn rule(
     value: &Value,
     field: &str,
     namespace: &str,
-    action: Action,
     http_seen: &mut BTreeSet<String>,
-) -> Result<Option<Rule>, FieldError> {
+) -> Result<Rule, FieldError> {
     let Value::Object(map) = value else {
         return Err(FieldError::new(
             field,
@@ -1109,7 +1332,7 @@ fn rule(
         ));
     };
     known_fields(map, field, &["from", "to", "when"])?;
-    let mut http = Vec::new();
+    let mut seen = Seen::default();
     let mut clauses = Vec::new();
 
     let from = entries(map, field, "from", "source")?;
@@ -1118,14 +1341,14 @@ fn rule(
     if let Some(from) = from {
         let mut clause = Vec::with_capacity(from.len());
         for (f, source_map) in from {
-            clause.push(source(source_map, &f, namespace, &mut http)?);
+            clause.push(source(source_map, &f, namespace, &mut seen)?);
         }
         clauses.push(clause);
     }
     if let Some(to) = to {
         let mut clause = Vec::with_capacity(to.len());
         for (f, operation_map) in to {
-            clause.push(operation(operation_map, &f, &mut http)?);
+            clause.push(operation(operation_map, &f, &mut seen)?);
         }
         clauses.push(clause);
     }
@@ -1138,19 +1361,18 @@ fn rule(
         let f = format!("{when_field}[{i}]");
         let item =
             as_object(Some(item), &f)?.ok_or_else(|| FieldError::new(&f, "must not be null"))?;
-        if let Some(m) = condition(item, &f, &mut http)? {
+        if let Some(m) = condition(item, &f, &mut seen)? {
             clauses.push(vec![m]);
         }
     }
-    let degraded = !http.is_empty();
-    http_seen.extend(http);
-    if degraded && action == Action::Allow {
-        return Ok(None);
-    }
-    // A clause holding a match that is empty (a DENY source made only of HTTP attributes)
-    // matches everything: drop it, it constrains nothing.
+    http_seen.extend(seen.fields);
+    // A clause holding a match that is empty (a source made only of attributes this mesh never
+    // sees) matches everything: drop it, it constrains nothing.
     clauses.retain(|clause| !clause.iter().any(Match::is_empty));
-    Ok(Some(Rule { clauses }))
+    Ok(Rule {
+        clauses,
+        needs: seen.needs,
+    })
 }
 
 /// Validates one object and converts it.
@@ -1267,9 +1489,7 @@ fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
         .enumerate()
     {
         let field = format!("spec.rules[{i}]");
-        if let Some(r) = rule(value, &field, namespace, action, &mut http)? {
-            rules.push(r);
-        }
+        rules.push(rule(value, &field, namespace, &mut http)?);
     }
 
     Ok(Parsed::Policy {
@@ -1509,6 +1729,7 @@ mod tests {
                 dst_ip: self.dst,
                 dst_port: self.port,
                 src_identity: self.id.as_ref(),
+                request: None,
             }
         }
     }
@@ -2407,6 +2628,237 @@ mod tests {
         let w = workload("shop", &[]);
         assert!(!decide(&set, &w, &tls("evil", "x")).allowed);
         assert!(decide(&set, &w, &tls("good", "x")).allowed);
+    }
+
+    /// One request for the L7 tests.
+    struct Req {
+        method: &'static str,
+        host: &'static str,
+        path: &'static str,
+        headers: http::HeaderMap,
+    }
+
+    fn req(method: &'static str, host: &'static str, path: &'static str) -> Req {
+        Req {
+            method,
+            host,
+            path,
+            headers: http::HeaderMap::new(),
+        }
+    }
+
+    impl Req {
+        fn header(mut self, name: &'static str, value: &'static str) -> Self {
+            self.headers
+                .append(name, http::HeaderValue::from_static(value));
+            self
+        }
+    }
+
+    fn decide_request(set: &Policies, w: &Workload, peer: &Peer, r: &Req) -> Decision {
+        let request = Request {
+            method: r.method,
+            host: r.host,
+            path: r.path,
+            headers: &r.headers,
+        };
+        set.evaluate(w, &peer.connection().with_request(&request))
+    }
+
+    #[test]
+    fn with_a_request_http_attributes_are_judged_as_written() {
+        let w = workload("shop", &[("app", "web")]);
+        let a = tls("a", "x");
+        // (rule of an ALLOW policy, request, allowed)
+        let cases = [
+            (
+                operation(json!({"methods": ["GET"]})),
+                req("GET", "web", "/"),
+                true,
+            ),
+            (
+                operation(json!({"methods": ["GET"]})),
+                req("POST", "web", "/"),
+                false,
+            ),
+            (
+                operation(json!({"notMethods": ["DELETE"]})),
+                req("GET", "web", "/"),
+                true,
+            ),
+            (
+                operation(json!({"notMethods": ["DELETE"]})),
+                req("DELETE", "web", "/"),
+                false,
+            ),
+            (
+                operation(json!({"paths": ["/api/*"]})),
+                req("GET", "web", "/api/x"),
+                true,
+            ),
+            (
+                operation(json!({"paths": ["/api/*"]})),
+                req("GET", "web", "/admin"),
+                false,
+            ),
+            (
+                operation(json!({"paths": ["*.json"]})),
+                req("GET", "web", "/a.json"),
+                true,
+            ),
+            (
+                operation(json!({"notPaths": ["/admin"]})),
+                req("GET", "web", "/admin"),
+                false,
+            ),
+            // Hosts: case-insensitive, with or without the port.
+            (
+                operation(json!({"hosts": ["Web.Shop"]})),
+                req("GET", "web.shop:8080", "/"),
+                true,
+            ),
+            (
+                operation(json!({"hosts": ["*.shop"]})),
+                req("GET", "WEB.SHOP", "/"),
+                true,
+            ),
+            (
+                operation(json!({"hosts": ["web.shop"]})),
+                req("GET", "other", "/"),
+                false,
+            ),
+            (
+                operation(json!({"notHosts": ["web.shop"]})),
+                req("GET", "web.shop", "/"),
+                false,
+            ),
+            // Methods and paths of one operation must all hold.
+            (
+                operation(json!({"methods": ["GET"], "paths": ["/ok"], "ports": ["8080"]})),
+                req("GET", "web", "/ok"),
+                true,
+            ),
+            (
+                operation(json!({"methods": ["GET"], "paths": ["/ok"], "ports": ["9090"]})),
+                req("GET", "web", "/ok"),
+                false,
+            ),
+            (
+                when("request.headers[x-user]", &["bob"], &[]),
+                req("GET", "w", "/").header("x-user", "bob"),
+                true,
+            ),
+            (
+                when("request.headers[X-User]", &["bo*"], &[]),
+                req("GET", "w", "/").header("x-user", "bob"),
+                true,
+            ),
+            (
+                when("request.headers[x-user]", &["bob"], &[]),
+                req("GET", "w", "/"),
+                false,
+            ),
+            (
+                when("request.headers[x-user]", &[], &["eve"]),
+                req("GET", "w", "/").header("x-user", "eve"),
+                false,
+            ),
+            (
+                when("request.headers[x-user]", &[], &["eve"]),
+                req("GET", "w", "/"),
+                true,
+            ),
+            (
+                source(json!({"remoteIpBlocks": ["10.0.0.0/8"]})),
+                req("GET", "w", "/"),
+                true,
+            ),
+            (
+                source(json!({"notRemoteIpBlocks": ["10.0.0.0/8"]})),
+                req("GET", "w", "/"),
+                false,
+            ),
+            (
+                when("remote.ip", &["192.0.2.0/24"], &[]),
+                req("GET", "w", "/"),
+                false,
+            ),
+            (
+                when("source.serviceAccount", &["a/x"], &[]),
+                req("GET", "w", "/"),
+                true,
+            ),
+            (
+                when("source.serviceAccount", &["a/y"], &[]),
+                req("GET", "w", "/"),
+                false,
+            ),
+            // What this mesh never sees: an ALLOW rule using it never matches.
+            (
+                source(json!({"requestPrincipals": ["*"]})),
+                req("GET", "w", "/"),
+                false,
+            ),
+            (
+                when("request.auth.claims[iss]", &["x"], &[]),
+                req("GET", "w", "/"),
+                false,
+            ),
+        ];
+        for (rule, r, want) in cases {
+            let set = parse_ok(&allow_rule(rule.clone()));
+            let got = decide_request(&set, &w, &a, &r);
+            assert_eq!(
+                got.allowed, want,
+                "{rule} {} {} {}: {got}",
+                r.method, r.host, r.path
+            );
+            // The same rule at L4: an ALLOW rule with HTTP attributes never matches.
+            assert!(!decide(&set, &w, &a).allowed, "{rule}");
+        }
+    }
+
+    #[test]
+    fn with_a_request_a_deny_rule_is_judged_as_written_and_without_what_is_never_seen() {
+        let w = workload("shop", &[]);
+        let a = tls("a", "x");
+        let set = parse_ok(&deny_rule(operation(
+            json!({"methods": ["DELETE"], "paths": ["/admin*"]}),
+        )));
+        assert!(!decide_request(&set, &w, &a, &req("DELETE", "w", "/admin/x")).allowed);
+        assert!(decide_request(&set, &w, &a, &req("DELETE", "w", "/public")).allowed);
+        assert!(decide_request(&set, &w, &a, &req("GET", "w", "/admin")).allowed);
+        // At L4 the same rule denies everything (stricter than written).
+        assert!(!decide(&set, &w, &a).allowed);
+        // A DENY of requests without a JWT: no request here has one, so all are denied.
+        let set = parse_ok(&deny_rule(source(json!({"notRequestPrincipals": ["*"]}))));
+        assert!(!decide_request(&set, &w, &a, &req("GET", "w", "/")).allowed);
+        // The deciding policy is named.
+        let set = parse_ok(&deny_rule(operation(json!({"methods": ["DELETE"]}))));
+        let d = decide_request(&set, &w, &a, &req("DELETE", "w", "/"));
+        assert_eq!(d.policy.as_deref(), Some("shop/deny"));
+    }
+
+    #[test]
+    fn a_bad_header_name_is_an_invalid_policy() {
+        let (_, errors) = Policies::parse(
+            &allow_rule(when("request.headers[bad header]", &["x"], &[])),
+            ROOT,
+        );
+        assert!(errors[0].fails_closed(), "{errors:?}");
+        assert!(
+            errors[0].to_string().contains("spec.rules[0].when[0].key"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn strip_port_keeps_names_and_ipv6_literals() {
+        assert_eq!(strip_port("web:80"), "web");
+        assert_eq!(strip_port("web"), "web");
+        assert_eq!(strip_port("[fd00::1]:80"), "[fd00::1]");
+        assert_eq!(strip_port("fd00::1"), "fd00::1");
+        assert_eq!(strip_port("web:"), "web:");
     }
 
     #[test]
