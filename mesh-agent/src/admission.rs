@@ -94,6 +94,11 @@ impl PolicySet {
         &self.root_namespace
     }
 
+    /// The AuthorizationPolicies, for a waypoint's per-request verdicts.
+    pub fn authorization(&self) -> &Policies {
+        &self.rbac
+    }
+
     /// What could not be enforced as written.
     pub fn problems(&self) -> &[Problem] {
         &self.problems

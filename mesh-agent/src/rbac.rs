@@ -238,6 +238,19 @@ pub struct Policies {
     by_namespace: HashMap<String, NamespacePolicies>,
     len: usize,
     any_dry_run: bool,
+    /// Policies with `targetRef(s)`, enforced by waypoints, by what they target.
+    targeted: HashMap<Target, Vec<Policy>>,
+}
+
+/// What a waypoint's policy targets (`targetRef` / `targetRefs`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A Gateway (a waypoint), by namespace and name.
+    Gateway { namespace: String, name: String },
+    /// A Service, by namespace and name.
+    Service { namespace: String, name: String },
+    /// Every waypoint of a GatewayClass (only from the root namespace).
+    GatewayClass { name: String },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -384,8 +397,14 @@ impl Policies {
         };
         let mut errors = Vec::new();
         for (index, object) in objects.iter().enumerate() {
-            match parse_policy(object) {
-                Ok(Parsed::Waypoint) => {}
+            match parse_policy(object, root_namespace) {
+                Ok(Parsed::Targeted { targets, policy }) => {
+                    set.len += 1;
+                    set.any_dry_run |= policy.dry_run;
+                    for target in targets {
+                        set.targeted.entry(target).or_default().push(policy.clone());
+                    }
+                }
                 Ok(Parsed::Unsupported { policy, action }) => {
                     errors.push(RbacError::UnsupportedAction { policy, action });
                 }
@@ -411,6 +430,18 @@ impl Policies {
                         field: e.field,
                         reason: e.reason,
                     });
+                    if let Some(targets) = lenient_targets(object, root_namespace) {
+                        let policy = Policy {
+                            key: key.clone().into(),
+                            action: Action::Deny,
+                            dry_run: dry_run_of(object),
+                            rules: vec![Rule::default()],
+                        };
+                        set.len += 1;
+                        for target in targets {
+                            set.targeted.entry(target).or_default().push(policy.clone());
+                        }
+                    }
                     if let Some(reach) = reach(object) {
                         let policy = Policy {
                             key: key.into(),
@@ -429,6 +460,30 @@ impl Policies {
 
     /// The verdict on `conn` into `dst` (see the module docs). Allocates nothing.
     pub fn evaluate(&self, dst: &Workload, conn: &Connection<'_>) -> Decision {
+        self.decide(self.in_scope(dst), conn)
+    }
+
+    /// The verdict of a waypoint on `conn` (with its request, at L7) for the policies that
+    /// target any of `targets` (the waypoint's Gateway, its GatewayClass, the destination
+    /// Service), with the same evaluation as [`evaluate`](Self::evaluate).
+    pub fn evaluate_targeted(&self, targets: &[Target], conn: &Connection<'_>) -> Decision {
+        let policies = targets
+            .iter()
+            .filter_map(|t| self.targeted.get(t))
+            .flatten();
+        self.decide(policies, conn)
+    }
+
+    /// Whether any policy targets one of `targets`.
+    pub fn has_targeted(&self, targets: &[Target]) -> bool {
+        targets.iter().any(|t| self.targeted.contains_key(t))
+    }
+
+    fn decide<'a>(
+        &'a self,
+        policies: impl Iterator<Item = &'a Policy>,
+        conn: &Connection<'_>,
+    ) -> Decision {
         let peer = Peer {
             src_ip: conn.src_ip.to_canonical(),
             dst_ip: conn.dst_ip.to_canonical(),
@@ -442,7 +497,7 @@ impl Policies {
         let mut dry_deny = None;
         let mut dry_allow = None;
         let mut dry_allow_matched = false;
-        for policy in self.in_scope(dst) {
+        for policy in policies {
             match (policy.action, policy.dry_run) {
                 (Action::Deny, false) => {
                     if deny.is_none() && policy.matches(&peer) {
@@ -525,6 +580,9 @@ impl Policies {
 
     fn sort(&mut self) {
         self.everywhere.sort_by(|a, b| a.key.cmp(&b.key));
+        for list in self.targeted.values_mut() {
+            list.sort_by(|a, b| a.key.cmp(&b.key));
+        }
         for ns in self.by_namespace.values_mut() {
             ns.wide.sort_by(|a, b| a.key.cmp(&b.key));
             for list in ns.selected.values_mut().flat_map(|m| m.values_mut()) {
@@ -852,8 +910,11 @@ enum Parsed {
         /// HTTP attributes found (left out or making rules never match).
         http: BTreeSet<String>,
     },
-    /// `targetRef(s)`: enforced by a waypoint, not here.
-    Waypoint,
+    /// `targetRef(s)`: enforced by a waypoint, per request.
+    Targeted {
+        targets: Vec<Target>,
+        policy: Policy,
+    },
     /// AUDIT or CUSTOM.
     Unsupported { policy: String, action: String },
 }
@@ -876,10 +937,7 @@ fn reach(object: &Value) -> Option<Reach> {
     if targeted && !has_selector {
         return None;
     }
-    let dry_run = object["metadata"]["annotations"][DRY_RUN_ANNOTATION]
-        .as_str()
-        .and_then(parse_bool)
-        .unwrap_or(false);
+    let dry_run = dry_run_of(object);
     let namespace = object["metadata"]["namespace"]
         .as_str()
         .filter(|s| !s.is_empty())
@@ -1375,8 +1433,73 @@ fn rule(
     })
 }
 
+/// The dry-run annotation, read leniently.
+fn dry_run_of(object: &Value) -> bool {
+    object["metadata"]["annotations"][DRY_RUN_ANNOTATION]
+        .as_str()
+        .and_then(parse_bool)
+        .unwrap_or(false)
+}
+
+/// The targets of a broken policy, read leniently; `None` when it has none readable.
+fn lenient_targets(object: &Value, root_namespace: &str) -> Option<Vec<Target>> {
+    let spec = &object["spec"];
+    let namespace = object["metadata"]["namespace"].as_str()?;
+    let refs: Vec<&Value> = match (&spec["targetRef"], spec["targetRefs"].as_array()) {
+        (Value::Object(_), _) => vec![&spec["targetRef"]],
+        (_, Some(list)) if !list.is_empty() => list.iter().collect(),
+        _ => return None,
+    };
+    let targets: Vec<Target> = refs
+        .iter()
+        .filter_map(|r| target_of(r, namespace, root_namespace, "").ok())
+        .collect();
+    (!targets.is_empty()).then_some(targets)
+}
+
+/// One `targetRef`: kind Gateway, Service or GatewayClass (the last only in the root
+/// namespace).
+fn target_of(
+    value: &Value,
+    namespace: &str,
+    root_namespace: &str,
+    field: &str,
+) -> Result<Target, FieldError> {
+    let map =
+        as_object(Some(value), field)?.ok_or_else(|| FieldError::new(field, "must not be null"))?;
+    known_fields(
+        map,
+        field,
+        &["group", "kind", "name", "namespace", "sectionName"],
+    )?;
+    let kind = string(map.get("kind"), &format!("{field}.kind"))?;
+    let name = string(map.get("name"), &format!("{field}.name"))?.to_owned();
+    if let Some(ns) = map.get("namespace").and_then(Value::as_str)
+        && ns != namespace
+    {
+        return Err(FieldError::new(
+            format!("{field}.namespace"),
+            "a policy can only target objects of its own namespace",
+        ));
+    }
+    let namespace = namespace.to_owned();
+    match kind {
+        "Gateway" => Ok(Target::Gateway { namespace, name }),
+        "Service" => Ok(Target::Service { namespace, name }),
+        "GatewayClass" if namespace == root_namespace => Ok(Target::GatewayClass { name }),
+        "GatewayClass" => Err(FieldError::new(
+            format!("{field}.kind"),
+            "a GatewayClass can only be targeted from the root namespace",
+        )),
+        other => Err(FieldError::new(
+            format!("{field}.kind"),
+            format!("{other:?} cannot be targeted (Gateway, Service or GatewayClass)"),
+        )),
+    }
+}
+
 /// Validates one object and converts it.
-fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
+fn parse_policy(object: &Value, root_namespace: &str) -> Result<Parsed, FieldError> {
     let Envelope {
         top,
         meta,
@@ -1440,18 +1563,28 @@ fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
         }
     }
     selector.sort();
-    let targeted = as_object(spec.get("targetRef"), "spec.targetRef")?.is_some()
-        || !as_list(spec.get("targetRefs"), "spec.targetRefs")?
-            .unwrap_or_default()
-            .is_empty();
-    if targeted {
-        if has_selector {
-            return Err(FieldError::new(
-                "spec.selector",
-                "selector and targetRef(s) are mutually exclusive",
-            ));
-        }
-        return Ok(Parsed::Waypoint);
+    let mut targets = Vec::new();
+    if let Some(one) = spec.get("targetRef").filter(|v| !v.is_null()) {
+        targets.push(target_of(one, namespace, root_namespace, "spec.targetRef")?);
+    }
+    for (i, t) in as_list(spec.get("targetRefs"), "spec.targetRefs")?
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        targets.push(target_of(
+            t,
+            namespace,
+            root_namespace,
+            &format!("spec.targetRefs[{i}]"),
+        )?);
+    }
+    let targeted = !targets.is_empty();
+    if targeted && has_selector {
+        return Err(FieldError::new(
+            "spec.selector",
+            "selector and targetRef(s) are mutually exclusive",
+        ));
     }
 
     let action = match spec.get("action") {
@@ -1492,15 +1625,19 @@ fn parse_policy(object: &Value) -> Result<Parsed, FieldError> {
         rules.push(rule(value, &field, namespace, &mut http)?);
     }
 
+    let policy = Policy {
+        key: key.into(),
+        action,
+        dry_run,
+        rules,
+    };
+    if targeted {
+        return Ok(Parsed::Targeted { targets, policy });
+    }
     Ok(Parsed::Policy {
         namespace: namespace.to_owned(),
         selector,
-        policy: Policy {
-            key: key.into(),
-            action,
-            dry_run,
-            rules,
-        },
+        policy,
         http,
     })
 }
@@ -2444,20 +2581,90 @@ mod tests {
     }
 
     #[test]
-    fn target_ref_policies_belong_to_a_waypoint_and_are_ignored() {
+    fn target_ref_policies_belong_to_a_waypoint_and_are_ignored_by_the_node() {
+        let service = Target::Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let gateway = Target::Gateway {
+            namespace: "shop".into(),
+            name: "waypoint".into(),
+        };
         let targets = [
-            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}]}),
-            json!({"targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}}),
-            // Not validated further: HTTP fields are the waypoint's business.
-            json!({"targetRefs": [{"kind": "Service", "name": "web"}], "action": "DENY",
+            (
+                json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}]}),
+                &service,
+            ),
+            (
+                json!({"targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}}),
+                &gateway,
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "web"}], "action": "DENY",
                    "rules": [operation(json!({"methods": ["DELETE"]}))]}),
+                &service,
+            ),
         ];
-        for spec in targets {
+        for (spec, target) in targets {
             let (set, errors) = Policies::parse(&[ap("shop", "waypoint", spec.clone())], ROOT);
             assert!(errors.is_empty(), "{spec}: {errors:?}");
-            assert!(set.is_empty());
             assert!(decide(&set, &workload("shop", &[]), &tls("a", "x")).allowed);
+            assert!(set.has_targeted(std::slice::from_ref(target)), "{spec}");
         }
+    }
+
+    #[test]
+    fn a_waypoint_judges_targeted_policies_per_request() {
+        let spec = json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/x"]}}],
+                       "to": [{"operation": {"methods": ["GET"]}}]}]});
+        let (set, errors) = Policies::parse(&[ap("shop", "get-only", spec)], ROOT);
+        assert!(errors.is_empty(), "{errors:?}");
+        let targets = [
+            Target::Gateway {
+                namespace: "shop".into(),
+                name: "waypoint".into(),
+            },
+            Target::Service {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+        ];
+        let judge = |peer: &Peer, method: &'static str| {
+            let r = req(method, "web", "/");
+            let request = Request {
+                method: r.method,
+                host: r.host,
+                path: r.path,
+                headers: &r.headers,
+            };
+            set.evaluate_targeted(&targets, &peer.connection().with_request(&request))
+        };
+        assert!(judge(&tls("a", "x"), "GET").allowed);
+        assert!(!judge(&tls("a", "x"), "DELETE").allowed);
+        assert!(!judge(&tls("b", "y"), "GET").allowed);
+        // Another service through the same waypoint: no policy applies.
+        let other = [Target::Service {
+            namespace: "shop".into(),
+            name: "other".into(),
+        }];
+        assert!(!set.has_targeted(&other));
+    }
+
+    #[test]
+    fn a_broken_targeted_policy_denies_at_its_targets() {
+        let spec = json!({"targetRefs": [{"kind": "Service", "name": "web"}], "action": "MAYBE"});
+        let (set, errors) = Policies::parse(&[ap("shop", "broken", spec)], ROOT);
+        assert!(errors[0].fails_closed(), "{errors:?}");
+        let targets = [Target::Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+        }];
+        let d = set.evaluate_targeted(&targets, &tls("a", "x").connection());
+        assert!(!d.allowed);
+        assert_eq!(d.policy.as_deref(), Some("shop/broken"));
+        // The node does not deny for it.
+        assert!(decide(&set, &workload("shop", &[]), &tls("a", "x")).allowed);
     }
 
     #[test]
@@ -3050,7 +3257,7 @@ mod tests {
     }
 
     #[test]
-    fn invalid_waypoint_policy_fails_closed_for_nothing() {
+    fn invalid_waypoint_policy_fails_closed_at_its_targets_only() {
         let mut policy = ap(
             "shop",
             "waypoint",
@@ -3059,7 +3266,15 @@ mod tests {
         policy["apiVersion"] = "security.istio.io/v1alpha1".into();
         let (set, errors) = Policies::parse(&[policy], ROOT);
         assert_eq!(errors.len(), 1);
-        assert!(set.is_empty());
+        assert!(decide(&set, &workload("shop", &[("app", "web")]), &tls("a", "x")).allowed);
+        let web = [Target::Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+        }];
+        assert!(
+            !set.evaluate_targeted(&web, &tls("a", "x").connection())
+                .allowed
+        );
         // Selector and targetRefs together: invalid, and fails closed for the selector.
         let both = json!({"selector": {"matchLabels": {"app": "web"}}, "targetRefs": [{"kind": "Service", "name": "web"}]});
         let (set, errors) = Policies::parse(&[ap("shop", "both", both)], ROOT);
@@ -3426,7 +3641,8 @@ mod tests {
             ROOT,
         );
         assert_eq!(errors.len(), 2);
-        assert_eq!(set.len(), 3);
+        // a, b, c's stand-in, and e (a waypoint's).
+        assert_eq!(set.len(), 4);
         assert!(!set.is_empty());
     }
 
