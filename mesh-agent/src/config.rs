@@ -97,6 +97,14 @@ pub struct Objects {
     pub authorization_policies: Vec<serde_json::Value>,
     /// `security.istio.io/v1` PeerAuthentication.
     pub peer_authentications: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` Gateway (waypoints: class `istio-waypoint`).
+    pub gateways: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute.
+    pub http_routes: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` VirtualService.
+    pub virtual_services: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` DestinationRule.
+    pub destination_rules: Vec<serde_json::Value>,
 }
 
 impl Objects {
@@ -108,6 +116,10 @@ impl Objects {
             && self.endpoint_slices.is_empty()
             && self.authorization_policies.is_empty()
             && self.peer_authentications.is_empty()
+            && self.gateways.is_empty()
+            && self.http_routes.is_empty()
+            && self.virtual_services.is_empty()
+            && self.destination_rules.is_empty()
     }
 }
 
@@ -120,6 +132,10 @@ pub enum Kind {
     EndpointSlice,
     AuthorizationPolicy,
     PeerAuthentication,
+    Gateway,
+    HttpRoute,
+    VirtualService,
+    DestinationRule,
 }
 
 impl Kind {
@@ -132,6 +148,10 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 

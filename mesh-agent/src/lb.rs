@@ -149,6 +149,7 @@ mod tests {
                 port: 80,
                 target_port: target,
                 protocol: "TCP".into(),
+                app_protocol: None,
             }],
             selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
             waypoint: None,

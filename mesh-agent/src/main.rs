@@ -105,10 +105,48 @@ struct RunArgs {
     kubelet_cgroup: Vec<PathBuf>,
 }
 
+/// `mesh-agent waypoint`.
+#[derive(Args)]
+struct WaypointArgs {
+    /// The waypoint's Gateway (class istio-waypoint).
+    #[arg(long)]
+    name: String,
+    /// The Gateway's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// The service account of the waypoint's pods, its identity (default: the Gateway's
+    /// name, as Istio creates it).
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// Multi-document YAML of Kubernetes objects instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    config: Option<PathBuf>,
+    /// kubeconfig for the API server (default: in-cluster configuration).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Directory with the root certificate and key (as for `run`).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    /// HBONE listen addresses (repeatable; default [::]:15008 and 0.0.0.0:15008).
+    #[arg(long)]
+    listen: Vec<std::net::SocketAddr>,
+    /// Threads that run the proxy (default: one per CPU this process may use).
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    worker_threads: Option<std::num::NonZeroUsize>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Capture and proxy the traffic of this node's ambient pods.
     Run(Box<RunArgs>),
+    /// Run as the L7 waypoint proxy of a Gateway of class istio-waypoint.
+    Waypoint(Box<WaypointArgs>),
     /// Certificate authority tools.
     Ca {
         #[command(subcommand)]
@@ -179,6 +217,40 @@ fn main() -> anyhow::Result<()> {
                 runtime.worker_threads(n.get());
             }
             runtime.enable_all().build()?.block_on(agent::run(cfg))
+        }
+        Command::Waypoint(args) => {
+            let args = *args;
+            let cfg = mesh_agent::waypoint::WaypointConfig {
+                service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
+                name: args.name,
+                namespace: args.namespace,
+                source: match args.config {
+                    Some(path) => agent::ConfigSource::File(path),
+                    None => agent::ConfigSource::Kube {
+                        kubeconfig: args.kubeconfig,
+                    },
+                },
+                settings: Settings {
+                    trust_domain: args.trust_domain,
+                    root_namespace: args.root_namespace,
+                },
+                ca_dir: args.ca_dir,
+                cert_lifetime: args.cert_lifetime,
+                limits: Default::default(),
+                listen: if args.listen.is_empty() {
+                    mesh_agent::waypoint::default_listen()
+                } else {
+                    args.listen
+                },
+            };
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads {
+                runtime.worker_threads(n.get());
+            }
+            runtime
+                .enable_all()
+                .build()?
+                .block_on(mesh_agent::waypoint::run(cfg))
         }
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
         Command::Ca {

@@ -4,7 +4,7 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
@@ -17,6 +17,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub enum Reporter {
     Source,
     Destination,
+    Waypoint,
 }
 
 impl Reporter {
@@ -24,8 +25,96 @@ impl Reporter {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         }
     }
+}
+
+/// The labels of one request series, as Istio's proxies report them (Kiali and Istio's
+/// Grafana dashboards group by these). Unknown values are `"unknown"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    /// The `grpc-status` of a gRPC response; `-` otherwise.
+    pub grpc_response_status: String,
+    /// Envoy's flags (`-`, `NR`, `UH`, `UF`, `URX`, ...).
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// Envoy's default histogram buckets (milliseconds), which Istio's duration metric uses.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's size buckets (bytes): 1 to 10^8, by powers of ten.
+const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+/// One finished request, for [`Metrics::request`].
+pub struct RequestRecord {
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// Istio's canonical service of a workload: label `service.istio.io/canonical-name`, else
+/// `app.kubernetes.io/name`, else `app`, else the workload name.
+pub fn canonical_service(w: &crate::state::Workload) -> String {
+    [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|k| w.labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| w.workload_name.clone())
+}
+
+/// Istio's canonical revision: `service.istio.io/canonical-revision`, else
+/// `app.kubernetes.io/version`, else `version`, else `latest`.
+pub fn canonical_revision(w: &crate::state::Workload) -> String {
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|k| w.labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| "latest".to_owned())
 }
 
 impl EncodeLabelValue for Reporter {
@@ -80,6 +169,10 @@ pub struct Metrics {
     redirect_forwarded: Counter,
     /// HBONE connections closed before their handshake because too many were in progress.
     handshakes_refused: Counter,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily,
+    request_bytes: HistogramFamily,
+    response_bytes: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -137,7 +230,31 @@ impl Default for Metrics {
             "Connections refused before reaching the application.",
             denied.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        registry.register("istio_requests", "Total requests.", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, milliseconds.",
+            request_duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request sizes, bytes.",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response sizes, bytes.",
+            response_bytes.clone(),
+        );
         Metrics {
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
             registry,
             opened,
             closed,
@@ -190,6 +307,20 @@ impl Metrics {
     /// An HBONE connection was closed unanswered: too many handshakes in progress.
     pub fn handshake_refused(&self) {
         self.handshakes_refused.inc();
+    }
+
+    /// One finished HTTP request.
+    pub fn request(&self, labels: &RequestLabels, record: &RequestRecord) {
+        self.requests.get_or_create(labels).inc();
+        self.request_duration
+            .get_or_create(labels)
+            .observe(record.duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(record.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(record.response_bytes as f64);
     }
 
     /// The OpenMetrics text exposition of every series ([`CONTENT_TYPE`]).

@@ -12,6 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 use crate::admission::PolicySet;
+use crate::l7::routes::Routes;
 
 /// Everything the agent knows about the mesh at one point in time.
 ///
@@ -42,6 +43,13 @@ pub struct MeshState {
     /// The PeerAuthentications and AuthorizationPolicies of `raw`, parsed.
     #[serde(skip)]
     policies: Arc<PolicySet>,
+    /// The HTTPRoutes, VirtualServices and DestinationRules of `raw`, compiled.
+    #[serde(skip)]
+    routes: Arc<Routes>,
+    /// What an operator must know about this state: bindings to waypoints that do not
+    /// exist or have no ready pod (that traffic bypasses L7 policy), routing objects not
+    /// applied as written.
+    pub warnings: Vec<String>,
 }
 
 /// States are equal when what they were built from is: everything else is derived.
@@ -64,6 +72,12 @@ pub struct RawObjects {
     pub authorization_policies: Vec<serde_json::Value>,
     /// `security.istio.io/v1` PeerAuthentication.
     pub peer_authentications: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute (typed into [`MeshState::routes`]).
+    pub http_routes: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` VirtualService (typed into [`MeshState::routes`]).
+    pub virtual_services: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` DestinationRule (typed into [`MeshState::routes`]).
+    pub destination_rules: Vec<serde_json::Value>,
 }
 
 /// One pod.
@@ -106,7 +120,7 @@ pub struct Service {
 }
 
 /// A waypoint a service, workload or namespace names (`istio.io/use-waypoint`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct WaypointRef {
     pub namespace: String,
     pub name: String,
@@ -159,6 +173,39 @@ pub struct ServicePort {
     pub target_port: TargetPort,
     /// `TCP`, `UDP` or `SCTP`; default `TCP`.
     pub protocol: String,
+    /// `appProtocol`: what the port speaks above TCP, when the service says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// What a waypoint does with a service port's traffic (Istio's protocol selection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 or HTTP/2 (gRPC included): routed per request.
+    Http,
+    /// Anything else: proxied as bytes.
+    Tcp,
+}
+
+impl ServicePort {
+    /// Istio's rule: `appProtocol` when set, else the port name's prefix (`http`,
+    /// `http-web`, `grpc-api`...); HTTP for `http`, `http2`, `h2c`, `grpc` and `grpc-web`,
+    /// TCP for anything else (TLS, databases, unnamed ports).
+    pub fn app_protocol(&self) -> AppProtocol {
+        let declared = match &self.app_protocol {
+            Some(p) => p.as_str(),
+            None => self
+                .name
+                .as_deref()
+                .map_or("", |n| n.split('-').next().unwrap_or(n)),
+        };
+        let declared = declared.rsplit('/').next().unwrap_or(declared);
+        match declared.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "h2c" | "grpc" | "grpc-web" => AppProtocol::Http,
+            _ => AppProtocol::Tcp,
+        }
+    }
 }
 
 /// Where a service port sends traffic on the pod.
@@ -199,6 +246,9 @@ impl MeshState {
         for list in [
             &mut raw.authorization_policies,
             &mut raw.peer_authentications,
+            &mut raw.http_routes,
+            &mut raw.virtual_services,
+            &mut raw.destination_rules,
         ] {
             list.sort_by(|a, b| raw_key(a).cmp(&raw_key(b)));
         }
@@ -235,7 +285,13 @@ impl MeshState {
             &raw.peer_authentications,
             root_namespace,
         ));
-        Self {
+        let routes = Arc::new(Routes::build(
+            &services,
+            &raw.http_routes,
+            &raw.virtual_services,
+            &raw.destination_rules,
+        ));
+        let mut state = Self {
             workloads,
             services,
             waypoints: Vec::new(),
@@ -244,7 +300,72 @@ impl MeshState {
             workload_ips,
             service_vips,
             policies,
+            routes,
+            warnings: Vec::new(),
+        };
+        state.warnings = state.compute_warnings();
+        state
+    }
+
+    /// The compiled routing objects.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// Logs what an operator must know about this state (policies not enforced as written,
+    /// missing waypoints, routes not applied). Sources call it when they publish a state.
+    pub fn log_problems(&self) {
+        self.policies.log_problems();
+        for w in &self.warnings {
+            tracing::warn!("{w}");
         }
+    }
+
+    /// Bindings to absent or unready waypoints (one line per waypoint, with what binds to
+    /// it), then the routing objects' problems.
+    fn compute_warnings(&self) -> Vec<String> {
+        let mut bound: BTreeMap<&WaypointRef, Vec<String>> = BTreeMap::new();
+        for s in &self.services {
+            if let Some(r) = &s.waypoint {
+                bound
+                    .entry(r)
+                    .or_default()
+                    .push(format!("Service {}/{}", s.namespace, s.name));
+            }
+        }
+        for w in &self.workloads {
+            if let Some(r) = &w.waypoint
+                && w.captured
+            {
+                bound
+                    .entry(r)
+                    .or_default()
+                    .push(format!("Pod {}/{}", w.namespace, w.name));
+            }
+        }
+        let mut out = Vec::new();
+        for (r, objects) in bound {
+            let problem = match self.waypoint(r) {
+                None => "does not exist",
+                Some(w) if w.addresses.is_empty() => "has no ready pod",
+                Some(_) => continue,
+            };
+            let shown: Vec<&str> = objects.iter().take(5).map(String::as_str).collect();
+            let more = objects.len().saturating_sub(shown.len());
+            out.push(format!(
+                "waypoint {}/{} {problem}: traffic to {}{} goes direct, bypassing its L7 policy",
+                r.namespace,
+                r.name,
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                },
+            ));
+        }
+        out.extend(self.routes.problems().iter().cloned());
+        out
     }
 
     /// The state's PeerAuthentications and AuthorizationPolicies, parsed.
@@ -256,6 +377,7 @@ impl MeshState {
     pub fn with_waypoints(mut self, mut waypoints: Vec<Waypoint>) -> Self {
         waypoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.waypoints = waypoints;
+        self.warnings = self.compute_warnings();
         self
     }
 
@@ -276,6 +398,14 @@ impl MeshState {
         self.service_index(service)
             .and_then(|i| self.endpoints.get(&(i, port.port)))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// The service `namespace/name`. O(log n), no allocation.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
+            .ok()
+            .map(|i| &self.services[i])
     }
 
     /// Where `service` (by namespace and name) is in `services`. O(log n), no allocation.
@@ -380,6 +510,7 @@ mod tests {
                     port,
                     target_port: TargetPort::Number(port),
                     protocol: protocol.into(),
+                    app_protocol: None,
                 })
                 .collect(),
             selector: BTreeMap::from([("app".to_owned(), name.to_owned())]),

@@ -6,8 +6,9 @@
 //! # What it serves
 //!
 //! For Namespace, Pod, Service (`/api/v1/...`), EndpointSlice (`/apis/discovery.k8s.io/v1/...`),
-//! AuthorizationPolicy and PeerAuthentication (`/apis/security.istio.io/v1/...`), cluster-wide
-//! and (namespaced kinds) per namespace:
+//! AuthorizationPolicy and PeerAuthentication (`/apis/security.istio.io/v1/...`), Gateway and
+//! HTTPRoute (`/apis/gateway.networking.k8s.io/v1/...`), VirtualService and DestinationRule
+//! (`/apis/networking.istio.io/v1/...`), cluster-wide and (namespaced kinds) per namespace:
 //!
 //! - `GET` collection: a list (`{kind}List`, `metadata.resourceVersion` = the current global
 //!   resourceVersion). `limit`/`continue` paginate (later pages are read from the current
@@ -74,7 +75,7 @@ struct Type {
 }
 
 impl Type {
-    const ALL: [Type; 6] = [
+    const ALL: [Type; 10] = [
         Type::new(Kind::Namespace, "", "namespaces", true),
         Type::new(Kind::Pod, "", "pods", true),
         Type::new(Kind::Service, "", "services", true),
@@ -94,6 +95,30 @@ impl Type {
             Kind::PeerAuthentication,
             "security.istio.io",
             "peerauthentications",
+            false,
+        ),
+        Type::new(
+            Kind::Gateway,
+            "gateway.networking.k8s.io",
+            "gateways",
+            false,
+        ),
+        Type::new(
+            Kind::HttpRoute,
+            "gateway.networking.k8s.io",
+            "httproutes",
+            false,
+        ),
+        Type::new(
+            Kind::VirtualService,
+            "networking.istio.io",
+            "virtualservices",
+            false,
+        ),
+        Type::new(
+            Kind::DestinationRule,
+            "networking.istio.io",
+            "destinationrules",
             false,
         ),
     ];

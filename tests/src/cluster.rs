@@ -1417,6 +1417,86 @@ impl Pod {
         )
     }
 
+    /// Starts the HTTP echo server ([`crate::http_workload::serve_echo`]) on `port`,
+    /// reporting this pod's name, and waits until it listens.
+    pub fn spawn_echo(&self, port: u16) -> Result<Process> {
+        let port = port.to_string();
+        let cmd = self.mesh_pod(&["serve-echo", "--port", &port, "--name", &self.spec.name]);
+        self.shared.spawn(
+            &self.spec.name,
+            cmd,
+            &format!("{}-echo", self.spec.name),
+            true,
+        )
+    }
+
+    /// Runs `mesh-agent waypoint` for the Gateway `namespace/name` in this pod (which
+    /// should be labelled `istio.io/dataplane-mode: none` and with the Gateway's name), on
+    /// `config`, with the cluster's CA; waits until it says it is ready.
+    pub fn spawn_waypoint(
+        &self,
+        name: &str,
+        namespace: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<Process> {
+        let agent_bin = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
+        let ca_dir = self.shared.workdir.join("ca");
+        init_ca(&agent_bin, &ca_dir)?;
+        let mut cmd = self.mesh_pod(&["exec", "--"]);
+        cmd.arg(agent_bin)
+            .args([
+                "waypoint",
+                "--name",
+                name,
+                "--namespace",
+                namespace,
+                "--config",
+            ])
+            .arg(config)
+            .arg("--ca-dir")
+            .arg(&ca_dir)
+            .args(["--service-account", self.service_account()])
+            .args(extra);
+        cmd.env("NO_COLOR", "1");
+        let process = self.shared.spawn(
+            &self.spec.name,
+            cmd,
+            &format!("{}-waypoint", self.spec.name),
+            false,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !process.log_text().contains("waypoint ready") {
+            if !process.is_running() || Instant::now() > deadline {
+                bail!(
+                    "waypoint {namespace}/{name} did not start: {}",
+                    process.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(process)
+    }
+
+    /// Sends `calls` from this pod to `to` over one keep-alive connection (HTTP/2 with
+    /// prior knowledge when `h2`) and returns every reply.
+    pub fn http_calls(
+        &self,
+        to: SocketAddr,
+        h2: bool,
+        calls: &[crate::http_workload::Call],
+    ) -> Result<Vec<crate::http_workload::Reply>> {
+        let to = to.to_string();
+        let calls = serde_json::to_string(calls)?;
+        let mut args = vec!["http-calls", "--to", &to, "--calls", &calls];
+        if h2 {
+            args.push("--h2");
+        }
+        let out = self.shared.run(self.mesh_pod(&args))?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("reading http-calls output: {out}"))
+    }
+
     /// Starts any command in the pod, in the background; killed at teardown.
     pub fn spawn(&self, args: &[&str]) -> Result<Process> {
         let cmd = self.command(args);

@@ -16,6 +16,7 @@ pub mod capture;
 pub mod cluster;
 mod config;
 mod host;
+pub mod http_workload;
 pub mod metrics;
 pub mod workload;
 

@@ -131,7 +131,7 @@ impl FileSource {
             services = state.services.len(),
             "configuration loaded"
         );
-        state.policies().log_problems();
+        state.log_problems();
         let (tx, rx) = watch::channel(Arc::new(state));
         tokio::spawn(self.watch(tx, fingerprint));
         Ok(rx)
@@ -213,7 +213,7 @@ impl FileSource {
                             services,
                             "configuration reloaded"
                         );
-                        state.policies().log_problems();
+                        state.log_problems();
                     } else {
                         tracing::debug!(path = %self.path.display(), "configuration file changed, state unchanged");
                     }
@@ -373,6 +373,8 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
     const CORE: &str = "v1";
     const DISCOVERY: &str = "discovery.k8s.io/v1";
     const SECURITY: &str = "security.istio.io/v1";
+    const GATEWAY: &str = "gateway.networking.k8s.io/v1";
+    const NETWORKING: &str = "networking.istio.io/v1";
     let known = match kind {
         "Namespace" => Some((Kind::Namespace, CORE)),
         "Pod" => Some((Kind::Pod, CORE)),
@@ -380,22 +382,33 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
         "EndpointSlice" => Some((Kind::EndpointSlice, DISCOVERY)),
         "AuthorizationPolicy" => Some((Kind::AuthorizationPolicy, SECURITY)),
         "PeerAuthentication" => Some((Kind::PeerAuthentication, SECURITY)),
+        "Gateway" if api_version.starts_with("networking.istio.io/") => None,
+        "Gateway" => Some((Kind::Gateway, GATEWAY)),
+        "HTTPRoute" => Some((Kind::HttpRoute, GATEWAY)),
+        "VirtualService" => Some((Kind::VirtualService, NETWORKING)),
+        "DestinationRule" => Some((Kind::DestinationRule, NETWORKING)),
         _ => None,
     };
+    // Earlier versions of the same API that are served with the same schema.
+    let older: &[&str] = match known {
+        Some((_, SECURITY)) => &["security.istio.io/v1beta1"],
+        Some((_, GATEWAY)) => &["gateway.networking.k8s.io/v1beta1"],
+        Some((_, NETWORKING)) => &[
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
+        _ => &[],
+    };
     match known {
-        Some((k, want))
-            if api_version == want
-                || (want == SECURITY && api_version == "security.istio.io/v1beta1") =>
-        {
-            Ok(k)
-        }
+        Some((k, want)) if api_version == want || older.contains(&api_version) => Ok(k),
         Some((_, want)) => Err(format!(
             "apiVersion: {api_version:?} is not supported for kind {kind} (expected {want})"
         )),
         None => Err(format!(
             "kind: unsupported kind {kind:?} (apiVersion {api_version:?}); a config file holds \
              only Namespace, Pod and Service ({CORE}), EndpointSlice ({DISCOVERY}), \
-             AuthorizationPolicy and PeerAuthentication ({SECURITY}), or a List of them"
+             AuthorizationPolicy and PeerAuthentication ({SECURITY}), Gateway and HTTPRoute \
+             ({GATEWAY}), VirtualService and DestinationRule ({NETWORKING}), or a List of them"
         )),
     }
 }
@@ -694,6 +707,23 @@ impl Parser<'_> {
             Kind::PeerAuthentication => {
                 let policy = self.raw(kind, &at, &source)?;
                 self.parsed.objects.peer_authentications.push(policy);
+            }
+            Kind::Gateway => {
+                let gateway = self.raw(kind, &at, &source)?;
+                self.parsed.objects.gateways.push(gateway);
+            }
+            Kind::HttpRoute | Kind::VirtualService | Kind::DestinationRule => {
+                let object = self.raw(kind, &at, &source)?;
+                // Routing objects are refused whole when invalid: a file is the operator's
+                // own, and a route half applied sends traffic where nobody asked.
+                crate::l7::config::validate(kind, &object)
+                    .map_err(|e| self.error(&at, e.to_string()))?;
+                let objects = &mut self.parsed.objects;
+                match kind {
+                    Kind::HttpRoute => objects.http_routes.push(object),
+                    Kind::VirtualService => objects.virtual_services.push(object),
+                    _ => objects.destination_rules.push(object),
+                }
             }
         }
         Ok(())
@@ -1000,8 +1030,8 @@ status:
             ),
             (
                 "networking.istio.io/v1",
-                "VirtualService",
-                "kind: unsupported kind \"VirtualService\"",
+                "Sidecar",
+                "kind: unsupported kind \"Sidecar\"",
             ),
             (
                 "apps/v1",

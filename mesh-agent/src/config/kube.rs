@@ -184,6 +184,41 @@ fn peer_authentication_resource() -> ApiResource {
     istio_security_resource("PeerAuthentication", "peerauthentications")
 }
 
+/// A custom resource of `group/version`.
+fn custom_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: group.to_owned(),
+        version: version.to_owned(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.to_owned(),
+        plural: plural.to_owned(),
+    }
+}
+
+/// The routing kinds: Gateway API (standard channel) and Istio networking.
+fn routing_resources() -> [(Kind, ApiResource); 4] {
+    const GATEWAY: &str = "gateway.networking.k8s.io";
+    const NETWORKING: &str = "networking.istio.io";
+    [
+        (
+            Kind::Gateway,
+            custom_resource(GATEWAY, "v1", "Gateway", "gateways"),
+        ),
+        (
+            Kind::HttpRoute,
+            custom_resource(GATEWAY, "v1", "HTTPRoute", "httproutes"),
+        ),
+        (
+            Kind::VirtualService,
+            custom_resource(NETWORKING, "v1", "VirtualService", "virtualservices"),
+        ),
+        (
+            Kind::DestinationRule,
+            custom_resource(NETWORKING, "v1", "DestinationRule", "destinationrules"),
+        ),
+    ]
+}
+
 /// The configuration read from the Kubernetes API server; see [`KubeSource::start`].
 #[derive(Clone)]
 pub struct KubeSource {
@@ -270,7 +305,7 @@ impl KubeSource {
             services = state.services.len(),
             "configuration listed from the Kubernetes API server"
         );
-        state.policies().log_problems();
+        state.log_problems();
         let (tx, rx) = watch::channel(Arc::new(state));
         tokio::spawn(rebuild_on_change(
             tx,
@@ -285,7 +320,7 @@ impl KubeSource {
 
     fn spawn_watchers(&self, progress: &Arc<Progress>) -> (Stores, AbortOnDrop) {
         let client = &self.client;
-        let mut tasks = Vec::with_capacity(6);
+        let mut tasks = Vec::with_capacity(10);
 
         let (namespaces, task) = watch_kind(
             Api::<Namespace>::all(client.clone()),
@@ -343,6 +378,19 @@ impl KubeSource {
             |o: &mut DynamicObject| strip_managed_fields(&mut o.metadata),
         );
         tasks.push(task);
+        let routing = routing_resources().map(|(kind, resource)| {
+            let (store, task) = watch_kind(
+                Api::<DynamicObject>::all_with(client.clone(), &resource),
+                resource.clone(),
+                kind,
+                true,
+                progress,
+                |o: &mut DynamicObject| strip_managed_fields(&mut o.metadata),
+            );
+            tasks.push(task);
+            (store, resource)
+        });
+        let [gateways, http_routes, virtual_services, destination_rules] = routing;
 
         let stores = Stores {
             namespaces,
@@ -351,6 +399,10 @@ impl KubeSource {
             endpoint_slices,
             authorization_policies: (authorization_policies, authz),
             peer_authentications: (peer_authentications, peer),
+            gateways,
+            http_routes,
+            virtual_services,
+            destination_rules,
         };
         (stores, AbortOnDrop(tasks))
     }
@@ -496,6 +548,10 @@ impl Progress {
             Kind::EndpointSlice,
             Kind::AuthorizationPolicy,
             Kind::PeerAuthentication,
+            Kind::Gateway,
+            Kind::HttpRoute,
+            Kind::VirtualService,
+            Kind::DestinationRule,
         ]
         .into_iter()
         .map(|kind| {
@@ -695,6 +751,10 @@ struct Stores {
     endpoint_slices: Store<EndpointSlice>,
     authorization_policies: (Store<DynamicObject>, ApiResource),
     peer_authentications: (Store<DynamicObject>, ApiResource),
+    gateways: (Store<DynamicObject>, ApiResource),
+    http_routes: (Store<DynamicObject>, ApiResource),
+    virtual_services: (Store<DynamicObject>, ApiResource),
+    destination_rules: (Store<DynamicObject>, ApiResource),
 }
 
 impl Stores {
@@ -726,6 +786,10 @@ impl Stores {
             endpoint_slices: typed(&self.endpoint_slices),
             authorization_policies: raw(&self.authorization_policies),
             peer_authentications: raw(&self.peer_authentications),
+            gateways: raw(&self.gateways),
+            http_routes: raw(&self.http_routes),
+            virtual_services: raw(&self.virtual_services),
+            destination_rules: raw(&self.destination_rules),
         }
     }
 }
@@ -795,6 +859,10 @@ fn remove(objects: &mut Objects, key: &ObjectKey) -> bool {
         Kind::PeerAuthentication => {
             retain(&mut objects.peer_authentications, |o| !raw_matches(o, key))
         }
+        Kind::Gateway => retain(&mut objects.gateways, |o| !raw_matches(o, key)),
+        Kind::HttpRoute => retain(&mut objects.http_routes, |o| !raw_matches(o, key)),
+        Kind::VirtualService => retain(&mut objects.virtual_services, |o| !raw_matches(o, key)),
+        Kind::DestinationRule => retain(&mut objects.destination_rules, |o| !raw_matches(o, key)),
     }
 }
 
@@ -842,7 +910,7 @@ async fn rebuild_on_change(
                 services,
                 "configuration updated from the API server"
             );
-            state.policies().log_problems();
+            state.log_problems();
         }
     }
 }

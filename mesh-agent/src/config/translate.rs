@@ -12,7 +12,19 @@ use super::{
     ConfigError, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, FieldError,
     Kind, NETNS_ANNOTATION, ObjectKey, Objects, SIDECAR_STATUS_ANNOTATION, Settings,
 };
-use crate::state::{MeshState, RawObjects, Service, ServicePort, TargetPort, Workload};
+use crate::state::{
+    GATEWAY_NAME_LABEL, MeshState, RawObjects, Service, ServicePort, TargetPort, Waypoint,
+    WaypointFor, WaypointRef, Workload,
+};
+
+/// Istio's label binding a namespace, service or pod to a waypoint (`none` opts out).
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The namespace of the waypoint [`USE_WAYPOINT_LABEL`] names, when not the object's own.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// On a waypoint's Gateway: what traffic it takes.
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+/// The GatewayClass of waypoints.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 
 /// How the agent finds the network namespace of a pod it enrolls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +52,19 @@ pub fn translate(
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
         .collect();
 
+    let waypoints = waypoints(objects)?;
     let mut workloads = Vec::with_capacity(objects.pods.len());
     for pod in &objects.pods {
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let w =
-            workload(pod, namespace_labels.get(ns).copied()).map_err(|e| ConfigError::Object {
-                object: pod_key(pod),
-                message: e.to_string(),
-            })?;
+        let ns_labels = namespace_labels.get(ns).copied();
+        let mut w = workload(pod, ns_labels).map_err(|e| ConfigError::Object {
+            object: pod_key(pod),
+            message: e.to_string(),
+        })?;
+        // A waypoint's own pods are never sent to a waypoint.
+        if !w.labels.contains_key(GATEWAY_NAME_LABEL) {
+            w.waypoint = use_waypoint(pod.metadata.labels.as_ref(), ns_labels, &w.namespace);
+        }
         if netns == NetnsSource::Annotation
             && w.captured
             && w.netns.is_none()
@@ -65,12 +82,28 @@ pub fn translate(
         .services
         .iter()
         .map(|svc| {
-            service(svc).map_err(|e| ConfigError::Object {
+            let mut s = service(svc).map_err(|e| ConfigError::Object {
                 object: key(Kind::Service, &svc.metadata),
                 message: e.to_string(),
-            })
+            })?;
+            let ns_labels = namespace_labels.get(s.namespace.as_str()).copied();
+            s.waypoint = use_waypoint(svc.metadata.labels.as_ref(), ns_labels, &s.namespace);
+            Ok(s)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+
+    for (kind, list) in [
+        (Kind::HttpRoute, &objects.http_routes),
+        (Kind::VirtualService, &objects.virtual_services),
+        (Kind::DestinationRule, &objects.destination_rules),
+    ] {
+        for object in list {
+            crate::l7::config::validate(kind, object).map_err(|e| ConfigError::Object {
+                object: raw_key(kind, object),
+                message: e.to_string(),
+            })?;
+        }
+    }
 
     Ok(MeshState::build(
         workloads,
@@ -79,9 +112,130 @@ pub fn translate(
             endpoint_slices: objects.endpoint_slices.clone(),
             authorization_policies: objects.authorization_policies.clone(),
             peer_authentications: objects.peer_authentications.clone(),
+            http_routes: objects.http_routes.clone(),
+            virtual_services: objects.virtual_services.clone(),
+            destination_rules: objects.destination_rules.clone(),
         },
         &settings.root_namespace,
-    ))
+    )
+    .with_waypoints(waypoints))
+}
+
+/// The key of an object kept as JSON.
+fn raw_key(kind: Kind, object: &serde_json::Value) -> ObjectKey {
+    let meta = &object["metadata"];
+    ObjectKey {
+        kind,
+        namespace: Some(meta["namespace"].as_str().unwrap_or("default").to_owned()),
+        name: meta["name"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// The waypoint an object binds to: its own `istio.io/use-waypoint` label, else its
+/// namespace's; `none` (on the object) opts out of the namespace's.
+fn use_waypoint(
+    labels: Option<&BTreeMap<String, String>>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+) -> Option<WaypointRef> {
+    let carrier = [labels, namespace_labels]
+        .into_iter()
+        .flatten()
+        .find(|l| l.contains_key(USE_WAYPOINT_LABEL))?;
+    let name = carrier[USE_WAYPOINT_LABEL].as_str();
+    if name.is_empty() || name == "none" {
+        return None;
+    }
+    Some(WaypointRef {
+        namespace: carrier
+            .get(USE_WAYPOINT_NAMESPACE_LABEL)
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| namespace.to_owned()),
+        name: name.to_owned(),
+    })
+}
+
+/// The waypoints: Gateways of class `istio-waypoint`, with the addresses of their ready pods
+/// (labelled `gateway.networking.k8s.io/gateway-name`) and those pods' service account
+/// (default: the Gateway's name, as `istioctl waypoint apply` creates it).
+fn waypoints(objects: &Objects) -> Result<Vec<Waypoint>, ConfigError> {
+    let mut out = Vec::new();
+    for gateway in &objects.gateways {
+        if gateway["spec"]["gatewayClassName"].as_str() != Some(WAYPOINT_CLASS) {
+            continue;
+        }
+        let key = raw_key(Kind::Gateway, gateway);
+        let bad = |field: &str, message: String| ConfigError::Object {
+            object: key.clone(),
+            message: format!("{field}: {message}"),
+        };
+        let label = &gateway["metadata"]["labels"][WAYPOINT_FOR_LABEL];
+        let traffic = match label.as_str() {
+            None if label.is_null() => WaypointFor::Service,
+            Some("service") => WaypointFor::Service,
+            Some("workload") => WaypointFor::Workload,
+            Some("all") => WaypointFor::All,
+            Some("none") => WaypointFor::None,
+            _ => {
+                return Err(bad(
+                    &format!("metadata.labels[{WAYPOINT_FOR_LABEL}]"),
+                    format!("{label}: expected service, workload, all or none"),
+                ));
+            }
+        };
+        let namespace = key.namespace.clone().unwrap_or_default();
+        let pods: Vec<&k8s::Pod> = objects
+            .pods
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                    && p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+                        .is_some_and(|n| *n == key.name)
+                    && is_ready(p)
+            })
+            .collect();
+        let mut addresses = Vec::new();
+        for pod in &pods {
+            addresses.extend(pod_ips(pod).map_err(|e| ConfigError::Object {
+                object: pod_key(pod),
+                message: e.to_string(),
+            })?);
+        }
+        addresses.sort();
+        addresses.dedup();
+        let service_account = pods
+            .iter()
+            .find_map(|p| p.spec.as_ref()?.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| key.name.clone());
+        out.push(Waypoint {
+            namespace,
+            name: key.name.clone(),
+            traffic,
+            service_account,
+            addresses,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether a pod can take traffic: not finished, not being deleted, and `Ready` unless its
+/// status says nothing about readiness (a file configuration).
+fn is_ready(pod: &k8s::Pod) -> bool {
+    let status = pod.status.as_ref();
+    let finished = matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed" | "Pending")
+    );
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True");
+    !finished && ready && pod.metadata.deletion_timestamp.is_none()
 }
 
 /// Whether Istio ambient captures `pod`, given its namespace's labels (`None` when the
@@ -226,6 +380,7 @@ pub(crate) fn service(svc: &k8s::Service) -> Result<Service, FieldError> {
             port,
             target_port,
             protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+            app_protocol: p.app_protocol.clone().filter(|a| !a.is_empty()),
         });
     }
 

@@ -6,6 +6,7 @@
 //! and no buffer held while the tunnel is idle.
 
 pub mod client;
+pub mod io;
 pub mod server;
 
 use std::sync::Arc;

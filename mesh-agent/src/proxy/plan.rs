@@ -243,6 +243,7 @@ mod tests {
                 port: 80,
                 target_port: TargetPort::Number(8080),
                 protocol: "TCP".into(),
+                app_protocol: None,
             }],
             selector: BTreeMap::from([("app".to_owned(), app.to_owned())]),
             waypoint: waypoint.map(|name| WaypointRef {

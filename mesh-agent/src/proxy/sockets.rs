@@ -62,6 +62,21 @@ impl PodSockets for NamespaceSockets {
     }
 }
 
+/// Sockets in the process's own network namespace, unmarked: for a proxy that runs as a
+/// pod of its own (a waypoint), whose traffic is not captured.
+pub struct LocalSockets;
+
+impl PodSockets for LocalSockets {
+    fn socket(
+        &self,
+        _pod: &PodContext,
+        family: IpAddr,
+        _purpose: Purpose,
+    ) -> io::Result<TcpSocket> {
+        Ok(TcpSocket::from_std_stream(new_socket(family)?.into()))
+    }
+}
+
 /// A non-blocking TCP socket of `family`'s address family, in the calling thread's namespace.
 pub fn new_socket(family: IpAddr) -> io::Result<socket2::Socket> {
     let domain = if family.is_ipv4() {

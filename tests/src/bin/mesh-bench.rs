@@ -797,13 +797,7 @@ fn micro_benchmarks(plan: &Plan, table: &mut Table) -> Result<()> {
     let case = BenchCase::new("bench");
     let (policies, errors) = Policies::parse(&bench_policies(1000, "bench"), "istio-system");
     anyhow::ensure!(errors.is_empty(), "benchmark policies rejected: {errors:?}");
-    let conn = Connection {
-        src_ip: case.src.ip(),
-        src_port: case.src.port(),
-        dst_ip: case.dst.ip(),
-        dst_port: case.dst.port(),
-        src_identity: Some(&case.identity),
-    };
+    let conn = Connection::new(case.src, case.dst, Some(&case.identity));
     let eval_time = median_per_call(rounds, evals, || {
         black_box(policies.evaluate(black_box(&case.workload), black_box(&conn)));
     });

@@ -88,6 +88,26 @@ enum Cmd {
         #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
     },
+    /// HTTP/1.1 and HTTP/2 echo server on [::]:PORT answering JSON with NAME, the request
+    /// line and its headers. Prints `READY <port>` once listening.
+    ServeEcho {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+    },
+    /// Sends CALLS (a JSON list of {method, path, host, headers, count}) over one
+    /// keep-alive connection to TO; prints the JSON list of replies.
+    HttpCalls {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        h2: bool,
+        #[arg(long)]
+        calls: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Replace this process with COMMAND (after entering the namespace and cgroup).
     Exec {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -102,6 +122,38 @@ fn main() -> ExitCode {
         return ExitCode::from(125);
     }
     match cli.command {
+        Cmd::ServeEcho { port, name } => match tests::http_workload::serve_echo(port, name) {
+            Ok(never) => match never {},
+            Err(error) => {
+                eprintln!("mesh-pod serve-echo: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::HttpCalls {
+            to,
+            h2,
+            calls,
+            timeout_ms,
+        } => {
+            let calls: Vec<tests::http_workload::Call> = match serde_json::from_str(&calls) {
+                Ok(c) => c,
+                Err(error) => {
+                    eprintln!("mesh-pod http-calls: --calls: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match tests::http_workload::run_calls(to, h2, &calls, Duration::from_millis(timeout_ms))
+            {
+                Ok(replies) => {
+                    println!("{}", serde_json::to_string(&replies).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("mesh-pod http-calls: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Serve { ports } => match workload::serve(&ports) {
             Ok(never) => match never {},
             Err(error) => {

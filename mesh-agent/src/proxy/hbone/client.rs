@@ -90,7 +90,15 @@ pub struct Tunnel {
     _slot: StreamSlot,
 }
 
-struct StreamSlot(Arc<Pooled>);
+impl Tunnel {
+    /// The tunnel as a byte stream, holding its slot until dropped.
+    pub fn into_io(self) -> super::io::TunnelIo<StreamSlot> {
+        super::io::TunnelIo::with_guard(self.stream, self._slot)
+    }
+}
+
+/// A tunnel's place among its connection's streams; freed when dropped.
+pub struct StreamSlot(Arc<Pooled>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {

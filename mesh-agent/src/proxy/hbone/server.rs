@@ -69,16 +69,21 @@ pub(crate) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
     }
 }
 
-async fn serve_connection(
-    proxy: Arc<Proxy>,
-    pod: Arc<PodContext>,
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A server-side HBONE connection after its handshake.
+pub(crate) type Connection =
+    h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
+
+/// Mutual TLS then the HTTP/2 preface, together within `timeout`: the client's verified
+/// identity and the connection.
+pub(crate) async fn handshake(
     stream: TcpStream,
-    peer: SocketAddr,
-    slot: handshakes::Slot,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tls: Arc<rustls::ServerConfig>,
+    timeout: std::time::Duration,
+) -> Result<(Option<Identity>, Connection), BoxError> {
     let _ = stream.set_nodelay(true);
-    let acceptor = tokio_rustls::TlsAcceptor::from(pod.hbone_tls.clone());
-    // TLS and the HTTP/2 preface both count against the handshake's time and place.
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = async {
         let tls = acceptor.accept(stream).await?;
         let client = tls::peer_identity(tls.get_ref().1);
@@ -90,29 +95,67 @@ async fn serve_connection(
             .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls)
             .await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((client, connection))
+        Ok::<_, BoxError>((client, connection))
     };
-    let (client, mut connection) =
-        match tokio::time::timeout(proxy.limits.handshake_timeout, handshake).await {
-            Ok(done) => done?,
-            Err(_) => return Err("handshake timed out".into()),
-        };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(done) => done,
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: handshakes::Slot,
+) -> Result<(), BoxError> {
+    // TLS and the HTTP/2 preface both count against the handshake's time and place.
+    let (client, connection) = handshake(
+        stream,
+        pod.hbone_tls.clone(),
+        proxy.limits.handshake_timeout,
+    )
+    .await?;
     drop(slot);
-    // Accepting drives the connection: every stream's frames move while this loop runs. A
-    // connection that carries no stream for the idle timeout is closed (GOAWAY).
+    serve_streams(
+        connection,
+        proxy.limits.hbone_idle_timeout,
+        |request, respond| {
+            let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
+            handle(proxy, pod, peer, client, request, respond)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Accepts the connection's streams, each handled by the future `open` returns (spawned),
+/// until the peer ends the connection or it carries no stream for `idle_timeout`, when it
+/// is closed (GOAWAY). Accepting drives the connection: every stream's frames move while
+/// this runs.
+pub(crate) async fn serve_streams<F, Fut>(
+    mut connection: Connection,
+    idle_timeout: std::time::Duration,
+    mut open: F,
+) -> Result<(), h2::Error>
+where
+    F: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let streams = Arc::new(Streams::default());
     let mut idle_since = Some(tokio::time::Instant::now());
     loop {
-        let idle_deadline = idle_since.map(|since| since + proxy.limits.hbone_idle_timeout);
+        let idle_deadline = idle_since.map(|since| since + idle_timeout);
         tokio::select! {
             request = connection.accept() => {
                 let Some(request) = request else { break };
                 let (request, respond) = request?;
                 idle_since = None;
                 let guard = streams.open();
-                let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
+                let task = open(request, respond);
                 tokio::spawn(async move {
-                    handle(proxy, pod, peer, client, request, respond).await;
+                    task.await;
                     drop(guard);
                 });
             }
@@ -169,7 +212,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Answers a `CONNECT` with `code` and ends the stream.
-fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+pub(crate) fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = code;
     // Fails only if the client already reset the stream: nothing left to tell.

@@ -1,0 +1,1021 @@
+//! One tunnel at the waypoint: HTTP served per request, or bytes carried to an endpoint.
+//!
+//! A request goes through, in order: `x-request-id` (generated when absent); authorization
+//! by the policies targeting this waypoint, its class or the service (403 `RBAC: access
+//! denied`); routing (404 when HTTPRoutes are attached and none matches; redirects and
+//! direct responses answered here); the backend by weight (500 when the weights add up to
+//! 0 or the backend does not exist); the endpoint by subset and load balancer (503 `no
+//! healthy upstream` when there is none); the request's filters and rewrites; the request
+//! to the endpoint. Its metrics and access-log line are recorded when the response body
+//! ends (or is abandoned), so streamed bodies are measured whole.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::{
+    Destination, TunnelContext,
+    upstream::{HashInputs, UpstreamError},
+};
+use crate::{
+    identity::Identity,
+    l7::routes::{self, Action, Backend, LoadBalancer, RequestView, Rule, Selection},
+    metrics::{ConnectionLabels, Reporter, RequestLabels, RequestRecord},
+    proxy::hbone::io::TunnelIo,
+    rbac,
+    state::{MeshState, Service, ServicePort, Workload},
+};
+
+/// The body of a response to the client.
+pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
+
+/// One tunnel the waypoint serves.
+pub struct Tunnel {
+    pub ctx: TunnelContext,
+    /// The `CONNECT` authority.
+    pub target: SocketAddr,
+    pub destination: Destination,
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (detected) on the tunnel until it ends.
+pub async fn serve_http(tunnel: Arc<Tunnel>, io: TunnelIo) {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let tunnel = tunnel.clone();
+        async move { Ok::<_, Infallible>(handle(tunnel, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(error = %e, "waypoint: HTTP connection ended");
+    }
+}
+
+/// Carries a TCP tunnel's bytes to an endpoint, under the waypoint's L4 policy.
+pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
+    let wp = &tunnel.ctx.waypoint;
+    let state = wp.state.borrow().clone();
+    let conn = rbac::Connection::new(tunnel.ctx.peer, tunnel.target, tunnel.ctx.client.as_ref());
+    let decision = state
+        .policies()
+        .authorization()
+        .evaluate_targeted(&wp.targets(&tunnel.destination), &conn);
+    if !decision.allowed {
+        let (from, to) = (tunnel.ctx.peer, tunnel.target);
+        tracing::info!(target: "access", direction = "waypoint", src.addr = %from, dst.addr = %to, "waypoint: connection denied: {decision}");
+        return;
+    }
+    let (endpoint, workload, service) = match &tunnel.destination {
+        Destination::Service { service, port } => {
+            let endpoints = state.endpoints(service, port);
+            if endpoints.is_empty() {
+                tracing::info!(dst.addr = %tunnel.target, "waypoint: no ready endpoint");
+                return;
+            }
+            let inputs = HashInputs {
+                headers: &HeaderMap::new(),
+                query: None,
+                source: tunnel.ctx.peer.ip(),
+            };
+            let endpoint = wp
+                .upstreams
+                .choose(endpoints, &LoadBalancer::LeastRequest, &inputs);
+            (endpoint, state.workload_by_ip(endpoint.ip()), Some(service))
+        }
+        Destination::Workload { workload, .. } => (tunnel.target, Some(workload), None),
+    };
+    let Some(peer) = workload.map(|w| Identity::of(&wp.settings.trust_domain, w)) else {
+        tracing::info!(%endpoint, "waypoint: endpoint is not a mesh workload");
+        return;
+    };
+    let labels = ConnectionLabels {
+        reporter: Reporter::Waypoint,
+        source_workload: name_or_unknown(
+            state
+                .workload_by_ip(tunnel.ctx.peer.ip())
+                .map(|w| &w.workload_name),
+        ),
+        source_workload_namespace: name_or_unknown(
+            state
+                .workload_by_ip(tunnel.ctx.peer.ip())
+                .map(|w| &w.namespace),
+        ),
+        destination_workload: name_or_unknown(workload.map(|w| &w.workload_name)),
+        destination_workload_namespace: name_or_unknown(workload.map(|w| &w.namespace)),
+        destination_service: service.map_or_else(|| "unknown".into(), service_host),
+        source_principal: tunnel
+            .ctx
+            .client
+            .as_ref()
+            .map_or_else(|| "unknown".into(), ToString::to_string),
+        destination_principal: peer.to_string(),
+        connection_security_policy: "mutual_tls".into(),
+    };
+    wp.metrics.connection_opened(&labels);
+    let _active = wp.upstreams.start(endpoint);
+    let (mut sent, mut received) = (0, 0);
+    match wp.upstreams.open_tunnel(endpoint, &peer).await {
+        Ok(mut upstream) => match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+            Ok((up, down)) => (received, sent) = (up, down),
+            Err(e) => tracing::debug!(%endpoint, error = %e, "waypoint: TCP tunnel ended"),
+        },
+        Err(e) => tracing::info!(%endpoint, error = %e, "waypoint: cannot reach the endpoint"),
+    }
+    wp.metrics.connection_closed(&labels, received, sent);
+}
+
+fn name_or_unknown(s: Option<&String>) -> String {
+    s.cloned().unwrap_or_else(|| "unknown".into())
+}
+
+fn service_host(s: &Service) -> String {
+    format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+}
+
+/// What is known of a request for its metrics and log line.
+struct Record {
+    start: Instant,
+    method: String,
+    path: String,
+    version: http::Version,
+    grpc: bool,
+    authority: String,
+    request_id: String,
+    user_agent: String,
+    request_bytes: Arc<AtomicU64>,
+    labels: RequestLabels,
+    upstream: Option<SocketAddr>,
+    route: String,
+}
+
+async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let wp = tunnel.ctx.waypoint.clone();
+    let state = wp.state.borrow().clone();
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key("x-request-id") {
+        parts.headers.insert(
+            "x-request-id",
+            HeaderValue::from_str(&request_id()).expect("hex"),
+        );
+    }
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| tunnel.target.to_string());
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let source = state.workload_by_ip(tunnel.ctx.peer.ip());
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let mut record = Record {
+        start: Instant::now(),
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".into(), |p| p.to_string()),
+        version: parts.version,
+        grpc,
+        authority: host.clone(),
+        request_id: header_text(&parts.headers, "x-request-id"),
+        user_agent: header_text(&parts.headers, "user-agent"),
+        request_bytes: request_bytes.clone(),
+        labels: base_labels(&tunnel, &state, source, grpc),
+        upstream: None,
+        route: "-".into(),
+    };
+
+    // Authorization, on the client's identity and the request.
+    let decision = {
+        let view = rbac::Request {
+            method: parts.method.as_str(),
+            host: &host,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+        };
+        let conn =
+            rbac::Connection::new(tunnel.ctx.peer, tunnel.target, tunnel.ctx.client.as_ref())
+                .with_request(&view);
+        state
+            .policies()
+            .authorization()
+            .evaluate_targeted(&wp.targets(&tunnel.destination), &conn)
+    };
+    if !decision.allowed {
+        record.route = decision.to_string();
+        return local_reply(
+            &wp,
+            record,
+            StatusCode::FORBIDDEN,
+            "-",
+            "RBAC: access denied",
+        );
+    }
+
+    // The route, and what it says to do.
+    let (service, service_port) = match &tunnel.destination {
+        Destination::Service { service, port } => (Some(service), Some(port)),
+        Destination::Workload { .. } => (None, None),
+    };
+    let selection = match service {
+        Some(svc) => {
+            let view = RequestView {
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                host: &host,
+                scheme: "http",
+                port: tunnel.target.port(),
+                headers: &parts.headers,
+                client_namespace: tunnel.ctx.client.as_ref().map(|c| c.namespace.as_str()),
+            };
+            state.routes().select(svc, &view)
+        }
+        None => Selection::Default,
+    };
+    let (rule, matched_prefix) = match selection {
+        Selection::NotFound => {
+            return local_reply(&wp, record, StatusCode::NOT_FOUND, "NR", "");
+        }
+        Selection::Default => (None, None),
+        Selection::Rule {
+            rule,
+            matched_prefix,
+        } => (Some(rule.clone()), matched_prefix.map(str::to_owned)),
+    };
+    if let Some(rule) = &rule {
+        record.route = rule.origin.clone();
+        match &rule.action {
+            Action::Redirect(r) => {
+                let location = redirect_location(
+                    r,
+                    &host,
+                    &parts.uri,
+                    matched_prefix.as_deref(),
+                    tunnel.target.port(),
+                );
+                let mut response = Response::new(empty());
+                *response.status_mut() =
+                    StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, v);
+                }
+                rule.response_headers.apply(response.headers_mut());
+                return finish_local(&wp, record, response, "-");
+            }
+            Action::Direct { status, body } => {
+                let mut response = Response::new(full(body.clone()));
+                *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                rule.response_headers.apply(response.headers_mut());
+                return finish_local(&wp, record, response, "DR");
+            }
+            Action::Forward(_) => {}
+        }
+        rule.request_headers.apply(&mut parts.headers);
+    }
+
+    // The backend and its endpoint.
+    let target = match choose_target(
+        &tunnel,
+        &state,
+        rule.as_deref(),
+        service,
+        service_port,
+        &parts.headers,
+        parts.uri.query(),
+    ) {
+        Ok(t) => t,
+        Err((status, flags, body)) => return local_reply(&wp, record, status, flags, body),
+    };
+    if let Some(backend) = target.backend.as_ref() {
+        backend.request_headers.apply(&mut parts.headers);
+    }
+    record.upstream = Some(target.endpoint);
+    fill_destination(
+        &mut record.labels,
+        target.workload.as_ref(),
+        target.service.as_ref(),
+        &target.peer,
+    );
+
+    // The request as the endpoint gets it.
+    let mut path = record_path(&parts.uri);
+    let mut authority = host.clone();
+    if let Some(rewrite) = rule.as_ref().and_then(|r| r.rewrite.as_ref()) {
+        if let Some(p) = &rewrite.path {
+            let rewritten = routes::rewrite_path(parts.uri.path(), p, matched_prefix.as_deref());
+            path = match parts.uri.query() {
+                Some(q) => format!("{rewritten}?{q}"),
+                None => rewritten,
+            };
+        }
+        if let Some(h) = &rewrite.host {
+            authority = h.clone();
+        }
+    }
+    let h2 = parts.version == http::Version::HTTP_2;
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    let uri = if h2 {
+        format!("http://{authority}{path}")
+    } else {
+        path.clone()
+    };
+    parts.uri = match uri.parse() {
+        Ok(u) => u,
+        Err(_) => return local_reply(&wp, record, StatusCode::BAD_REQUEST, "-", "bad request"),
+    };
+    if h2 {
+        parts.headers.remove(header::HOST);
+    }
+    let upstream_req = Request::from_parts(
+        parts,
+        Counted {
+            inner: body,
+            bytes: request_bytes,
+        }
+        .boxed(),
+    );
+
+    let active = wp.upstreams.start(target.endpoint);
+    match wp
+        .upstreams
+        .send(target.endpoint, &target.peer, h2, upstream_req)
+        .await
+    {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            if let Some(rule) = &rule {
+                rule.response_headers.apply(&mut parts.headers);
+            }
+            if let Some(b) = &target.backend {
+                b.response_headers.apply(&mut parts.headers);
+            }
+            strip_hop_by_hop(&mut parts.headers);
+            let status = parts.status.as_u16();
+            let grpc_status = parts
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let wp = wp.clone();
+            let observed = Observed {
+                inner: body,
+                bytes: 0,
+                grpc_status,
+                done: Some(Box::new(move |bytes, grpc_status, complete| {
+                    drop(active);
+                    let flags = if complete { "-" } else { "DC" };
+                    record_request(&wp, record, status, grpc_status, flags, bytes);
+                })),
+            };
+            Response::from_parts(parts, observed.boxed())
+        }
+        Err(e) => {
+            drop(active);
+            let flags = if e.is_connect() { "UF" } else { "UC" };
+            if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                tracing::info!(upstream = %target.endpoint, error = %e, suppressed, "waypoint: upstream request failed");
+            }
+            local_reply(
+                &wp,
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                flags,
+                match e {
+                    UpstreamError::Connect { .. } => {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+                    }
+                    UpstreamError::Http { .. } => {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+                    }
+                },
+            )
+        }
+    }
+}
+
+/// Where a request goes: the endpoint, the identity it proves, and what it belongs to.
+struct Target<'a> {
+    endpoint: SocketAddr,
+    peer: Identity,
+    workload: Option<Workload>,
+    service: Option<Service>,
+    backend: Option<&'a Backend>,
+}
+
+type Failure = (StatusCode, &'static str, &'static str);
+
+fn choose_target<'a>(
+    tunnel: &Tunnel,
+    state: &MeshState,
+    rule: Option<&'a Rule>,
+    service: Option<&Service>,
+    service_port: Option<&ServicePort>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Target<'a>, Failure> {
+    let wp = &tunnel.ctx.waypoint;
+    let td = &wp.settings.trust_domain;
+    let inputs = HashInputs {
+        headers,
+        query,
+        source: tunnel.ctx.peer.ip(),
+    };
+    // A workload address: that pod, as it is.
+    let (Some(service), Some(service_port)) = (service, service_port) else {
+        let Destination::Workload { workload, .. } = &tunnel.destination else {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "NR", "no route"));
+        };
+        return Ok(Target {
+            endpoint: tunnel.target,
+            peer: Identity::of(td, workload),
+            workload: Some(workload.clone()),
+            service: None,
+            backend: None,
+        });
+    };
+    let backend = match rule.map(|r| &r.action) {
+        Some(Action::Forward(backends)) => {
+            let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+            if total == 0 {
+                return Err((StatusCode::INTERNAL_SERVER_ERROR, "NR", ""));
+            }
+            let mut pick = fastrand::u64(..total);
+            backends.iter().find(|b| {
+                let w = u64::from(b.weight);
+                if pick < w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            })
+        }
+        _ => None,
+    };
+    let gateway_api = rule.is_some_and(|r| r.origin.starts_with("HTTPRoute"));
+    let (svc, port) = match backend {
+        None => (service, service_port),
+        Some(b) => {
+            let Some(svc) = state.service(&b.namespace, &b.name) else {
+                return Err(if gateway_api {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "NR", "")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream")
+                });
+            };
+            let wanted = b.port.unwrap_or(service_port.port);
+            let Some(port) = svc
+                .ports
+                .iter()
+                .find(|p| p.port == wanted && p.protocol == "TCP")
+            else {
+                return Err((StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream"));
+            };
+            (svc, port)
+        }
+    };
+    let destination = state.routes().destination(&svc.namespace, &svc.name);
+    let subset = backend.and_then(|b| b.subset.as_deref());
+    let subset_labels = match (subset, destination) {
+        (None, _) => None,
+        (Some(name), Some(d)) => match d.subsets.get(name) {
+            Some(labels) => Some(labels),
+            None => return Err((StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream")),
+        },
+        (Some(_), None) => {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream"));
+        }
+    };
+    let all = state.endpoints(svc, port);
+    let filtered: Vec<SocketAddr>;
+    let candidates: &[SocketAddr] = match subset_labels {
+        None => all,
+        Some(labels) => {
+            filtered = all
+                .iter()
+                .copied()
+                .filter(|e| {
+                    state
+                        .workload_by_ip(e.ip())
+                        .is_some_and(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                })
+                .collect();
+            &filtered
+        }
+    };
+    if candidates.is_empty() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+    }
+    let lb = destination
+        .and_then(|d| subset.and_then(|s| d.subset_lb.get(s)).or(Some(&d.lb)))
+        .cloned()
+        .unwrap_or_default();
+    let endpoint = wp.upstreams.choose(candidates, &lb, &inputs);
+    let Some(workload) = state.workload_by_ip(endpoint.ip()) else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+    };
+    Ok(Target {
+        endpoint,
+        peer: Identity::of(td, workload),
+        workload: Some(workload.clone()),
+        service: Some(svc.clone()),
+        backend,
+    })
+}
+
+/// The `Location` of a redirect.
+fn redirect_location(
+    r: &routes::Redirect,
+    host: &str,
+    uri: &http::Uri,
+    matched_prefix: Option<&str>,
+    listener_port: u16,
+) -> String {
+    let scheme = r.scheme.clone().unwrap_or_else(|| "http".into());
+    let (req_host, req_port) = split_host_port(host);
+    let hostname = r.host.clone().unwrap_or_else(|| req_host.to_owned());
+    let port = if r.gateway_api {
+        // Gateway API: an explicit port; else the scheme's well-known port when a scheme is
+        // given; else the listener's (the service port).
+        Some(r.port.unwrap_or(match r.scheme.as_deref() {
+            Some("http") => 80,
+            Some("https") => 443,
+            _ => listener_port,
+        }))
+    } else {
+        r.port.or(req_port)
+    };
+    let port = match (scheme.as_str(), port) {
+        ("http", Some(80)) | ("https", Some(443)) | (_, None) => String::new(),
+        (_, Some(p)) => format!(":{p}"),
+    };
+    let path = match &r.path {
+        Some(p) => routes::rewrite_path(uri.path(), p, matched_prefix),
+        None => uri.path().to_owned(),
+    };
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    format!("{scheme}://{hostname}{port}{path}{query}")
+}
+
+/// `host:port` split; a bare IPv6 address has no port.
+fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (host, None),
+        },
+        _ => (host, None),
+    }
+}
+
+fn record_path(uri: &http::Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| "/".into(), |p| p.to_string())
+}
+
+/// Headers that belong to one connection, not to the request.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
+}
+
+/// A random x-request-id in UUID form.
+fn request_id() -> String {
+    let v = fastrand::u128(..);
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+fn empty() -> ResponseBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn full(body: Bytes) -> ResponseBody {
+    Full::new(body).map_err(|never| match never {}).boxed()
+}
+
+/// A response made here (not by an endpoint), recorded at once.
+fn local_reply(
+    wp: &super::Waypoint,
+    record: Record,
+    status: StatusCode,
+    flags: &'static str,
+    body: &str,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(full(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    if !body.is_empty() {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    finish_local(wp, record, response, flags)
+}
+
+fn finish_local(
+    wp: &super::Waypoint,
+    record: Record,
+    response: Response<ResponseBody>,
+    flags: &'static str,
+) -> Response<ResponseBody> {
+    let bytes = response.body().size_hint().exact().unwrap_or(0);
+    record_request(wp, record, response.status().as_u16(), None, flags, bytes);
+    response
+}
+
+fn record_request(
+    wp: &super::Waypoint,
+    mut record: Record,
+    status: u16,
+    grpc_status: Option<String>,
+    flags: &'static str,
+    response_bytes: u64,
+) {
+    let duration = record.start.elapsed();
+    record.labels.response_code = status;
+    record.labels.response_flags = flags;
+    if record.grpc {
+        record.labels.grpc_response_status = grpc_status.unwrap_or_else(|| "-".into());
+    }
+    let request_bytes = record.request_bytes.load(Ordering::Relaxed);
+    wp.metrics.request(
+        &record.labels,
+        &RequestRecord {
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            request_bytes,
+            response_bytes,
+        },
+    );
+    // Envoy's default access-log format, field for field.
+    tracing::info!(
+        target: "access",
+        "[{}] \"{} {} {:?}\" {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" route={} src={} identity={}",
+        humantime_now(),
+        record.method,
+        record.path,
+        record.version,
+        status,
+        flags,
+        request_bytes,
+        response_bytes,
+        duration.as_millis(),
+        record.labels.source_workload,
+        record.user_agent,
+        record.request_id,
+        record.authority,
+        record.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+        record.route,
+        record.labels.source_workload_namespace,
+        record.labels.source_principal,
+    );
+}
+
+/// Now, as Envoy's access log writes it: `2026-12-02T09:51:35.692Z`.
+fn humantime_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+fn base_labels(
+    tunnel: &Tunnel,
+    state: &MeshState,
+    source: Option<&Workload>,
+    grpc: bool,
+) -> RequestLabels {
+    let unknown = || "unknown".to_owned();
+    let label = |w: Option<&Workload>, key: &str| {
+        w.and_then(|w| w.labels.get(key).cloned())
+            .unwrap_or_else(unknown)
+    };
+    let mut labels = RequestLabels {
+        reporter: Reporter::Waypoint,
+        source_workload: source.map_or_else(unknown, |w| w.workload_name.clone()),
+        source_workload_namespace: source.map_or_else(unknown, |w| w.namespace.clone()),
+        source_principal: tunnel
+            .ctx
+            .client
+            .as_ref()
+            .map_or_else(unknown, ToString::to_string),
+        source_app: label(source, "app"),
+        source_version: label(source, "version"),
+        source_canonical_service: source.map_or_else(unknown, crate::metrics::canonical_service),
+        source_canonical_revision: source.map_or_else(unknown, crate::metrics::canonical_revision),
+        source_cluster: "Kubernetes".into(),
+        destination_workload: unknown(),
+        destination_workload_namespace: unknown(),
+        destination_principal: unknown(),
+        destination_app: unknown(),
+        destination_version: unknown(),
+        destination_service: unknown(),
+        destination_service_name: unknown(),
+        destination_service_namespace: unknown(),
+        destination_canonical_service: unknown(),
+        destination_canonical_revision: unknown(),
+        destination_cluster: "Kubernetes".into(),
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: 0,
+        grpc_response_status: "-".into(),
+        response_flags: "-",
+        connection_security_policy: "mutual_tls",
+    };
+    // The service the request was for, even when it never reaches an endpoint.
+    if let Some(s) = tunnel.destination.service() {
+        labels.destination_service = service_host(s);
+        labels.destination_service_name = s.name.clone();
+        labels.destination_service_namespace = s.namespace.clone();
+    } else if let Destination::Workload { workload, .. } = &tunnel.destination {
+        fill_destination(
+            &mut labels,
+            Some(workload),
+            None,
+            &Identity::of(&tunnel.ctx.waypoint.settings.trust_domain, workload),
+        );
+    }
+    let _ = state;
+    labels
+}
+
+fn fill_destination(
+    labels: &mut RequestLabels,
+    workload: Option<&Workload>,
+    service: Option<&Service>,
+    peer: &Identity,
+) {
+    if let Some(w) = workload {
+        labels.destination_workload = w.workload_name.clone();
+        labels.destination_workload_namespace = w.namespace.clone();
+        labels.destination_app = w
+            .labels
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        labels.destination_version = w
+            .labels
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        labels.destination_canonical_service = crate::metrics::canonical_service(w);
+        labels.destination_canonical_revision = crate::metrics::canonical_revision(w);
+        labels.destination_principal = peer.to_string();
+    }
+    if let Some(s) = service {
+        labels.destination_service = service_host(s);
+        labels.destination_service_name = s.name.clone();
+        labels.destination_service_namespace = s.namespace.clone();
+    }
+}
+
+/// A request body that counts its bytes.
+struct Counted {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type Done = Box<dyn FnOnce(u64, Option<String>, bool) + Send + Sync>;
+
+/// A response body that counts its bytes, reads the gRPC status from its trailers, and calls
+/// `done` once when it ends or is dropped (complete or not).
+struct Observed {
+    inner: Incoming,
+    bytes: u64,
+    grpc_status: Option<String>,
+    done: Option<Done>,
+}
+
+impl Observed {
+    fn finish(&mut self, complete: bool) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes, self.grpc_status.take(), complete);
+        }
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = Some(s.to_owned());
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            None => self.finish(true),
+            Some(Err(_)) => self.finish(false),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l7::routes::{PathRewrite, Redirect};
+
+    fn redirect(
+        scheme: Option<&str>,
+        host: Option<&str>,
+        port: Option<u16>,
+        path: Option<PathRewrite>,
+        gateway_api: bool,
+    ) -> Redirect {
+        Redirect {
+            scheme: scheme.map(Into::into),
+            host: host.map(Into::into),
+            port,
+            path,
+            status: 302,
+            gateway_api,
+        }
+    }
+
+    #[test]
+    fn redirect_locations_follow_gateway_api_and_istio() {
+        let uri: http::Uri = "/original/x?q=1".parse().unwrap();
+        let cases = [
+            (
+                redirect(Some("https"), None, None, None, true),
+                "https://echo/original/x?q=1",
+            ),
+            (
+                redirect(None, Some("example.org"), None, None, true),
+                "http://example.org/original/x?q=1",
+            ),
+            (
+                redirect(None, None, Some(8083), None, true),
+                "http://echo:8083/original/x?q=1",
+            ),
+            (
+                redirect(Some("https"), None, Some(8443), None, true),
+                "https://echo:8443/original/x?q=1",
+            ),
+            (
+                redirect(
+                    None,
+                    None,
+                    None,
+                    Some(PathRewrite::Full("/full".into())),
+                    true,
+                ),
+                "http://echo/full?q=1",
+            ),
+            (
+                redirect(
+                    None,
+                    None,
+                    None,
+                    Some(PathRewrite::Prefix("/new".into())),
+                    true,
+                ),
+                "http://echo/new/x?q=1",
+            ),
+            (
+                redirect(None, Some("other"), None, None, false),
+                "http://other:8080/original/x?q=1",
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(
+                redirect_location(&r, "echo:8080", &uri, Some("/original"), 80),
+                want,
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_ids_look_like_uuids_and_differ() {
+        let (a, b) = (request_id(), request_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(
+            a.split('-').map(str::len).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+    }
+}

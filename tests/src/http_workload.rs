@@ -1,0 +1,263 @@
+//! HTTP test workloads for the waypoint suites: an echo server that reports its pod, the
+//! request it received and the headers (the Gateway API conformance suite's echo backend
+//! does the same), and a client that sends a batch of requests over one keep-alive
+//! connection (HTTP/1.1, or HTTP/2 with prior knowledge) and reports each response.
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+
+/// What the echo server answers (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Echo {
+    pub pod: String,
+    pub method: String,
+    /// Path and query as received.
+    pub path: String,
+    /// `Host` (HTTP/1.1) or `:authority` (HTTP/2).
+    pub host: String,
+    pub proto: String,
+    /// Lower-case names; repeated headers joined with `,`.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Serves the echo on `[::]:port` (dual stack) for HTTP/1.1 and HTTP/2 until killed.
+/// `GET /status/CODE` answers CODE.
+pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
+    let listener = crate::workload::bind_dual_stack(port)?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        println!("READY {port}");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let pod = pod.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let pod = pod.clone();
+                    async move { Ok::<_, Infallible>(echo(&pod, req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+async fn echo(pod: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    // Read (and drop) the body, so large uploads stream through.
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            break;
+        }
+    }
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|v| {
+                v.push(',');
+                v.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.to_string());
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let echo = Echo {
+        pod: pod.to_owned(),
+        method: parts.method.to_string(),
+        path,
+        host,
+        proto: format!("{:?}", parts.version),
+        headers,
+    };
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(&echo).unwrap_or_default(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// One request of a batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Call {
+    #[serde(default = "get")]
+    pub method: String,
+    pub path: String,
+    /// `Host` header (default: the address).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// How many times to send it.
+    #[serde(default = "one")]
+    pub count: usize,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// Sends every call (each `count` times) over one connection to `to`, HTTP/2 with prior
+/// knowledge when `h2`; a call that fails is a reply with status 0 and the error as body,
+/// after which a new connection is opened.
+pub fn run_calls(
+    to: SocketAddr,
+    h2: bool,
+    calls: &[Call],
+    timeout: Duration,
+) -> Result<Vec<Reply>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut out = Vec::new();
+        let mut sender: Option<Sender> = None;
+        for call in calls {
+            for _ in 0..call.count {
+                let s = match sender.take() {
+                    Some(s) => s,
+                    None => match tokio::time::timeout(timeout, Sender::connect(to, h2)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            out.push(failed(format!("connect: {e:#}")));
+                            continue;
+                        }
+                        Err(_) => {
+                            out.push(failed("connect: timed out".into()));
+                            continue;
+                        }
+                    },
+                };
+                let mut s = s;
+                match tokio::time::timeout(timeout, s.send(to, call)).await {
+                    Ok(Ok(reply)) => {
+                        out.push(reply);
+                        sender = Some(s);
+                    }
+                    Ok(Err(e)) => out.push(failed(format!("{e:#}"))),
+                    Err(_) => out.push(failed("request timed out".into())),
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn failed(body: String) -> Reply {
+    Reply {
+        status: 0,
+        headers: BTreeMap::new(),
+        body,
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn connect(to: SocketAddr, h2: bool) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(to)
+            .await
+            .with_context(|| format!("connecting to {to}"))?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Ok(Self::H2(sender))
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Ok(Self::H1(sender))
+        }
+    }
+
+    async fn send(&mut self, to: SocketAddr, call: &Call) -> Result<Reply> {
+        let host = call.host.clone().unwrap_or_else(|| to.to_string());
+        let uri = match self {
+            Self::H1(_) => call.path.clone(),
+            Self::H2(_) => format!("http://{host}{}", call.path),
+        };
+        let mut req = Request::builder().method(call.method.as_str()).uri(uri);
+        if matches!(self, Self::H1(_)) {
+            req = req.header(http::header::HOST, &host);
+        }
+        for (k, v) in &call.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let response = match self {
+            Self::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Self::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}

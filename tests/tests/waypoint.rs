@@ -1,0 +1,471 @@
+//! Kernel suite for the waypoint: real node agents, a real `mesh-agent waypoint` process in
+//! its own (uncaptured) pod, real HBONE. The cluster is built once; each case rewrites the
+//! configuration (Gateway API routes, VirtualService, policies) and checks what clients see.
+//! The HTTPRoute cases replay the Gateway API GAMMA mesh conformance cases (MeshBasic,
+//! MeshFrontend, MeshHTTPRouteMatching, MeshHTTPRouteQueryParamMatching,
+//! MeshHTTPRouteWeight, MeshHTTPRouteRequestHeaderModifier, MeshHTTPRouteRewritePath,
+//! the redirect cases) against `echo` backends that report their pod and the headers they
+//! received.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tests::http_workload::{Call, Echo, Reply};
+use tests::metrics::Metrics;
+use tests::{Cluster, ConfigOptions, PodSpec, eventually, require_root};
+
+const NS: &str = "mesh";
+const ECHO: &str = "10.96.10.10";
+const ECHO_V1: &str = "10.96.10.11";
+const ECHO_V2: &str = "10.96.10.12";
+const APP: u16 = 8080;
+const WAYPOINT_PRINCIPAL: &str = "spiffe://cluster.local/ns/mesh/sa/waypoint";
+
+fn vip(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), 80)
+}
+
+/// The Gateway, the waypoint-bound services, and `extra` documents.
+fn documents(extra: &[String]) -> ConfigOptions {
+    let service = |name: &str, ip: &str, selector: &str, bound: bool| {
+        let labels = if bound {
+            "  labels: {istio.io/use-waypoint: waypoint}\n"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n{labels}spec:\n  clusterIP: {ip}\n  selector: {selector}\n  ports: [{{name: http, port: 80, targetPort: {APP}}}]\n"
+        )
+    };
+    let mut opts = ConfigOptions::default()
+        .document(format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: {NS}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+        ))
+        .document(service("echo", ECHO, "{app: echo}", true))
+        .document(service("echo-v1", ECHO_V1, "{app: echo, version: v1}", true))
+        .document(service("echo-v2", ECHO_V2, "{app: echo, version: v2}", true));
+    for d in extra {
+        opts = opts.document(d.clone());
+    }
+    opts
+}
+
+fn cluster() -> Cluster {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace(NS)
+        .pod(
+            PodSpec::new("client", NS, 0)
+                .label("app", "client")
+                .service_account("client"),
+        )
+        .pod(
+            PodSpec::new("intruder", NS, 0)
+                .label("app", "intruder")
+                .service_account("intruder"),
+        )
+        .pod(
+            PodSpec::new("echo-v1", NS, 1)
+                .label("app", "echo")
+                .label("version", "v1")
+                .service_account("echo"),
+        )
+        .pod(
+            PodSpec::new("echo-v2", NS, 1)
+                .label("app", "echo")
+                .label("version", "v2")
+                .service_account("echo"),
+        )
+        .pod(
+            PodSpec::new("wp", NS, 0)
+                .label("gateway.networking.k8s.io/gateway-name", "waypoint")
+                .label("istio.io/dataplane-mode", "none")
+                .service_account("waypoint"),
+        )
+        .build()
+        .expect("building the test cluster");
+    for pod in ["echo-v1", "echo-v2"] {
+        cluster
+            .pod(pod)
+            .spawn_echo(APP)
+            .expect("starting an echo server");
+    }
+    cluster
+        .write_config(&cluster.config_path(), &documents(&[]))
+        .unwrap();
+    cluster.start_agents(&cluster.config_path()).unwrap();
+    cluster
+        .pod("wp")
+        .spawn_waypoint("waypoint", NS, &cluster.config_path(), &[])
+        .expect("starting the waypoint");
+    cluster
+}
+
+/// Rewrites the configuration with `extra` documents.
+fn apply(cluster: &Cluster, extra: &[String]) {
+    cluster
+        .write_config(&cluster.config_path(), &documents(extra))
+        .unwrap();
+}
+
+fn get(path: &str) -> Call {
+    Call {
+        method: "GET".into(),
+        path: path.into(),
+        host: None,
+        headers: vec![],
+        count: 1,
+    }
+}
+
+fn calls(cluster: &Cluster, from: &str, to: SocketAddr, calls: &[Call]) -> Vec<Reply> {
+    cluster
+        .pod(from)
+        .http_calls(to, false, calls)
+        .expect("running the HTTP client")
+}
+
+fn one(cluster: &Cluster, to: SocketAddr, call: Call) -> Reply {
+    calls(cluster, "client", to, &[call]).remove(0)
+}
+
+fn echo(reply: &Reply) -> Echo {
+    serde_json::from_str(&reply.body)
+        .unwrap_or_else(|e| panic!("not an echo ({e}): {} {}", reply.status, reply.body))
+}
+
+/// Polls until `check` holds for a fresh reply (configuration changes take a moment).
+fn until(
+    cluster: &Cluster,
+    to: SocketAddr,
+    call: &Call,
+    what: &str,
+    check: impl Fn(&Reply) -> bool,
+) {
+    let mut last = None;
+    let ok = eventually(Duration::from_secs(10), || {
+        let r = one(cluster, to, call.clone());
+        let ok = check(&r);
+        last = Some(r);
+        ok
+    });
+    assert!(ok, "{what}: last reply {last:?}");
+}
+
+fn http_route(name: &str, parent: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n  rules:\n{rules}"
+    )
+}
+
+fn waypoint_metrics(cluster: &Cluster) -> Metrics {
+    let wp = cluster.pod("wp");
+    let (status, body) = tests::in_netns(wp.netns_path(), || {
+        tests::workload::http_get(
+            "127.0.0.1:15020".parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(5),
+        )
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    Metrics::parse(&body)
+}
+
+#[test]
+fn a_waypoint_routes_authorizes_and_reports_like_istio() {
+    if !require_root() {
+        return;
+    }
+    let cluster = cluster();
+
+    // MeshBasic: no route, the service through the waypoint; the waypoint added a request id.
+    let r = one(&cluster, vip(ECHO), get("/"));
+    assert_eq!(r.status, 200, "{r:?}");
+    let e = echo(&r);
+    assert!(e.pod.starts_with("echo-v"), "{e:?}");
+    assert!(
+        e.headers.contains_key("x-request-id"),
+        "not through the waypoint: {e:?}"
+    );
+    // The destination agent saw the waypoint's identity, not the client's.
+    let dst = Metrics::parse(&cluster.node(1).metrics().unwrap());
+    assert!(
+        dst.sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", WAYPOINT_PRINCIPAL)
+            ]
+        ) > 0.0
+    );
+    assert_eq!(
+        dst.sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/mesh/sa/client"
+                )
+            ]
+        ),
+        0.0,
+        "the client reached an echo pod without the waypoint"
+    );
+
+    // The GAMMA HTTPRoute cases.
+    let routes = http_route(
+        "echo",
+        "echo",
+        "  - matches: [{path: {type: Exact, value: /v2}}]\n    backendRefs: [{name: echo-v2, port: 80}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /v1}}]\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+         \x20 - matches: [{headers: [{name: version, value: two}]}]\n    backendRefs: [{name: echo-v2, port: 80}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /q}, queryParams: [{name: animal, value: whale}]}]\n    backendRefs: [{name: echo-v2, port: 80}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /headers}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        set: [{name: X-Header-Set, value: set-overwrites-values}]\n        add: [{name: X-Header-Add, value: header-val-1}]\n        remove: [X-Header-Remove]\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /prefix/one}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /full}}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: mydomain.example, path: {type: ReplaceFullPath, replaceFullPath: /one}}}]\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /hostname-redirect}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org}}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /status-code-301}}]\n    filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /port-redirect}}]\n    filters: [{type: RequestRedirect, requestRedirect: {port: 8083}}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /scheme-redirect}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /path-redirect}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /replacement}}}]\n\
+         \x20 - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: echo-v1, port: 80, weight: 70}, {name: echo-v2, port: 80, weight: 30}]\n",
+    );
+    let only = http_route(
+        "only",
+        "echo-v1",
+        "  - matches: [{path: {type: Exact, value: /only}}]\n    backendRefs: [{name: echo-v1, port: 80}]\n",
+    );
+    apply(&cluster, &[routes.clone(), only.clone()]);
+    // Only the route answers a redirect.
+    until(
+        &cluster,
+        vip(ECHO),
+        &get("/status-code-301"),
+        "HTTPRoute applied",
+        |r| r.status == 301,
+    );
+    let pod_of = |call: Call| {
+        let r = one(&cluster, vip(ECHO), call.clone());
+        assert_eq!(r.status, 200, "{call:?}: {r:?}");
+        echo(&r).pod
+    };
+    // MeshHTTPRouteMatching: exact before prefix, segment-wise prefixes, headers.
+    assert_eq!(pod_of(get("/v2")), "echo-v2");
+    assert_eq!(pod_of(get("/v1")), "echo-v1");
+    assert_eq!(pod_of(get("/v1/x")), "echo-v1");
+    let mut h = get("/x");
+    h.headers = vec![("version".into(), "two".into())];
+    assert_eq!(pod_of(h), "echo-v2");
+    // MeshHTTPRouteQueryParamMatching.
+    assert_eq!(pod_of(get("/q?animal=whale")), "echo-v2");
+    // MeshHTTPRouteRequestHeaderModifier.
+    let mut h = get("/headers");
+    h.headers = vec![
+        ("X-Header-Set".into(), "some-other-value".into()),
+        ("X-Header-Add".into(), "add-appends-values".into()),
+        ("X-Header-Remove".into(), "val".into()),
+    ];
+    let e = echo(&one(&cluster, vip(ECHO), h));
+    assert_eq!(
+        e.headers.get("x-header-set").map(String::as_str),
+        Some("set-overwrites-values")
+    );
+    assert_eq!(
+        e.headers.get("x-header-add").map(String::as_str),
+        Some("add-appends-values,header-val-1")
+    );
+    assert!(!e.headers.contains_key("x-header-remove"), "{e:?}");
+    // MeshHTTPRouteRewritePath.
+    assert_eq!(
+        echo(&one(&cluster, vip(ECHO), get("/prefix/one/two"))).path,
+        "/one/two"
+    );
+    let e = echo(&one(&cluster, vip(ECHO), get("/full/x")));
+    assert_eq!(
+        (e.path.as_str(), e.host.as_str()),
+        ("/one", "mydomain.example")
+    );
+    // The redirect cases.
+    for (path, status, location) in [
+        (
+            "/hostname-redirect",
+            302,
+            "http://example.org/hostname-redirect",
+        ),
+        (
+            "/status-code-301",
+            301,
+            "http://10.96.10.10/status-code-301",
+        ),
+        (
+            "/port-redirect",
+            302,
+            "http://10.96.10.10:8083/port-redirect",
+        ),
+        (
+            "/scheme-redirect",
+            302,
+            "https://10.96.10.10/scheme-redirect",
+        ),
+        ("/path-redirect", 302, "http://10.96.10.10/replacement"),
+    ] {
+        let r = one(&cluster, vip(ECHO), get(path));
+        assert_eq!(r.status, status, "{path}: {r:?}");
+        assert_eq!(
+            r.headers.get("location").map(String::as_str),
+            Some(location),
+            "{path}"
+        );
+    }
+    // No matching rule on a service with routes: 404.
+    assert_eq!(one(&cluster, vip(ECHO_V1), get("/other")).status, 404);
+    assert_eq!(one(&cluster, vip(ECHO_V1), get("/only")).status, 200);
+    // MeshFrontend: the route binds to the Service address, not to the pod's.
+    let v1_pod = SocketAddr::new(cluster.pod("echo-v1").ipv4().into(), APP);
+    assert_eq!(echo(&one(&cluster, v1_pod, get("/v2"))).pod, "echo-v1");
+    // MeshHTTPRouteWeight: 500 requests, 70/30, within 5 %.
+    let mut w = get("/weighted");
+    w.count = 500;
+    let replies = calls(&cluster, "client", vip(ECHO), &[w]);
+    let v1 = replies.iter().filter(|r| echo(r).pod == "echo-v1").count();
+    assert!(
+        (325..=375).contains(&v1),
+        "70 % of 500 to echo-v1, got {v1}"
+    );
+
+    // VirtualService and DestinationRule (Istio's reviews tasks): jason to v2, else 75/25.
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo, namespace: {NS}}}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]\n    route: [{{destination: {{host: echo, subset: v2}}}}]\n  - route:\n    - {{destination: {{host: echo, subset: v1}}, weight: 75}}\n    - {{destination: {{host: echo, subset: v2}}, weight: 25}}\n"
+    );
+    let dr = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: {NS}}}\nspec:\n  host: echo\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    apply(&cluster, &[vs, dr]);
+    let mut jason = get("/reviews");
+    jason.headers = vec![("end-user".into(), "jason".into())];
+    // The HTTPRoute before it sends 30 % to v2: ten in a row is the VirtualService.
+    let applied = eventually(Duration::from_secs(10), || {
+        let mut ten = jason.clone();
+        ten.count = 10;
+        calls(&cluster, "client", vip(ECHO), &[ten])
+            .iter()
+            .all(|r| r.status == 200 && echo(r).pod == "echo-v2")
+    });
+    assert!(applied, "the VirtualService did not apply");
+    let mut split = get("/reviews");
+    split.count = 2000;
+    let replies = calls(&cluster, "client", vip(ECHO), &[split]);
+    assert!(replies.iter().all(|r| r.status == 200));
+    let v1 = replies.iter().filter(|r| echo(r).pod == "echo-v1").count();
+    assert!(
+        (1440..=1560).contains(&v1),
+        "75 % of 2000 to v1 within 3 %, got {v1}"
+    );
+
+    // L7 authorization at the waypoint, on the client's identity.
+    let policy = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: get-only, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/mesh/sa/client]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
+    );
+    apply(&cluster, &[policy]);
+    let delete = Call {
+        method: "DELETE".into(),
+        ..get("/")
+    };
+    until(&cluster, vip(ECHO), &delete, "policy applied", |r| {
+        r.status == 403
+    });
+    let r = one(&cluster, vip(ECHO), delete.clone());
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(one(&cluster, vip(ECHO), get("/")).status, 200);
+    let r = calls(&cluster, "intruder", vip(ECHO), &[get("/")]).remove(0);
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+
+    // Request metrics, with Kiali's labels.
+    let before = waypoint_metrics(&cluster);
+    let mut ten = get("/");
+    ten.count = 10;
+    assert!(
+        calls(&cluster, "client", vip(ECHO), &[ten])
+            .iter()
+            .all(|r| r.status == 200)
+    );
+    let after = waypoint_metrics(&cluster);
+    let filter = [
+        ("reporter", "waypoint"),
+        ("response_code", "200"),
+        ("source_workload", "client"),
+        ("destination_service_name", "echo"),
+    ];
+    assert_eq!(after.delta(&before, "istio_requests_total", &filter), 10.0);
+    let series: Vec<_> = after.select("istio_requests_total", &filter).collect();
+    let labels: BTreeMap<&str, &str> = series[0]
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    for key in [
+        "source_workload_namespace",
+        "source_principal",
+        "source_app",
+        "source_version",
+        "source_canonical_service",
+        "source_canonical_revision",
+        "source_cluster",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_app",
+        "destination_version",
+        "destination_service",
+        "destination_service_namespace",
+        "destination_canonical_service",
+        "destination_canonical_revision",
+        "destination_cluster",
+        "request_protocol",
+        "grpc_response_status",
+        "response_flags",
+        "connection_security_policy",
+    ] {
+        assert!(labels.contains_key(key), "{key} missing: {labels:?}");
+    }
+    assert_eq!(labels["destination_app"], "echo");
+    assert_eq!(
+        labels["source_principal"],
+        "spiffe://cluster.local/ns/mesh/sa/client"
+    );
+    assert_eq!(labels["connection_security_policy"], "mutual_tls");
+    assert!(after.sum("istio_request_duration_milliseconds_count", &filter) >= 10.0);
+
+    // A waypoint without a ready pod: traffic goes direct (as Istio's), and it is said.
+    let mut without = documents(&[]);
+    without.exclude_pods.insert("wp".into());
+    cluster
+        .write_config(&cluster.config_path(), &without)
+        .unwrap();
+    until(
+        &cluster,
+        vip(ECHO),
+        &get("/"),
+        "direct without the waypoint",
+        |r| r.status == 200 && !echo(r).headers.contains_key("x-request-id"),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            cluster
+                .node(0)
+                .agent_log()
+                .contains("waypoint mesh/waypoint has no ready pod")
+        }),
+        "no warning in the agent log"
+    );
+    let dump = cluster.node(0).config_dump().unwrap();
+    assert!(
+        dump.to_string().contains("has no ready pod"),
+        "no warning in /config_dump"
+    );
+    cluster.teardown().unwrap();
+}
