@@ -37,7 +37,7 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
 
 async fn handle(
     proxy: &Proxy,
-    pod: &PodContext,
+    pod: &Arc<PodContext>,
     mut downstream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
@@ -78,7 +78,7 @@ async fn handle(
     };
     let labels = labels(Reporter::Destination, &state, &info);
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
-    let revoked = revoked(config, pod.workload.clone(), authz_peer);
+    let revoked = revoked(config, pod.clone(), authz_peer);
     let (t, error) = copy::tcp(&mut downstream, &mut upstream, revoked).await;
     tracked.finish(
         t.downstream_to_upstream,

@@ -126,7 +126,7 @@ impl Call<'_> {
     /// knows both ends), then the connection is delivered straight into its namespace.
     async fn same_node(
         mut self,
-        dst: &PodContext,
+        dst: &Arc<PodContext>,
         target: SocketAddr,
         service: Option<&Service>,
     ) -> Result<(), ProxyError> {
@@ -153,7 +153,7 @@ impl Call<'_> {
             mutual_tls: true,
             service: service_name(service),
         };
-        let revoked = revoked(self.config, dst.workload.clone(), peer_id);
+        let revoked = revoked(self.config, dst.clone(), peer_id);
         let as_source = Tracked::open(
             &proxy.metrics,
             labels(Reporter::Source, state, &info),

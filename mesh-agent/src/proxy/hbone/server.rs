@@ -287,7 +287,7 @@ async fn handle(
         send,
         recv: req.into_body(),
     };
-    let revoked = revoked(config, pod.workload.clone(), authz_peer);
+    let revoked = revoked(config, pod.clone(), authz_peer);
     let src_workload = state.workload_by_ip(peer.ip());
     let info = ConnInfo {
         src: src_workload,
