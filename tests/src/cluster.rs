@@ -1488,7 +1488,15 @@ impl Pod {
     ) -> Result<Vec<crate::http_workload::Reply>> {
         let to = to.to_string();
         let calls = serde_json::to_string(calls)?;
-        let mut args = vec!["http-calls", "--to", &to, "--calls", &calls];
+        let mut args = vec![
+            "http-calls",
+            "--to",
+            &to,
+            "--calls",
+            &calls,
+            "--timeout-ms",
+            "120000",
+        ];
         if h2 {
             args.push("--h2");
         }

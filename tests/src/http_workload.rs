@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Dur
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,8 @@ pub struct Echo {
 }
 
 /// Serves the echo on `[::]:port` (dual stack) for HTTP/1.1 and HTTP/2 until killed.
-/// `GET /status/CODE` answers CODE.
+/// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks. The
+/// echo reports the request body's length in the `x-body-bytes` response header.
 pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
     let listener = crate::workload::bind_dual_stack(port)?;
     listener.set_nonblocking(true)?;
@@ -55,14 +56,47 @@ pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
     })
 }
 
-async fn echo(pod: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    // Read (and drop) the body, so large uploads stream through.
-    let mut body = body;
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            break;
+type Body = BoxBody<Bytes, Infallible>;
+
+const CHUNK: usize = 64 * 1024;
+
+/// `n` bytes of zeros, streamed in [`CHUNK`]s.
+fn zeros(n: u64) -> Body {
+    let chunk = Bytes::from(vec![0u8; CHUNK]);
+    let mut left = n;
+    let stream = futures::stream::poll_fn(move |_| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
         }
+        let len = left.min(CHUNK as u64) as usize;
+        left -= len as u64;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk.slice(..len)))))
+    });
+    StreamBody::new(stream).boxed()
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed()
+}
+
+async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    // Read (and drop) the body as it comes, so large uploads stream through.
+    let mut body = body;
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => received += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    if let Some(n) = parts
+        .uri
+        .path()
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        return Response::new(zeros(n));
     }
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &parts.headers {
@@ -99,13 +133,17 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
         proto: format!("{:?}", parts.version),
         headers,
     };
-    let mut response = Response::new(Full::new(Bytes::from(
+    let mut response = Response::new(full(Bytes::from(
         serde_json::to_vec(&echo).unwrap_or_default(),
     )));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        "x-body-bytes",
+        http::HeaderValue::from_str(&received.to_string()).expect("digits"),
     );
     response
 }
@@ -124,6 +162,9 @@ pub struct Call {
     /// How many times to send it.
     #[serde(default = "one")]
     pub count: usize,
+    /// A streamed request body of this many bytes (none when 0).
+    #[serde(default)]
+    pub upload: u64,
 }
 
 fn get() -> String {
@@ -139,8 +180,15 @@ fn one() -> usize {
 pub struct Reply {
     pub status: u16,
     pub headers: BTreeMap<String, String>,
+    /// The body, when under 1 MiB (else empty: see `bytes`).
     pub body: String,
+    /// The body's length, read as it streamed.
+    #[serde(default)]
+    pub bytes: u64,
 }
+
+/// Bodies above this are counted, not kept.
+const KEEP_BODY: u64 = 1024 * 1024;
 
 /// Sends every call (each `count` times) over one connection to `to`, HTTP/2 with prior
 /// knowledge when `h2`; a call that fails is a reply with status 0 and the error as body,
@@ -193,12 +241,13 @@ fn failed(body: String) -> Reply {
         status: 0,
         headers: BTreeMap::new(),
         body,
+        bytes: 0,
     }
 }
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
 impl Sender {
@@ -232,7 +281,12 @@ impl Sender {
         for (k, v) in &call.headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        let req = req.body(Full::new(Bytes::new()))?;
+        let body = if call.upload > 0 {
+            zeros(call.upload)
+        } else {
+            full(Bytes::new())
+        };
+        let req = req.body(body)?;
         let response = match self {
             Self::H1(s) => {
                 s.ready().await?;
@@ -243,9 +297,24 @@ impl Sender {
                 s.send_request(req).await?
             }
         };
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
+        let (parts, mut body) = response.into_parts();
+        let mut kept = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Some(d) = frame?.data_ref() {
+                bytes += d.len() as u64;
+                if bytes <= KEEP_BODY {
+                    kept.extend_from_slice(d);
+                }
+            }
+        }
+        let body = if bytes <= KEEP_BODY {
+            Bytes::from(kept)
+        } else {
+            Bytes::new()
+        };
         Ok(Reply {
+            bytes,
             status: parts.status.as_u16(),
             headers: parts
                 .headers

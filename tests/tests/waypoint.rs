@@ -51,7 +51,17 @@ fn documents(extra: &[String]) -> ConfigOptions {
     opts
 }
 
-fn cluster() -> Cluster {
+/// A process's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+fn cluster() -> (Cluster, tests::Process) {
     let cluster = Cluster::builder()
         .nodes(2)
         .ambient_namespace(NS)
@@ -95,11 +105,11 @@ fn cluster() -> Cluster {
         .write_config(&cluster.config_path(), &documents(&[]))
         .unwrap();
     cluster.start_agents(&cluster.config_path()).unwrap();
-    cluster
+    let waypoint = cluster
         .pod("wp")
         .spawn_waypoint("waypoint", NS, &cluster.config_path(), &[])
         .expect("starting the waypoint");
-    cluster
+    (cluster, waypoint)
 }
 
 /// Rewrites the configuration with `extra` documents.
@@ -116,6 +126,7 @@ fn get(path: &str) -> Call {
         host: None,
         headers: vec![],
         count: 1,
+        upload: 0,
     }
 }
 
@@ -179,7 +190,7 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     if !require_root() {
         return;
     }
-    let cluster = cluster();
+    let (cluster, waypoint) = cluster();
 
     // MeshBasic: no route, the service through the waypoint; the waypoint added a request id.
     let r = one(&cluster, vip(ECHO), get("/"));
@@ -215,6 +226,42 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
         0.0,
         "the client reached an echo pod without the waypoint"
     );
+
+    // 200 MiB up and 200 MiB down stream through the waypoint: its peak memory barely moves.
+    const BIG: u64 = 200 * 1024 * 1024;
+    let before = peak_rss_kib(waypoint.pid());
+    let upload = Call {
+        method: "POST".into(),
+        upload: BIG,
+        ..get("/upload")
+    };
+    let replies = calls(
+        &cluster,
+        "client",
+        vip(ECHO),
+        &[upload, get(&format!("/bytes/{BIG}"))],
+    );
+    assert_eq!(replies[0].status, 200, "{:?}", replies[0]);
+    assert_eq!(
+        replies[0].headers.get("x-body-bytes"),
+        Some(&BIG.to_string())
+    );
+    assert_eq!((replies[1].status, replies[1].bytes), (200, BIG));
+    let grown = peak_rss_kib(waypoint.pid()).saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "the waypoint's peak RSS grew by {grown} KiB"
+    );
+
+    // HTTP/2 with prior knowledge (h2c) through the waypoint.
+    let h2 = cluster
+        .pod("client")
+        .http_calls(vip(ECHO), true, &[get("/")])
+        .unwrap()
+        .remove(0);
+    assert_eq!(h2.status, 200, "{h2:?}");
+    assert_eq!(echo(&h2).proto, "HTTP/2.0");
+    assert!(echo(&h2).headers.contains_key("x-request-id"));
 
     // The GAMMA HTTPRoute cases.
     let routes = http_route(
@@ -324,6 +371,16 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     // No matching rule on a service with routes: 404.
     assert_eq!(one(&cluster, vip(ECHO_V1), get("/other")).status, 404);
     assert_eq!(one(&cluster, vip(ECHO_V1), get("/only")).status, 200);
+    // Routing applies to HTTP/2 requests too.
+    let h2 = cluster
+        .pod("client")
+        .http_calls(vip(ECHO), true, &[get("/v2")])
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (echo(&h2).pod.as_str(), echo(&h2).proto.as_str()),
+        ("echo-v2", "HTTP/2.0")
+    );
     // MeshFrontend: the route binds to the Service address, not to the pod's.
     let v1_pod = SocketAddr::new(cluster.pod("echo-v1").ipv4().into(), APP);
     assert_eq!(echo(&one(&cluster, v1_pod, get("/v2"))).pod, "echo-v1");

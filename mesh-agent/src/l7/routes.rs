@@ -74,6 +74,38 @@ pub struct Rule {
     pub response_headers: HeaderOps,
     pub rewrite: Option<Rewrite>,
     pub action: Action,
+    /// Requests this rule has split among its backends (see [`Rule::pick`]).
+    picks: std::sync::atomic::AtomicU64,
+}
+
+impl Rule {
+    /// The backend for the next request, by weight: a golden-ratio (Weyl) sequence over the
+    /// weights, so any run of requests is split within a fraction of a percent of the
+    /// weights (a random draw is off by several percent over a few hundred requests).
+    /// `None` when there is no backend or the weights add up to 0.
+    pub fn pick(&self) -> Option<&Backend> {
+        let Action::Forward(backends) = &self.action else {
+            return None;
+        };
+        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let n = self
+            .picks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        const PHI: f64 = 0.618_033_988_749_894_9;
+        let mut point = (((n as f64) * PHI).fract() * total as f64) as u64;
+        backends.iter().find(|b| {
+            let w = u64::from(b.weight);
+            if point < w {
+                true
+            } else {
+                point -= w;
+                false
+            }
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -959,6 +991,7 @@ fn compile_http_rule(route: &HttpRoute, index: usize, rule: &config::HttpRouteRu
         response_headers: HeaderOps::default(),
         rewrite: None,
         action: Action::Forward(Vec::new()),
+        picks: start(),
     };
     let mut redirect = None;
     for f in &rule.filters {
@@ -1089,7 +1122,13 @@ fn compile_vs_route(vs: &VirtualService, index: usize, route: &config::VsHttpRou
             path: r.uri.clone().map(PathRewrite::Prefix),
         }),
         action,
+        picks: start(),
     }
+}
+
+/// Where a rule's weighted sequence starts: random, so that replicas do not move in step.
+fn start() -> std::sync::atomic::AtomicU64 {
+    std::sync::atomic::AtomicU64::new(fastrand::u64(..1 << 32))
 }
 
 /// An Istio destination host as (namespace, name): `name` in the object's namespace, or
@@ -1339,6 +1378,51 @@ mod tests {
             d.subsets["v1"],
             vec![("version".to_owned(), "v1".to_owned())]
         );
+    }
+
+    #[test]
+    fn weighted_backends_are_split_to_the_weights_in_any_run() {
+        let routes = Routes::build(
+            &[service("shop", "echo")],
+            &[http_route(
+                "r",
+                json!([{"backendRefs": [{"name": "a", "port": 80, "weight": 70},
+                                        {"name": "b", "port": 80, "weight": 30},
+                                        {"name": "zero", "port": 80, "weight": 0}]}]),
+            )],
+            &[],
+            &[],
+        );
+        let map = HeaderMap::new();
+        let Selection::Rule { rule, .. } =
+            routes.select(&service("shop", "echo"), &view("GET", "/", &map))
+        else {
+            panic!("no rule");
+        };
+        for run in [100, 500, 2000] {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for _ in 0..run {
+                *counts.entry(rule.pick().unwrap().name.clone()).or_default() += 1;
+            }
+            let a = counts.get("a").copied().unwrap_or(0) as f64 / run as f64;
+            assert!((a - 0.7).abs() < 0.02, "{run}: {counts:?}");
+            assert!(!counts.contains_key("zero"), "{counts:?}");
+        }
+        let zero = Routes::build(
+            &[service("shop", "echo")],
+            &[http_route(
+                "r",
+                json!([{"backendRefs": [{"name": "a", "port": 80, "weight": 0}]}]),
+            )],
+            &[],
+            &[],
+        );
+        let Selection::Rule { rule, .. } =
+            zero.select(&service("shop", "echo"), &view("GET", "/", &map))
+        else {
+            panic!("no rule");
+        };
+        assert!(rule.pick().is_none());
     }
 
     #[test]

@@ -454,23 +454,12 @@ fn choose_target<'a>(
             backend: None,
         });
     };
-    let backend = match rule.map(|r| &r.action) {
-        Some(Action::Forward(backends)) => {
-            let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-            if total == 0 {
-                return Err((StatusCode::INTERNAL_SERVER_ERROR, "NR", ""));
-            }
-            let mut pick = fastrand::u64(..total);
-            backends.iter().find(|b| {
-                let w = u64::from(b.weight);
-                if pick < w {
-                    true
-                } else {
-                    pick -= w;
-                    false
-                }
-            })
-        }
+    let backend = match rule {
+        Some(r) if matches!(r.action, Action::Forward(_)) => match r.pick() {
+            Some(b) => Some(b),
+            // No backend, or weights adding up to 0 (Gateway API: 500).
+            None => return Err((StatusCode::INTERNAL_SERVER_ERROR, "NR", "")),
+        },
         _ => None,
     };
     let gateway_api = rule.is_some_and(|r| r.origin.starts_with("HTTPRoute"));

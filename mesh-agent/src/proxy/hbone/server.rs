@@ -15,6 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::FutureExt;
 use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
@@ -153,11 +154,10 @@ where
                 let (request, respond) = request?;
                 idle_since = None;
                 let guard = streams.open();
-                let task = open(request, respond);
-                tokio::spawn(async move {
-                    task.await;
-                    drop(guard);
-                });
+                // `map`, not an async block awaiting it: a future moved into an async block
+                // and awaited there is stored twice, which doubled each tunnel's memory.
+                let task = open(request, respond).map(move |()| drop(guard));
+                tokio::spawn(task);
             }
             () = streams.idle.notified(), if idle_since.is_none() => {
                 if streams.open.load(Ordering::Acquire) == 0 {
