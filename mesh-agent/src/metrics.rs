@@ -82,7 +82,26 @@ fn size_histogram() -> Histogram {
 
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
-/// One finished request, for [`Metrics::request`].
+/// The series of one request label set ([`Metrics::request_handles`]).
+#[derive(Debug, Clone)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestHandles {
+    /// One finished request.
+    pub fn record(&self, record: &RequestRecord) {
+        self.requests.inc();
+        self.duration.observe(record.duration_ms);
+        self.request_bytes.observe(record.request_bytes as f64);
+        self.response_bytes.observe(record.response_bytes as f64);
+    }
+}
+
+/// One finished request, for [`RequestHandles::record`].
 pub struct RequestRecord {
     pub duration_ms: f64,
     pub request_bytes: u64,
@@ -309,18 +328,14 @@ impl Metrics {
         self.handshakes_refused.inc();
     }
 
-    /// One finished HTTP request.
-    pub fn request(&self, labels: &RequestLabels, record: &RequestRecord) {
-        self.requests.get_or_create(labels).inc();
-        self.request_duration
-            .get_or_create(labels)
-            .observe(record.duration_ms);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(record.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(record.response_bytes as f64);
+    /// The series of one label set, to record requests into without looking them up again.
+    pub fn request_handles(&self, labels: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.request_duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
     }
 
     /// The OpenMetrics text exposition of every series ([`CONTENT_TYPE`]).

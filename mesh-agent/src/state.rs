@@ -409,6 +409,10 @@ impl MeshState {
     }
 
     /// Where `service` (by namespace and name) is in `services`. O(log n), no allocation.
+    pub fn service_position(&self, service: &Service) -> Option<usize> {
+        self.service_index(service)
+    }
+
     fn service_index(&self, service: &Service) -> Option<usize> {
         self.services
             .binary_search_by(|s| {

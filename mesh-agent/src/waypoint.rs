@@ -375,6 +375,7 @@ impl TunnelContext {
             ctx: self,
             target,
             destination,
+            handles: Default::default(),
         });
         match protocol {
             AppProtocol::Http => request::serve_http(tunnel, io).await,

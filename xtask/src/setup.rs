@@ -17,7 +17,16 @@ const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 const STABLE_COMPONENTS: [&str; 2] = ["clippy", "rustfmt"];
 /// Load generators `mesh-bench` runs inside pods (program, Debian package); its smoke
 /// run is part of `cargo xtask test`.
-const BENCH_TOOLS: [(&str, &str); 2] = [("iperf3", "iperf3"), ("wrk", "wrk")];
+const BENCH_TOOLS: [(&str, &str); 3] = [
+    ("iperf3", "iperf3"),
+    ("wrk", "wrk"),
+    // The reverse proxy the waypoint is measured against.
+    ("nginx", "nginx-light"),
+];
+
+/// Debian's "do not start services from package scripts" hook: the benchmark runs its
+/// own nginx in a test pod; the package must not start one on the machine's port 80.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 pub fn setup(env: &Env) -> Result<()> {
     // Debian packages first (bpf-linker links against llvm-22-dev), in one apt run.
@@ -100,12 +109,22 @@ fn apt_install(env: &Env, packages: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .arg("update"),
     )?;
-    process::run(
+    let own_policy = !Path::new(POLICY_RC_D).exists();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = process::run(
         env.command("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y"])
             .args(packages),
-    )?;
+    );
+    if own_policy {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+    }
+    installed?;
     if packages.contains(&"llvm-22-dev") && !llvm_present() {
         bail!("apt-get installed llvm-22-dev but {LLVM_PREFIX}/lib/libLLVM.so is still missing");
     }

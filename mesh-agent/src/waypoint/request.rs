@@ -10,6 +10,7 @@
 //! ends (or is abandoned), so streamed bodies are measured whole.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
@@ -34,7 +35,7 @@ use super::{
 use crate::{
     identity::Identity,
     l7::routes::{self, Action, Backend, LoadBalancer, RequestView, Rule, Selection},
-    metrics::{ConnectionLabels, Reporter, RequestLabels, RequestRecord},
+    metrics::{ConnectionLabels, Reporter, RequestHandles, RequestLabels, RequestRecord},
     proxy::hbone::io::TunnelIo,
     rbac,
     state::{MeshState, Service, ServicePort, Workload},
@@ -49,7 +50,25 @@ pub struct Tunnel {
     /// The `CONNECT` authority.
     pub target: SocketAddr,
     pub destination: Destination,
+    /// The metric handles of this tunnel's requests by what varies between them: the
+    /// labels are built and hashed once per kind of outcome, not once per request.
+    pub handles: std::sync::Mutex<HashMap<HandleKey, Arc<RequestHandles>>>,
 }
+
+/// What distinguishes the label sets of one tunnel's requests: the state they were judged
+/// in (by address), the backend service (by index), the endpoint, the outcome.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct HandleKey {
+    state: usize,
+    service: Option<usize>,
+    endpoint: Option<std::net::IpAddr>,
+    code: u16,
+    flags: &'static str,
+    grpc_status: Option<String>,
+}
+
+/// Entries kept per tunnel before the cache starts over (states change, endpoints move).
+const MAX_HANDLES: usize = 64;
 
 /// Serves HTTP/1.1 or HTTP/2 (detected) on the tunnel until it ends.
 pub async fn serve_http(tunnel: Arc<Tunnel>, io: TunnelIo) {
@@ -146,6 +165,8 @@ fn service_host(s: &Service) -> String {
 
 /// What is known of a request for its metrics and log line.
 struct Record {
+    tunnel: Arc<Tunnel>,
+    state: Arc<MeshState>,
     start: Instant,
     method: String,
     path: String,
@@ -155,7 +176,8 @@ struct Record {
     request_id: String,
     user_agent: String,
     request_bytes: Arc<AtomicU64>,
-    labels: RequestLabels,
+    /// The backend service, by index in the state (else the tunnel's own).
+    service: Option<usize>,
     upstream: Option<SocketAddr>,
     route: String,
 }
@@ -182,9 +204,10 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
-    let source = state.workload_by_ip(tunnel.ctx.peer.ip());
     let request_bytes = Arc::new(AtomicU64::new(0));
     let mut record = Record {
+        tunnel: tunnel.clone(),
+        state: state.clone(),
         start: Instant::now(),
         method: parts.method.to_string(),
         path: parts
@@ -197,7 +220,10 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         request_id: header_text(&parts.headers, "x-request-id"),
         user_agent: header_text(&parts.headers, "user-agent"),
         request_bytes: request_bytes.clone(),
-        labels: base_labels(&tunnel, &state, source, grpc),
+        service: tunnel
+            .destination
+            .service()
+            .and_then(|s| state.service_position(s)),
         upstream: None,
         route: "-".into(),
     };
@@ -308,12 +334,9 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         backend.request_headers.apply(&mut parts.headers);
     }
     record.upstream = Some(target.endpoint);
-    fill_destination(
-        &mut record.labels,
-        target.workload.as_ref(),
-        target.service.as_ref(),
-        &target.peer,
-    );
+    if let Some(s) = target.service {
+        record.service = state.service_position(s);
+    }
 
     // The request as the endpoint gets it.
     let mut path = record_path(&parts.uri);
@@ -418,8 +441,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
 struct Target<'a> {
     endpoint: SocketAddr,
     peer: Identity,
-    workload: Option<Workload>,
-    service: Option<Service>,
+    service: Option<&'a Service>,
     backend: Option<&'a Backend>,
 }
 
@@ -427,10 +449,10 @@ type Failure = (StatusCode, &'static str, &'static str);
 
 fn choose_target<'a>(
     tunnel: &Tunnel,
-    state: &MeshState,
+    state: &'a MeshState,
     rule: Option<&'a Rule>,
-    service: Option<&Service>,
-    service_port: Option<&ServicePort>,
+    service: Option<&'a Service>,
+    service_port: Option<&'a ServicePort>,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Target<'a>, Failure> {
@@ -449,7 +471,6 @@ fn choose_target<'a>(
         return Ok(Target {
             endpoint: tunnel.target,
             peer: Identity::of(td, workload),
-            workload: Some(workload.clone()),
             service: None,
             backend: None,
         });
@@ -527,8 +548,7 @@ fn choose_target<'a>(
     Ok(Target {
         endpoint,
         peer: Identity::of(td, workload),
-        workload: Some(workload.clone()),
-        service: Some(svc.clone()),
+        service: Some(svc),
         backend,
     })
 }
@@ -666,27 +686,42 @@ fn finish_local(
 
 fn record_request(
     wp: &super::Waypoint,
-    mut record: Record,
+    record: Record,
     status: u16,
     grpc_status: Option<String>,
     flags: &'static str,
     response_bytes: u64,
 ) {
     let duration = record.start.elapsed();
-    record.labels.response_code = status;
-    record.labels.response_flags = flags;
-    if record.grpc {
-        record.labels.grpc_response_status = grpc_status.unwrap_or_else(|| "-".into());
-    }
     let request_bytes = record.request_bytes.load(Ordering::Relaxed);
-    wp.metrics.request(
-        &record.labels,
-        &RequestRecord {
-            duration_ms: duration.as_secs_f64() * 1000.0,
-            request_bytes,
-            response_bytes,
-        },
-    );
+    let key = HandleKey {
+        state: Arc::as_ptr(&record.state) as usize,
+        service: record.service,
+        endpoint: record.upstream.map(|u| u.ip()),
+        code: status,
+        flags,
+        grpc_status: if record.grpc { grpc_status } else { None },
+    };
+    let handles = {
+        let mut cache = record.tunnel.handles.lock().expect("handles lock");
+        match cache.get(&key) {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new(wp.metrics.request_handles(&labels(&record, &key)));
+                if cache.len() >= MAX_HANDLES {
+                    cache.clear();
+                }
+                cache.insert(key, h.clone());
+                h
+            }
+        }
+    };
+    handles.record(&RequestRecord {
+        duration_ms: duration.as_secs_f64() * 1000.0,
+        request_bytes,
+        response_bytes,
+    });
+    let source = record.state.workload_by_ip(record.tunnel.ctx.peer.ip());
     // Envoy's default access-log format, field for field.
     tracing::info!(
         target: "access",
@@ -700,14 +735,19 @@ fn record_request(
         request_bytes,
         response_bytes,
         duration.as_millis(),
-        record.labels.source_workload,
+        source.map_or("unknown", |w| w.workload_name.as_str()),
         record.user_agent,
         record.request_id,
         record.authority,
         record.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
         record.route,
-        record.labels.source_workload_namespace,
-        record.labels.source_principal,
+        source.map_or("unknown", |w| w.namespace.as_str()),
+        record
+            .tunnel
+            .ctx
+            .client
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), ToString::to_string),
     );
 }
 
@@ -737,18 +777,30 @@ fn humantime_now() -> String {
     )
 }
 
-fn base_labels(
-    tunnel: &Tunnel,
-    state: &MeshState,
-    source: Option<&Workload>,
-    grpc: bool,
-) -> RequestLabels {
+/// The request's label set (Istio's), built on a cache miss.
+fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
     let unknown = || "unknown".to_owned();
+    let state = &record.state;
+    let tunnel = &record.tunnel;
     let label = |w: Option<&Workload>, key: &str| {
         w.and_then(|w| w.labels.get(key).cloned())
             .unwrap_or_else(unknown)
     };
-    let mut labels = RequestLabels {
+    let source = state.workload_by_ip(tunnel.ctx.peer.ip());
+    // The endpoint's workload; for a workload address without one, the tunnel's.
+    let destination =
+        key.endpoint
+            .and_then(|ip| state.workload_by_ip(ip))
+            .or(match &tunnel.destination {
+                Destination::Workload { workload, .. } => Some(workload),
+                Destination::Service { .. } => None,
+            });
+    let service = key
+        .service
+        .and_then(|i| state.services.get(i))
+        .or_else(|| tunnel.destination.service());
+    let td = &tunnel.ctx.waypoint.settings.trust_domain;
+    RequestLabels {
         reporter: Reporter::Waypoint,
         source_workload: source.map_or_else(unknown, |w| w.workload_name.clone()),
         source_workload_namespace: source.map_or_else(unknown, |w| w.namespace.clone()),
@@ -762,67 +814,25 @@ fn base_labels(
         source_canonical_service: source.map_or_else(unknown, crate::metrics::canonical_service),
         source_canonical_revision: source.map_or_else(unknown, crate::metrics::canonical_revision),
         source_cluster: "Kubernetes".into(),
-        destination_workload: unknown(),
-        destination_workload_namespace: unknown(),
-        destination_principal: unknown(),
-        destination_app: unknown(),
-        destination_version: unknown(),
-        destination_service: unknown(),
-        destination_service_name: unknown(),
-        destination_service_namespace: unknown(),
-        destination_canonical_service: unknown(),
-        destination_canonical_revision: unknown(),
+        destination_workload: destination.map_or_else(unknown, |w| w.workload_name.clone()),
+        destination_workload_namespace: destination.map_or_else(unknown, |w| w.namespace.clone()),
+        destination_principal: destination
+            .map_or_else(unknown, |w| Identity::of(td, w).to_string()),
+        destination_app: label(destination, "app"),
+        destination_version: label(destination, "version"),
+        destination_service: service.map_or_else(unknown, service_host),
+        destination_service_name: service.map_or_else(unknown, |s| s.name.clone()),
+        destination_service_namespace: service.map_or_else(unknown, |s| s.namespace.clone()),
+        destination_canonical_service: destination
+            .map_or_else(unknown, crate::metrics::canonical_service),
+        destination_canonical_revision: destination
+            .map_or_else(unknown, crate::metrics::canonical_revision),
         destination_cluster: "Kubernetes".into(),
-        request_protocol: if grpc { "grpc" } else { "http" },
-        response_code: 0,
-        grpc_response_status: "-".into(),
-        response_flags: "-",
+        request_protocol: if record.grpc { "grpc" } else { "http" },
+        response_code: key.code,
+        grpc_response_status: key.grpc_status.clone().unwrap_or_else(|| "-".into()),
+        response_flags: key.flags,
         connection_security_policy: "mutual_tls",
-    };
-    // The service the request was for, even when it never reaches an endpoint.
-    if let Some(s) = tunnel.destination.service() {
-        labels.destination_service = service_host(s);
-        labels.destination_service_name = s.name.clone();
-        labels.destination_service_namespace = s.namespace.clone();
-    } else if let Destination::Workload { workload, .. } = &tunnel.destination {
-        fill_destination(
-            &mut labels,
-            Some(workload),
-            None,
-            &Identity::of(&tunnel.ctx.waypoint.settings.trust_domain, workload),
-        );
-    }
-    let _ = state;
-    labels
-}
-
-fn fill_destination(
-    labels: &mut RequestLabels,
-    workload: Option<&Workload>,
-    service: Option<&Service>,
-    peer: &Identity,
-) {
-    if let Some(w) = workload {
-        labels.destination_workload = w.workload_name.clone();
-        labels.destination_workload_namespace = w.namespace.clone();
-        labels.destination_app = w
-            .labels
-            .get("app")
-            .cloned()
-            .unwrap_or_else(|| "unknown".into());
-        labels.destination_version = w
-            .labels
-            .get("version")
-            .cloned()
-            .unwrap_or_else(|| "unknown".into());
-        labels.destination_canonical_service = crate::metrics::canonical_service(w);
-        labels.destination_canonical_revision = crate::metrics::canonical_revision(w);
-        labels.destination_principal = peer.to_string();
-    }
-    if let Some(s) = service {
-        labels.destination_service = service_host(s);
-        labels.destination_service_name = s.name.clone();
-        labels.destination_service_namespace = s.namespace.clone();
     }
 }
 

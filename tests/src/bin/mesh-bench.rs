@@ -215,14 +215,15 @@ fn main() -> Result<()> {
     if wanted(Stage::Micro) {
         micro_benchmarks(&plan, &mut table)?;
     }
-    let (traffic, enrollment, storm) = (
+    let (traffic, enrollment, storm, waypoint) = (
         wanted(Stage::Traffic),
         wanted(Stage::Enrollment),
         wanted(Stage::Storm),
+        wanted(Stage::Waypoint),
     );
-    if (traffic || enrollment || storm) && require_root() {
+    if (traffic || enrollment || storm || waypoint) && require_root() {
         bench::raise_nofile_limit();
-        for tool in ["iperf3", "wrk", "ss"] {
+        for tool in ["iperf3", "wrk", "ss", "nginx"] {
             if !on_path(tool) {
                 bail!("`{tool}` is not installed: run `cargo xtask setup` (as root)");
             }
@@ -239,6 +240,9 @@ fn main() -> Result<()> {
         }
         if storm && let Err(e) = storm_benchmarks(&plan, &mut table, &exe) {
             println!("\nstorm benchmarks FAILED: {e:#}");
+        }
+        if waypoint && let Err(e) = waypoint_benchmarks(&plan, &mut table, &exe) {
+            println!("\nwaypoint benchmarks FAILED: {e:#}");
         }
         println!(
             "\ncluster benchmarks took {:.0?}",
@@ -477,6 +481,8 @@ enum Stage {
     Enrollment,
     /// Connection storms: new connections per second held with no failure.
     Storm,
+    /// L7: the waypoint against the L4 mesh and against nginx as a reverse proxy.
+    Waypoint,
 }
 
 struct Table {
@@ -493,6 +499,14 @@ type PathFigure = (
     Option<Target>,
     Option<Target>,
 );
+
+/// The waypoint stage's paths, in the order every round runs them.
+const L7_PATHS: [(&str, &str); 4] = [
+    ("nomesh", "no mesh (cross-node)"),
+    ("nginx", "nginx reverse proxy (cross-node)"),
+    ("l4", "L4 mesh (HBONE, service address)"),
+    ("waypoint", "L4 mesh + waypoint"),
+];
 
 /// The three paths, in the order every interleaved round runs them.
 const PATHS: [(&str, &str); 3] = [
@@ -617,6 +631,74 @@ impl Table {
             row.baseline = Baseline::Row(before);
             if !plan.smoke {
                 row.target = Some(RatioAtMost(1.5));
+            }
+        }
+        // The waypoint stage: four paths, each figure against the path it is meant to beat.
+        #[rustfmt::skip]
+        let l7: [(&str, String, &'static str, usize); 5] = [
+            ("l7-rps", format!("L7 keep-alive {conns} conns: requests/s"), "req/s", 0),
+            ("l7-p50", format!("L7 keep-alive {conns} conns: p50"), "µs", 0),
+            ("l7-p99", format!("L7 keep-alive {conns} conns: p99"), "µs", 0),
+            ("l7-rate-p50", format!("L7 fixed {rate:.0} req/s: p50"), "µs", 0),
+            ("l7-rate-p99", format!("L7 fixed {rate:.0} req/s: p99"), "µs", 0),
+        ];
+        for (prefix, what, unit, decimals) in l7 {
+            for (key, label) in L7_PATHS {
+                let row = t.row(
+                    &format!("{prefix}/{key}"),
+                    &format!("{what}, {label}"),
+                    unit,
+                    decimals,
+                );
+                row.stage = Stage::Waypoint;
+                // The waypoint is judged against the L4 mesh it adds to; the others
+                // against no mesh.
+                row.baseline = match key {
+                    "nomesh" => Baseline::None,
+                    "waypoint" => Baseline::Row(format!("{prefix}/l4")),
+                    _ => Baseline::Row(format!("{prefix}/nomesh")),
+                };
+                if key == "waypoint" && !plan.smoke {
+                    row.target = match prefix {
+                        "l7-rate-p50" => Some(AddedAtMost(500.0)),
+                        "l7-rate-p99" => Some(AddedAtMost(2000.0)),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        #[rustfmt::skip]
+        let proxies: [(&str, String, &'static str, usize); 3] = [
+            ("l7-cpu", "proxy CPU per 1,000 keep-alive requests".into(), "CPU ms", 1),
+            ("l7-cores", format!("proxy cores at {rate:.0} req/s"), "cores", 3),
+            ("l7-rss", format!("proxy RSS at {rate:.0} req/s"), "MiB", 1),
+        ];
+        for (prefix, what, unit, decimals) in proxies {
+            for (key, label) in [
+                ("waypoint", "waypoint"),
+                ("nginx", "nginx"),
+                ("l4", "both node agents (L4)"),
+            ] {
+                if prefix == "l7-rss" && key == "l4" {
+                    continue;
+                }
+                let row = t.row(
+                    &format!("{prefix}/{key}"),
+                    &format!("{what}, {label}"),
+                    unit,
+                    decimals,
+                );
+                row.stage = Stage::Waypoint;
+                if key == "waypoint" {
+                    row.baseline = Baseline::Row(format!("{prefix}/nginx"));
+                    if !plan.smoke {
+                        row.target = match prefix {
+                            "l7-cpu" => Some(RatioAtMost(2.0)),
+                            "l7-cores" => Some(AtMost(0.15 * rate / 1000.0)),
+                            _ => Some(AtMost(40.0)),
+                        };
+                    }
+                }
             }
         }
         for (prefix, what, unit, decimals, target) in storm {
@@ -981,6 +1063,301 @@ fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> 
         .context("tearing the traffic cluster down")
 }
 
+// ---------------------------------------------------------------------------------
+// The waypoint (L7) against the L4 mesh and against nginx.
+
+const L7_NS: &str = "l7";
+const L7_PLAIN_NS: &str = "l7-plain";
+const NGINX_PORT: u16 = 8081;
+const L4_VIP: &str = "10.96.40.10";
+const WAYPOINT_VIP: &str = "10.96.40.11";
+
+/// One L7 path: who sends, where to, and which processes carry it (for their CPU).
+struct L7Path {
+    key: &'static str,
+    label: &'static str,
+    client: Arc<Pod>,
+    target: SocketAddr,
+}
+
+/// Sum of the CPU seconds of `pid` and all its descendants (nginx's workers).
+fn tree_cpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = bench::cpu_seconds(pid)?;
+    for child in children(pid) {
+        total += tree_cpu_seconds(child).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// Sum of the RSS of `pid` and its descendants, in KiB.
+fn tree_rss_kib(pid: u32) -> Result<u64> {
+    let mut total = bench::rss_kib(pid)?;
+    for child in children(pid) {
+        total += tree_rss_kib(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn nginx_conf(dir: &Path, upstream: SocketAddr) -> String {
+    // One worker, as the waypoint runs one thread: the two cores are shared by everything.
+    format!(
+        "worker_processes 1;\nerror_log {dir}/nginx-error.log;\npid {dir}/nginx.pid;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+         \x20 fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
+         \x20 upstream backend {{ server {upstream}; keepalive 64; }}\n\
+         \x20 keepalive_requests 1000000;\n  keepalive_timeout 300s;\n\
+         \x20 server {{\n    listen {NGINX_PORT};\n    location / {{\n      proxy_pass http://backend;\n\
+         \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        dir = dir.display()
+    )
+}
+
+fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
+    println!(
+        "\n== waypoint: 2 nodes; paths: no mesh, nginx reverse proxy, L4 mesh, L4 mesh + waypoint =="
+    );
+    let started = Instant::now();
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .ambient_namespace(L7_NS)
+        .namespace(L7_PLAIN_NS, std::iter::empty::<(&str, &str)>())
+        .pod(PodSpec::new("l7-client", L7_NS, 0).service_account("client"))
+        .pod(
+            PodSpec::new("l7-server", L7_NS, 1)
+                .label("app", "server")
+                .service_account("server"),
+        )
+        .pod(
+            PodSpec::new("l7-waypoint", L7_NS, 0)
+                .label("gateway.networking.k8s.io/gateway-name", "waypoint")
+                .label("istio.io/dataplane-mode", "none")
+                .service_account("waypoint"),
+        )
+        .pod(PodSpec::new("n-client", L7_PLAIN_NS, 0))
+        .pod(PodSpec::new("n-proxy", L7_PLAIN_NS, 0))
+        .pod(PodSpec::new("n-server", L7_PLAIN_NS, 1))
+        .build()
+        .context("building the cluster")?;
+    let exe_s = exe_str(exe)?;
+    let port = HTTP_PORT.to_string();
+    for name in ["l7-server", "n-server"] {
+        let http = cluster
+            .pod(name)
+            .spawn(&[exe_s, "serve-http", "--port", &port])?;
+        wait_log(&http, "READY", Duration::from_secs(10))?;
+    }
+    let service = |name: &str, vip: &str, bound: bool| {
+        let labels = if bound {
+            "  labels: {istio.io/use-waypoint: waypoint}\n"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {L7_NS}\n{labels}spec:\n  clusterIP: {vip}\n  selector: {{app: server}}\n  ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}]\n"
+        )
+    };
+    let opts = ConfigOptions::default()
+        .document(format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: {L7_NS}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+        ))
+        .document(service("server", L4_VIP, false))
+        .document(service("server-wp", WAYPOINT_VIP, true));
+    let config = cluster.config_path();
+    cluster.write_config(&config, &opts)?;
+    start_agents(plan, cluster.nodes(), &config)?;
+    let mut extra = vec![];
+    let threads = (plan.agent_threads > 0).then(|| plan.agent_threads.to_string());
+    if let Some(t) = &threads {
+        extra.extend(["--worker-threads", t.as_str()]);
+    }
+    let waypoint = cluster
+        .pod("l7-waypoint")
+        .spawn_waypoint("waypoint", L7_NS, &config, &extra)?;
+    let nginx_dir = cluster.workdir().join("nginx");
+    std::fs::create_dir_all(&nginx_dir)?;
+    let upstream = cluster.pod("n-server").addr_v4(HTTP_PORT);
+    let conf = nginx_dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&nginx_dir, upstream))?;
+    let conf_s = conf.display().to_string();
+    let nginx = cluster
+        .pod("n-proxy")
+        .spawn(&["nginx", "-c", &conf_s, "-g", "daemon off;"])?;
+    wait_listening(&cluster.pod("n-proxy"), NGINX_PORT, Duration::from_secs(10))?;
+    println!(
+        "cluster {} with the waypoint and nginx ready in {:.1?}",
+        cluster.prefix(),
+        started.elapsed()
+    );
+    let paths = [
+        L7Path {
+            key: "nomesh",
+            label: L7_PATHS[0].1,
+            client: cluster.pod("n-client"),
+            target: upstream,
+        },
+        L7Path {
+            key: "nginx",
+            label: L7_PATHS[1].1,
+            client: cluster.pod("n-client"),
+            target: cluster.pod("n-proxy").addr_v4(NGINX_PORT),
+        },
+        L7Path {
+            key: "l4",
+            label: L7_PATHS[2].1,
+            client: cluster.pod("l7-client"),
+            target: SocketAddr::new(L4_VIP.parse()?, 80),
+        },
+        L7Path {
+            key: "waypoint",
+            label: L7_PATHS[3].1,
+            client: cluster.pod("l7-client"),
+            target: SocketAddr::new(WAYPOINT_VIP.parse()?, 80),
+        },
+    ];
+    // The processes whose CPU a path costs.
+    let proxy_cpu = |key: &str| -> Result<f64> {
+        match key {
+            "waypoint" => bench::cpu_seconds(waypoint.pid()),
+            "nginx" => tree_cpu_seconds(nginx.pid()),
+            _ => agents_cpu(&cluster, &[0, 1]),
+        }
+    };
+    if plan.warmup {
+        for path in &paths {
+            let url = format!("http://{}/", path.target);
+            let _ = wrk_url(plan, &path.client, &url, 1, false, &cluster);
+        }
+    }
+    println!(
+        "\n-- L7 keep-alive: wrk -t{} -c{} {} s, {} round(s) --",
+        plan.wrk_threads, plan.wrk_connections, plan.http_secs, plan.reps
+    );
+    for rep in 0..plan.reps {
+        for path in &paths {
+            let url = format!("http://{}/", path.target);
+            let run = || -> Result<(bench::WrkResult, f64)> {
+                let before = proxy_cpu(path.key)?;
+                let r = wrk_url(plan, &path.client, &url, plan.http_secs, false, &cluster)?;
+                Ok((r, proxy_cpu(path.key)? - before))
+            };
+            match run() {
+                Ok((r, cpu)) => {
+                    let rps = r.requests_per_second();
+                    println!(
+                        "  round {} {:<36} {rps:8.0} req/s  p50 {:6.0} p99 {:6.0} µs  errors {}  proxy {cpu:.2} CPU s",
+                        rep + 1,
+                        path.label,
+                        r.p50_us,
+                        r.p99_us,
+                        r.errors + r.timeouts
+                    );
+                    let k = path.key;
+                    table.add(&format!("l7-rps/{k}"), rps);
+                    table.add(&format!("l7-p50/{k}"), r.p50_us);
+                    table.add(&format!("l7-p99/{k}"), r.p99_us);
+                    if k != "nomesh" {
+                        table.add(&format!("l7-cpu/{k}"), cpu * 1e3 / r.requests * 1e3);
+                    }
+                }
+                Err(e) => {
+                    for figure in ["l7-rps", "l7-p50", "l7-p99"] {
+                        table.fail(&format!("{figure}/{}", path.key), &e);
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "\n-- L7 fixed rate: {:.0} req/s over {} keep-alive connections, {} s, {} round(s) --",
+        plan.rate, plan.rate_connections, plan.http_secs, plan.reps
+    );
+    let (rate, conns, secs) = (
+        plan.rate.to_string(),
+        plan.rate_connections.to_string(),
+        plan.http_secs.to_string(),
+    );
+    for rep in 0..plan.reps {
+        for path in &paths {
+            let to = path.target.to_string();
+            let run = || -> Result<(RateReport, f64, f64)> {
+                let before = proxy_cpu(path.key)?;
+                let t0 = Instant::now();
+                let out = path.client.exec(&[
+                    exe_s,
+                    "load-rate",
+                    "--to",
+                    &to,
+                    "--rate",
+                    &rate,
+                    "--connections",
+                    &conns,
+                    "--seconds",
+                    &secs,
+                ])?;
+                let elapsed = t0.elapsed().as_secs_f64();
+                let cores = (proxy_cpu(path.key)? - before) / elapsed;
+                let rss = match path.key {
+                    "waypoint" => bench::rss_kib(waypoint.pid())? as f64 / 1024.0,
+                    "nginx" => tree_rss_kib(nginx.pid())? as f64 / 1024.0,
+                    _ => 0.0,
+                };
+                let report: RateReport = serde_json::from_str(out.trim())
+                    .with_context(|| format!("load-rate printed {out:?}"))?;
+                if report.requests == 0 {
+                    bail!("load-rate: no request completed ({} errors)", report.errors);
+                }
+                Ok((report, cores, rss))
+            };
+            match run() {
+                Ok((r, cores, rss)) => {
+                    println!(
+                        "  round {} {:<36} {:6.0} req/s  p50 {:6.0} p99 {:6.0} µs  errors {}  proxy {cores:.3} cores",
+                        rep + 1,
+                        path.label,
+                        r.achieved,
+                        r.p50_us,
+                        r.p99_us,
+                        r.errors
+                    );
+                    let k = path.key;
+                    table.add(&format!("l7-rate-p50/{k}"), r.p50_us);
+                    table.add(&format!("l7-rate-p99/{k}"), r.p99_us);
+                    if k != "nomesh" {
+                        table.add(&format!("l7-cores/{k}"), cores);
+                    }
+                    if k == "waypoint" || k == "nginx" {
+                        table.add(&format!("l7-rss/{k}"), rss);
+                    }
+                }
+                Err(e) => {
+                    for figure in ["l7-rate-p50", "l7-rate-p99"] {
+                        table.fail(&format!("{figure}/{}", path.key), &e);
+                    }
+                }
+            }
+        }
+    }
+    cluster
+        .teardown()
+        .context("tearing the waypoint cluster down")
+}
+
 fn widen_port_range(pod: &Pod) -> Result<()> {
     tests::in_netns(pod.netns_path(), || {
         std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
@@ -1146,13 +1523,26 @@ fn wrk(
     close: bool,
     cluster: &Cluster,
 ) -> Result<bench::WrkResult> {
+    let url = format!("http://{}/", server.addr_v4(HTTP_PORT));
+    wrk_url(plan, client, &url, secs, close, cluster)
+}
+
+/// wrk from `client` against `url`.
+fn wrk_url(
+    plan: &Plan,
+    client: &Pod,
+    url: &str,
+    secs: u64,
+    close: bool,
+    cluster: &Cluster,
+) -> Result<bench::WrkResult> {
     let script = cluster.workdir().join("mesh-bench.lua");
     if !script.exists() {
         std::fs::write(&script, WRK_SCRIPT)
             .with_context(|| format!("writing {}", script.display()))?;
     }
     let script = script.display().to_string();
-    let url = format!("http://{}/", server.addr_v4(HTTP_PORT));
+    let url = url.to_owned();
     let (threads, conns, duration) = (
         plan.wrk_threads.to_string(),
         plan.wrk_connections.to_string(),
