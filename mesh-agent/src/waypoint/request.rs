@@ -41,6 +41,10 @@ use crate::{
     state::{MeshState, Service, ServicePort, Workload},
 };
 
+/// How long an HTTP/1.1 client has to send a request head (also the idle keep-alive
+/// timeout of a tunnel's HTTP/1.1 connection).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The body of a response to the client.
 pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
 
@@ -76,7 +80,13 @@ pub async fn serve_http(tunnel: Arc<Tunnel>, io: TunnelIo) {
         let tunnel = tunnel.clone();
         async move { Ok::<_, Infallible>(handle(tunnel, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that holds a tunnel open without sending a request head (slowloris, or an
+    // idle keep-alive connection) is closed after this long.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "waypoint: HTTP connection ended");
     }
