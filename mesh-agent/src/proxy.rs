@@ -4,7 +4,7 @@
 //! here; the directions live in `outbound`, `inbound` and `hbone`, the byte pump in `copy`.
 
 pub mod copy;
-mod handshakes;
+pub mod handshakes;
 pub mod hbone;
 mod inbound;
 mod outbound;

@@ -84,6 +84,8 @@ pub struct Waypoint {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub upstreams: upstream::Upstreams,
+    /// TLS handshakes in progress on 15008, bounded as on the node agents.
+    handshakes: Arc<crate::proxy::handshakes::Handshakes>,
     /// The policy targets that are this waypoint: its Gateway and its GatewayClass.
     own_targets: [Target; 2],
 }
@@ -155,6 +157,10 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
             },
         ],
         upstreams: upstream::Upstreams::new(pool, me, identity.clone(), local_ip),
+        handshakes: crate::proxy::handshakes::Handshakes::new(
+            cfg.limits.max_handshakes,
+            cfg.limits.max_handshakes_per_source,
+        ),
         name: cfg.name.clone(),
         namespace: cfg.namespace.clone(),
         identity,
@@ -180,9 +186,20 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     let view = Arc::new(AdminView {
         waypoint: waypoint.clone(),
     });
-    let localhost = |port| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-    for port in [ADMIN_PORT, METRICS_PORT, READINESS_PORT] {
-        admin::serve(localhost(port), view.clone()).await?;
+    // The config dump stays on loopback; readiness and metrics are served on the pod's
+    // addresses, where the kubelet probes and Prometheus scrapes a waypoint pod (as
+    // Istio's waypoints serve 15021 and 15020).
+    admin::serve(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
+        view.clone(),
+    )
+    .await?;
+    for port in [METRICS_PORT, READINESS_PORT] {
+        admin::serve(
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+            view.clone(),
+        )
+        .await?;
     }
     tracing::info!(waypoint = %format!("{}/{}", cfg.namespace, cfg.name), identity = %waypoint.identity, listen = ?cfg.listen, "waypoint ready");
 
@@ -274,11 +291,26 @@ async fn accept_loop(
             }
         };
         let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
+        let slot = match waypoint
+            .handshakes
+            .start(canonical(peer.ip()), canonical(local))
+        {
+            Ok(slot) => slot,
+            Err(refused) => {
+                // Closed unanswered: the peer holds nothing of ours.
+                waypoint.metrics.handshake_refused();
+                if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                    tracing::warn!(%peer, suppressed, "waypoint: HBONE connection closed before its handshake: {refused}");
+                }
+                continue;
+            }
+        };
         let (waypoint, tls) = (waypoint.clone(), tls.clone());
         tokio::spawn(async move {
             let result = async {
                 let (client, connection) =
                     server::handshake(stream, tls, waypoint.limits.handshake_timeout).await?;
+                drop(slot);
                 server::serve_streams(
                     connection,
                     waypoint.limits.hbone_idle_timeout,

@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Probe, ServiceAccount, Volume};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, PodSpec, Probe, Service as K8sService, ServiceAccount, Volume,
+};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
@@ -28,6 +30,8 @@ const NAMESPACE: &str = "mesh-system";
 const AGENT_CONTAINER: &str = "mesh-agent";
 const CA_SECRET: &str = "mesh-agent-ca";
 const ISTIO_GROUP: &str = "security.istio.io";
+/// A waypoint's manifests: their own kustomization, applied per namespace.
+const WAYPOINT_DIR: &str = "waypoint";
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -64,11 +68,30 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Every document of every YAML file under deploy/.
-fn documents() -> Vec<Doc> {
+/// The YAML files of the node agent's kustomization: everything under deploy/ but the
+/// waypoint's directory.
+fn agent_files() -> Vec<PathBuf> {
     let root = deploy_dir();
     let mut files = Vec::new();
     yaml_files(&root, &mut files);
+    files.retain(|p| !p.starts_with(root.join(WAYPOINT_DIR)));
+    files
+}
+
+/// Every document of the node agent's manifests.
+fn documents() -> Vec<Doc> {
+    documents_of(agent_files())
+}
+
+/// Every document under `dir`.
+fn documents_under(dir: &Path) -> Vec<Doc> {
+    let mut files = Vec::new();
+    yaml_files(dir, &mut files);
+    documents_of(files)
+}
+
+fn documents_of(files: Vec<PathBuf>) -> Vec<Doc> {
+    let root = deploy_dir();
     assert!(!files.is_empty(), "no YAML under {}", root.display());
     let mut docs = Vec::new();
     for path in files {
@@ -286,16 +309,14 @@ fn kustomization_lists_every_manifest_and_the_namespace_matches() {
         .map(|r| r.as_str().expect("resource paths are strings").to_owned())
         .collect();
     let root = deploy_dir();
-    let mut files = Vec::new();
-    yaml_files(&root, &mut files);
-    let present: BTreeSet<String> = files
+    let present: BTreeSet<String> = agent_files()
         .iter()
         .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
         .filter(|p| p != "kustomization.yaml")
         .collect();
     assert_eq!(
         listed, present,
-        "{file}: resources must be every manifest under deploy/"
+        "{file}: resources must be every manifest under deploy/ (but deploy/{WAYPOINT_DIR})"
     );
 
     // Namespaced objects say the namespace themselves too (usable with `kubectl apply -f`).
@@ -1223,4 +1244,152 @@ fn kustomize_build_agrees_with_the_files() {
             );
         }
     }
+}
+
+// ---- the waypoint (deploy/waypoint/, its own kustomization) ----
+
+/// Every document under deploy/waypoint/.
+fn waypoint_documents() -> Vec<Doc> {
+    documents_under(&deploy_dir().join(WAYPOINT_DIR))
+}
+
+/// `mesh-agent waypoint --help`, from the built binary.
+fn waypoint_help() -> String {
+    let bin = locate_binary("mesh-agent", "MESH_AGENT_BIN")
+        .expect("the mesh-agent binary (cargo build --bins, or MESH_AGENT_BIN)");
+    let out = Command::new(&bin)
+        .args(["waypoint", "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} waypoint --help: {e}", bin.display()));
+    assert!(out.status.success(), "waypoint --help: {}", out.status);
+    String::from_utf8(out.stdout).expect("help is UTF-8")
+}
+
+#[test]
+fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
+    let mut deployment: Option<Deployment> = None;
+    let mut service: Option<K8sService> = None;
+    let mut account: Option<ServiceAccount> = None;
+    let mut gateway: Option<Value> = None;
+    let mut kustomization: Option<Value> = None;
+    for doc in waypoint_documents() {
+        let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc.value["kind"].as_str().unwrap_or_default();
+        match (api_version, kind) {
+            ("apps/v1", "Deployment") => deployment = Some(typed(&doc)),
+            ("v1", "Service") => service = Some(typed(&doc)),
+            ("v1", "ServiceAccount") => account = Some(typed(&doc)),
+            ("gateway.networking.k8s.io/v1", "Gateway") => gateway = Some(doc.value),
+            ("kustomize.config.k8s.io/v1beta1", "Kustomization") => kustomization = Some(doc.value),
+            other => panic!("{}: {other:?} is not expected in deploy/waypoint", doc.at()),
+        }
+    }
+    let (d, s, sa, g, k) = (
+        deployment.expect("a Deployment"),
+        service.expect("a Service"),
+        account.expect("a ServiceAccount"),
+        gateway.expect("a Gateway"),
+        kustomization.expect("a kustomization"),
+    );
+    // The kustomization lists every file of the directory.
+    let root = deploy_dir().join(WAYPOINT_DIR);
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    let present: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
+        .filter(|p| p != "kustomization.yaml")
+        .collect();
+    let listed: BTreeSet<String> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, present);
+
+    // The Gateway is a waypoint, with the listener Istio gives one.
+    let name = g["metadata"]["name"].as_str().expect("the Gateway's name");
+    assert_eq!(g["spec"]["gatewayClassName"], "istio-waypoint");
+    assert_eq!(
+        g["spec"]["listeners"],
+        json!([{"name": "mesh", "port": 15008, "protocol": "HBONE"}])
+    );
+
+    // The Deployment runs `mesh-agent waypoint` for it, as its service account.
+    let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let labels = d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert_eq!(labels["gateway.networking.k8s.io/gateway-name"], name);
+    assert_eq!(
+        labels["istio.io/dataplane-mode"], "none",
+        "a waypoint is never captured"
+    );
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        sa.metadata.name.as_deref()
+    );
+    let c = &spec.containers[0];
+    let args = args(c);
+    assert_eq!(args.first().map(String::as_str), Some("waypoint"));
+    assert_eq!(flag_value(args, "--name"), Some(name));
+    let help = waypoint_help();
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            help_mentions(&help, arg.split('=').next().unwrap()),
+            "{arg}:\n{help}"
+        );
+    }
+    // Every required flag is given, in the args or through the environment variable the
+    // help names for it.
+    let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    for flag in required_flags(&help) {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(&flag))
+            .unwrap_or_else(|| panic!("{flag} not described:\n{help}"));
+        let from_env = line
+            .split("[env: ")
+            .nth(1)
+            .and_then(|rest| rest.split('=').next())
+            .or_else(|| {
+                let i = help.find(line)?;
+                help[i..].split("[env: ").nth(1)?.split('=').next()
+            });
+        assert!(
+            flag_value(args, &flag).is_some() || from_env.is_some_and(|v| env.contains(v)),
+            "the waypoint needs {flag}"
+        );
+    }
+    // Probes reach the pod's address (the waypoint serves 15021 there).
+    let (port, path, host) = http_get(c.readiness_probe.as_ref(), "readiness");
+    assert_eq!(
+        (port, path.as_str(), host),
+        (i32::from(READINESS_PORT), "/healthz/ready", None)
+    );
+    // The Service selects the pods and carries HBONE.
+    let selector = s.spec.as_ref().unwrap().selector.clone().unwrap();
+    assert!(
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "{selector:?}"
+    );
+    assert!(
+        s.spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.port == 15008),
+        "the Service carries 15008"
+    );
 }
