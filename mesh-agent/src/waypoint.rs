@@ -13,8 +13,10 @@
 //!    request forwarded over HBONE to the endpoint pod, with the waypoint's own identity;
 //!    Istio's request metrics with `reporter="waypoint"` and an access-log line.
 //!
-//! It listens on 15008 on every address of its namespace and serves the admin endpoints
-//! (15000, 15020, 15021) on 127.0.0.1 as the node agent does.
+//! It listens on 15008 on every address of its namespace (TLS handshakes bounded as on the
+//! node agents), serves readiness (15021) and metrics (15020) on every address, where the
+//! kubelet probes and Prometheus scrapes a waypoint pod, and the config dump (15000) on
+//! 127.0.0.1.
 
 pub mod request;
 pub mod upstream;
