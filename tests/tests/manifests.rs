@@ -384,21 +384,26 @@ fn daemonset_probes_and_ports_are_the_agents() {
     }
 }
 
-/// `mesh-agent run --help`, from the built binary.
-fn run_help() -> String {
+/// `mesh-agent <subcommand> --help`, from the built binary.
+fn help_of(subcommand: &str) -> String {
     let bin = locate_binary("mesh-agent", "MESH_AGENT_BIN")
         .expect("the mesh-agent binary (cargo build --bins, or MESH_AGENT_BIN)");
     let out = Command::new(&bin)
-        .args(["run", "--help"])
+        .args([subcommand, "--help"])
         .output()
-        .unwrap_or_else(|e| panic!("running {} run --help: {e}", bin.display()));
+        .unwrap_or_else(|e| panic!("running {} {subcommand} --help: {e}", bin.display()));
     assert!(
         out.status.success(),
-        "{} run --help: {}",
+        "{} {subcommand} --help: {}",
         bin.display(),
         out.status
     );
     String::from_utf8(out.stdout).expect("help is UTF-8")
+}
+
+/// `mesh-agent run --help`.
+fn run_help() -> String {
+    help_of("run")
 }
 
 fn help_mentions(help: &str, flag: &str) -> bool {
@@ -1253,18 +1258,6 @@ fn waypoint_documents() -> Vec<Doc> {
     documents_under(&deploy_dir().join(WAYPOINT_DIR))
 }
 
-/// `mesh-agent waypoint --help`, from the built binary.
-fn waypoint_help() -> String {
-    let bin = locate_binary("mesh-agent", "MESH_AGENT_BIN")
-        .expect("the mesh-agent binary (cargo build --bins, or MESH_AGENT_BIN)");
-    let out = Command::new(&bin)
-        .args(["waypoint", "--help"])
-        .output()
-        .unwrap_or_else(|e| panic!("running {} waypoint --help: {e}", bin.display()));
-    assert!(out.status.success(), "waypoint --help: {}", out.status);
-    String::from_utf8(out.stdout).expect("help is UTF-8")
-}
-
 #[test]
 fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
     let mut deployment: Option<Deployment> = None;
@@ -1342,7 +1335,7 @@ fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
     let args = args(c);
     assert_eq!(args.first().map(String::as_str), Some("waypoint"));
     assert_eq!(flag_value(args, "--name"), Some(name));
-    let help = waypoint_help();
+    let help = help_of("waypoint");
     for arg in args.iter().filter(|a| a.starts_with("--")) {
         assert!(
             help_mentions(&help, arg.split('=').next().unwrap()),

@@ -1287,29 +1287,12 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
         "\n-- L7 fixed rate: {:.0} req/s over {} keep-alive connections, {} s, {} round(s) --",
         plan.rate, plan.rate_connections, plan.http_secs, plan.reps
     );
-    let (rate, conns, secs) = (
-        plan.rate.to_string(),
-        plan.rate_connections.to_string(),
-        plan.http_secs.to_string(),
-    );
     for rep in 0..plan.reps {
         for path in &paths {
-            let to = path.target.to_string();
             let run = || -> Result<(RateReport, f64, f64)> {
                 let before = proxy_cpu(path.key)?;
                 let t0 = Instant::now();
-                let out = path.client.exec(&[
-                    exe_s,
-                    "load-rate",
-                    "--to",
-                    &to,
-                    "--rate",
-                    &rate,
-                    "--connections",
-                    &conns,
-                    "--seconds",
-                    &secs,
-                ])?;
+                let report = load_rate(plan, exe_s, &path.client, path.target)?;
                 let elapsed = t0.elapsed().as_secs_f64();
                 let cores = (proxy_cpu(path.key)? - before) / elapsed;
                 let rss = match path.key {
@@ -1317,11 +1300,6 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
                     "nginx" => tree_rss_kib(nginx.pid())? as f64 / 1024.0,
                     _ => 0.0,
                 };
-                let report: RateReport = serde_json::from_str(out.trim())
-                    .with_context(|| format!("load-rate printed {out:?}"))?;
-                if report.requests == 0 {
-                    bail!("load-rate: no request completed ({} errors)", report.errors);
-                }
                 Ok((report, cores, rss))
             };
             match run() {
@@ -1636,35 +1614,10 @@ fn fixed_rate(plan: &Plan, table: &mut Table, paths: &[PathCase], exe: &str) {
             plan.rate
         );
     }
-    let (rate, conns, secs) = (
-        plan.rate.to_string(),
-        plan.rate_connections.to_string(),
-        plan.http_secs.to_string(),
-    );
     for rep in 0..plan.reps {
         for path in paths {
-            let to = path.server.addr_v4(HTTP_PORT).to_string();
-            let run = || -> Result<RateReport> {
-                let out = path.client.exec(&[
-                    exe,
-                    "load-rate",
-                    "--to",
-                    &to,
-                    "--rate",
-                    &rate,
-                    "--connections",
-                    &conns,
-                    "--seconds",
-                    &secs,
-                ])?;
-                let report: RateReport = serde_json::from_str(out.trim())
-                    .with_context(|| format!("load-rate printed {out:?}"))?;
-                if report.requests == 0 {
-                    bail!("load-rate: no request completed ({} errors)", report.errors);
-                }
-                Ok(report)
-            };
-            match run() {
+            let to = path.server.addr_v4(HTTP_PORT);
+            match load_rate(plan, exe, &path.client, to) {
                 Ok(r) => {
                     println!(
                         "  round {} {:<26} {:6.0} req/s  p50 {:6.0} p90 {:6.0} p99 {:6.0} max {:6.0} µs  errors {}",
@@ -1690,6 +1643,29 @@ fn fixed_rate(plan: &Plan, table: &mut Table, paths: &[PathCase], exe: &str) {
             }
         }
     }
+}
+
+/// `mesh-bench load-rate` from `client` to `to` at the plan's fixed rate; fails when no
+/// request completed.
+fn load_rate(plan: &Plan, exe: &str, client: &Pod, to: SocketAddr) -> Result<RateReport> {
+    let out = client.exec(&[
+        exe,
+        "load-rate",
+        "--to",
+        &to.to_string(),
+        "--rate",
+        &plan.rate.to_string(),
+        "--connections",
+        &plan.rate_connections.to_string(),
+        "--seconds",
+        &plan.http_secs.to_string(),
+    ])?;
+    let report: RateReport =
+        serde_json::from_str(out.trim()).with_context(|| format!("load-rate printed {out:?}"))?;
+    if report.requests == 0 {
+        bail!("load-rate: no request completed ({} errors)", report.errors);
+    }
+    Ok(report)
 }
 
 fn churn(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) {
