@@ -101,6 +101,8 @@ pub struct Objects {
     pub gateways: Vec<serde_json::Value>,
     /// `gateway.networking.k8s.io/v1` HTTPRoute.
     pub http_routes: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute.
+    pub grpc_routes: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` VirtualService.
     pub virtual_services: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` DestinationRule.
@@ -118,6 +120,7 @@ impl Objects {
             && self.peer_authentications.is_empty()
             && self.gateways.is_empty()
             && self.http_routes.is_empty()
+            && self.grpc_routes.is_empty()
             && self.virtual_services.is_empty()
             && self.destination_rules.is_empty()
     }
@@ -134,6 +137,7 @@ pub enum Kind {
     PeerAuthentication,
     Gateway,
     HttpRoute,
+    GrpcRoute,
     VirtualService,
     DestinationRule,
 }
@@ -150,6 +154,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
         }

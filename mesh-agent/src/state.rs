@@ -74,6 +74,8 @@ pub struct RawObjects {
     pub peer_authentications: Vec<serde_json::Value>,
     /// `gateway.networking.k8s.io/v1` HTTPRoute (typed into [`MeshState::routes`]).
     pub http_routes: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute (typed into [`MeshState::routes`]).
+    pub grpc_routes: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` VirtualService (typed into [`MeshState::routes`]).
     pub virtual_services: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` DestinationRule (typed into [`MeshState::routes`]).
@@ -247,6 +249,7 @@ impl MeshState {
             &mut raw.authorization_policies,
             &mut raw.peer_authentications,
             &mut raw.http_routes,
+            &mut raw.grpc_routes,
             &mut raw.virtual_services,
             &mut raw.destination_rules,
         ] {
@@ -288,6 +291,7 @@ impl MeshState {
         let routes = Arc::new(Routes::build(
             &services,
             &raw.http_routes,
+            &raw.grpc_routes,
             &raw.virtual_services,
             &raw.destination_rules,
         ));

@@ -75,7 +75,7 @@ struct Type {
 }
 
 impl Type {
-    const ALL: [Type; 10] = [
+    const ALL: [Type; 11] = [
         Type::new(Kind::Namespace, "", "namespaces", true),
         Type::new(Kind::Pod, "", "pods", true),
         Type::new(Kind::Service, "", "services", true),
@@ -107,6 +107,12 @@ impl Type {
             Kind::HttpRoute,
             "gateway.networking.k8s.io",
             "httproutes",
+            false,
+        ),
+        Type::new(
+            Kind::GrpcRoute,
+            "gateway.networking.k8s.io",
+            "grpcroutes",
             false,
         ),
         Type::new(

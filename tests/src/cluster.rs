@@ -1505,6 +1505,32 @@ impl Pod {
             .with_context(|| format!("reading http-calls output: {out}"))
     }
 
+    /// Calls the gRPC echo at `to` (`mesh-pod grpc-call`): `method` is
+    /// [`crate::grpc_workload::UNARY`] or [`crate::grpc_workload::STREAM`].
+    pub fn grpc_call(
+        &self,
+        to: SocketAddr,
+        method: &str,
+        messages: &[crate::grpc_workload::EchoRequest],
+        headers: &[(&str, &str)],
+    ) -> Result<crate::grpc_workload::Outcome> {
+        let to = to.to_string();
+        let messages = serde_json::to_string(messages)?;
+        let headers = serde_json::to_string(headers)?;
+        let out = self.shared.run(self.mesh_pod(&[
+            "grpc-call",
+            "--to",
+            &to,
+            "--method",
+            method,
+            "--messages",
+            &messages,
+            "--headers",
+            &headers,
+        ]))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("reading grpc-call output: {out}"))
+    }
+
     /// Starts any command in the pod, in the background; killed at teardown.
     pub fn spawn(&self, args: &[&str]) -> Result<Process> {
         let cmd = self.command(args);

@@ -27,7 +27,8 @@ pub struct Echo {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Serves the echo on `[::]:port` (dual stack) for HTTP/1.1 and HTTP/2 until killed.
+/// Serves the echo on `[::]:port` (dual stack) for HTTP/1.1 and HTTP/2 until killed; gRPC
+/// requests go to [`crate::grpc_workload::serve`].
 /// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks. The
 /// echo reports the request body's length in the `x-body-bytes` response header.
 pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
@@ -46,7 +47,17 @@ pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let pod = pod.clone();
-                    async move { Ok::<_, Infallible>(echo(&pod, req).await) }
+                    async move {
+                        Ok::<_, Infallible>(if crate::grpc_workload::is_grpc(&req) {
+                            crate::grpc_workload::serve(&pod, req)
+                                .await
+                                .map(|b| b.map_err(BoxError::from).boxed_unsync())
+                        } else {
+                            echo(&pod, req)
+                                .await
+                                .map(|b| b.map_err(|never| match never {}).boxed_unsync())
+                        })
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -57,6 +68,8 @@ pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const CHUNK: usize = 64 * 1024;
 

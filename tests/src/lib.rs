@@ -15,6 +15,7 @@ pub mod bench;
 pub mod capture;
 pub mod cluster;
 mod config;
+pub mod grpc_workload;
 mod host;
 pub mod http_workload;
 pub mod metrics;

@@ -5,12 +5,13 @@
 //! MeshFrontend, MeshHTTPRouteMatching, MeshHTTPRouteQueryParamMatching,
 //! MeshHTTPRouteWeight, MeshHTTPRouteRequestHeaderModifier, MeshHTTPRouteRewritePath,
 //! the redirect cases) against `echo` backends that report their pod and the headers they
-//! received.
+//! received; GRPCRoute with tonic's client and server.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tests::grpc_workload::{self as grpc, EchoRequest};
 use tests::http_workload::{Call, Echo, Reply};
 use tests::metrics::Metrics;
 use tests::{Cluster, ConfigOptions, PodSpec, eventually, require_root};
@@ -392,6 +393,95 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     assert!(
         (325..=375).contains(&v1),
         "70 % of 500 to echo-v1, got {v1}"
+    );
+
+    // GRPCRoute, with tonic's client and server: unary and bidirectional streaming calls
+    // routed by service, method and header; gRPC statuses in the metrics.
+    let grpc_route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: echo, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{method: {{service: mesh.test.Echo, method: Stream}}}}]\n    backendRefs: [{{name: echo-v2, port: 80}}]\n\
+         \x20 - matches: [{{method: {{service: mesh.test.Echo}}, headers: [{{name: x-canary, value: \"yes\"}}]}}]\n    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{add: [{{name: x-routed-by, value: grpcroute}}]}}}}]\n    backendRefs: [{{name: echo-v2, port: 80}}]\n\
+         \x20 - matches: [{{method: {{service: mesh.test.Echo}}}}]\n    backendRefs: [{{name: echo-v1, port: 80}}]\n"
+    );
+    apply(&cluster, &[grpc_route]);
+    let client = cluster.pod("client");
+    let message = |text: &str| EchoRequest {
+        message: text.into(),
+        fail_with: None,
+    };
+    let mut last = None;
+    let applied = eventually(Duration::from_secs(10), || {
+        let o = client.grpc_call(
+            vip(ECHO),
+            grpc::UNARY,
+            &[message("hi")],
+            &[("x-canary", "yes")],
+        );
+        let ok = o.as_ref().is_ok_and(|o| {
+            o.code == 0
+                && o.replies[0].pod == "echo-v2"
+                && o.replies[0].headers.get("x-routed-by").map(String::as_str) == Some("grpcroute")
+        });
+        last = Some(o);
+        ok
+    });
+    assert!(applied, "the GRPCRoute did not apply: {last:?}");
+    for _ in 0..5 {
+        let o = client
+            .grpc_call(vip(ECHO), grpc::UNARY, &[message("hi")], &[])
+            .unwrap();
+        assert_eq!((o.code, o.replies[0].pod.as_str()), (0, "echo-v1"), "{o:?}");
+        assert_eq!(o.replies[0].message, "hi");
+    }
+    let o = client
+        .grpc_call(
+            vip(ECHO),
+            grpc::STREAM,
+            &[message("one"), message("two"), message("three")],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(o.code, 0, "{o:?}");
+    let got: Vec<_> = o
+        .replies
+        .iter()
+        .map(|r| (r.pod.as_str(), r.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [("echo-v2", "one"), ("echo-v2", "two"), ("echo-v2", "three")]
+    );
+    // No rule matches: 404, which a gRPC client reads as UNIMPLEMENTED.
+    let o = client
+        .grpc_call(vip(ECHO), "/other.Service/Call", &[message("x")], &[])
+        .unwrap();
+    assert_eq!(o.code, tonic::Code::Unimplemented as i32, "{o:?}");
+    // A failed call's status is in the metrics.
+    let before = waypoint_metrics(&cluster);
+    let failing = EchoRequest {
+        fail_with: Some(tonic::Code::Unavailable as i32),
+        ..message("fail")
+    };
+    let o = client
+        .grpc_call(vip(ECHO), grpc::UNARY, &[failing], &[])
+        .unwrap();
+    assert_eq!(o.code, tonic::Code::Unavailable as i32, "{o:?}");
+    let after = waypoint_metrics(&cluster);
+    let filter = [
+        ("reporter", "waypoint"),
+        ("request_protocol", "grpc"),
+        ("response_code", "200"),
+        ("grpc_response_status", "14"),
+        // The service routed to, as Istio reports it.
+        ("destination_service_name", "echo-v1"),
+    ];
+    assert_eq!(
+        after.delta(&before, "istio_requests_total", &filter),
+        1.0,
+        "{:?}",
+        after
+            .select("istio_requests_total", &[("request_protocol", "grpc")])
+            .collect::<Vec<_>>()
     );
 
     // VirtualService and DestinationRule (Istio's reviews tasks): jason to v2, else 75/25.

@@ -385,6 +385,7 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
         "Gateway" if api_version.starts_with("networking.istio.io/") => None,
         "Gateway" => Some((Kind::Gateway, GATEWAY)),
         "HTTPRoute" => Some((Kind::HttpRoute, GATEWAY)),
+        "GRPCRoute" => Some((Kind::GrpcRoute, GATEWAY)),
         "VirtualService" => Some((Kind::VirtualService, NETWORKING)),
         "DestinationRule" => Some((Kind::DestinationRule, NETWORKING)),
         _ => None,
@@ -712,7 +713,7 @@ impl Parser<'_> {
                 let gateway = self.raw(kind, &at, &source)?;
                 self.parsed.objects.gateways.push(gateway);
             }
-            Kind::HttpRoute | Kind::VirtualService | Kind::DestinationRule => {
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::VirtualService | Kind::DestinationRule => {
                 let object = self.raw(kind, &at, &source)?;
                 // Routing objects are refused whole when invalid: a file is the operator's
                 // own, and a route half applied sends traffic where nobody asked.
@@ -721,6 +722,7 @@ impl Parser<'_> {
                 let objects = &mut self.parsed.objects;
                 match kind {
                     Kind::HttpRoute => objects.http_routes.push(object),
+                    Kind::GrpcRoute => objects.grpc_routes.push(object),
                     Kind::VirtualService => objects.virtual_services.push(object),
                     _ => objects.destination_rules.push(object),
                 }

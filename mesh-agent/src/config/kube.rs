@@ -196,7 +196,7 @@ fn custom_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiR
 }
 
 /// The routing kinds: Gateway API (standard channel) and Istio networking.
-fn routing_resources() -> [(Kind, ApiResource); 4] {
+fn routing_resources() -> [(Kind, ApiResource); 5] {
     const GATEWAY: &str = "gateway.networking.k8s.io";
     const NETWORKING: &str = "networking.istio.io";
     [
@@ -207,6 +207,10 @@ fn routing_resources() -> [(Kind, ApiResource); 4] {
         (
             Kind::HttpRoute,
             custom_resource(GATEWAY, "v1", "HTTPRoute", "httproutes"),
+        ),
+        (
+            Kind::GrpcRoute,
+            custom_resource(GATEWAY, "v1", "GRPCRoute", "grpcroutes"),
         ),
         (
             Kind::VirtualService,
@@ -390,7 +394,13 @@ impl KubeSource {
             tasks.push(task);
             (store, resource)
         });
-        let [gateways, http_routes, virtual_services, destination_rules] = routing;
+        let [
+            gateways,
+            http_routes,
+            grpc_routes,
+            virtual_services,
+            destination_rules,
+        ] = routing;
 
         let stores = Stores {
             namespaces,
@@ -401,6 +411,7 @@ impl KubeSource {
             peer_authentications: (peer_authentications, peer),
             gateways,
             http_routes,
+            grpc_routes,
             virtual_services,
             destination_rules,
         };
@@ -550,6 +561,7 @@ impl Progress {
             Kind::PeerAuthentication,
             Kind::Gateway,
             Kind::HttpRoute,
+            Kind::GrpcRoute,
             Kind::VirtualService,
             Kind::DestinationRule,
         ]
@@ -753,6 +765,7 @@ struct Stores {
     peer_authentications: (Store<DynamicObject>, ApiResource),
     gateways: (Store<DynamicObject>, ApiResource),
     http_routes: (Store<DynamicObject>, ApiResource),
+    grpc_routes: (Store<DynamicObject>, ApiResource),
     virtual_services: (Store<DynamicObject>, ApiResource),
     destination_rules: (Store<DynamicObject>, ApiResource),
 }
@@ -788,6 +801,7 @@ impl Stores {
             peer_authentications: raw(&self.peer_authentications),
             gateways: raw(&self.gateways),
             http_routes: raw(&self.http_routes),
+            grpc_routes: raw(&self.grpc_routes),
             virtual_services: raw(&self.virtual_services),
             destination_rules: raw(&self.destination_rules),
         }
@@ -861,6 +875,7 @@ fn remove(objects: &mut Objects, key: &ObjectKey) -> bool {
         }
         Kind::Gateway => retain(&mut objects.gateways, |o| !raw_matches(o, key)),
         Kind::HttpRoute => retain(&mut objects.http_routes, |o| !raw_matches(o, key)),
+        Kind::GrpcRoute => retain(&mut objects.grpc_routes, |o| !raw_matches(o, key)),
         Kind::VirtualService => retain(&mut objects.virtual_services, |o| !raw_matches(o, key)),
         Kind::DestinationRule => retain(&mut objects.destination_rules, |o| !raw_matches(o, key)),
     }

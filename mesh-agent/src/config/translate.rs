@@ -94,6 +94,7 @@ pub fn translate(
 
     for (kind, list) in [
         (Kind::HttpRoute, &objects.http_routes),
+        (Kind::GrpcRoute, &objects.grpc_routes),
         (Kind::VirtualService, &objects.virtual_services),
         (Kind::DestinationRule, &objects.destination_rules),
     ] {
@@ -113,6 +114,7 @@ pub fn translate(
             authorization_policies: objects.authorization_policies.clone(),
             peer_authentications: objects.peer_authentications.clone(),
             http_routes: objects.http_routes.clone(),
+            grpc_routes: objects.grpc_routes.clone(),
             virtual_services: objects.virtual_services.clone(),
             destination_rules: objects.destination_rules.clone(),
         },

@@ -1,4 +1,5 @@
-//! The routing objects as written: Gateway API `HTTPRoute` and Istio `VirtualService` /
+//! The routing objects as written: Gateway API `HTTPRoute` and `GRPCRoute` (translated
+//! into an HTTPRoute, see [`parse_grpc_route`]) and Istio `VirtualService` /
 //! `DestinationRule`, deserialized into typed structs (unknown fields refused, so a typo is
 //! an error, not a silently ignored rule) with the field path of any error
 //! (`spec.rules[0].matches[1].path.type: unknown variant ...`). [`validate`] is what the
@@ -33,10 +34,11 @@ impl RouteError {
     }
 }
 
-/// Checks one routing object (`HTTPRoute`, `VirtualService` or `DestinationRule`).
+/// Checks one routing object (`HTTPRoute`, `GRPCRoute`, `VirtualService` or `DestinationRule`).
 pub fn validate(kind: Kind, object: &Value) -> Result<(), RouteError> {
     match kind {
         Kind::HttpRoute => HttpRoute::parse(object).map(drop),
+        Kind::GrpcRoute => parse_grpc_route(object).map(drop),
         Kind::VirtualService => VirtualService::parse(object).map(drop),
         Kind::DestinationRule => DestinationRule::parse(object).map(drop),
         _ => Ok(()),
@@ -75,8 +77,12 @@ fn spec<T: serde::de::DeserializeOwned>(object: &Value) -> Result<T, RouteError>
 // ---------------------------------------------------------------------------------------
 // Gateway API HTTPRoute (standard channel, v1).
 
+/// An HTTPRoute, or a GRPCRoute translated into one (as Istio does: a gRPC method match is a
+/// path match, `kind` says which it was).
 #[derive(Debug, Clone)]
 pub struct HttpRoute {
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
     pub namespace: String,
     pub name: String,
     pub spec: HttpRouteSpec,
@@ -86,72 +92,80 @@ impl HttpRoute {
     pub fn parse(object: &Value) -> Result<Self, RouteError> {
         let (namespace, name) = meta(object)?;
         let spec: HttpRouteSpec = spec(object)?;
-        for (i, rule) in spec.rules.iter().enumerate() {
-            let field = |rest: &str| format!("spec.rules[{i}].{rest}");
-            for (j, m) in rule.matches.iter().enumerate() {
-                if let Some(PathMatch {
-                    kind: PathMatchType::RegularExpression,
-                    value: Some(re),
-                }) = &m.path
-                {
-                    check_regex(re, &field(&format!("matches[{j}].path.value")))?;
-                }
-                if let Some(PathMatch {
-                    value: Some(v),
-                    kind,
-                }) = &m.path
-                    && *kind != PathMatchType::RegularExpression
-                    && !v.starts_with('/')
-                {
-                    return Err(RouteError::new(
-                        field(&format!("matches[{j}].path.value")),
-                        format!("{v:?} must start with '/'"),
-                    ));
-                }
-                for (k, h) in m.headers.iter().enumerate() {
-                    check_header_name(&h.name, &field(&format!("matches[{j}].headers[{k}].name")))?;
-                    if h.kind == ValueMatchType::RegularExpression {
-                        check_regex(
-                            &h.value,
-                            &field(&format!("matches[{j}].headers[{k}].value")),
-                        )?;
-                    }
-                }
-                for (k, q) in m.query_params.iter().enumerate() {
-                    if q.kind == ValueMatchType::RegularExpression {
-                        check_regex(
-                            &q.value,
-                            &field(&format!("matches[{j}].queryParams[{k}].value")),
-                        )?;
-                    }
-                }
-            }
-            for (j, f) in rule.filters.iter().enumerate() {
-                f.check(&field(&format!("filters[{j}]")))?;
-            }
-            for (j, b) in rule.backend_refs.iter().enumerate() {
-                let kind = b.kind.as_deref().unwrap_or("Service");
-                let group = b.group.as_deref().unwrap_or("");
-                if kind != "Service" || !group.is_empty() {
-                    return Err(RouteError::new(
-                        field(&format!("backendRefs[{j}].kind")),
-                        format!("{group}/{kind}: only core Services are supported as backends"),
-                    ));
-                }
-                if b.port.is_none() {
-                    return Err(RouteError::new(
-                        field(&format!("backendRefs[{j}].port")),
-                        "required for a Service backend",
-                    ));
-                }
-            }
-        }
+        check_rules(&spec)?;
         Ok(Self {
+            kind: "HTTPRoute",
             namespace,
             name,
             spec,
         })
     }
+}
+
+/// The checks serde cannot make, on the rules of an HTTPRoute (or a GRPCRoute translated
+/// into one: the field paths of headers, filters and backends are the same).
+fn check_rules(spec: &HttpRouteSpec) -> Result<(), RouteError> {
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let field = |rest: &str| format!("spec.rules[{i}].{rest}");
+        for (j, m) in rule.matches.iter().enumerate() {
+            if let Some(PathMatch {
+                kind: PathMatchType::RegularExpression,
+                value: Some(re),
+            }) = &m.path
+            {
+                check_regex(re, &field(&format!("matches[{j}].path.value")))?;
+            }
+            if let Some(PathMatch {
+                value: Some(v),
+                kind,
+            }) = &m.path
+                && *kind != PathMatchType::RegularExpression
+                && !v.starts_with('/')
+            {
+                return Err(RouteError::new(
+                    field(&format!("matches[{j}].path.value")),
+                    format!("{v:?} must start with '/'"),
+                ));
+            }
+            for (k, h) in m.headers.iter().enumerate() {
+                check_header_name(&h.name, &field(&format!("matches[{j}].headers[{k}].name")))?;
+                if h.kind == ValueMatchType::RegularExpression {
+                    check_regex(
+                        &h.value,
+                        &field(&format!("matches[{j}].headers[{k}].value")),
+                    )?;
+                }
+            }
+            for (k, q) in m.query_params.iter().enumerate() {
+                if q.kind == ValueMatchType::RegularExpression {
+                    check_regex(
+                        &q.value,
+                        &field(&format!("matches[{j}].queryParams[{k}].value")),
+                    )?;
+                }
+            }
+        }
+        for (j, f) in rule.filters.iter().enumerate() {
+            f.check(&field(&format!("filters[{j}]")))?;
+        }
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let kind = b.kind.as_deref().unwrap_or("Service");
+            let group = b.group.as_deref().unwrap_or("");
+            if kind != "Service" || !group.is_empty() {
+                return Err(RouteError::new(
+                    field(&format!("backendRefs[{j}].kind")),
+                    format!("{group}/{kind}: only core Services are supported as backends"),
+                ));
+            }
+            if b.port.is_none() {
+                return Err(RouteError::new(
+                    field(&format!("backendRefs[{j}].port")),
+                    "required for a Service backend",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -488,6 +502,154 @@ pub struct BackendRef {
 
 fn one() -> u32 {
     1
+}
+
+// ---------------------------------------------------------------------------------------
+// Gateway API GRPCRoute (standard channel, v1), translated into an HTTPRoute.
+
+/// Parses a GRPCRoute into the [`HttpRoute`] it means: a method match is a path match on
+/// `/service/method` (both named: exact; the service only: the prefix `/service/`; the
+/// method only, or a regular expression: a regular expression), which also gives it the
+/// HTTPRoute precedence Istio gives it.
+pub fn parse_grpc_route(object: &Value) -> Result<HttpRoute, RouteError> {
+    let (namespace, name) = meta(object)?;
+    let grpc: GrpcRouteSpec = spec(object)?;
+    let mut rules = Vec::with_capacity(grpc.rules.len());
+    for (i, rule) in grpc.rules.into_iter().enumerate() {
+        let mut matches = Vec::with_capacity(rule.matches.len());
+        for (j, m) in rule.matches.into_iter().enumerate() {
+            let field = format!("spec.rules[{i}].matches[{j}].method");
+            let path = m.method.map(|method| method.path(&field)).transpose()?;
+            matches.push(HttpRouteMatch {
+                path,
+                headers: m.headers,
+                ..HttpRouteMatch::default()
+            });
+        }
+        for (j, f) in rule.filters.iter().enumerate() {
+            if matches!(f.kind, FilterType::RequestRedirect | FilterType::UrlRewrite) {
+                return Err(RouteError::new(
+                    format!("spec.rules[{i}].filters[{j}].type"),
+                    format!("{:?} is not a GRPCRoute filter", f.kind),
+                ));
+            }
+        }
+        rules.push(HttpRouteRule {
+            name: rule.name,
+            matches,
+            filters: rule.filters,
+            backend_refs: rule.backend_refs,
+            session_persistence: rule.session_persistence,
+            ..HttpRouteRule::default()
+        });
+    }
+    let spec = HttpRouteSpec {
+        parent_refs: grpc.parent_refs,
+        hostnames: grpc.hostnames,
+        rules,
+    };
+    check_rules(&spec)?;
+    Ok(HttpRoute {
+        kind: "GRPCRoute",
+        namespace,
+        name,
+        spec,
+    })
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default)]
+    pub session_persistence: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+impl GrpcMethodMatch {
+    /// The path match this method match is.
+    fn path(&self, field: &str) -> Result<PathMatch, RouteError> {
+        let service = self.service.as_deref().filter(|s| !s.is_empty());
+        let method = self.method.as_deref().filter(|s| !s.is_empty());
+        let (kind, value) = match (self.kind, service, method) {
+            (_, None, None) => {
+                return Err(RouteError::new(
+                    field,
+                    "one of service and method must be set",
+                ));
+            }
+            (ValueMatchType::Exact, Some(s), Some(m)) => {
+                (PathMatchType::Exact, format!("/{s}/{m}"))
+            }
+            (ValueMatchType::Exact, Some(s), None) => (PathMatchType::PathPrefix, format!("/{s}/")),
+            (ValueMatchType::Exact, None, Some(m)) => (
+                PathMatchType::RegularExpression,
+                format!("/[^/]+/{}", regex::escape(m)),
+            ),
+            (ValueMatchType::RegularExpression, s, m) => {
+                for (value, key) in [(s, "service"), (m, "method")] {
+                    if let Some(re) = value {
+                        check_regex(re, &format!("{field}.{key}"))?;
+                    }
+                }
+                (
+                    PathMatchType::RegularExpression,
+                    format!("/({})/({})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                )
+            }
+        };
+        if self.kind == ValueMatchType::Exact {
+            for (value, key) in [(service, "service"), (method, "method")] {
+                if value.is_some_and(|v| v.contains('/')) {
+                    return Err(RouteError::new(
+                        format!("{field}.{key}"),
+                        "must not contain '/'",
+                    ));
+                }
+            }
+        }
+        Ok(PathMatch {
+            kind,
+            value: Some(value),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -989,6 +1151,67 @@ mod tests {
     fn route(spec: Value) -> Value {
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                "metadata": {"name": "r", "namespace": "shop"}, "spec": spec})
+    }
+
+    #[test]
+    fn grpc_routes_are_checked_and_translated_to_path_matches() {
+        let grpc = |rules: Value| {
+            json!({"kind": "GRPCRoute", "metadata": {"name": "g", "namespace": "shop"},
+                   "spec": {"parentRefs": [{"kind": "Service", "group": "", "name": "echo"}],
+                            "rules": rules}})
+        };
+        let route = parse_grpc_route(&grpc(json!([
+            {"matches": [{"method": {"service": "a.B", "method": "C"}},
+                         {"method": {"service": "a.B"}},
+                         {"method": {"method": "C.d"}}],
+             "backendRefs": [{"name": "echo", "port": 80}]}
+        ])))
+        .unwrap();
+        let paths: Vec<_> = route.spec.rules[0]
+            .matches
+            .iter()
+            .map(|m| {
+                let p = m.path.as_ref().unwrap();
+                (p.kind, p.value.clone().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                (PathMatchType::Exact, "/a.B/C".to_owned()),
+                (PathMatchType::PathPrefix, "/a.B/".to_owned()),
+                (PathMatchType::RegularExpression, "/[^/]+/C\\.d".to_owned()),
+            ]
+        );
+        for (rules, field) in [
+            (
+                json!([{"matches": [{"method": {"type": "Exact"}}]}]),
+                "spec.rules[0].matches[0].method",
+            ),
+            (
+                json!([{"matches": [{"method": {"service": "a/b"}}]}]),
+                "spec.rules[0].matches[0].method.service",
+            ),
+            (
+                json!([{"matches": [{"method": {"type": "RegularExpression", "method": "("}}]}]),
+                "spec.rules[0].matches[0].method.method",
+            ),
+            (
+                json!([{"filters": [{"type": "URLRewrite", "urlRewrite": {}}]}]),
+                "spec.rules[0].filters[0].type",
+            ),
+            (
+                json!([{"matches": [{"path": {"value": "/x"}}]}]),
+                "spec.rules[0].matches[0]",
+            ),
+            (
+                json!([{"backendRefs": [{"name": "echo"}]}]),
+                "spec.rules[0].backendRefs[0].port",
+            ),
+        ] {
+            let err = parse_grpc_route(&grpc(rules.clone())).unwrap_err();
+            assert!(err.field.starts_with(field), "{rules}: {err}");
+        }
     }
 
     #[test]

@@ -16,7 +16,10 @@
 //!   namespace, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`, `*` wildcards), if its
 //!   `gateways` are empty or include `mesh`. Its `http` routes are tried in order; the first
 //!   that matches decides; none matching falls through to the service itself.
-//! - An HTTPRoute and a VirtualService on one service: the HTTPRoute wins, and the
+//! - **GRPCRoute**: translated into an HTTPRoute when parsed (a method match is a path match
+//!   on `/service/method`), so it shares the HTTPRoute's precedence and tables. A Service
+//!   with a GRPCRoute ignores its HTTPRoutes, which are reported (GEP-1426).
+//! - A Gateway API route and a VirtualService on one service: the route wins, and the
 //!   VirtualService is reported.
 //! - **DestinationRule**: per host, the subsets (pod labels) and the load balancer.
 //!
@@ -70,6 +73,10 @@ struct Entry {
 pub struct Rule {
     /// `Kind namespace/name` and the rule's position, for logs.
     pub origin: String,
+    /// From a Gateway API route (HTTPRoute or GRPCRoute), whose errors differ from Istio's.
+    pub gateway_api: bool,
+    /// From a GRPCRoute.
+    pub grpc: bool,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub rewrite: Option<Rewrite>,
@@ -239,6 +246,7 @@ impl Routes {
     pub fn build(
         services: &[Service],
         http_routes: &[Value],
+        grpc_routes: &[Value],
         virtual_services: &[Value],
         destination_rules: &[Value],
     ) -> Self {
@@ -249,19 +257,29 @@ impl Routes {
                 .is_ok()
         };
 
-        // HTTPRoutes, attached to Services.
+        // HTTPRoutes and GRPCRoutes (translated into HTTPRoutes), attached to Services.
+        let parsed = http_routes
+            .iter()
+            .map(|o| ("HTTPRoute", o, HttpRoute::parse(o)))
+            .chain(
+                grpc_routes
+                    .iter()
+                    .map(|o| ("GRPCRoute", o, config::parse_grpc_route(o))),
+            );
         let mut http: HashMap<ServiceKey, Vec<(SortKey, Entry)>> = HashMap::new();
-        for (index, object) in http_routes.iter().enumerate() {
-            let route = match HttpRoute::parse(object) {
+        // Services with a GRPCRoute: their HTTPRoutes are ignored (GEP-1426).
+        let mut grpc_parents: HashMap<ServiceKey, String> = HashMap::new();
+        for (index, (kind, object, parsed)) in parsed.enumerate() {
+            let route = match parsed {
                 Ok(r) => r,
                 Err(e) => {
                     routes
                         .problems
-                        .push(format!("HTTPRoute {}: {e}; not applied", describe(object)));
+                        .push(format!("{kind} {}: {e}; not applied", describe(object)));
                     continue;
                 }
             };
-            let key = format!("HTTPRoute {}/{}", route.namespace, route.name);
+            let key = format!("{kind} {}/{}", route.namespace, route.name);
             routes.note_unapplied_http_route(&key, &route);
             for parent in &route.spec.parent_refs {
                 let kind = parent.kind.as_deref().unwrap_or("Gateway");
@@ -284,6 +302,11 @@ impl Routes {
                     continue;
                 }
                 let consumer = (ns != route.namespace).then(|| route.namespace.clone());
+                if route.kind == "GRPCRoute" {
+                    grpc_parents
+                        .entry((ns.clone(), parent.name.clone()))
+                        .or_insert_with(|| key.clone());
+                }
                 for (r, rule) in route.spec.rules.iter().enumerate() {
                     let compiled = Arc::new(compile_http_rule(&route, r, rule));
                     let matches = if rule.matches.is_empty() {
@@ -311,6 +334,21 @@ impl Routes {
             }
         }
         for (service, mut entries) in http {
+            if let Some(grpc) = grpc_parents.get(&service) {
+                let mut ignored: Vec<&str> = entries
+                    .iter()
+                    .filter(|(_, e)| !e.rule.grpc)
+                    .map(|(_, e)| e.rule.origin.as_str())
+                    .collect();
+                ignored.dedup();
+                for origin in ignored {
+                    routes.problems.push(format!(
+                        "{origin}: Service {}/{} also has {grpc}; a GRPCRoute wins over HTTPRoutes on one Service, this rule is ignored for it",
+                        service.0, service.1
+                    ));
+                }
+                entries.retain(|(_, e)| e.rule.grpc);
+            }
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             routes.by_service.insert(
                 service,
@@ -379,7 +417,7 @@ impl Routes {
             for target in targets {
                 match routes.by_service.get(&target) {
                     Some(Attached::HttpRoutes(_)) => routes.problems.push(format!(
-                        "{key}: Service {}/{} also has HTTPRoutes, which win; this VirtualService is ignored for it",
+                        "{key}: Service {}/{} also has Gateway API routes, which win; this VirtualService is ignored for it",
                         target.0, target.1
                     )),
                     Some(Attached::VirtualService(_)) => routes.problems.push(format!(
@@ -956,7 +994,12 @@ fn path_rewrite(m: &config::PathModifier) -> PathRewrite {
 
 fn compile_http_rule(route: &HttpRoute, index: usize, rule: &config::HttpRouteRule) -> Rule {
     let mut compiled = Rule {
-        origin: format!("HTTPRoute {}/{} rule {index}", route.namespace, route.name),
+        origin: format!(
+            "{} {}/{} rule {index}",
+            route.kind, route.namespace, route.name
+        ),
+        gateway_api: true,
+        grpc: route.kind == "GRPCRoute",
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
         rewrite: None,
@@ -1085,6 +1128,8 @@ fn compile_vs_route(vs: &VirtualService, index: usize, route: &config::VsHttpRou
     };
     Rule {
         origin: format!("VirtualService {}/{} http[{index}]", vs.namespace, vs.name),
+        gateway_api: false,
+        grpc: false,
         request_headers: vs_header_ops(headers.and_then(|h| h.request.as_ref())),
         response_headers: vs_header_ops(headers.and_then(|h| h.response.as_ref())),
         rewrite: route.rewrite.as_ref().map(|r| Rewrite {
@@ -1230,6 +1275,7 @@ mod tests {
             )],
             &[],
             &[],
+            &[],
         );
         assert!(routes.problems().is_empty(), "{:?}", routes.problems());
         let cases = [
@@ -1255,6 +1301,53 @@ mod tests {
     }
 
     #[test]
+    fn grpc_routes_match_methods_as_paths_and_win_over_http_routes() {
+        let mut grpc = http_route(
+            "g",
+            json!([
+                {"matches": [{"method": {"service": "echo.Echo", "method": "Unary"}}],
+                 "backendRefs": [{"name": "exact", "port": 80}]},
+                {"matches": [{"method": {"service": "echo.Echo"}}],
+                 "backendRefs": [{"name": "service", "port": 80}]},
+                {"matches": [{"method": {"method": "Stream"}}],
+                 "backendRefs": [{"name": "method", "port": 80}]},
+                {"matches": [{"method": {"type": "RegularExpression", "service": "health\\..*"}}],
+                 "backendRefs": [{"name": "regex", "port": 80}]},
+                {"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+                 "backendRefs": [{"name": "canary", "port": 80}]},
+            ]),
+        );
+        grpc["kind"] = json!("GRPCRoute");
+        let http = http_route(
+            "h",
+            json!([{"backendRefs": [{"name": "http", "port": 80}]}]),
+        );
+        let routes = Routes::build(&[service("shop", "echo")], &[http], &[grpc], &[], &[]);
+        let cases = [
+            ("/echo.Echo/Unary", vec![], "exact"),
+            ("/echo.Echo/Other", vec![], "service"),
+            ("/echo.EchoX/Other", vec![], "404"),
+            ("/other.Svc/Stream", vec![], "method"),
+            ("/health.v1.Health/Check", vec![], "regex"),
+            ("/any.Svc/Call", vec![("x-canary", "yes")], "canary"),
+        ];
+        for (path, headers, want) in cases {
+            assert_eq!(
+                decide(&routes, "POST", path, &headers),
+                want,
+                "{path} {headers:?}"
+            );
+        }
+        let problems = routes.problems().join("\n");
+        assert!(
+            problems.contains("HTTPRoute shop/h rule 0")
+                && problems.contains("GRPCRoute shop/g")
+                && problems.contains("ignored"),
+            "{problems}"
+        );
+    }
+
+    #[test]
     fn no_matching_http_route_is_404_and_no_route_is_the_service_itself() {
         let routes = Routes::build(
             &[service("shop", "echo")],
@@ -1265,10 +1358,11 @@ mod tests {
             )],
             &[],
             &[],
+            &[],
         );
         assert_eq!(decide(&routes, "GET", "/other", &[]), "404");
         assert_eq!(decide(&routes, "GET", "/only", &[]), "echo");
-        let none = Routes::build(&[service("shop", "echo")], &[], &[], &[]);
+        let none = Routes::build(&[service("shop", "echo")], &[], &[], &[], &[]);
         assert_eq!(decide(&none, "GET", "/", &[]), "default");
     }
 
@@ -1285,6 +1379,7 @@ mod tests {
         let routes = Routes::build(
             &[service("shop", "echo")],
             &[],
+            &[],
             std::slice::from_ref(&vs),
             &[],
         );
@@ -1300,12 +1395,13 @@ mod tests {
                 "r",
                 json!([{"backendRefs": [{"name": "hr", "port": 80}]}]),
             )],
+            &[],
             &[vs],
             &[],
         );
         assert_eq!(decide(&both, "GET", "/", &[("end-user", "jason")]), "hr");
         assert!(
-            both.problems()[0].contains("HTTPRoutes, which win"),
+            both.problems()[0].contains("Gateway API routes, which win"),
             "{:?}",
             both.problems()
         );
@@ -1337,7 +1433,7 @@ mod tests {
             "subsets": [{"name": "v1", "labels": {"version": "v1"}},
                         {"name": "v2", "labels": {"version": "v2"},
                          "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}]}});
-        let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[dr]);
+        let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[], &[dr]);
         let d = routes.destination("shop", "echo").unwrap();
         assert_eq!(
             d.lb,
@@ -1362,6 +1458,7 @@ mod tests {
             )],
             &[],
             &[],
+            &[],
         );
         let map = HeaderMap::new();
         let Selection::Rule { rule, .. } =
@@ -1384,6 +1481,7 @@ mod tests {
                 "r",
                 json!([{"backendRefs": [{"name": "a", "port": 80, "weight": 0}]}]),
             )],
+            &[],
             &[],
             &[],
         );
@@ -1427,7 +1525,7 @@ mod tests {
     fn unapplied_fields_are_reported() {
         let vs = json!({"metadata": {"name": "v", "namespace": "shop"}, "spec": {
             "hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}], "retries": {"attempts": 3}}]}});
-        let routes = Routes::build(&[service("shop", "echo")], &[], &[vs], &[]);
+        let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[vs], &[]);
         assert!(
             routes.problems()[0].contains("spec.http[0].retries is not applied yet"),
             "{:?}",

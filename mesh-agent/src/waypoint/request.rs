@@ -493,7 +493,7 @@ fn choose_target<'a>(
         },
         _ => None,
     };
-    let gateway_api = rule.is_some_and(|r| r.origin.starts_with("HTTPRoute"));
+    let gateway_api = rule.is_some_and(|r| r.gateway_api);
     let (svc, port) = match backend {
         None => (service, service_port),
         Some(b) => {

@@ -108,6 +108,21 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Calls the gRPC echo (`mesh.test.Echo`) at TO: METHOD is its path, MESSAGES a JSON
+    /// list of {message, fail_with}, HEADERS a JSON list of [name, value] sent as metadata;
+    /// prints the outcome (status code, message, replies) as JSON.
+    GrpcCall {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        method: String,
+        #[arg(long)]
+        messages: String,
+        #[arg(long, default_value = "[]")]
+        headers: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Replace this process with COMMAND (after entering the namespace and cgroup).
     Exec {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -150,6 +165,39 @@ fn main() -> ExitCode {
                 }
                 Err(error) => {
                     eprintln!("mesh-pod http-calls: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::GrpcCall {
+            to,
+            method,
+            messages,
+            headers,
+            timeout_ms,
+        } => {
+            let parsed = serde_json::from_str(&messages)
+                .map_err(|e| format!("--messages: {e}"))
+                .and_then(|m: Vec<_>| {
+                    let h: Vec<(String, String)> =
+                        serde_json::from_str(&headers).map_err(|e| format!("--headers: {e}"))?;
+                    Ok((m, h))
+                });
+            let (messages, headers) = match parsed {
+                Ok(p) => p,
+                Err(error) => {
+                    eprintln!("mesh-pod grpc-call: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let timeout = Duration::from_millis(timeout_ms);
+            match tests::grpc_workload::call(to, &method, &messages, &headers, timeout) {
+                Ok(outcome) => {
+                    println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("mesh-pod grpc-call: {error:#}");
                     ExitCode::FAILURE
                 }
             }
