@@ -139,6 +139,9 @@ struct WaypointArgs {
     /// Threads that run the proxy (default: one per CPU this process may use).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
+    /// The access log on stdout: Istio's text format, its JSON encoding, or none.
+    #[arg(long, value_enum, default_value = "text")]
+    access_log_format: mesh_agent::waypoint::access_log::Format,
 }
 
 #[derive(Subcommand)]
@@ -237,6 +240,7 @@ fn main() -> anyhow::Result<()> {
                 ca_dir: args.ca_dir,
                 cert_lifetime: args.cert_lifetime,
                 limits: Default::default(),
+                access_log: args.access_log_format,
                 listen: if args.listen.is_empty() {
                     mesh_agent::waypoint::default_listen()
                 } else {

@@ -12,8 +12,10 @@
 //!   root-namespace selector policies to workloads of all namespaces). A selector without labels
 //!   counts as no selector. Policies with `targetRef`/`targetRefs` belong to a waypoint and are
 //!   ignored here.
-//! - **Actions.** `ALLOW` (the default) and `DENY`. `AUDIT` and `CUSTOM` are not L4 actions:
-//!   the policy is ignored and reported as [`RbacError::UnsupportedAction`].
+//! - **Actions.** `ALLOW` (the default) and `DENY`. `AUDIT` is a waypoint's: a matching
+//!   `targetRefs` policy marks the request audited ([`Decision::audit`], written in the access
+//!   log) and never changes the decision; on a selector it is ignored and reported as
+//!   [`RbacError::UnsupportedAction`], as is `CUSTOM` (no external authorizer here).
 //! - **Decision.** Any matching DENY denies. Otherwise, if no ALLOW policy applies to the
 //!   workload the connection is allowed; otherwise it is allowed only if some ALLOW policy
 //!   matches. A policy matches when any of its `rules` matches, so an ALLOW policy without rules
@@ -166,6 +168,8 @@ pub struct Decision {
     pub policy: Option<Arc<str>>,
     /// A dry-run policy that would have denied the connection (see the module docs).
     pub dry_run_denial: Option<Arc<str>>,
+    /// The first matching AUDIT policy: the request is to be logged as audited.
+    pub audit: Option<Arc<str>>,
 }
 
 impl fmt::Display for Decision {
@@ -178,6 +182,9 @@ impl fmt::Display for Decision {
         }
         if let Some(p) = &self.dry_run_denial {
             write!(f, " (dry-run {p} would deny)")?;
+        }
+        if let Some(p) = &self.audit {
+            write!(f, " (audited by {p})")?;
         }
         Ok(())
     }
@@ -238,6 +245,8 @@ pub struct Policies {
     by_namespace: HashMap<String, NamespacePolicies>,
     len: usize,
     any_dry_run: bool,
+    /// Whether any AUDIT policy exists (a DENY then does not end the evaluation early).
+    any_audit: bool,
     /// Policies with `targetRef(s)`, enforced by waypoints, by what they target.
     targeted: HashMap<Target, Vec<Policy>>,
 }
@@ -274,6 +283,8 @@ struct Selected {
 enum Action {
     Allow,
     Deny,
+    /// Targeted policies only: marks matching requests, decides nothing.
+    Audit,
 }
 
 /// One enforceable (or dry-run) policy.
@@ -401,6 +412,7 @@ impl Policies {
                 Ok(Parsed::Targeted { targets, policy }) => {
                     set.len += 1;
                     set.any_dry_run |= policy.dry_run;
+                    set.any_audit |= policy.action == Action::Audit;
                     for target in targets {
                         set.targeted.entry(target).or_default().push(policy.clone());
                     }
@@ -497,12 +509,18 @@ impl Policies {
         let mut dry_deny = None;
         let mut dry_allow = None;
         let mut dry_allow_matched = false;
+        let mut audit = None;
         for policy in policies {
             match (policy.action, policy.dry_run) {
+                (Action::Audit, _) => {
+                    if audit.is_none() && policy.matches(&peer) {
+                        audit = Some(policy.key.clone());
+                    }
+                }
                 (Action::Deny, false) => {
                     if deny.is_none() && policy.matches(&peer) {
                         deny = Some(policy);
-                        if !self.any_dry_run {
+                        if !self.any_dry_run && !self.any_audit {
                             break;
                         }
                     }
@@ -539,6 +557,7 @@ impl Policies {
             allowed,
             policy: decided.map(|p| p.key.clone()),
             dry_run_denial: dry_run_denial.map(|p| p.key.clone()),
+            audit,
         }
     }
 
@@ -1592,6 +1611,7 @@ fn parse_policy(object: &Value, root_namespace: &str) -> Result<Parsed, FieldErr
         Some(Value::String(a)) => match a.as_str() {
             "ALLOW" => Action::Allow,
             "DENY" => Action::Deny,
+            "AUDIT" if targeted => Action::Audit,
             "AUDIT" | "CUSTOM" => {
                 return Ok(Parsed::Unsupported {
                     policy: key,
@@ -1940,7 +1960,8 @@ mod tests {
             Decision {
                 allowed: true,
                 policy: None,
-                dry_run_denial: None
+                dry_run_denial: None,
+                audit: None,
             }
         );
         assert!(Policies::default().is_empty());
@@ -2649,6 +2670,50 @@ mod tests {
             name: "other".into(),
         }];
         assert!(!set.has_targeted(&other));
+    }
+
+    #[test]
+    fn targeted_audit_policies_mark_requests_and_decide_nothing() {
+        let web = json!([{"kind": "Service", "group": "", "name": "web"}]);
+        let (set, errors) = Policies::parse(
+            &[
+                ap(
+                    "shop",
+                    "watch-delete",
+                    json!({"targetRefs": web, "action": "AUDIT",
+                           "rules": [operation(json!({"methods": ["DELETE"]}))]}),
+                ),
+                ap(
+                    "shop",
+                    "block-delete",
+                    json!({"targetRefs": web, "action": "DENY",
+                           "rules": [operation(json!({"methods": ["DELETE"]}))]}),
+                ),
+            ],
+            ROOT,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let targets = [Target::Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+        }];
+        let judge = |method: &'static str| {
+            let r = req(method, "web", "/");
+            let request = Request {
+                method: r.method,
+                host: r.host,
+                path: r.path,
+                headers: &r.headers,
+            };
+            set.evaluate_targeted(&targets, &tls("a", "x").connection().with_request(&request))
+        };
+        let get = judge("GET");
+        assert!(get.allowed && get.audit.is_none(), "{get}");
+        // Audited even though the DENY, evaluated first, already decided.
+        let delete = judge("DELETE");
+        assert!(!delete.allowed, "{delete}");
+        assert_eq!(delete.audit.as_deref(), Some("shop/watch-delete"));
+        assert!(delete.to_string().contains("audited by shop/watch-delete"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! kubelet probes and Prometheus scrapes a waypoint pod, and the config dump (15000) on
 //! 127.0.0.1.
 
+pub mod access_log;
 pub mod request;
 pub mod upstream;
 
@@ -74,6 +75,8 @@ pub struct WaypointConfig {
     pub limits: Limits,
     /// Where the HBONE listener binds (default: every address, port 15008).
     pub listen: Vec<SocketAddr>,
+    /// How requests are logged on stdout.
+    pub access_log: access_log::Format,
 }
 
 /// Shared by every tunnel and request.
@@ -86,6 +89,7 @@ pub struct Waypoint {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub upstreams: upstream::Upstreams,
+    pub access_log: Arc<access_log::AccessLog>,
     /// TLS handshakes in progress on 15008, bounded as on the node agents.
     handshakes: Arc<crate::proxy::handshakes::Handshakes>,
     /// The policy targets that are this waypoint: its Gateway and its GatewayClass.
@@ -148,7 +152,10 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
         cfg.limits.pool_idle_timeout,
     );
     let metrics = Arc::new(Metrics::default());
+    let access_log = access_log::AccessLog::new(cfg.access_log);
+    access_log.spawn_flusher();
     let waypoint = Arc::new(Waypoint {
+        access_log,
         own_targets: [
             Target::Gateway {
                 namespace: cfg.namespace.clone(),

@@ -108,7 +108,12 @@ fn cluster() -> (Cluster, tests::Process) {
     cluster.start_agents(&cluster.config_path()).unwrap();
     let waypoint = cluster
         .pod("wp")
-        .spawn_waypoint("waypoint", NS, &cluster.config_path(), &[])
+        .spawn_waypoint(
+            "waypoint",
+            NS,
+            &cluster.config_path(),
+            &["--access-log-format", "json"],
+        )
         .expect("starting the waypoint");
     (cluster, waypoint)
 }
@@ -517,7 +522,10 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     let policy = format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: get-only, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/mesh/sa/client]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
     );
-    apply(&cluster, &[policy]);
+    let audit = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: audit-reports, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  action: AUDIT\n  rules: [{{to: [{{operation: {{paths: [/reports/*]}}}}]}}]\n"
+    );
+    apply(&cluster, &[policy, audit]);
     let delete = Call {
         method: "DELETE".into(),
         ..get("/")
@@ -530,6 +538,38 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     assert_eq!(one(&cluster, vip(ECHO), get("/")).status, 200);
     let r = calls(&cluster, "intruder", vip(ECHO), &[get("/")]).remove(0);
     assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    // AUDIT: allowed as before, and the access log (JSON here) says which policy audited it.
+    let mut audited = get("/reports/q3");
+    audited.headers = vec![("x-request-id".into(), "audit-me-1".into())];
+    assert_eq!(one(&cluster, vip(ECHO), audited).status, 200);
+    let mut plain = get("/other");
+    plain.headers = vec![("x-request-id".into(), "audit-me-not".into())];
+    assert_eq!(one(&cluster, vip(ECHO), plain).status, 200);
+    let logged = |id: &str| {
+        waypoint.log_text().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["request_id"] == id).then_some(v)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || logged("audit-me-not").is_some()),
+        "no access-log line: {}",
+        waypoint.log_text()
+    );
+    let line = logged("audit-me-1").expect("the audited request's line");
+    assert_eq!(line["audit_policy"], "mesh/audit-reports", "{line}");
+    assert_eq!(line["response_code"], 200, "{line}");
+    assert_eq!(line["path"], "/reports/q3", "{line}");
+    assert_eq!(
+        line["downstream_peer_identity"],
+        "spiffe://cluster.local/ns/mesh/sa/client"
+    );
+    assert!(
+        logged("audit-me-not")
+            .unwrap()
+            .get("audit_policy")
+            .is_none()
+    );
 
     // Request metrics, with Kiali's labels.
     let before = waypoint_metrics(&cluster);

@@ -29,7 +29,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
-    Destination, TunnelContext,
+    Destination, TunnelContext, access_log,
     upstream::{HashInputs, UpstreamError},
 };
 use crate::{
@@ -190,6 +190,11 @@ struct Record {
     service: Option<usize>,
     upstream: Option<SocketAddr>,
     route: String,
+    /// The AUDIT policy that matched.
+    audit: Option<Arc<str>>,
+    /// When the request arrived, for the access log.
+    start_wall: std::time::SystemTime,
+    forwarded_for: String,
 }
 
 async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -236,6 +241,9 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
             .and_then(|s| state.service_position(s)),
         upstream: None,
         route: "-".into(),
+        audit: None,
+        start_wall: std::time::SystemTime::now(),
+        forwarded_for: header_text(&parts.headers, "x-forwarded-for"),
     };
 
     // Authorization, on the client's identity and the request.
@@ -254,6 +262,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
             .authorization()
             .evaluate_targeted(&wp.targets(&tunnel.destination), &conn)
     };
+    record.audit = decision.audit.clone();
     if !decision.allowed {
         record.route = decision.to_string();
         return local_reply(
@@ -731,60 +740,56 @@ fn record_request(
         request_bytes,
         response_bytes,
     });
-    let source = record.state.workload_by_ip(record.tunnel.ctx.peer.ip());
-    // Envoy's default access-log format, field for field.
-    tracing::info!(
-        target: "access",
-        "[{}] \"{} {} {:?}\" {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" route={} src={} identity={}",
-        humantime_now(),
-        record.method,
-        record.path,
-        record.version,
-        status,
-        flags,
-        request_bytes,
-        response_bytes,
-        duration.as_millis(),
-        source.map_or("unknown", |w| w.workload_name.as_str()),
-        record.user_agent,
-        record.request_id,
-        record.authority,
-        record.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
-        record.route,
-        source.map_or("unknown", |w| w.namespace.as_str()),
-        record
-            .tunnel
-            .ctx
-            .client
-            .as_ref()
-            .map_or_else(|| "unknown".to_owned(), ToString::to_string),
-    );
+    let identity = record
+        .tunnel
+        .ctx
+        .client
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let upstream_cluster = record
+        .service
+        .and_then(|i| record.state.services.get(i))
+        .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+        .unwrap_or_default();
+    wp.access_log.log(&access_log::Entry {
+        start: record.start_wall,
+        method: &record.method,
+        path: &record.path,
+        protocol: protocol_name(record.version),
+        response_code: status,
+        response_flags: flags,
+        response_code_details: if record.upstream.is_some() && flags == "-" {
+            "via_upstream"
+        } else {
+            ""
+        },
+        bytes_received: request_bytes,
+        bytes_sent: response_bytes,
+        duration,
+        x_forwarded_for: &record.forwarded_for,
+        user_agent: &record.user_agent,
+        request_id: &record.request_id,
+        authority: &record.authority,
+        upstream_host: record.upstream,
+        upstream_cluster: &upstream_cluster,
+        downstream_local_address: record.tunnel.target,
+        downstream_remote_address: record.tunnel.ctx.peer,
+        route_name: &record.route,
+        downstream_peer_identity: &identity,
+        audit: record.audit.as_deref(),
+    });
 }
 
-/// Now, as Envoy's access log writes it: `2026-12-02T09:51:35.692Z`.
-fn humantime_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_millis()
-    )
+/// `%PROTOCOL%` as Envoy writes it.
+fn protocol_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// The request's label set (Istio's), built on a cache miss.
