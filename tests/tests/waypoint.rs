@@ -2,7 +2,7 @@
 //! its own (uncaptured) pod, real HBONE. The cluster is built once; each case rewrites the
 //! configuration (Gateway API routes, VirtualService, policies) and checks what clients see.
 //! The HTTPRoute cases replay the Gateway API GAMMA mesh conformance cases (MeshBasic,
-//! MeshFrontend, MeshHTTPRouteMatching, MeshHTTPRouteQueryParamMatching,
+//! MeshFrontend, MeshPorts, MeshHTTPRouteMatching, MeshHTTPRouteQueryParamMatching,
 //! MeshHTTPRouteWeight, MeshHTTPRouteRequestHeaderModifier, MeshHTTPRouteRewritePath,
 //! the redirect cases) against `echo` backends that report their pod and the headers they
 //! received; GRPCRoute with tonic's client and server.
@@ -21,6 +21,8 @@ const ECHO: &str = "10.96.10.10";
 const ECHO_V1: &str = "10.96.10.11";
 const ECHO_V2: &str = "10.96.10.12";
 const APP: u16 = 8080;
+/// A plain TCP port of echo-v1 (not HTTP by Istio's rules: carried as bytes).
+const TCP: u16 = 9000;
 const WAYPOINT_PRINCIPAL: &str = "spiffe://cluster.local/ns/mesh/sa/waypoint";
 
 fn vip(ip: &str) -> SocketAddr {
@@ -35,8 +37,13 @@ fn documents(extra: &[String]) -> ConfigOptions {
         } else {
             ""
         };
+        let tcp = if name == "echo-v1" {
+            format!(", {{name: tcp-echo, port: {TCP}, targetPort: {TCP}}}")
+        } else {
+            String::new()
+        };
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n{labels}spec:\n  clusterIP: {ip}\n  selector: {selector}\n  ports: [{{name: http, port: 80, targetPort: {APP}}}]\n"
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n{labels}spec:\n  clusterIP: {ip}\n  selector: {selector}\n  ports: [{{name: http, port: 80, targetPort: {APP}}}, {{name: http-alt, port: {APP}, targetPort: {APP}}}{tcp}]\n"
         )
     };
     let mut opts = ConfigOptions::default()
@@ -102,6 +109,10 @@ fn cluster() -> (Cluster, tests::Process) {
             .spawn_echo(APP)
             .expect("starting an echo server");
     }
+    cluster
+        .pod("echo-v1")
+        .spawn_server(&[TCP])
+        .expect("starting a TCP echo server");
     cluster
         .write_config(&cluster.config_path(), &documents(&[]))
         .unwrap();
@@ -259,6 +270,28 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
         "the waypoint's peak RSS grew by {grown} KiB"
     );
 
+    // A TCP port of a bound service: carried as bytes through the waypoint, which reports
+    // it in its TCP metrics.
+    let before = waypoint_metrics(&cluster);
+    let tcp = SocketAddr::new(ECHO_V1.parse().unwrap(), TCP);
+    let report = cluster.pod("client").connect(tcp, 256 * 1024).unwrap();
+    assert!(report.ok, "{report:?}");
+    let tcp_filter = [
+        ("reporter", "waypoint"),
+        ("destination_service", "echo-v1.mesh.svc.cluster.local"),
+        ("source_workload", "client"),
+    ];
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            waypoint_metrics(&cluster).delta(
+                &before,
+                "istio_tcp_connections_opened_total",
+                &tcp_filter,
+            ) == 1.0
+        }),
+        "the waypoint did not count the TCP connection"
+    );
+
     // HTTP/2 with prior knowledge (h2c) through the waypoint.
     let h2 = cluster
         .pod("client")
@@ -399,6 +432,40 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
         (325..=375).contains(&v1),
         "70 % of 500 to echo-v1, got {v1}"
     );
+
+    // MeshPorts: a parentRef with a port binds the route to that Service port only.
+    let set_header = |value: &str| {
+        format!(
+            "  - filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: X-Header-Set, value: {value}}}]}}}}]\n    backendRefs: [{{name: echo-{value}, port: 80}}]\n"
+        )
+    };
+    let v1_port_80 = http_route("v1-port", "echo-v1", &set_header("v1"));
+    let v2_any_port = http_route("v2-any", "echo-v2", &set_header("v2")).replace(
+        "name: echo-v2, port: 80}]\n  rules",
+        "name: echo-v2}]\n  rules",
+    );
+    apply(&cluster, &[v1_port_80, v2_any_port]);
+    until(
+        &cluster,
+        vip(ECHO_V1),
+        &get("/"),
+        "MeshPorts routes applied",
+        |r| r.headers.get("x-header-set").map(String::as_str) == Some("v1"),
+    );
+    let alt = |ip: &str| SocketAddr::new(ip.parse().unwrap(), APP);
+    for (to, header) in [
+        (alt(ECHO_V1), None),
+        (vip(ECHO_V2), Some("v2")),
+        (alt(ECHO_V2), Some("v2")),
+    ] {
+        let r = one(&cluster, to, get("/"));
+        assert_eq!(r.status, 200, "{to}: {r:?}");
+        assert_eq!(
+            r.headers.get("x-header-set").map(String::as_str),
+            header,
+            "{to}: {r:?}"
+        );
+    }
 
     // GRPCRoute, with tonic's client and server: unary and bidirectional streaming calls
     // routed by service, method and header; gRPC statuses in the metrics.

@@ -524,6 +524,9 @@ impl Routes {
             Some(Attached::HttpRoutes(e)) => (e, true),
             Some(Attached::VirtualService(e)) => (e, false),
         };
+        // Routes bound to other ports, or consumer routes of other namespaces, leave the
+        // request to the service itself rather than answering 404.
+        let mut attached = false;
         for entry in entries {
             if entry.port.is_some_and(|p| p != req.port) {
                 continue;
@@ -533,6 +536,7 @@ impl Routes {
             {
                 continue;
             }
+            attached = true;
             if let Some(matched_prefix) = entry.m.matches(req) {
                 return Selection::Rule {
                     rule: &entry.rule,
@@ -540,7 +544,7 @@ impl Routes {
                 };
             }
         }
-        if not_found {
+        if not_found && attached {
             Selection::NotFound
         } else {
             Selection::Default
@@ -1364,6 +1368,26 @@ mod tests {
         assert_eq!(decide(&routes, "GET", "/only", &[]), "echo");
         let none = Routes::build(&[service("shop", "echo")], &[], &[], &[], &[]);
         assert_eq!(decide(&none, "GET", "/", &[]), "default");
+        // Routes for another port, or a consumer route of another namespace, do not apply:
+        // the service itself, not 404 (MeshPorts, MeshConsumerRoute).
+        let mut other_port = http_route(
+            "p",
+            json!([{"matches": [{"path": {"type": "Exact", "value": "/only"}}],
+                    "backendRefs": [{"name": "echo", "port": 80}]}]),
+        );
+        other_port["spec"]["parentRefs"][0]["port"] = json!(9090);
+        let mut consumer = other_port.clone();
+        consumer["metadata"]["namespace"] = json!("elsewhere");
+        consumer["spec"]["parentRefs"][0]["namespace"] = json!("shop");
+        consumer["spec"]["parentRefs"][0]["port"] = json!(80);
+        let routes = Routes::build(
+            &[service("shop", "echo")],
+            &[other_port, consumer],
+            &[],
+            &[],
+            &[],
+        );
+        assert_eq!(decide(&routes, "GET", "/other", &[]), "default");
     }
 
     #[test]
