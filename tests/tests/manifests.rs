@@ -29,7 +29,8 @@ use tests::locate_binary;
 const NAMESPACE: &str = "mesh-system";
 const AGENT_CONTAINER: &str = "mesh-agent";
 const CA_SECRET: &str = "mesh-agent-ca";
-const ISTIO_GROUP: &str = "security.istio.io";
+const SECURITY_GROUP: &str = "security.istio.io";
+const NETWORKING_GROUP: &str = "networking.istio.io";
 /// A waypoint's manifests: their own kustomization, applied per namespace.
 const WAYPOINT_DIR: &str = "waypoint";
 
@@ -141,6 +142,8 @@ fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
             .zip(y)
             .enumerate()
             .find_map(|(i, (u, v))| first_difference(u, v, &format!("{path}[{i}]"))),
+        // k8s-openapi holds a schema's `minimum` and `maximum` as f64: 0 comes back as 0.0.
+        (Value::Number(x), Value::Number(y)) => (x.as_f64() != y.as_f64()).then(|| path.to_owned()),
         _ => (a != b).then(|| path.to_owned()),
     }
 }
@@ -291,8 +294,8 @@ fn every_manifest_parses_as_its_kubernetes_type() {
     one(&m.daemonsets, "DaemonSet");
     assert_eq!(
         m.crds.len(),
-        2,
-        "the AuthorizationPolicy and PeerAuthentication CRDs"
+        4,
+        "the AuthorizationPolicy, PeerAuthentication, VirtualService and DestinationRule CRDs"
     );
     one(&m.kustomizations, "kustomization");
 }
@@ -769,8 +772,8 @@ fn rbac_grants_only_reads_and_patching_pods_to_the_agents_account() {
         ("", "pods"),
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
-        (ISTIO_GROUP, "authorizationpolicies"),
-        (ISTIO_GROUP, "peerauthentications"),
+        (SECURITY_GROUP, "authorizationpolicies"),
+        (SECURITY_GROUP, "peerauthentications"),
     ];
     for (g, r) in watched {
         for verb in read {
@@ -876,26 +879,55 @@ fn string_list(s: &JSONSchemaProps) -> bool {
 #[test]
 fn crds_are_istios_group_versions_kinds_and_names() {
     let m = load();
-    for (kind, plural, singular, short) in [
+    // Istio serves v1 and v1beta1 of its security kinds and stores v1beta1; it serves v1,
+    // v1alpha3 and v1beta1 of its networking kinds and stores v1 (see
+    // xtask/src/manifests.rs). The schemas of a kind's versions are the same.
+    let security = [("v1", true, false), ("v1beta1", true, true)];
+    let networking = [
+        ("v1", true, true),
+        ("v1alpha3", true, false),
+        ("v1beta1", true, false),
+    ];
+    for (group, kind, plural, singular, short, columns) in [
         (
+            SECURITY_GROUP,
             "AuthorizationPolicy",
             "authorizationpolicies",
             "authorizationpolicy",
             "ap",
+            &[("Action", ".spec.action")][..],
         ),
         (
+            SECURITY_GROUP,
             "PeerAuthentication",
             "peerauthentications",
             "peerauthentication",
             "pa",
+            &[("Mode", ".spec.mtls.mode")][..],
+        ),
+        (
+            NETWORKING_GROUP,
+            "VirtualService",
+            "virtualservices",
+            "virtualservice",
+            "vs",
+            &[("Gateways", ".spec.gateways"), ("Hosts", ".spec.hosts")][..],
+        ),
+        (
+            NETWORKING_GROUP,
+            "DestinationRule",
+            "destinationrules",
+            "destinationrule",
+            "dr",
+            &[("Host", ".spec.host")][..],
         ),
     ] {
         let c = crd(&m, kind);
         assert_eq!(
             c.metadata.name.as_deref(),
-            Some(format!("{plural}.{ISTIO_GROUP}").as_str())
+            Some(format!("{plural}.{group}").as_str())
         );
-        assert_eq!(c.spec.group, ISTIO_GROUP);
+        assert_eq!(c.spec.group, group);
         assert_eq!(c.spec.scope, "Namespaced");
         let n = &c.spec.names;
         assert_eq!(n.plural, plural);
@@ -905,24 +937,39 @@ fn crds_are_istios_group_versions_kinds_and_names() {
             n.short_names.as_deref(),
             Some([short.to_owned()].as_slice())
         );
+        let category = group.replace('.', "-");
+        assert_eq!(
+            n.categories.as_deref(),
+            Some(["istio-io".to_owned(), category].as_slice()),
+            "{kind}"
+        );
         let versions: Vec<(&str, bool, bool)> = c
             .spec
             .versions
             .iter()
             .map(|v| (v.name.as_str(), v.served, v.storage))
             .collect();
-        // Istio serves v1 and v1beta1 and stores v1beta1 (the schemas are the same).
-        assert_eq!(
-            versions,
-            [("v1", true, false), ("v1beta1", true, true)],
-            "{kind}"
-        );
+        let expected = if group == SECURITY_GROUP {
+            &security[..]
+        } else {
+            &networking[..]
+        };
+        assert_eq!(versions, expected, "{kind}");
         for v in &c.spec.versions {
             assert!(
                 v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
                 "{kind} {}: status subresource",
                 v.name
             );
+            let printed: Vec<(&str, &str)> = v
+                .additional_printer_columns
+                .iter()
+                .flatten()
+                .map(|c| (c.name.as_str(), c.json_path.as_str()))
+                .collect();
+            let mut want = columns.to_vec();
+            want.push(("Age", ".metadata.creationTimestamp"));
+            assert_eq!(printed, want, "{kind} {}: printer columns", v.name);
         }
     }
 }
@@ -1010,6 +1057,431 @@ fn peer_authentication_schema_covers_istios_fields() {
     assert_eq!(enum_values(at(per_port, "mode")), modes);
 }
 
+/// The properties of an object schema, sorted.
+fn fields(s: &JSONSchemaProps) -> Vec<&str> {
+    props(s).keys().map(String::as_str).collect()
+}
+
+/// The schema of a map's values.
+fn values_of(s: &JSONSchemaProps) -> &JSONSchemaProps {
+    match s.additional_properties.as_ref() {
+        Some(JSONSchemaPropsOrBool::Schema(v)) => v,
+        _ => panic!("a map schema"),
+    }
+}
+
+fn is_string_match(s: &JSONSchemaProps) -> bool {
+    fields(s) == ["exact", "prefix", "regex"] && s.one_of.is_some()
+}
+
+/// A uint32 of Istio's API: an integer from 0 to 2^32 - 1.
+fn is_uint32(s: &JSONSchemaProps) -> bool {
+    s.type_.as_deref() == Some("integer")
+        && s.minimum == Some(0.0)
+        && s.maximum == Some(f64::from(u32::MAX))
+}
+
+/// A percentage (`{value: double}`).
+fn is_percent(s: &JSONSchemaProps) -> bool {
+    let value = at(s, "value");
+    fields(s) == ["value"]
+        && value.type_.as_deref() == Some("number")
+        && value.format.as_deref() == Some("double")
+}
+
+/// A protobuf Duration: a string, with Istio's rule that it is at least 1ms.
+fn is_duration(s: &JSONSchemaProps) -> bool {
+    s.type_.as_deref() == Some("string")
+        && s.x_kubernetes_validations
+            .iter()
+            .flatten()
+            .any(|r| r.rule.contains("duration(self)"))
+}
+
+#[test]
+fn virtual_service_schema_covers_istios_fields() {
+    let m = load();
+    let spec = spec_schema(crd(&m, "VirtualService"));
+    assert_eq!(
+        fields(&spec),
+        ["exportTo", "gateways", "hosts", "http", "tcp", "tls"]
+    );
+    for f in ["hosts", "gateways", "exportTo"] {
+        assert!(string_list(at(&spec, f)), "{f}");
+    }
+    let http = at(&spec, "http[]");
+    assert_eq!(
+        fields(http),
+        [
+            "corsPolicy",
+            "delegate",
+            "directResponse",
+            "fault",
+            "headers",
+            "match",
+            "mirror",
+            "mirrorPercent",
+            "mirrorPercentage",
+            "mirror_percent",
+            "mirrors",
+            "name",
+            "redirect",
+            "retries",
+            "rewrite",
+            "route",
+            "timeout",
+        ]
+    );
+    assert_eq!(
+        fields(at(http, "match[]")),
+        [
+            "authority",
+            "gateways",
+            "headers",
+            "ignoreUriCase",
+            "method",
+            "name",
+            "port",
+            "queryParams",
+            "scheme",
+            "sourceLabels",
+            "sourceNamespace",
+            "statPrefix",
+            "uri",
+            "withoutHeaders",
+        ]
+    );
+    for f in ["uri", "scheme", "method", "authority"] {
+        assert!(is_string_match(at(http, &format!("match[].{f}"))), "{f}");
+    }
+    for f in ["headers", "withoutHeaders", "queryParams"] {
+        assert!(
+            is_string_match(values_of(at(http, &format!("match[].{f}")))),
+            "{f}"
+        );
+    }
+    assert!(is_string_match(at(http, "corsPolicy.allowOrigins[]")));
+    assert!(is_uint32(at(http, "match[].port")));
+    assert_eq!(
+        at(http, "match[].ignoreUriCase").type_.as_deref(),
+        Some("boolean")
+    );
+    for destination in ["route[].destination", "mirror", "mirrors[].destination"] {
+        let d = at(http, destination);
+        assert_eq!(fields(d), ["host", "port", "subset"], "{destination}");
+        assert_eq!(d.required.as_deref(), Some(["host".to_owned()].as_slice()));
+        assert!(is_uint32(at(d, "port.number")), "{destination}");
+    }
+    assert_eq!(at(http, "route[].weight").type_.as_deref(), Some("integer"));
+    for side in ["request", "response"] {
+        let ops = at(http, &format!("route[].headers.{side}"));
+        assert_eq!(fields(ops), ["add", "remove", "set"]);
+        assert_eq!(values_of(at(ops, "set")).type_.as_deref(), Some("string"));
+        assert!(string_list(at(ops, "remove")));
+        assert_eq!(fields(at(http, &format!("headers.{side}"))), fields(ops));
+    }
+    assert_eq!(
+        fields(at(http, "redirect")),
+        [
+            "authority",
+            "derivePort",
+            "port",
+            "redirectCode",
+            "scheme",
+            "uri"
+        ]
+    );
+    assert_eq!(
+        enum_values(at(http, "redirect.derivePort")),
+        ["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"]
+    );
+    assert_eq!(fields(at(http, "directResponse.body")), ["bytes", "string"]);
+    assert_eq!(fields(at(http, "delegate")), ["name", "namespace"]);
+    assert_eq!(
+        fields(at(http, "rewrite")),
+        ["authority", "uri", "uriRegexRewrite"]
+    );
+    assert_eq!(
+        fields(at(http, "rewrite.uriRegexRewrite")),
+        ["match", "rewrite"]
+    );
+    assert_eq!(
+        fields(at(http, "retries")),
+        [
+            "attempts",
+            "backoff",
+            "perTryTimeout",
+            "retryIgnorePreviousHosts",
+            "retryOn",
+            "retryRemoteLocalities",
+        ]
+    );
+    for d in [
+        "timeout",
+        "retries.perTryTimeout",
+        "retries.backoff",
+        "fault.delay.fixedDelay",
+        "corsPolicy.maxAge",
+    ] {
+        assert!(is_duration(at(http, d)), "{d}");
+    }
+    for p in [
+        "fault.delay.percentage",
+        "fault.abort.percentage",
+        "mirrorPercentage",
+        "mirrors[].percentage",
+    ] {
+        assert!(is_percent(at(http, p)), "{p}");
+    }
+    assert_eq!(
+        fields(at(http, "fault.abort")),
+        ["grpcStatus", "http2Error", "httpStatus", "percentage"]
+    );
+    assert_eq!(
+        fields(at(http, "corsPolicy")),
+        [
+            "allowCredentials",
+            "allowHeaders",
+            "allowMethods",
+            "allowOrigin",
+            "allowOrigins",
+            "exposeHeaders",
+            "maxAge",
+            "unmatchedPreflights",
+        ]
+    );
+    assert_eq!(
+        enum_values(at(http, "corsPolicy.unmatchedPreflights")),
+        ["UNSPECIFIED", "FORWARD", "IGNORE"]
+    );
+    assert_eq!(
+        fields(at(&spec, "tls[].match[]")),
+        [
+            "destinationSubnets",
+            "gateways",
+            "port",
+            "sniHosts",
+            "sourceLabels",
+            "sourceNamespace",
+        ]
+    );
+    assert_eq!(
+        fields(at(&spec, "tcp[].match[]")),
+        [
+            "destinationSubnets",
+            "gateways",
+            "port",
+            "sourceLabels",
+            "sourceNamespace",
+            "sourceSubnet",
+        ]
+    );
+    for l4 in ["tls", "tcp"] {
+        assert_eq!(
+            fields(at(&spec, &format!("{l4}[].route[]"))),
+            ["destination", "weight"]
+        );
+        assert!(is_uint32(at(&spec, &format!("{l4}[].match[].port"))));
+    }
+}
+
+#[test]
+fn destination_rule_schema_covers_istios_fields_in_every_traffic_policy() {
+    let m = load();
+    let spec = spec_schema(crd(&m, "DestinationRule"));
+    assert_eq!(
+        fields(&spec),
+        [
+            "exportTo",
+            "host",
+            "subsets",
+            "trafficPolicy",
+            "workloadSelector"
+        ]
+    );
+    assert_eq!(
+        spec.required.as_deref(),
+        Some(["host".to_owned()].as_slice())
+    );
+    assert_eq!(
+        fields(at(&spec, "subsets[]")),
+        ["labels", "name", "trafficPolicy"]
+    );
+    at(&spec, "workloadSelector.matchLabels");
+    // The trafficPolicy of the rule and of a subset are the same, expanded in place.
+    let policy = at(&spec, "trafficPolicy");
+    let undescribed = |s: &JSONSchemaProps| JSONSchemaProps {
+        description: None,
+        ..s.clone()
+    };
+    assert_eq!(
+        undescribed(policy),
+        undescribed(at(&spec, "subsets[].trafficPolicy"))
+    );
+    assert_eq!(
+        fields(policy),
+        [
+            "connectionPool",
+            "loadBalancer",
+            "outlierDetection",
+            "portLevelSettings",
+            "proxyProtocol",
+            "retryBudget",
+            "tls",
+            "tunnel",
+        ]
+    );
+    let port_level = at(policy, "portLevelSettings[]");
+    assert_eq!(
+        fields(port_level),
+        [
+            "connectionPool",
+            "loadBalancer",
+            "outlierDetection",
+            "port",
+            "tls"
+        ]
+    );
+    assert!(is_uint32(at(port_level, "port.number")));
+    for (p, s) in [("", policy), ("portLevelSettings[].", port_level)] {
+        let lb = at(s, "loadBalancer");
+        assert_eq!(
+            fields(lb),
+            [
+                "consistentHash",
+                "localityLbSetting",
+                "simple",
+                "warmup",
+                "warmupDurationSecs",
+            ],
+            "{p}loadBalancer"
+        );
+        assert_eq!(
+            enum_values(at(lb, "simple")),
+            [
+                "UNSPECIFIED",
+                "LEAST_CONN",
+                "RANDOM",
+                "PASSTHROUGH",
+                "ROUND_ROBIN",
+                "LEAST_REQUEST",
+            ]
+        );
+        assert_eq!(
+            fields(at(lb, "consistentHash")),
+            [
+                "httpCookie",
+                "httpHeaderName",
+                "httpQueryParameterName",
+                "maglev",
+                "minimumRingSize",
+                "ringHash",
+                "useSourceIp",
+            ]
+        );
+        assert_eq!(
+            fields(at(lb, "consistentHash.httpCookie")),
+            ["attributes", "name", "path", "ttl"]
+        );
+        at(lb, "consistentHash.ringHash.minimumRingSize");
+        at(lb, "consistentHash.maglev.tableSize");
+        assert_eq!(
+            fields(at(lb, "localityLbSetting")),
+            ["distribute", "enabled", "failover", "failoverPriority"]
+        );
+        assert!(is_uint32(values_of(at(
+            lb,
+            "localityLbSetting.distribute[].to"
+        ))));
+        assert!(is_duration(at(lb, "warmupDurationSecs")));
+        assert!(is_duration(at(lb, "warmup.duration")));
+
+        let tcp = at(s, "connectionPool.tcp");
+        assert_eq!(
+            fields(tcp),
+            [
+                "connectTimeout",
+                "idleTimeout",
+                "maxConnectionDuration",
+                "maxConnections",
+                "tcpKeepalive",
+            ]
+        );
+        assert_eq!(
+            fields(at(tcp, "tcpKeepalive")),
+            ["interval", "probes", "time"]
+        );
+        assert!(is_duration(at(tcp, "connectTimeout")));
+        let http = at(s, "connectionPool.http");
+        assert_eq!(
+            fields(http),
+            [
+                "h2UpgradePolicy",
+                "http1MaxPendingRequests",
+                "http2MaxRequests",
+                "idleTimeout",
+                "maxConcurrentStreams",
+                "maxRequestsPerConnection",
+                "maxRetries",
+                "useClientProtocol",
+            ]
+        );
+        assert_eq!(
+            enum_values(at(http, "h2UpgradePolicy")),
+            ["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"]
+        );
+        let outlier = at(s, "outlierDetection");
+        assert_eq!(
+            fields(outlier),
+            [
+                "baseEjectionTime",
+                "consecutive5xxErrors",
+                "consecutiveErrors",
+                "consecutiveGatewayErrors",
+                "consecutiveLocalOriginFailures",
+                "interval",
+                "maxEjectionPercent",
+                "minHealthPercent",
+                "splitExternalLocalOriginErrors",
+            ]
+        );
+        assert!(is_uint32(at(outlier, "consecutive5xxErrors")));
+        assert!(is_duration(at(outlier, "interval")));
+        assert!(is_duration(at(outlier, "baseEjectionTime")));
+        let tls = at(s, "tls");
+        assert_eq!(
+            fields(tls),
+            [
+                "caCertificates",
+                "caCrl",
+                "clientCertificate",
+                "credentialName",
+                "insecureSkipVerify",
+                "mode",
+                "privateKey",
+                "sni",
+                "subjectAltNames",
+            ]
+        );
+        assert_eq!(
+            enum_values(at(tls, "mode")),
+            ["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+        );
+    }
+    assert_eq!(
+        fields(at(policy, "tunnel")),
+        ["protocol", "targetHost", "targetPort"]
+    );
+    assert_eq!(
+        enum_values(at(policy, "proxyProtocol.version")),
+        ["V1", "V2"]
+    );
+    assert_eq!(
+        fields(at(policy, "retryBudget")),
+        ["minRetryConcurrency", "percent"]
+    );
+}
+
 /// Paths where unknown fields are kept (`x-kubernetes-preserve-unknown-fields`).
 fn open_paths(s: &JSONSchemaProps, path: &str, out: &mut Vec<String>) {
     if s.x_kubernetes_preserve_unknown_fields == Some(true) {
@@ -1048,22 +1520,55 @@ fn crd_schemas_are_closed_except_status_as_in_istio() {
     }
 }
 
-/// A structural check of `value` against `schema` (types, enums, known fields, required):
-/// what the API server does before CEL rules, which are not evaluated here.
+/// A structural check of `value` against `schema` (types, enums, known fields, required,
+/// `null` where nullable, and the `oneOf`/`anyOf`/`allOf`/`not` that Istio's CRDs use for
+/// protobuf oneofs): what the API server does before CEL rules, which are not evaluated
+/// here.
 fn validate(schema: &JSONSchemaProps, value: &Value, path: &str) -> Result<(), String> {
+    if value.is_null() && schema.nullable == Some(true) {
+        return Ok(());
+    }
     if let Some(allowed) = &schema.enum_
         && !allowed.iter().any(|a| a.0 == *value)
     {
         return Err(format!("{path}: {value} is not one of the allowed values"));
     }
+    let holds = |s: &JSONSchemaProps| validate(s, value, path).is_ok();
+    if let Some(branches) = &schema.one_of {
+        let n = branches.iter().filter(|b| holds(b)).count();
+        if n != 1 {
+            return Err(format!(
+                "{path}: {n} of its oneOf alternatives hold, not one (fields that exclude each other?)"
+            ));
+        }
+    }
+    if let Some(branches) = &schema.any_of
+        && !branches.iter().any(holds)
+    {
+        return Err(format!("{path}: none of its anyOf alternatives holds"));
+    }
+    for branch in schema.all_of.iter().flatten() {
+        validate(branch, value, path)?;
+    }
+    if let Some(not) = &schema.not
+        && holds(not)
+    {
+        return Err(format!("{path}: matches what it must not"));
+    }
     let ty = schema.type_.as_deref().unwrap_or_default();
-    match (ty, value) {
-        ("object", Value::Object(map)) => {
-            for req in schema.required.iter().flatten() {
-                if !map.contains_key(req) {
-                    return Err(format!("{path}.{req}: required"));
-                }
+    if let Value::Object(map) = value
+        && matches!(ty, "object" | "")
+    {
+        for req in schema.required.iter().flatten() {
+            if !map.contains_key(req) {
+                return Err(format!("{path}.{req}: required"));
             }
+        }
+    }
+    match (ty, value) {
+        // A constraint without a type (inside oneOf and the like): checked above.
+        ("", _) => Ok(()),
+        ("object", Value::Object(map)) => {
             for (k, v) in map {
                 let sub = format!("{path}.{k}");
                 match (
@@ -1084,6 +1589,7 @@ fn validate(schema: &JSONSchemaProps, value: &Value, path: &str) -> Result<(), S
             .try_for_each(|(i, v)| validate(items(schema), v, &format!("{path}[{i}]"))),
         ("string", Value::String(_)) | ("boolean", Value::Bool(_)) => Ok(()),
         ("integer", Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(()),
+        ("number", Value::Number(_)) => Ok(()),
         _ => Err(format!("{path}: {value} is not of type {ty:?}")),
     }
 }
@@ -1164,6 +1670,527 @@ fn istio_documentation_examples_fit_the_crd_schemas() {
             validate_spec(&m, kind, &bad).is_err(),
             "{kind} {bad} should be rejected"
         );
+    }
+}
+
+/// Every document of a multi-document YAML text, as JSON.
+fn yaml_objects(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|de| {
+            let yaml =
+                <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de).expect("valid YAML");
+            serde_json::to_value(yaml).expect("JSON")
+        })
+        .collect()
+}
+
+/// Checks an object as the API server would: a served version of its kind's group, and a
+/// spec that fits the schema.
+fn validate_object(m: &Manifests, object: &Value) -> Result<(), String> {
+    let kind = object["kind"].as_str().ok_or("no kind")?;
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let c = crd(m, kind);
+    let (group, version) = object["apiVersion"]
+        .as_str()
+        .and_then(|v| v.split_once('/'))
+        .ok_or_else(|| format!("{kind} {name}: no group/version"))?;
+    if group != c.spec.group
+        || !c
+            .spec
+            .versions
+            .iter()
+            .any(|v| v.name == version && v.served)
+    {
+        return Err(format!("{kind} {name}: {group}/{version} is not served"));
+    }
+    validate(&spec_schema(c), &object["spec"], "spec").map_err(|e| format!("{kind} {name}: {e}"))
+}
+
+/// Istio's Bookinfo sample (samples/bookinfo/networking/destination-rule-all.yaml).
+const BOOKINFO_DESTINATION_RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: productpage
+spec:
+  host: productpage
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+  - name: v3
+    labels:
+      version: v3
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ratings
+spec:
+  host: ratings
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+  - name: v2-mysql
+    labels:
+      version: v2-mysql
+  - name: v2-mysql-vm
+    labels:
+      version: v2-mysql-vm
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: details
+spec:
+  host: details
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"#;
+
+/// Bookinfo's request-routing and fault-injection VirtualServices, and those of Istio's
+/// retries, timeouts and mirroring tasks.
+const TASK_VIRTUAL_SERVICES: &str = r#"
+# virtual-service-reviews-test-v2.yaml
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+---
+# virtual-service-ratings-test-delay.yaml
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 7s
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+---
+# virtual-service-ratings-test-abort.yaml
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      abort:
+        percentage:
+          value: 100.0
+        httpStatus: 500
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+---
+# Retries and a request timeout.
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+    retries:
+      attempts: 3
+      perTryTimeout: 2s
+      retryOn: gateway-error,connect-failure
+    timeout: 10s
+---
+# Mirroring: all traffic to v1, a copy of it to v2.
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - httpbin
+  http:
+  - route:
+    - destination:
+        host: httpbin
+        subset: v1
+      weight: 100
+    mirror:
+      host: httpbin
+      subset: v2
+    mirrorPercentage:
+      value: 100
+"#;
+
+/// The circuit-breaking task's DestinationRule.
+const CIRCUIT_BREAKER: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+        maxRequestsPerConnection: 1
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+"#;
+
+#[test]
+fn istio_networking_examples_fit_the_crd_schemas() {
+    let m = load();
+    let bookinfo = yaml_objects(BOOKINFO_DESTINATION_RULES);
+    let subsets: Vec<(&str, usize)> = bookinfo
+        .iter()
+        .map(|d| {
+            (
+                d["spec"]["host"].as_str().unwrap(),
+                d["spec"]["subsets"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        subsets,
+        [
+            ("productpage", 1),
+            ("reviews", 3),
+            ("ratings", 4),
+            ("details", 2)
+        ]
+    );
+    let mut objects = bookinfo;
+    objects.extend(yaml_objects(TASK_VIRTUAL_SERVICES));
+    objects.extend(yaml_objects(CIRCUIT_BREAKER));
+    // Further fields of Istio's reference pages, at every level a schema is expanded.
+    objects.push(json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "edge"},
+        "spec": {
+            "hosts": ["shop.example.com", "*.internal.example.com"],
+            "gateways": ["istio-system/edge", "mesh"],
+            "exportTo": ["."],
+            "http": [
+                {
+                    "name": "api",
+                    "match": [{
+                        "name": "v2-api",
+                        "uri": {"prefix": "/api/v2/"},
+                        "method": {"regex": "GET|HEAD"},
+                        "scheme": {"exact": "https"},
+                        "authority": {"exact": "shop.example.com"},
+                        "queryParams": {"debug": {"exact": "1"}},
+                        "withoutHeaders": {"x-canary": {}},
+                        "port": 443,
+                        "sourceLabels": {"app": "web"},
+                        "sourceNamespace": "frontend",
+                        "gateways": ["istio-system/edge"],
+                        "ignoreUriCase": true,
+                        "statPrefix": "api",
+                    }],
+                    "rewrite": {"uriRegexRewrite": {"match": "^/api/v2/(.*)", "rewrite": "/\\1"}, "authority": "api.internal"},
+                    "route": [
+                        {"destination": {"host": "api", "subset": "stable", "port": {"number": 8080}}, "weight": 90,
+                         "headers": {"request": {"set": {"x-route": "stable"}}, "response": {"remove": ["server"]}}},
+                        {"destination": {"host": "api", "subset": "canary", "port": {"number": 8080}}, "weight": 10},
+                    ],
+                    "headers": {"request": {"add": {"x-via": "edge"}}},
+                    "corsPolicy": {
+                        "allowOrigins": [{"exact": "https://shop.example.com"}, {"regex": "https://.*\\.example\\.com"}],
+                        "allowMethods": ["GET", "POST"],
+                        "allowHeaders": ["authorization"],
+                        "exposeHeaders": ["x-request-id"],
+                        "maxAge": "24h",
+                        "allowCredentials": true,
+                        "unmatchedPreflights": "IGNORE",
+                    },
+                    "mirrors": [{"destination": {"host": "api-shadow"}, "percentage": {"value": 12.5}}],
+                    "retries": {"attempts": 2, "retryOn": "5xx", "retryRemoteLocalities": null, "retryIgnorePreviousHosts": true, "backoff": "25ms"},
+                    "fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 0.1}}},
+                },
+                {"match": [{"uri": {"exact": "/old"}}], "redirect": {"uri": "/new", "authority": "shop.example.com", "derivePort": "FROM_REQUEST_PORT", "scheme": "https", "redirectCode": 308}},
+                {"match": [{"uri": {"exact": "/healthz"}}], "directResponse": {"status": 200, "body": {"string": "ok"}}},
+                {"match": [{"uri": {"prefix": "/legacy"}}], "delegate": {"name": "legacy-routes", "namespace": "legacy"}},
+                {"route": [{"destination": {"host": "web"}}], "mirror": {"host": "web-shadow"}, "mirrorPercent": 5},
+            ],
+            "tls": [{
+                "match": [{"sniHosts": ["shop.example.com"], "port": 443, "destinationSubnets": ["10.0.0.0/8"], "sourceLabels": {"app": "web"}, "gateways": ["mesh"], "sourceNamespace": "frontend"}],
+                "route": [{"destination": {"host": "shop-tls", "port": {"number": 443}}, "weight": 100}],
+            }],
+            "tcp": [{
+                "match": [{"port": 5432, "destinationSubnets": ["10.1.0.0/16"], "sourceLabels": {"app": "api"}, "sourceNamespace": "backend"}],
+                "route": [{"destination": {"host": "postgres", "port": {"number": 5432}}}],
+            }],
+        },
+    }));
+    objects.push(json!({
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "api"},
+        "spec": {
+            "host": "api.backend.svc.cluster.local",
+            "exportTo": ["*"],
+            "workloadSelector": {"matchLabels": {"app": "web"}},
+            "trafficPolicy": {
+                "loadBalancer": {
+                    "consistentHash": {
+                        "httpCookie": {"name": "session", "path": "/", "ttl": "0s", "attributes": [{"name": "SameSite", "value": "Strict"}]},
+                        "ringHash": {"minimumRingSize": 1024},
+                    },
+                    "localityLbSetting": {
+                        "enabled": true,
+                        "distribute": [{"from": "us-west/zone1/*", "to": {"us-west/zone1/*": 80, "us-west/zone2/*": 20}}],
+                        "failoverPriority": ["topology.kubernetes.io/region"],
+                    },
+                    "warmup": {"duration": "60s", "minimumPercent": 10, "aggression": 1.5},
+                },
+                "connectionPool": {
+                    "tcp": {"maxConnections": 100, "connectTimeout": "30ms", "tcpKeepalive": {"probes": 3, "time": "7200s", "interval": "75s"}, "maxConnectionDuration": "1h", "idleTimeout": "1h"},
+                    "http": {"http2MaxRequests": 1000, "maxRetries": 3, "idleTimeout": "30s", "h2UpgradePolicy": "UPGRADE", "useClientProtocol": false, "maxConcurrentStreams": 100},
+                },
+                "outlierDetection": {"consecutiveGatewayErrors": 5, "consecutiveLocalOriginFailures": 3, "splitExternalLocalOriginErrors": true, "minHealthPercent": 50, "consecutiveErrors": 7},
+                "tls": {"mode": "ISTIO_MUTUAL", "sni": "api.backend.svc.cluster.local"},
+                "portLevelSettings": [{
+                    "port": {"number": 9443},
+                    "loadBalancer": {"simple": "LEAST_REQUEST", "warmupDurationSecs": "30s"},
+                    "connectionPool": {"tcp": {"maxConnections": 10}},
+                    "outlierDetection": {"consecutive5xxErrors": null},
+                    "tls": {"mode": "MUTUAL", "clientCertificate": "/etc/certs/client.pem", "privateKey": "/etc/certs/key.pem", "caCertificates": "/etc/certs/ca.pem", "subjectAltNames": ["api.example.com"], "caCrl": "/etc/certs/crl.pem"},
+                }],
+                "tunnel": {"protocol": "CONNECT", "targetHost": "api.internal", "targetPort": 8443},
+                "proxyProtocol": {"version": "V2"},
+                "retryBudget": {"percent": 20.0, "minRetryConcurrency": 3},
+            },
+            "subsets": [{
+                "name": "canary",
+                "labels": {"track": "canary"},
+                "trafficPolicy": {
+                    "loadBalancer": {"consistentHash": {"useSourceIp": true, "maglev": {"tableSize": 65537}}},
+                    "tls": {"mode": "SIMPLE", "credentialName": "api-client", "insecureSkipVerify": false},
+                    "portLevelSettings": [{"port": {"number": 8080}, "loadBalancer": {"simple": "ROUND_ROBIN"}}],
+                },
+            }],
+        },
+    }));
+    for object in &objects {
+        validate_object(&m, object).unwrap_or_else(|e| panic!("{e}\n{object}"));
+    }
+
+    // A misspelt or misplaced field, a wrong type, a value outside an enum, fields that
+    // exclude each other and a missing required field are refused, each for that reason.
+    let vs = |spec: Value| json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "bad"}, "spec": spec});
+    let dr = |spec: Value| json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "bad"}, "spec": spec});
+    let route = json!([{"destination": {"host": "reviews"}}]);
+    for (bad, error) in [
+        (
+            vs(json!({"hosts": ["reviews"], "http": [{"rout": route}]})),
+            "spec.http[0].rout: unknown field",
+        ),
+        (
+            vs(
+                json!({"http": [{"route": [{"destination": {"host": "reviews", "subset": "v1", "port": 9080}}]}]}),
+            ),
+            "destination.port: 9080 is not of type \"object\"",
+        ),
+        (
+            vs(
+                json!({"http": [{"route": [{"destination": {"host": "reviews"}, "weight": "50"}]}]}),
+            ),
+            "weight: \"50\" is not of type \"integer\"",
+        ),
+        (
+            vs(json!({"http": [{"route": [{"destination": {"subset": "v1"}}]}]})),
+            "destination.host: required",
+        ),
+        (
+            vs(
+                json!({"http": [{"match": [{"uri": {"exact": "/a", "prefix": "/"}}], "route": route}]}),
+            ),
+            "match[0].uri: 2 of its oneOf",
+        ),
+        (
+            vs(
+                json!({"http": [{"match": [{"headers": {"end-user": {"exactly": "jason"}}}], "route": route}]}),
+            ),
+            "end-user.exactly: unknown field",
+        ),
+        (
+            vs(json!({"http": [{"redirect": {"port": 8443, "derivePort": "FROM_REQUEST_PORT"}}]})),
+            "redirect: 2 of its oneOf",
+        ),
+        (
+            vs(json!({"http": [{"redirect": {"derivePort": "FROM_CLIENT"}}]})),
+            "derivePort: \"FROM_CLIENT\" is not one of",
+        ),
+        (
+            vs(
+                json!({"http": [{"fault": {"delay": {"fixedDelay": "7s", "percentage": {"value": "100"}}}, "route": route}]}),
+            ),
+            "percentage.value: \"100\" is not of type \"number\"",
+        ),
+        (
+            vs(
+                json!({"http": [{"fault": {"abort": {"httpStatus": 500, "grpcStatus": "UNAVAILABLE"}}, "route": route}]}),
+            ),
+            "abort: 2 of its oneOf",
+        ),
+        (
+            vs(json!({"http": [{"directResponse": {"body": {"string": "ok"}}}]})),
+            "directResponse.status: required",
+        ),
+        (
+            vs(json!({"http": [{"retries": {"attempts": 3, "perTryTimeout": 2}, "route": route}]})),
+            "perTryTimeout: 2 is not of type \"string\"",
+        ),
+        (
+            vs(json!({"tls": [{"route": route}]})),
+            "spec.tls[0].match: required",
+        ),
+        (
+            vs(json!({"tcp": [{"match": [{"sniHosts": ["a"]}], "route": route}]})),
+            "tcp[0].match[0].sniHosts: unknown field",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "trafficPolicy": {"conectionPool": {"tcp": {"maxConnections": 1}}}}),
+            ),
+            "spec.trafficPolicy.conectionPool: unknown field",
+        ),
+        (
+            dr(json!({"subsets": [{"name": "v1", "labels": {"version": "v1"}}]})),
+            "spec.host: required",
+        ),
+        (
+            dr(json!({"host": "reviews", "subsets": [{"labels": {"version": "v1"}}]})),
+            "subsets[0].name: required",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "subsets": [{"name": "v1", "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBBIN"}}}]}),
+            ),
+            "subsets[0].trafficPolicy.loadBalancer.simple: \"ROUND_ROBBIN\"",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM", "consistentHash": {"useSourceIp": true}}}}),
+            ),
+            "loadBalancer: 2 of its oneOf",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "trafficPolicy": {"portLevelSettings": [{"port": {"number": 80}, "tls": {"mode": "ISTIO_MTLS"}}]}}),
+            ),
+            "portLevelSettings[0].tls.mode: \"ISTIO_MTLS\"",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": "1"}}}),
+            ),
+            "consecutive5xxErrors: \"1\" is not of type",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "ALWAYS"}}}}),
+            ),
+            "h2UpgradePolicy: \"ALWAYS\" is not one of",
+        ),
+        (
+            dr(json!({"host": "reviews", "trafficPolicy": {"tunnel": {"protocol": "CONNECT"}}})),
+            "tunnel.targetHost: required",
+        ),
+        (
+            dr(
+                json!({"host": "reviews", "trafficPolicy": {"portLevelSettings": [{"tunnel": {"targetHost": "a", "targetPort": 1}}]}}),
+            ),
+            "portLevelSettings[0].tunnel: unknown field",
+        ),
+    ] {
+        match validate_object(&m, &bad) {
+            Ok(()) => panic!("should be refused ({error}): {bad}"),
+            Err(e) => assert!(e.contains(error), "refused for another reason: {e}"),
+        }
+    }
+    // And Istio's kinds are refused under another group or an unserved version.
+    for api_version in ["security.istio.io/v1", "networking.istio.io/v2"] {
+        let mut obj = vs(json!({"hosts": ["reviews"]}));
+        obj["apiVersion"] = json!(api_version);
+        assert!(validate_object(&m, &obj).is_err(), "{api_version}");
     }
 }
 

@@ -1,14 +1,19 @@
 //! `cargo xtask manifests`: writes the generated part of `deploy/`, the
 //! CustomResourceDefinitions of Istio's `security.istio.io` AuthorizationPolicy and
-//! PeerAuthentication, whose schema is written once here and served for both API versions.
+//! PeerAuthentication and of its `networking.istio.io` VirtualService and DestinationRule.
+//! Each kind's schema is written once here and served for every API version of its group.
 //! With `--check` it writes nothing and fails when a committed file differs. The rest of
 //! `deploy/` (DaemonSet, RBAC, namespace) is hand-written and checked against the agent's
 //! ports and flags by `tests/tests/manifests.rs`.
 //!
-//! The schema follows Istio's own CRDs (`manifests/charts/base/files/crd-all.gen.yaml` in
-//! istio/istio): the same group, versions, kinds, names, fields, enums and validation rules,
-//! so that Istio's objects apply unchanged. Only `status` is open
-//! (`x-kubernetes-preserve-unknown-fields`), as in Istio's.
+//! The schemas follow Istio's own CRDs (`manifests/charts/base/files/crd-all.gen.yaml` in
+//! istio/istio; the networking kinds as of Istio 1.30): the same group, versions, kinds,
+//! names, fields, types, enums and validation rules, so that Istio's objects apply unchanged
+//! and a misspelt field is refused. That includes every field of VirtualService and
+//! DestinationRule, also those the agent does not act on. Only `status` is open
+//! (`x-kubernetes-preserve-unknown-fields`), as in Istio's. CRD schemas cannot refer to
+//! each other, so a message used in several places (a `TrafficPolicy`, a `StringMatch`) is
+//! built by a function called once per place.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -16,13 +21,38 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
-pub const GROUP: &str = "security.istio.io";
-/// Both served, as Istio serves them.
-pub const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
-/// Istio stores both kinds as v1beta1 (the schemas are identical). Storing the same
-/// version keeps `status.storedVersions` unchanged when these CRDs and Istio's replace
-/// each other on a cluster that moves between Istio's node proxy and this agent.
-pub const STORAGE_VERSION: &str = "v1beta1";
+/// An API group's CRDs: the versions they serve (all with one schema), the one they store,
+/// and the categories (`kubectl get istio-io`) their kinds belong to.
+pub struct Group {
+    pub name: &'static str,
+    pub versions: &'static [&'static str],
+    pub storage: &'static str,
+    pub categories: &'static [&'static str],
+}
+
+/// Both versions served, as Istio serves them. Istio stores both kinds as v1beta1 (the
+/// schemas are identical). Storing the same version keeps `status.storedVersions` unchanged
+/// when these CRDs and Istio's replace each other on a cluster that moves between Istio's
+/// node proxy and this agent.
+pub const SECURITY: Group = Group {
+    name: "security.istio.io",
+    versions: &["v1", "v1beta1"],
+    storage: "v1beta1",
+    categories: &["istio-io", "security-istio-io"],
+};
+
+/// The three versions Istio serves (since 1.22), in the order its CRDs list them. Stored as
+/// v1, as current Istio (1.27 and later) stores them, so that these CRDs and Istio's can
+/// replace each other without a storage migration. (Earlier Istio stored v1alpha3, then
+/// v1beta1; the schemas of all three are identical, so the choice only affects
+/// `status.storedVersions`.)
+pub const NETWORKING: Group = Group {
+    name: "networking.istio.io",
+    versions: &["v1", "v1alpha3", "v1beta1"],
+    storage: "v1",
+    categories: &["istio-io", "networking-istio-io"],
+};
+
 /// Where the generated files go, relative to the repository root.
 const CRD_DIR: &str = "deploy/crds";
 const HEADER: &str =
@@ -65,7 +95,7 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
 
 /// Every generated file: path relative to the repository root, and its text.
 pub fn generated() -> Vec<(String, String)> {
-    [authorization_policy(), peer_authentication()]
+    all_crds()
         .into_iter()
         .map(|crd| {
             let name = crd["metadata"]["name"]
@@ -78,6 +108,15 @@ pub fn generated() -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+fn all_crds() -> [Value; 4] {
+    [
+        authorization_policy(),
+        peer_authentication(),
+        virtual_service(),
+        destination_rule(),
+    ]
 }
 
 fn unknown_files(root: &Path) -> Result<Vec<String>> {
@@ -98,7 +137,7 @@ fn unknown_files(root: &Path) -> Result<Vec<String>> {
     Ok(unknown)
 }
 
-// ---- the two CRDs ----
+// ---- the CRDs ----
 
 struct Names {
     kind: &'static str,
@@ -107,7 +146,7 @@ struct Names {
     short: &'static str,
 }
 
-fn crd(names: &Names, spec: Value, columns: Vec<Value>) -> Value {
+fn crd(group: &Group, names: &Names, spec: Value, columns: Vec<Value>) -> Value {
     let mut columns = columns;
     columns.push(json!({
         "name": "Age",
@@ -115,13 +154,14 @@ fn crd(names: &Names, spec: Value, columns: Vec<Value>) -> Value {
         "jsonPath": ".metadata.creationTimestamp",
         "description": "Time since the object was created.",
     }));
-    let versions: Vec<Value> = VERSIONS
+    let versions: Vec<Value> = group
+        .versions
         .iter()
         .map(|version| {
             json!({
                 "name": version,
                 "served": true,
-                "storage": *version == STORAGE_VERSION,
+                "storage": *version == group.storage,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
                     "properties": {"spec": spec.clone(), "status": status()},
@@ -135,11 +175,11 @@ fn crd(names: &Names, spec: Value, columns: Vec<Value>) -> Value {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": format!("{}.{GROUP}", names.plural),
+            "name": format!("{}.{}", names.plural, group.name),
             "labels": {"app.kubernetes.io/part-of": "mesh-agent"},
         },
         "spec": {
-            "group": GROUP,
+            "group": group.name,
             "scope": "Namespaced",
             "names": {
                 "kind": names.kind,
@@ -147,7 +187,7 @@ fn crd(names: &Names, spec: Value, columns: Vec<Value>) -> Value {
                 "plural": names.plural,
                 "singular": names.singular,
                 "shortNames": [names.short],
-                "categories": ["istio-io", "security-istio-io"],
+                "categories": group.categories,
             },
             "versions": versions,
         },
@@ -331,6 +371,7 @@ fn authorization_policy() -> Value {
         "rule": "(has(self.selector) ? 1 : 0) + (has(self.targetRef) ? 1 : 0) + (has(self.targetRefs) ? 1 : 0) <= 1",
     }]);
     crd(
+        &SECURITY,
         &names,
         spec,
         vec![json!({
@@ -384,6 +425,7 @@ fn peer_authentication() -> Value {
         "rule": "has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels)) ? self.selector.matchLabels : {}).size() > 0) : true",
     }]);
     crd(
+        &SECURITY,
         &names,
         spec,
         vec![json!({
@@ -392,6 +434,1244 @@ fn peer_authentication() -> Value {
             "jsonPath": ".spec.mtls.mode",
             "description": "The mutual TLS mode.",
         })],
+    )
+}
+
+fn virtual_service() -> Value {
+    let names = Names {
+        kind: "VirtualService",
+        plural: "virtualservices",
+        singular: "virtualservice",
+        short: "vs",
+    };
+    let spec = object(
+        "How requests to a set of hosts are routed: matched by their attributes, then sent to destinations, redirected, rewritten, retried or answered directly. See https://istio.io/latest/docs/reference/config/networking/virtual-service/",
+        [
+            (
+                "hosts",
+                strings(
+                    "The hosts the routes apply to: DNS names (with an optional leading wildcard), short service names or IP addresses.",
+                ),
+            ),
+            (
+                "gateways",
+                strings(
+                    "The gateways (`namespace/name`) the routes apply to; the reserved name `mesh` stands for the mesh's own proxies, and is the default when absent.",
+                ),
+            ),
+            (
+                "http",
+                array(
+                    "Routes for HTTP, HTTP/2 and gRPC traffic; the first whose match applies wins.",
+                    http_route(),
+                ),
+            ),
+            (
+                "tls",
+                array(
+                    "Routes for TLS and HTTPS traffic that is passed through unterminated, matched by SNI.",
+                    tls_route(),
+                ),
+            ),
+            ("tcp", array("Routes for opaque TCP traffic.", tcp_route())),
+            (
+                "exportTo",
+                strings(
+                    "The namespaces that see this object (`.` for its own, `*` for all); all when absent.",
+                ),
+            ),
+        ],
+    );
+    crd(
+        &NETWORKING,
+        &names,
+        spec,
+        vec![
+            json!({
+                "name": "Gateways",
+                "type": "string",
+                "jsonPath": ".spec.gateways",
+                "description": "The gateways the routes apply to.",
+            }),
+            json!({
+                "name": "Hosts",
+                "type": "string",
+                "jsonPath": ".spec.hosts",
+                "description": "The hosts the routes apply to.",
+            }),
+        ],
+    )
+}
+
+fn destination_rule() -> Value {
+    let names = Names {
+        kind: "DestinationRule",
+        plural: "destinationrules",
+        singular: "destinationrule",
+        short: "dr",
+    };
+    let subset = required(
+        object(
+            "A named group of a service's endpoints, selected by their labels.",
+            [
+                (
+                    "name",
+                    string("The name routes use to send traffic to the subset."),
+                ),
+                (
+                    "labels",
+                    string_map("Labels an endpoint must all carry to belong to the subset."),
+                ),
+                (
+                    "trafficPolicy",
+                    traffic_policy(
+                        "Policies for the subset's traffic; they replace the rule's own, field by field.",
+                    ),
+                ),
+            ],
+        ),
+        &["name"],
+    );
+    let spec = required(
+        object(
+            "Policies for traffic to a service once routing has chosen it: load balancing, connection limits, outlier detection, TLS, and named subsets of its endpoints. See https://istio.io/latest/docs/reference/config/networking/destination-rule/",
+            [
+                (
+                    "host",
+                    string(
+                        "The service the rule applies to, as named in the service registry (a short name is resolved in the rule's namespace).",
+                    ),
+                ),
+                (
+                    "trafficPolicy",
+                    traffic_policy("Policies for all traffic to the service."),
+                ),
+                (
+                    "subsets",
+                    array("Named subsets of the service's endpoints.", subset),
+                ),
+                (
+                    "exportTo",
+                    strings(
+                        "The namespaces that see this rule (`.` for its own, `*` for all); all when absent.",
+                    ),
+                ),
+                (
+                    "workloadSelector",
+                    selector(
+                        "The workloads whose outbound traffic the rule applies to; all workloads of the namespace when absent.",
+                    ),
+                ),
+            ],
+        ),
+        &["host"],
+    );
+    crd(
+        &NETWORKING,
+        &names,
+        spec,
+        vec![json!({
+            "name": "Host",
+            "type": "string",
+            "jsonPath": ".spec.host",
+            "description": "The service the rule applies to.",
+        })],
+    )
+}
+
+// ---- VirtualService messages ----
+
+fn http_route() -> Value {
+    object(
+        "An HTTP route: conditions, and what to do with a request that meets them.",
+        [
+            (
+                "name",
+                string("A name for the route, shown in access logs and debugging output."),
+            ),
+            (
+                "match",
+                array(
+                    "Conditions; any may match (the route matches everything when absent).",
+                    http_match_request(),
+                ),
+            ),
+            (
+                "route",
+                array(
+                    "Destinations to forward the request to, chosen by weight.",
+                    http_route_destination(),
+                ),
+            ),
+            ("redirect", http_redirect()),
+            ("directResponse", http_direct_response()),
+            ("delegate", delegate()),
+            ("rewrite", http_rewrite()),
+            (
+                "timeout",
+                duration("How long to wait for the response (no limit when absent)."),
+            ),
+            ("retries", http_retry()),
+            ("fault", http_fault_injection()),
+            (
+                "mirror",
+                destination(
+                    "A destination that receives a copy of each request; its responses are ignored.",
+                ),
+            ),
+            (
+                "mirrors",
+                array(
+                    "Destinations that each receive a copy of the requests; their responses are ignored.",
+                    http_mirror_policy(),
+                ),
+            ),
+            (
+                "mirrorPercentage",
+                percent("The share of requests copied to `mirror` (all when absent)."),
+            ),
+            (
+                "mirrorPercent",
+                nullable(uint32(
+                    "Deprecated: the whole percentage of requests copied to `mirror`; use mirrorPercentage.",
+                )),
+            ),
+            (
+                "mirror_percent",
+                nullable(uint32(
+                    "Deprecated spelling of mirrorPercent, still accepted.",
+                )),
+            ),
+            ("corsPolicy", cors_policy()),
+            (
+                "headers",
+                headers("Header changes on requests and responses of this route."),
+            ),
+        ],
+    )
+}
+
+fn http_match_request() -> Value {
+    object(
+        "Request conditions; every listed field must match.",
+        [
+            (
+                "name",
+                string("A name for the condition, appended to the route's name in logs."),
+            ),
+            ("uri", string_match("The request path.")),
+            (
+                "scheme",
+                string_match("The URI scheme (`http` or `https`)."),
+            ),
+            ("method", string_match("The HTTP method.")),
+            ("authority", string_match("The Host or :authority header.")),
+            (
+                "headers",
+                string_match_map(
+                    "Request headers (lower-case names) that must match; an empty match tests presence.",
+                ),
+            ),
+            (
+                "withoutHeaders",
+                string_match_map("Request headers that must not match."),
+            ),
+            (
+                "queryParams",
+                string_match_map("Query parameters that must match."),
+            ),
+            (
+                "port",
+                uint32("The destination port of the request (for hosts that serve several)."),
+            ),
+            (
+                "sourceLabels",
+                string_map("Labels the calling workload must all carry."),
+            ),
+            (
+                "sourceNamespace",
+                string("The namespace of the calling workload."),
+            ),
+            (
+                "gateways",
+                strings("Gateways this condition applies to; overrides the top-level `gateways`."),
+            ),
+            (
+                "ignoreUriCase",
+                boolean("Whether `uri` compares without regard to case."),
+            ),
+            (
+                "statPrefix",
+                string("A prefix for the statistics of this match."),
+            ),
+        ],
+    )
+}
+
+fn http_route_destination() -> Value {
+    required(
+        object(
+            "A destination of a route, with its weight.",
+            [
+                (
+                    "destination",
+                    destination("The service (and subset and port) to forward to."),
+                ),
+                (
+                    "weight",
+                    int32("The relative share of requests this destination receives."),
+                ),
+                (
+                    "headers",
+                    headers("Header changes on requests to and responses from this destination."),
+                ),
+            ],
+        ),
+        &["destination"],
+    )
+}
+
+/// A destination with a weight, in TLS and TCP routes.
+fn route_destination() -> Value {
+    required(
+        object(
+            "A destination of a route, with its weight.",
+            [
+                (
+                    "destination",
+                    destination("The service (and subset and port) to forward to."),
+                ),
+                (
+                    "weight",
+                    int32("The relative share of connections this destination receives."),
+                ),
+            ],
+        ),
+        &["destination"],
+    )
+}
+
+fn destination(description: &str) -> Value {
+    required(
+        object(
+            description,
+            [
+                (
+                    "host",
+                    string("The service, as named in the service registry."),
+                ),
+                (
+                    "subset",
+                    string("A subset defined in the service's DestinationRule."),
+                ),
+                (
+                    "port",
+                    port_selector("The port of the service; needed when it has several."),
+                ),
+            ],
+        ),
+        &["host"],
+    )
+}
+
+fn port_selector(description: &str) -> Value {
+    object(description, [("number", uint32("A port number."))])
+}
+
+fn http_redirect() -> Value {
+    at_most_one(
+        object(
+            "Answer with an HTTP redirect instead of forwarding.",
+            [
+                ("uri", string("The path the redirect points to.")),
+                ("authority", string("The host the redirect points to.")),
+                ("port", uint32("The port the redirect points to.")),
+                (
+                    "derivePort",
+                    enumeration(
+                        "Take the redirect's port from the scheme's default or from the request.",
+                        &["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"],
+                    ),
+                ),
+                ("scheme", string("The scheme the redirect points to.")),
+                (
+                    "redirectCode",
+                    uint32("The status code of the redirect (default 301)."),
+                ),
+            ],
+        ),
+        &["port", "derivePort"],
+    )
+}
+
+fn http_direct_response() -> Value {
+    let body = at_most_one(
+        object(
+            "The response body.",
+            [
+                ("string", string("The body as text.")),
+                (
+                    "bytes",
+                    json!({
+                        "description": "The body as base64-encoded bytes.",
+                        "type": "string",
+                        "format": "byte",
+                    }),
+                ),
+            ],
+        ),
+        &["string", "bytes"],
+    );
+    required(
+        object(
+            "Answer the request directly instead of forwarding it.",
+            [
+                ("status", uint32("The HTTP status of the response.")),
+                ("body", body),
+            ],
+        ),
+        &["status"],
+    )
+}
+
+fn delegate() -> Value {
+    object(
+        "Hand the matched request to the routes of another VirtualService.",
+        [
+            ("name", string("The name of that VirtualService.")),
+            (
+                "namespace",
+                string("Its namespace (this object's when absent)."),
+            ),
+        ],
+    )
+}
+
+fn http_rewrite() -> Value {
+    object(
+        "Changes to the request before it is forwarded.",
+        [
+            (
+                "uri",
+                string(
+                    "Replaces the part of the path that the `uri` match matched (the whole path for an exact match).",
+                ),
+            ),
+            (
+                "authority",
+                string("Replaces the Host or :authority header."),
+            ),
+            (
+                "uriRegexRewrite",
+                object(
+                    "Rewrites the path with a regular expression.",
+                    [
+                        (
+                            "match",
+                            string("The RE2 regular expression to find in the path."),
+                        ),
+                        (
+                            "rewrite",
+                            string("The replacement, which may refer to capture groups (`\\1`)."),
+                        ),
+                    ],
+                ),
+            ),
+        ],
+    )
+}
+
+fn http_retry() -> Value {
+    object(
+        "How failed requests are retried.",
+        [
+            (
+                "attempts",
+                int32("How many times a request may be retried (0 disables retries)."),
+            ),
+            (
+                "perTryTimeout",
+                duration("The timeout of each attempt, including the first."),
+            ),
+            (
+                "retryOn",
+                string(
+                    "The comma-separated conditions that trigger a retry (e.g. `5xx,connect-failure`, or gRPC status names).",
+                ),
+            ),
+            (
+                "retryRemoteLocalities",
+                nullable(boolean(
+                    "Whether retries may go to endpoints in other localities.",
+                )),
+            ),
+            (
+                "retryIgnorePreviousHosts",
+                nullable(boolean(
+                    "Whether a retry avoids the endpoints already tried.",
+                )),
+            ),
+            ("backoff", duration("The base interval between retries.")),
+        ],
+    )
+}
+
+fn http_fault_injection() -> Value {
+    let delay = at_most_one(
+        object(
+            "Delay a share of requests before forwarding them.",
+            [
+                (
+                    "fixedDelay",
+                    duration("How long to delay each affected request."),
+                ),
+                (
+                    "exponentialDelay",
+                    duration(
+                        "The mean of an exponentially distributed delay (undocumented by Istio).",
+                    ),
+                ),
+                ("percentage", percent("The share of requests to delay.")),
+                (
+                    "percent",
+                    int32("Deprecated: the whole percentage of requests to delay; use percentage."),
+                ),
+            ],
+        ),
+        &["fixedDelay", "exponentialDelay"],
+    );
+    let abort = at_most_one(
+        object(
+            "Fail a share of requests without forwarding them.",
+            [
+                ("httpStatus", int32("The HTTP status to answer with.")),
+                (
+                    "grpcStatus",
+                    string("The gRPC status to answer with (e.g. `UNAVAILABLE`)."),
+                ),
+                (
+                    "http2Error",
+                    string("The HTTP/2 error to reset the stream with."),
+                ),
+                ("percentage", percent("The share of requests to fail.")),
+            ],
+        ),
+        &["httpStatus", "grpcStatus", "http2Error"],
+    );
+    object(
+        "Faults injected on the client side, for testing resilience.",
+        [("delay", delay), ("abort", abort)],
+    )
+}
+
+fn http_mirror_policy() -> Value {
+    required(
+        object(
+            "A destination that receives copies of requests.",
+            [
+                ("destination", destination("The service the copies go to.")),
+                (
+                    "percentage",
+                    percent("The share of requests copied (all when absent)."),
+                ),
+            ],
+        ),
+        &["destination"],
+    )
+}
+
+fn cors_policy() -> Value {
+    object(
+        "Cross-origin resource sharing: how preflight requests are answered and which CORS headers responses carry.",
+        [
+            (
+                "allowOrigins",
+                array(
+                    "Origins allowed to make requests; any may match.",
+                    string_match("An origin."),
+                ),
+            ),
+            (
+                "allowOrigin",
+                strings("Deprecated: exact origins allowed; use allowOrigins."),
+            ),
+            (
+                "allowMethods",
+                strings("Methods allowed (Access-Control-Allow-Methods)."),
+            ),
+            (
+                "allowHeaders",
+                strings("Request headers allowed (Access-Control-Allow-Headers)."),
+            ),
+            (
+                "exposeHeaders",
+                strings("Response headers browsers may read (Access-Control-Expose-Headers)."),
+            ),
+            (
+                "maxAge",
+                duration("How long a preflight answer may be cached (Access-Control-Max-Age)."),
+            ),
+            (
+                "allowCredentials",
+                nullable(boolean(
+                    "Whether credentialed requests are allowed (Access-Control-Allow-Credentials).",
+                )),
+            ),
+            (
+                "unmatchedPreflights",
+                enumeration(
+                    "What happens to a preflight request whose origin is not allowed: forwarded to the destination or answered without CORS headers.",
+                    &["UNSPECIFIED", "FORWARD", "IGNORE"],
+                ),
+            ),
+        ],
+    )
+}
+
+fn headers(description: &str) -> Value {
+    let operations = |description: &str| {
+        object(
+            description,
+            [
+                (
+                    "set",
+                    string_map("Headers to set, replacing any existing value."),
+                ),
+                (
+                    "add",
+                    string_map("Headers to append to, or add when missing."),
+                ),
+                ("remove", strings("Names of headers to remove.")),
+            ],
+        )
+    };
+    object(
+        description,
+        [
+            (
+                "request",
+                operations("Changes to the request before it is forwarded."),
+            ),
+            (
+                "response",
+                operations("Changes to the response before it is returned."),
+            ),
+        ],
+    )
+}
+
+fn tls_route() -> Value {
+    let tls_match = required(
+        object(
+            "Connection conditions; every listed field must match.",
+            [
+                (
+                    "sniHosts",
+                    strings(
+                        "SNI names to match; they must be among the object's hosts (wildcards allowed).",
+                    ),
+                ),
+                (
+                    "destinationSubnets",
+                    strings("Destination IP addresses or CIDR ranges."),
+                ),
+                ("port", uint32("The destination port.")),
+                (
+                    "sourceLabels",
+                    string_map("Labels the calling workload must all carry."),
+                ),
+                (
+                    "gateways",
+                    strings(
+                        "Gateways this condition applies to; overrides the top-level `gateways`.",
+                    ),
+                ),
+                (
+                    "sourceNamespace",
+                    string("The namespace of the calling workload."),
+                ),
+            ],
+        ),
+        &["sniHosts"],
+    );
+    required(
+        object(
+            "A route for unterminated TLS.",
+            [
+                ("match", array("Conditions; any may match.", tls_match)),
+                (
+                    "route",
+                    array(
+                        "Destinations to forward the connection to, chosen by weight.",
+                        route_destination(),
+                    ),
+                ),
+            ],
+        ),
+        &["match"],
+    )
+}
+
+fn tcp_route() -> Value {
+    let l4_match = object(
+        "Connection conditions; every listed field must match.",
+        [
+            (
+                "destinationSubnets",
+                strings("Destination IP addresses or CIDR ranges."),
+            ),
+            ("port", uint32("The destination port.")),
+            (
+                "sourceSubnet",
+                string("A source IP address or CIDR range (undocumented by Istio)."),
+            ),
+            (
+                "sourceLabels",
+                string_map("Labels the calling workload must all carry."),
+            ),
+            (
+                "gateways",
+                strings("Gateways this condition applies to; overrides the top-level `gateways`."),
+            ),
+            (
+                "sourceNamespace",
+                string("The namespace of the calling workload."),
+            ),
+        ],
+    );
+    object(
+        "A route for TCP connections.",
+        [
+            (
+                "match",
+                array(
+                    "Conditions; any may match (the route matches everything when absent).",
+                    l4_match,
+                ),
+            ),
+            (
+                "route",
+                array(
+                    "Destinations to forward the connection to, chosen by weight.",
+                    route_destination(),
+                ),
+            ),
+        ],
+    )
+}
+
+fn string_match(description: &str) -> Value {
+    at_most_one(
+        object(
+            description,
+            [
+                ("exact", string("Matches this exact value.")),
+                ("prefix", string("Matches values that start with this.")),
+                (
+                    "regex",
+                    string("Matches values that the whole of this RE2 regular expression matches."),
+                ),
+            ],
+        ),
+        &["exact", "prefix", "regex"],
+    )
+}
+
+/// A map of names to [`string_match`]es (headers, query parameters).
+fn string_match_map(description: &str) -> Value {
+    json!({
+        "description": description,
+        "type": "object",
+        "additionalProperties": string_match("How the value must match."),
+    })
+}
+
+fn percent(description: &str) -> Value {
+    object(
+        description,
+        [(
+            "value",
+            json!({
+                "description": "A percentage between 0 and 100, fractions allowed.",
+                "type": "number",
+                "format": "double",
+            }),
+        )],
+    )
+}
+
+// ---- DestinationRule messages ----
+
+/// Called for the rule and for each subset, as CRD schemas cannot refer to one another.
+fn traffic_policy(description: &str) -> Value {
+    let port_level = json!({
+        "description": "Policies for single ports of the service; they replace the ones above, field by field.",
+        "type": "array",
+        "maxItems": 4096,
+        "items": object(
+            "Policies for one port.",
+            [
+                ("port", port_selector("The port these policies apply to.")),
+                ("loadBalancer", load_balancer()),
+                ("connectionPool", connection_pool()),
+                ("outlierDetection", outlier_detection()),
+                ("tls", client_tls()),
+            ],
+        ),
+    });
+    object(
+        description,
+        [
+            ("loadBalancer", load_balancer()),
+            ("connectionPool", connection_pool()),
+            ("outlierDetection", outlier_detection()),
+            ("tls", client_tls()),
+            ("portLevelSettings", port_level),
+            ("tunnel", tunnel()),
+            ("proxyProtocol", proxy_protocol()),
+            ("retryBudget", retry_budget()),
+        ],
+    )
+}
+
+fn load_balancer() -> Value {
+    at_most_one(
+        object(
+            "How an endpoint is chosen for each request or connection.",
+            [
+                (
+                    "simple",
+                    enumeration(
+                        "A load balancing algorithm (UNSPECIFIED lets the proxy choose; LEAST_CONN is a deprecated alias of LEAST_REQUEST; PASSTHROUGH keeps the original destination address).",
+                        &[
+                            "UNSPECIFIED",
+                            "LEAST_CONN",
+                            "RANDOM",
+                            "PASSTHROUGH",
+                            "ROUND_ROBIN",
+                            "LEAST_REQUEST",
+                        ],
+                    ),
+                ),
+                ("consistentHash", consistent_hash()),
+                ("localityLbSetting", locality_lb_setting()),
+                (
+                    "warmupDurationSecs",
+                    duration(
+                        "Deprecated: how long a new endpoint gets a growing share of traffic; use warmup.",
+                    ),
+                ),
+                ("warmup", warmup()),
+            ],
+        ),
+        &["simple", "consistentHash"],
+    )
+}
+
+fn consistent_hash() -> Value {
+    let cookie = required(
+        object(
+            "Hash on an HTTP cookie, which the proxy sets when it is missing.",
+            [
+                ("name", string("The name of the cookie.")),
+                ("path", string("The path of the cookie the proxy sets.")),
+                (
+                    "ttl",
+                    string("The lifetime of the cookie the proxy sets (a duration)."),
+                ),
+                (
+                    "attributes",
+                    array(
+                        "Further attributes of the cookie the proxy sets.",
+                        required(
+                            object(
+                                "A cookie attribute.",
+                                [
+                                    ("name", string("The attribute's name.")),
+                                    ("value", string("The attribute's value.")),
+                                ],
+                            ),
+                            &["name"],
+                        ),
+                    ),
+                ),
+            ],
+        ),
+        &["name"],
+    );
+    let mut hash = object(
+        "Session affinity: requests with the same hash key go to the same endpoint while the endpoints do not change.",
+        [
+            (
+                "httpHeaderName",
+                string("Hash on the value of this request header."),
+            ),
+            ("httpCookie", cookie),
+            ("useSourceIp", boolean("Hash on the client's IP address.")),
+            (
+                "httpQueryParameterName",
+                string("Hash on the value of this query parameter."),
+            ),
+            (
+                "ringHash",
+                object(
+                    "Use the ring hash algorithm.",
+                    [(
+                        "minimumRingSize",
+                        uint64("The smallest number of entries of the hash ring."),
+                    )],
+                ),
+            ),
+            (
+                "maglev",
+                object(
+                    "Use the Maglev algorithm.",
+                    [(
+                        "tableSize",
+                        uint64("The size of the lookup table (a prime number)."),
+                    )],
+                ),
+            ),
+            (
+                "minimumRingSize",
+                uint64(
+                    "Deprecated: the smallest number of entries of the hash ring; use ringHash.",
+                ),
+            ),
+        ],
+    );
+    hash["allOf"] = json!([
+        one_of_rule(&[
+            "httpHeaderName",
+            "httpCookie",
+            "useSourceIp",
+            "httpQueryParameterName"
+        ]),
+        one_of_rule(&["ringHash", "maglev"]),
+    ]);
+    hash
+}
+
+fn locality_lb_setting() -> Value {
+    let from_to = object(
+        "Where traffic goes when the endpoints of a region are unhealthy.",
+        [
+            ("from", string("The region whose traffic fails over.")),
+            ("to", string("The region it fails over to.")),
+        ],
+    );
+    let distribute = object(
+        "How traffic from one locality is spread over others.",
+        [
+            (
+                "from",
+                string("The originating locality (`region/zone/subzone`, `*` allowed)."),
+            ),
+            (
+                "to",
+                json!({
+                    "description": "Destination localities and the percentage of the traffic each receives (summing to 100).",
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": U32_MAX,
+                    },
+                }),
+            ),
+        ],
+    );
+    object(
+        "Locality-aware load balancing: weights between localities, or an order of failover.",
+        [
+            (
+                "distribute",
+                array("Weighted distribution between localities.", distribute),
+            ),
+            (
+                "failover",
+                array("Explicit failover between regions.", from_to),
+            ),
+            (
+                "failoverPriority",
+                strings(
+                    "Labels that rank endpoints for failover (those that share more with the client come first).",
+                ),
+            ),
+            (
+                "enabled",
+                nullable(boolean("Whether locality-aware load balancing is on.")),
+            ),
+        ],
+    )
+}
+
+fn warmup() -> Value {
+    required(
+        object(
+            "Slow start: a new endpoint gets a growing share of traffic for a while.",
+            [
+                ("duration", duration("How long the warmup lasts.")),
+                (
+                    "minimumPercent",
+                    json!({
+                        "description": "The share of its normal traffic a new endpoint starts with.",
+                        "type": "number",
+                        "format": "double",
+                        "minimum": 0,
+                        "maximum": 100,
+                        "nullable": true,
+                    }),
+                ),
+                (
+                    "aggression",
+                    json!({
+                        "description": "How fast traffic grows during warmup (1 is linear).",
+                        "type": "number",
+                        "format": "double",
+                        "minimum": 0,
+                        "nullable": true,
+                    }),
+                ),
+            ],
+        ),
+        &["duration"],
+    )
+}
+
+fn connection_pool() -> Value {
+    let keepalive = object(
+        "TCP keepalive probes on connections to the endpoints.",
+        [
+            (
+                "probes",
+                uint32("How many unanswered probes close the connection."),
+            ),
+            (
+                "time",
+                duration("How long a connection is idle before probes start."),
+            ),
+            ("interval", duration("The time between probes.")),
+        ],
+    );
+    let tcp = object(
+        "Limits common to TCP and HTTP connections.",
+        [
+            (
+                "maxConnections",
+                int32("The most connections to the destination at once."),
+            ),
+            (
+                "connectTimeout",
+                duration("How long a connection may take to be established."),
+            ),
+            ("tcpKeepalive", keepalive),
+            (
+                "maxConnectionDuration",
+                duration("The longest a connection may stay open."),
+            ),
+            (
+                "idleTimeout",
+                string("How long a TCP connection may be idle before it is closed (a duration)."),
+            ),
+        ],
+    );
+    let http = object(
+        "Limits of HTTP connections and requests.",
+        [
+            (
+                "http1MaxPendingRequests",
+                int32("The most requests waiting for a connection."),
+            ),
+            (
+                "http2MaxRequests",
+                int32("The most active requests to the destination."),
+            ),
+            (
+                "maxRequestsPerConnection",
+                int32(
+                    "The most requests a connection carries before it is closed (unlimited when 0 or absent).",
+                ),
+            ),
+            (
+                "maxRetries",
+                int32("The most retries outstanding to the destination at once."),
+            ),
+            (
+                "idleTimeout",
+                duration("How long a connection may carry no request before it is closed."),
+            ),
+            (
+                "h2UpgradePolicy",
+                enumeration(
+                    "Whether HTTP/1.1 connections to the destination are upgraded to HTTP/2.",
+                    &["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"],
+                ),
+            ),
+            (
+                "useClientProtocol",
+                boolean("Whether to use the client's HTTP version towards the destination."),
+            ),
+            (
+                "maxConcurrentStreams",
+                int32("The most concurrent streams on one HTTP/2 connection."),
+            ),
+        ],
+    );
+    object(
+        "Limits on connections and requests to each endpoint host, like a circuit breaker.",
+        [("tcp", tcp), ("http", http)],
+    )
+}
+
+fn outlier_detection() -> Value {
+    object(
+        "Ejects endpoints that keep failing from the load balancing pool for a while.",
+        [
+            (
+                "splitExternalLocalOriginErrors",
+                boolean(
+                    "Whether local failures (timeouts, connection errors) are counted apart from the status codes of responses.",
+                ),
+            ),
+            (
+                "consecutiveLocalOriginFailures",
+                nullable(uint32(
+                    "Local failures in a row that eject an endpoint (with splitExternalLocalOriginErrors).",
+                )),
+            ),
+            (
+                "consecutiveGatewayErrors",
+                nullable(uint32(
+                    "Gateway errors (502, 503, 504, connection failures) in a row that eject an endpoint.",
+                )),
+            ),
+            (
+                "consecutive5xxErrors",
+                nullable(uint32("5xx errors in a row that eject an endpoint.")),
+            ),
+            ("interval", duration("The time between ejection sweeps.")),
+            (
+                "baseEjectionTime",
+                duration(
+                    "The minimum ejection time, multiplied by how often the endpoint was ejected.",
+                ),
+            ),
+            (
+                "maxEjectionPercent",
+                int32("The largest share of the pool that may be ejected at once."),
+            ),
+            (
+                "minHealthPercent",
+                int32(
+                    "Outlier detection stops while fewer than this share of endpoints are healthy.",
+                ),
+            ),
+            (
+                "consecutiveErrors",
+                int32(
+                    "Deprecated: 5xx errors in a row that eject an endpoint; use consecutive5xxErrors.",
+                ),
+            ),
+        ],
+    )
+}
+
+fn client_tls() -> Value {
+    object(
+        "TLS towards the destination.",
+        [
+            (
+                "mode",
+                enumeration(
+                    "DISABLE: plaintext; SIMPLE: TLS; MUTUAL: mutual TLS with the given certificates; ISTIO_MUTUAL: mutual TLS with the mesh's certificates.",
+                    &["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"],
+                ),
+            ),
+            (
+                "clientCertificate",
+                string("Path of the client certificate file (MUTUAL)."),
+            ),
+            (
+                "privateKey",
+                string("Path of the client's private key file (MUTUAL)."),
+            ),
+            (
+                "caCertificates",
+                string("Path of the CA certificates that verify the server."),
+            ),
+            (
+                "credentialName",
+                string(
+                    "A Secret holding the client certificate, key and CA certificates (gateways only).",
+                ),
+            ),
+            (
+                "subjectAltNames",
+                strings("Names one of which the server certificate must carry."),
+            ),
+            ("sni", string("The SNI name to send.")),
+            (
+                "insecureSkipVerify",
+                nullable(boolean(
+                    "Whether to skip verifying the server's certificate and name.",
+                )),
+            ),
+            (
+                "caCrl",
+                string("Path of a certificate revocation list for the server certificate."),
+            ),
+        ],
+    )
+}
+
+fn tunnel() -> Value {
+    required(
+        object(
+            "Tunnel TCP connections to the destination through a proxy.",
+            [
+                (
+                    "protocol",
+                    string("The tunnelling protocol: `CONNECT` (HTTP/1.1) or `POST` (HTTP/2)."),
+                ),
+                ("targetHost", string("The host the tunnel leads to.")),
+                ("targetPort", uint32("The port the tunnel leads to.")),
+            ],
+        ),
+        &["targetHost", "targetPort"],
+    )
+}
+
+fn proxy_protocol() -> Value {
+    object(
+        "Send a PROXY protocol header to the destination.",
+        [(
+            "version",
+            enumeration("The PROXY protocol version.", &["V1", "V2"]),
+        )],
+    )
+}
+
+fn retry_budget() -> Value {
+    object(
+        "Limits retries to the destination relative to its active requests.",
+        [
+            (
+                "percent",
+                json!({
+                    "description": "Retries allowed, as a percentage of active and pending requests.",
+                    "type": "number",
+                    "format": "double",
+                    "minimum": 0,
+                    "maximum": 100,
+                    "nullable": true,
+                }),
+            ),
+            (
+                "minRetryConcurrency",
+                uint32("Retries always allowed at once, whatever the percentage."),
+            ),
+        ],
     )
 }
 
@@ -498,6 +1778,71 @@ fn bounded_strings(description: &str, max_items: u32, max_length: u32) -> Value 
 
 fn enumeration(description: &str, values: &[&str]) -> Value {
     json!({"description": description, "type": "string", "enum": values})
+}
+
+/// The largest `uint32`, the bound Istio's CRDs give its unsigned 32-bit fields.
+const U32_MAX: u32 = u32::MAX;
+
+fn boolean(description: &str) -> Value {
+    json!({"description": description, "type": "boolean"})
+}
+
+fn int32(description: &str) -> Value {
+    json!({"description": description, "type": "integer", "format": "int32"})
+}
+
+fn uint32(description: &str) -> Value {
+    json!({"description": description, "type": "integer", "minimum": 0, "maximum": U32_MAX})
+}
+
+fn uint64(description: &str) -> Value {
+    json!({"description": description, "type": "integer", "minimum": 0})
+}
+
+/// A protobuf `Duration`: a string such as `1.5s` or `3m`, at least 1ms, as Istio checks it.
+fn duration(description: &str) -> Value {
+    json!({
+        "description": description,
+        "type": "string",
+        "x-kubernetes-validations": [{
+            "message": "must be a valid duration greater than 1ms",
+            "rule": "duration(self) >= duration('1ms')",
+        }],
+    })
+}
+
+fn string_map(description: &str) -> Value {
+    json!({
+        "description": description,
+        "type": "object",
+        "additionalProperties": {"type": "string"},
+    })
+}
+
+/// A protobuf wrapper (`BoolValue`, `UInt32Value`...): also accepts `null`, as in Istio's.
+fn nullable(mut schema: Value) -> Value {
+    schema["nullable"] = json!(true);
+    schema
+}
+
+fn required(mut schema: Value, fields: &[&str]) -> Value {
+    schema["required"] = json!(fields);
+    schema
+}
+
+/// A protobuf `oneof`: at most one of `fields` is set.
+fn at_most_one(mut schema: Value, fields: &[&str]) -> Value {
+    schema["oneOf"] = one_of_rule(fields)["oneOf"].take();
+    schema
+}
+
+/// `{"oneOf": [...]}` holding when at most one of `fields` is present, written as Istio's
+/// CRDs write it: none of them, or exactly one.
+fn one_of_rule(fields: &[&str]) -> Value {
+    let each: Vec<Value> = fields.iter().map(|f| json!({"required": [f]})).collect();
+    let mut branches = vec![json!({"not": {"anyOf": each.clone()}})];
+    branches.extend(each);
+    json!({"oneOf": branches})
 }
 
 // ---- YAML ----
@@ -625,20 +1970,22 @@ mod tests {
 
     #[test]
     fn every_version_is_served_with_one_schema_and_one_storage_version() {
-        for crd in [authorization_policy(), peer_authentication()] {
+        let groups = [&SECURITY, &SECURITY, &NETWORKING, &NETWORKING];
+        for (crd, group) in all_crds().into_iter().zip(groups) {
+            assert_eq!(crd["spec"]["group"], group.name);
             let versions = crd["spec"]["versions"].as_array().unwrap();
             let names: Vec<&str> = versions
                 .iter()
                 .map(|v| v["name"].as_str().unwrap())
                 .collect();
-            assert_eq!(names, VERSIONS);
+            assert_eq!(names, group.versions);
             assert!(versions.iter().all(|v| v["served"] == true));
             let storage: Vec<&str> = versions
                 .iter()
                 .filter(|v| v["storage"] == true)
                 .map(|v| v["name"].as_str().unwrap())
                 .collect();
-            assert_eq!(storage, [STORAGE_VERSION]);
+            assert_eq!(storage, [group.storage]);
             assert!(
                 versions
                     .iter()
