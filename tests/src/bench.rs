@@ -143,6 +143,21 @@ async fn http_connection(
     close: Arc<[u8]>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // HTTP/2 with prior knowledge (h2load, a waypoint forwarding HTTP/2): served by hyper,
+    // with the same body as the HTTP/1.1 responses.
+    let mut preface = [0u8; 3];
+    if matches!(stream.peek(&mut preface).await, Ok(3)) && &preface == b"PRI" {
+        let body_bytes = http_body_len(&keep_alive);
+        let body = bytes::Bytes::from(vec![b'x'; body_bytes]);
+        let service = hyper::service::service_fn(move |_req| {
+            let body = body.clone();
+            async move { Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(body))) }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+        return;
+    }
     let mut input: Vec<u8> = Vec::with_capacity(1024);
     let mut output: Vec<u8> = Vec::new();
     loop {
@@ -514,6 +529,75 @@ pub fn parse_wrk(stdout: &str) -> Result<WrkResult> {
     serde_json::from_str(line).with_context(|| format!("bad wrk summary {line:?}"))
 }
 
+/// The body length of a response made by [`http_response`].
+fn http_body_len(response: &[u8]) -> usize {
+    response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |end| response.len() - end - 4)
+}
+
+/// What h2load reports of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct H2loadResult {
+    pub requests_per_second: f64,
+    pub succeeded: f64,
+    pub failed: f64,
+    /// Mean time per request (h2load gives no percentiles).
+    pub mean_us: f64,
+}
+
+/// Parses h2load's summary (`finished in ..., N req/s`, `requests: ... succeeded, ...
+/// failed`, `time for request: min max mean sd`).
+pub fn parse_h2load(stdout: &str) -> Result<H2loadResult> {
+    let field = |prefix: &str| {
+        stdout
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .with_context(|| format!("no {prefix:?} line in h2load's output:\n{stdout}"))
+    };
+    let finished = field("finished in")?;
+    let rps = finished
+        .split(',')
+        .find_map(|p| p.trim().strip_suffix(" req/s"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no req/s in {finished:?}"))?;
+    let requests = field("requests:")?;
+    let count = |what: &str| -> Result<f64> {
+        requests
+            .split(',')
+            .find_map(|p| p.trim().strip_suffix(what))
+            .and_then(|v| v.trim().rsplit(' ').next()?.parse().ok())
+            .with_context(|| format!("no {what:?} in {requests:?}"))
+    };
+    let time = field("time for request:")?;
+    let mean = time
+        .trim_start_matches("time for request:")
+        .split_whitespace()
+        .nth(2)
+        .and_then(duration_us)
+        .with_context(|| format!("no mean in {time:?}"))?;
+    Ok(H2loadResult {
+        requests_per_second: rps,
+        succeeded: count(" succeeded")?,
+        failed: count(" failed")?,
+        mean_us: mean,
+    })
+}
+
+/// `123us`, `4.56ms`, `1.2s` in microseconds.
+fn duration_us(text: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e3)
+    } else {
+        (text.strip_suffix('s')?, 1e6)
+    };
+    Some(number.parse::<f64>().ok()? * scale)
+}
+
 /// Minimum, median and maximum of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
@@ -566,6 +650,27 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn h2load_summaries_parse() {
+        let out = "starting benchmark...\n\
+            finished in 2.01s, 9950.25 req/s, 10.50MB/s\n\
+            requests: 20000 total, 20000 started, 20000 done, 19990 succeeded, 10 failed, 0 errored, 0 timeout\n\
+            status codes: 19990 2xx, 0 3xx, 0 4xx, 10 5xx\n\
+            time for request:      120us      8.41ms       402us       210us    85.00%\n";
+        let r = parse_h2load(out).unwrap();
+        assert_eq!(
+            r,
+            H2loadResult {
+                requests_per_second: 9950.25,
+                succeeded: 19990.0,
+                failed: 10.0,
+                mean_us: 402.0,
+            }
+        );
+        assert!(parse_h2load("finished in 1s").is_err());
+        assert_eq!(http_body_len(&http_response(1024, false)), 1024);
+    }
 
     #[test]
     fn request_heads_are_found_only_when_complete() {

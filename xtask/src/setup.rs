@@ -17,11 +17,13 @@ const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 const STABLE_COMPONENTS: [&str; 2] = ["clippy", "rustfmt"];
 /// Load generators `mesh-bench` runs inside pods (program, Debian package); its smoke
 /// run is part of `cargo xtask test`.
-const BENCH_TOOLS: [(&str, &str); 3] = [
+const BENCH_TOOLS: [(&str, &str); 4] = [
     ("iperf3", "iperf3"),
     ("wrk", "wrk"),
     // The reverse proxy the waypoint is measured against.
     ("nginx", "nginx-light"),
+    // HTTP/2 load through the waypoint.
+    ("h2load", "nghttp2-client"),
 ];
 
 /// Debian's "do not start services from package scripts" hook: the benchmark runs its

@@ -223,7 +223,7 @@ fn main() -> Result<()> {
     );
     if (traffic || enrollment || storm || waypoint) && require_root() {
         bench::raise_nofile_limit();
-        for tool in ["iperf3", "wrk", "ss", "nginx"] {
+        for tool in ["iperf3", "wrk", "ss", "nginx", "h2load"] {
             if !on_path(tool) {
                 bail!("`{tool}` is not installed: run `cargo xtask setup` (as root)");
             }
@@ -298,6 +298,8 @@ struct Plan {
     agent_threads: usize,
     /// `mesh-agent run --sockmap`.
     sockmap: bool,
+    /// Requests of each h2load run.
+    h2_requests: usize,
     /// Storm rates (new connections per second), ascending, and seconds at each; a path
     /// stops at the first rate that loses a connection.
     storm_rates: Vec<f64>,
@@ -333,6 +335,7 @@ impl Plan {
                 settle: Duration::from_millis(300),
                 agent_threads: 1,
                 sockmap: false,
+                h2_requests: 2000,
                 storm_rates: vec![200.0],
                 storm_secs: vec![1.0],
                 storm_live: 5,
@@ -359,6 +362,7 @@ impl Plan {
                 settle: Duration::from_secs(2),
                 agent_threads: 1,
                 sockmap: false,
+                h2_requests: 50_000,
                 storm_rates: vec![1000.0, 2000.0, 3000.0],
                 storm_secs: vec![30.0, 10.0, 10.0],
                 storm_live: 100,
@@ -635,12 +639,50 @@ impl Table {
         }
         // The waypoint stage: four paths, each figure against the path it is meant to beat.
         #[rustfmt::skip]
-        let l7: [(&str, String, &'static str, usize); 5] = [
-            ("l7-rps", format!("L7 keep-alive {conns} conns: requests/s"), "req/s", 0),
-            ("l7-p50", format!("L7 keep-alive {conns} conns: p50"), "µs", 0),
-            ("l7-p99", format!("L7 keep-alive {conns} conns: p99"), "µs", 0),
-            ("l7-rate-p50", format!("L7 fixed {rate:.0} req/s: p50"), "µs", 0),
-            ("l7-rate-p99", format!("L7 fixed {rate:.0} req/s: p99"), "µs", 0),
+        let h2 = plan.h2_requests;
+        let l7: [(&str, String, &'static str, usize); 7] = [
+            (
+                "l7-rps",
+                format!("L7 keep-alive {conns} conns: requests/s"),
+                "req/s",
+                0,
+            ),
+            (
+                "l7-h2-rps",
+                format!("L7 HTTP/2 h2load {h2} requests: requests/s"),
+                "req/s",
+                0,
+            ),
+            (
+                "l7-h2-mean",
+                format!("L7 HTTP/2 h2load {h2} requests: mean"),
+                "µs",
+                0,
+            ),
+            (
+                "l7-p50",
+                format!("L7 keep-alive {conns} conns: p50"),
+                "µs",
+                0,
+            ),
+            (
+                "l7-p99",
+                format!("L7 keep-alive {conns} conns: p99"),
+                "µs",
+                0,
+            ),
+            (
+                "l7-rate-p50",
+                format!("L7 fixed {rate:.0} req/s: p50"),
+                "µs",
+                0,
+            ),
+            (
+                "l7-rate-p99",
+                format!("L7 fixed {rate:.0} req/s: p99"),
+                "µs",
+                0,
+            ),
         ];
         for (prefix, what, unit, decimals) in l7 {
             for (key, label) in L7_PATHS {
@@ -668,8 +710,9 @@ impl Table {
             }
         }
         #[rustfmt::skip]
-        let proxies: [(&str, String, &'static str, usize); 3] = [
+        let proxies: [(&str, String, &'static str, usize); 4] = [
             ("l7-cpu", "proxy CPU per 1,000 keep-alive requests".into(), "CPU ms", 1),
+            ("l7-h2-cpu", "proxy CPU per 1,000 HTTP/2 requests".into(), "CPU ms", 1),
             ("l7-cores", format!("proxy cores at {rate:.0} req/s"), "cores", 3),
             ("l7-rss", format!("proxy RSS at {rate:.0} req/s"), "MiB", 1),
         ];
@@ -693,9 +736,10 @@ impl Table {
                     row.baseline = Baseline::Row(format!("{prefix}/nginx"));
                     if !plan.smoke {
                         row.target = match prefix {
-                            "l7-cpu" => Some(RatioAtMost(2.0)),
+                            "l7-cpu" | "l7-h2-cpu" => Some(RatioAtMost(2.0)),
                             "l7-cores" => Some(AtMost(0.15 * rate / 1000.0)),
-                            _ => Some(AtMost(40.0)),
+                            "l7-rss" => Some(AtMost(40.0)),
+                            _ => None,
                         };
                     }
                 }
@@ -1069,6 +1113,8 @@ fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> 
 const L7_NS: &str = "l7";
 const L7_PLAIN_NS: &str = "l7-plain";
 const NGINX_PORT: u16 = 8081;
+/// nginx's HTTP/2 (prior knowledge) listener, proxying to the same HTTP/1.1 upstream.
+const NGINX_H2_PORT: u16 = 8082;
 const L4_VIP: &str = "10.96.40.10";
 const WAYPOINT_VIP: &str = "10.96.40.11";
 
@@ -1078,6 +1124,8 @@ struct L7Path {
     label: &'static str,
     client: Arc<Pod>,
     target: SocketAddr,
+    /// Where HTTP/2 with prior knowledge goes (nginx has a listener of its own for it).
+    h2_target: SocketAddr,
 }
 
 /// Sum of the CPU seconds of `pid` and all its descendants (nginx's workers).
@@ -1115,14 +1163,16 @@ fn children(pid: u32) -> Vec<u32> {
 
 fn nginx_conf(dir: &Path, upstream: SocketAddr) -> String {
     // One worker, as the waypoint runs one thread: the two cores are shared by everything.
+    // Both proxies write an access-log line per request, buffered, as the waypoint does by
+    // default.
     format!(
         "worker_processes 1;\nerror_log {dir}/nginx-error.log;\npid {dir}/nginx.pid;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+         http {{\n  access_log {dir}/access.log combined buffer=64k flush=1s;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
          \x20 fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
          \x20 upstream backend {{ server {upstream}; keepalive 64; }}\n\
          \x20 keepalive_requests 1000000;\n  keepalive_timeout 300s;\n\
-         \x20 server {{\n    listen {NGINX_PORT};\n    location / {{\n      proxy_pass http://backend;\n\
+         \x20 server {{\n    listen {NGINX_PORT};\n    listen {NGINX_H2_PORT} http2;\n    location / {{\n      proxy_pass http://backend;\n\
          \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
         dir = dir.display()
     )
@@ -1210,24 +1260,28 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
             label: L7_PATHS[0].1,
             client: cluster.pod("n-client"),
             target: upstream,
+            h2_target: upstream,
         },
         L7Path {
             key: "nginx",
             label: L7_PATHS[1].1,
             client: cluster.pod("n-client"),
             target: cluster.pod("n-proxy").addr_v4(NGINX_PORT),
+            h2_target: cluster.pod("n-proxy").addr_v4(NGINX_H2_PORT),
         },
         L7Path {
             key: "l4",
             label: L7_PATHS[2].1,
             client: cluster.pod("l7-client"),
             target: SocketAddr::new(L4_VIP.parse()?, 80),
+            h2_target: SocketAddr::new(L4_VIP.parse()?, 80),
         },
         L7Path {
             key: "waypoint",
             label: L7_PATHS[3].1,
             client: cluster.pod("l7-client"),
             target: SocketAddr::new(WAYPOINT_VIP.parse()?, 80),
+            h2_target: SocketAddr::new(WAYPOINT_VIP.parse()?, 80),
         },
     ];
     // The processes whose CPU a path costs.
@@ -1331,9 +1385,74 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
             }
         }
     }
+    h2_load(plan, table, &paths, &proxy_cpu);
     cluster
         .teardown()
         .context("tearing the waypoint cluster down")
+}
+
+/// HTTP/2 (prior knowledge) load with h2load on every L7 path: requests/s, mean time per
+/// request, and the proxy's CPU per 1,000 requests.
+fn h2_load(
+    plan: &Plan,
+    table: &mut Table,
+    paths: &[L7Path],
+    proxy_cpu: &dyn Fn(&str) -> Result<f64>,
+) {
+    let (requests, clients, streams) = (plan.h2_requests, 4, 10);
+    println!(
+        "\n-- L7 HTTP/2: h2load -n {requests} -c {clients} -m {streams}, {} round(s) --",
+        plan.reps
+    );
+    for rep in 0..plan.reps {
+        for path in paths {
+            let run = || -> Result<(bench::H2loadResult, f64)> {
+                let before = proxy_cpu(path.key)?;
+                let url = format!("http://{}/", path.h2_target);
+                let out = path.client.exec(&[
+                    "h2load",
+                    "-n",
+                    &requests.to_string(),
+                    "-c",
+                    &clients.to_string(),
+                    "-m",
+                    &streams.to_string(),
+                    &url,
+                ])?;
+                let r = bench::parse_h2load(&out)?;
+                if r.succeeded == 0.0 || r.failed > 0.0 {
+                    bail!(
+                        "h2load: {} succeeded, {} failed:\n{out}",
+                        r.succeeded,
+                        r.failed
+                    );
+                }
+                Ok((r, proxy_cpu(path.key)? - before))
+            };
+            match run() {
+                Ok((r, cpu)) => {
+                    println!(
+                        "  round {} {:<36} {:8.0} req/s  mean {:6.0} µs  proxy {cpu:.2} CPU s",
+                        rep + 1,
+                        path.label,
+                        r.requests_per_second,
+                        r.mean_us
+                    );
+                    let k = path.key;
+                    table.add(&format!("l7-h2-rps/{k}"), r.requests_per_second);
+                    table.add(&format!("l7-h2-mean/{k}"), r.mean_us);
+                    if k != "nomesh" {
+                        table.add(&format!("l7-h2-cpu/{k}"), cpu * 1e3 / r.succeeded * 1e3);
+                    }
+                }
+                Err(e) => {
+                    for figure in ["l7-h2-rps", "l7-h2-mean"] {
+                        table.fail(&format!("{figure}/{}", path.key), &e);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn widen_port_range(pod: &Pod) -> Result<()> {
