@@ -189,6 +189,8 @@ pub struct Metrics {
     /// HBONE connections closed before their handshake because too many were in progress.
     handshakes_refused: Counter,
     requests: Family<RequestLabels, Counter>,
+    /// Upstream attempts a waypoint made after the first, by its retry policies.
+    retries: Counter,
     request_duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
@@ -254,6 +256,12 @@ impl Default for Metrics {
         let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         registry.register("istio_requests", "Total requests.", requests.clone());
+        let retries = Counter::default();
+        registry.register(
+            "mesh_waypoint_upstream_retries",
+            "Upstream attempts made after the first by a route's retry policy.",
+            retries.clone(),
+        );
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration, milliseconds.",
@@ -271,6 +279,7 @@ impl Default for Metrics {
         );
         Metrics {
             requests,
+            retries,
             request_duration,
             request_bytes,
             response_bytes,
@@ -326,6 +335,11 @@ impl Metrics {
     /// An HBONE connection was closed unanswered: too many handshakes in progress.
     pub fn handshake_refused(&self) {
         self.handshakes_refused.inc();
+    }
+
+    /// A waypoint retried a request upstream.
+    pub fn retry(&self) {
+        self.retries.inc();
     }
 
     /// The series of one label set, to record requests into without looking them up again.

@@ -19,6 +19,9 @@
 //! 127.0.0.1.
 
 pub mod access_log;
+pub mod flags;
+pub mod forward;
+pub mod replay;
 pub mod request;
 pub mod upstream;
 

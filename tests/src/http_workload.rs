@@ -28,7 +28,9 @@ pub struct Echo {
 }
 
 /// Serves the echo on `[::]:port` (dual stack) for HTTP/1.1 and HTTP/2 until killed; gRPC
-/// requests go to [`crate::grpc_workload::serve`].
+/// requests go to [`crate::grpc_workload::serve`]. For the resilience cases:
+/// `/delay/MS...` answers after MS milliseconds; `/flaky/CODE...` answers CODE to every
+/// other request this server gets on such paths (the first included), the echo otherwise.
 /// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks. The
 /// echo reports the request body's length in the `x-body-bytes` response header.
 pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
@@ -92,8 +94,38 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed()
 }
 
+/// Requests to `/flaky/...` this process has answered.
+static FLAKY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The leading number of `rest` (`"503/x"` → 503).
+fn leading_number(rest: &str) -> Option<u64> {
+    rest.split(['/', '?']).next()?.parse().ok()
+}
+
 async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
+    if let Some(ms) = parts
+        .uri
+        .path()
+        .strip_prefix("/delay/")
+        .and_then(leading_number)
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(code) = parts
+        .uri
+        .path()
+        .strip_prefix("/flaky/")
+        .and_then(leading_number)
+        && FLAKY
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(2)
+        && let Ok(status) = StatusCode::from_u16(code as u16)
+    {
+        let mut response = Response::new(full(Bytes::from_static(b"flaky failure")));
+        *response.status_mut() = status;
+        return response;
+    }
     // Read (and drop) the body as it comes, so large uploads stream through.
     let mut body = body;
     let mut received = 0u64;

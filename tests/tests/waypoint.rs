@@ -585,6 +585,8 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
         "75 % of 2000 to v1 within 3 %, got {v1}"
     );
 
+    resilience(&cluster);
+
     // L7 authorization at the waypoint, on the client's identity.
     let policy = format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: get-only, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/mesh/sa/client]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
@@ -722,4 +724,129 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
         "no warning in /config_dump"
     );
     cluster.teardown().unwrap();
+}
+
+/// Retries, timeouts and fault injection (Istio's VirtualService fields) on echo-v1, whose one
+/// pod fails every other `/flaky/503` request and answers `/delay/MS` late. Each rule is
+/// picked by the header `x-case`.
+fn resilience(cluster: &Cluster) {
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: resilience, namespace: {NS}}}\nspec:\n  hosts: [echo-v1]\n  http:\n\
+         \x20 - match: [{{headers: {{x-case: {{exact: retry}}}}}}]\n    retries: {{attempts: 3, retryOn: 5xx}}\n    route: [{{destination: {{host: echo-v1}}}}]\n\
+         \x20 - match: [{{headers: {{x-case: {{exact: timeout}}}}}}]\n    timeout: 0.5s\n    route: [{{destination: {{host: echo-v1}}}}]\n\
+         \x20 - match: [{{headers: {{x-case: {{exact: per-try}}}}}}]\n    retries: {{attempts: 2, perTryTimeout: 0.2s}}\n    route: [{{destination: {{host: echo-v1}}}}]\n\
+         \x20 - match: [{{headers: {{x-case: {{exact: delay}}}}}}]\n    fault: {{delay: {{fixedDelay: 0.1s, percentage: {{value: 50}}}}}}\n    route: [{{destination: {{host: echo-v1}}}}]\n\
+         \x20 - match: [{{headers: {{end-user: {{exact: jason}}}}}}]\n    fault: {{abort: {{httpStatus: 500, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: echo-v1}}}}]\n\
+         \x20 - route: [{{destination: {{host: echo-v1}}}}]\n"
+    );
+    apply(cluster, &[vs]);
+    let with = |path: &str, headers: &[(&str, &str)], count: usize| Call {
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        count,
+        ..get(path)
+    };
+    until(
+        cluster,
+        vip(ECHO_V1),
+        &with("/", &[("end-user", "jason")], 1),
+        "the resilience VirtualService applied",
+        |r| r.status == 500,
+    );
+    let r = one(
+        cluster,
+        vip(ECHO_V1),
+        with("/", &[("end-user", "jason")], 1),
+    );
+    assert_eq!((r.status, r.body.as_str()), (500, "fault filter abort"));
+    assert_eq!(one(cluster, vip(ECHO_V1), get("/")).status, 200);
+    let echo_v1 = [
+        ("reporter", "waypoint"),
+        ("destination_service_name", "echo-v1"),
+    ];
+    let flagged = |m: &Metrics, before: &Metrics, flags: &str| {
+        let mut filter = echo_v1.to_vec();
+        filter.push(("response_flags", flags));
+        m.delta(before, "istio_requests_total", &filter)
+    };
+    let retries = |m: &Metrics| m.sum("mesh_waypoint_upstream_retries_total", &[]);
+
+    // Istio's default retries connection failures, not 503s: about half fail.
+    let replies = calls(
+        cluster,
+        "client",
+        vip(ECHO_V1),
+        &[with("/flaky/503", &[], 200)],
+    );
+    let failed = replies.iter().filter(|r| r.status == 503).count();
+    assert!((90..=110).contains(&failed), "{failed} of 200 failed");
+
+    // retries {attempts: 3, retryOn: 5xx}: all succeed. Every other attempt fails, so a
+    // request needs at most one retry (and the first attempt fails at least every other
+    // request).
+    let before = waypoint_metrics(cluster);
+    let replies = calls(
+        cluster,
+        "client",
+        vip(ECHO_V1),
+        &[with("/flaky/503", &[("x-case", "retry")], 400)],
+    );
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    assert!(ok >= 396, "{ok} of 400 succeeded with retries");
+    let made = retries(&waypoint_metrics(cluster)) - retries(&before);
+    assert!(
+        (200.0..=400.0).contains(&made),
+        "{made} retries for 400 requests"
+    );
+
+    // timeout: 0.5s in front of a 2 s answer: 504 UT after half a second.
+    let before = waypoint_metrics(cluster);
+    let started = std::time::Instant::now();
+    let r = one(
+        cluster,
+        vip(ECHO_V1),
+        with("/delay/2000", &[("x-case", "timeout")], 1),
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1000),
+        "answered after {took:?}"
+    );
+    assert_eq!(flagged(&waypoint_metrics(cluster), &before, "UT"), 1.0);
+
+    // perTryTimeout 0.2s, 2 retries: three tries, then 504.
+    let before = waypoint_metrics(cluster);
+    let started = std::time::Instant::now();
+    let r = one(
+        cluster,
+        vip(ECHO_V1),
+        with("/delay/2000", &[("x-case", "per-try")], 1),
+    );
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "answered after {took:?}"
+    );
+    let after = waypoint_metrics(cluster);
+    assert_eq!(retries(&after) - retries(&before), 2.0);
+    assert_eq!(flagged(&after, &before, "UT"), 1.0);
+
+    // fault.delay 0.1s for 50 %: about half the requests are delayed, flagged DI.
+    let before = waypoint_metrics(cluster);
+    let replies = calls(
+        cluster,
+        "client",
+        vip(ECHO_V1),
+        &[with("/", &[("x-case", "delay")], 100)],
+    );
+    assert!(replies.iter().all(|r| r.status == 200));
+    let delayed = flagged(&waypoint_metrics(cluster), &before, "DI");
+    assert!((30.0..=70.0).contains(&delayed), "{delayed} of 100 delayed");
 }

@@ -107,6 +107,11 @@ impl HttpRoute {
 fn check_rules(spec: &HttpRouteSpec) -> Result<(), RouteError> {
     for (i, rule) in spec.rules.iter().enumerate() {
         let field = |rest: &str| format!("spec.rules[{i}].{rest}");
+        super::resilience::from_http_route(
+            rule.timeouts.as_ref(),
+            rule.retry.as_ref(),
+            &format!("spec.rules[{i}]"),
+        )?;
         for (j, m) in rule.matches.iter().enumerate() {
             if let Some(PathMatch {
                 kind: PathMatchType::RegularExpression,
@@ -208,9 +213,9 @@ pub struct HttpRouteRule {
     pub backend_refs: Vec<BackendRef>,
     /// Applied by the resilience work; reported as not applied until then.
     #[serde(default)]
-    pub timeouts: Option<Value>,
+    pub timeouts: Option<HttpRouteTimeouts>,
     #[serde(default)]
-    pub retry: Option<Value>,
+    pub retry: Option<HttpRouteRetry>,
     #[serde(default)]
     pub session_persistence: Option<Value>,
 }
@@ -674,6 +679,12 @@ impl VirtualService {
         }
         for (i, route) in spec.http.iter().enumerate() {
             let field = |rest: &str| format!("spec.http[{i}].{rest}");
+            super::resilience::from_virtual_service(
+                route.timeout.as_deref(),
+                route.retries.as_ref(),
+                route.fault.as_ref(),
+                &format!("spec.http[{i}]"),
+            )?;
             for (j, m) in route.matches.iter().enumerate() {
                 for (key, sm) in [
                     ("uri", &m.uri),
@@ -796,11 +807,11 @@ pub struct VsHttpRoute {
     pub headers: Option<VsHeaders>,
     // The resilience work applies these; until then they are reported as not applied.
     #[serde(default)]
-    pub timeout: Option<Value>,
+    pub timeout: Option<String>,
     #[serde(default)]
-    pub retries: Option<Value>,
+    pub retries: Option<VsRetries>,
     #[serde(default)]
-    pub fault: Option<Value>,
+    pub fault: Option<VsFault>,
     #[serde(default)]
     pub mirror: Option<Value>,
     #[serde(default)]
@@ -1121,6 +1132,93 @@ pub struct HttpCookie {
     pub path: Option<String>,
     #[serde(default)]
     pub ttl: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Resilience: timeouts, retries, fault injection (compiled by `super::resilience`).
+
+/// HTTPRoute `timeouts` (Gateway API durations: `10s`, `500ms`, `1m30s`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteTimeouts {
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+/// HTTPRoute `retry` (Gateway API, GEP-1731).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRetry {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// VirtualService `retries` (Istio's HTTPRetry).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsRetries {
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+    #[serde(default)]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// VirtualService `fault` (Istio's HTTPFaultInjection).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsFault {
+    #[serde(default)]
+    pub delay: Option<VsDelay>,
+    #[serde(default)]
+    pub abort: Option<VsAbort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsDelay {
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    #[serde(default)]
+    pub exponential_delay: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage.
+    #[serde(default)]
+    pub percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsAbort {
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    #[serde(default)]
+    pub http2_error: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percent {
+    #[serde(default)]
+    pub value: f64,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -81,6 +81,8 @@ pub struct Rule {
     pub response_headers: HeaderOps,
     pub rewrite: Option<Rewrite>,
     pub action: Action,
+    /// Timeout, retries, faults (checked when the object was parsed).
+    pub resilience: super::resilience::Resilience,
     /// Requests this rule has split among its backends (see [`Rule::pick`]).
     picks: std::sync::atomic::AtomicU64,
 }
@@ -553,11 +555,7 @@ impl Routes {
 
     fn note_unapplied_http_route(&mut self, key: &str, route: &HttpRoute) {
         for (i, rule) in route.spec.rules.iter().enumerate() {
-            for (field, set) in [
-                ("timeouts", rule.timeouts.is_some()),
-                ("retry", rule.retry.is_some()),
-                ("sessionPersistence", rule.session_persistence.is_some()),
-            ] {
+            for (field, set) in [("sessionPersistence", rule.session_persistence.is_some())] {
                 if set {
                     self.problems
                         .push(format!("{key}: spec.rules[{i}].{field} is not applied yet"));
@@ -576,9 +574,6 @@ impl Routes {
     fn note_unapplied_virtual_service(&mut self, key: &str, vs: &VirtualService) {
         for (i, r) in vs.spec.http.iter().enumerate() {
             for (field, set) in [
-                ("timeout", r.timeout.is_some()),
-                ("retries", r.retries.is_some()),
-                ("fault", r.fault.is_some()),
                 ("mirror", r.mirror.is_some() || r.mirrors.is_some()),
                 ("corsPolicy", r.cors_policy.is_some()),
                 ("delegate", r.delegate.is_some()),
@@ -1004,6 +999,12 @@ fn compile_http_rule(route: &HttpRoute, index: usize, rule: &config::HttpRouteRu
         ),
         gateway_api: true,
         grpc: route.kind == "GRPCRoute",
+        resilience: super::resilience::from_http_route(
+            rule.timeouts.as_ref(),
+            rule.retry.as_ref(),
+            "",
+        )
+        .unwrap_or_default(),
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
         rewrite: None,
@@ -1134,6 +1135,13 @@ fn compile_vs_route(vs: &VirtualService, index: usize, route: &config::VsHttpRou
         origin: format!("VirtualService {}/{} http[{index}]", vs.namespace, vs.name),
         gateway_api: false,
         grpc: false,
+        resilience: super::resilience::from_virtual_service(
+            route.timeout.as_deref(),
+            route.retries.as_ref(),
+            route.fault.as_ref(),
+            "",
+        )
+        .unwrap_or_default(),
         request_headers: vs_header_ops(headers.and_then(|h| h.request.as_ref())),
         response_headers: vs_header_ops(headers.and_then(|h| h.response.as_ref())),
         rewrite: route.rewrite.as_ref().map(|r| Rewrite {
@@ -1548,10 +1556,10 @@ mod tests {
     #[test]
     fn unapplied_fields_are_reported() {
         let vs = json!({"metadata": {"name": "v", "namespace": "shop"}, "spec": {
-            "hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}], "retries": {"attempts": 3}}]}});
+            "hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}], "mirror": {"host": "echo"}}]}});
         let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[vs], &[]);
         assert!(
-            routes.problems()[0].contains("spec.http[0].retries is not applied yet"),
+            routes.problems()[0].contains("spec.http[0].mirror is not applied yet"),
             "{:?}",
             routes.problems()
         );

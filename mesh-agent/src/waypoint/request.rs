@@ -10,6 +10,7 @@
 //! ends (or is abandoned), so streamed bodies are measured whole.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
@@ -30,11 +31,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
     Destination, TunnelContext, access_log,
-    upstream::{HashInputs, UpstreamError},
+    flags::Flags,
+    forward::{self, Forwarded, Head},
+    upstream::HashInputs,
 };
 use crate::{
     identity::Identity,
-    l7::routes::{self, Action, Backend, LoadBalancer, RequestView, Rule, Selection},
+    l7::{
+        resilience::{Abort, Resilience},
+        routes::{self, Action, Backend, LoadBalancer, RequestView, Rule, Selection},
+    },
     metrics::{ConnectionLabels, Reporter, RequestHandles, RequestLabels, RequestRecord},
     proxy::hbone::io::TunnelIo,
     rbac,
@@ -67,7 +73,7 @@ pub struct HandleKey {
     service: Option<usize>,
     endpoint: Option<std::net::IpAddr>,
     code: u16,
-    flags: &'static str,
+    flags: Flags,
     grpc_status: Option<String>,
 }
 
@@ -192,6 +198,8 @@ struct Record {
     route: String,
     /// The AUDIT policy that matched.
     audit: Option<Arc<str>>,
+    /// Flags raised before the outcome (faults injected).
+    flags: Flags,
     /// When the request arrived, for the access log.
     start_wall: std::time::SystemTime,
     forwarded_for: String,
@@ -242,6 +250,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         upstream: None,
         route: "-".into(),
         audit: None,
+        flags: Flags::NONE,
         start_wall: std::time::SystemTime::now(),
         forwarded_for: header_text(&parts.headers, "x-forwarded-for"),
     };
@@ -269,7 +278,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
             &wp,
             record,
             StatusCode::FORBIDDEN,
-            "-",
+            Flags::NONE,
             "RBAC: access denied",
         );
     }
@@ -297,7 +306,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     };
     let (rule, matched_prefix) = match selection {
         Selection::NotFound => {
-            return local_reply(&wp, record, StatusCode::NOT_FOUND, "NR", "");
+            return local_reply(&wp, record, StatusCode::NOT_FOUND, Flags::NR, "");
         }
         Selection::Default => (None, None),
         Selection::Rule {
@@ -323,36 +332,47 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
                     response.headers_mut().insert(header::LOCATION, v);
                 }
                 rule.response_headers.apply(response.headers_mut());
-                return finish_local(&wp, record, response, "-");
+                return finish_local(&wp, record, response, Flags::NONE);
             }
             Action::Direct { status, body } => {
                 let mut response = Response::new(full(body.clone()));
                 *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 rule.response_headers.apply(response.headers_mut());
-                return finish_local(&wp, record, response, "DR");
+                return finish_local(&wp, record, response, Flags::NONE);
             }
             Action::Forward(_) => {}
         }
         rule.request_headers.apply(&mut parts.headers);
     }
 
-    // The backend and its endpoint.
-    let target = match choose_target(
-        &tunnel,
-        &state,
-        rule.as_deref(),
-        service,
-        service_port,
-        &parts.headers,
-        parts.uri.query(),
-    ) {
+    // Faults, after the route matched and before any upstream (Envoy's fault filter).
+    let resilience: &Resilience = match &rule {
+        Some(r) => &r.resilience,
+        None => default_resilience(),
+    };
+    if let Some(fault) = &resilience.fault {
+        if let Some((delay, share)) = fault.delay
+            && share.hits(fastrand::f64())
+        {
+            tokio::time::sleep(delay).await;
+            record.flags |= Flags::DI;
+        }
+        if let Some((abort, share)) = fault.abort
+            && share.hits(fastrand::f64())
+        {
+            record.flags |= Flags::FI;
+            return fault_abort(&wp, record, abort);
+        }
+    }
+
+    // The backend and the endpoints it may go to.
+    let target = match choose_target(&tunnel, &state, rule.as_deref(), service, service_port) {
         Ok(t) => t,
         Err((status, flags, body)) => return local_reply(&wp, record, status, flags, body),
     };
     if let Some(backend) = target.backend.as_ref() {
         backend.request_headers.apply(&mut parts.headers);
     }
-    record.upstream = Some(target.endpoint);
     if let Some(s) = target.service {
         record.service = state.service_position(s);
     }
@@ -384,27 +404,48 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     };
     parts.uri = match uri.parse() {
         Ok(u) => u,
-        Err(_) => return local_reply(&wp, record, StatusCode::BAD_REQUEST, "-", "bad request"),
+        Err(_) => {
+            return local_reply(
+                &wp,
+                record,
+                StatusCode::BAD_REQUEST,
+                Flags::NONE,
+                "bad request",
+            );
+        }
     };
     if h2 {
         parts.headers.remove(header::HOST);
     }
-    let upstream_req = Request::from_parts(
-        parts,
-        Counted {
-            inner: body,
-            bytes: request_bytes,
-        }
-        .boxed(),
-    );
+    let head = Head {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+    };
+    let body = Counted {
+        inner: body,
+        bytes: request_bytes,
+    }
+    .boxed();
+    let plan = forward::Plan {
+        candidates: target.candidates,
+        lb: target.lb,
+        resilience,
+        h2,
+    };
 
-    let active = wp.upstreams.start(target.endpoint);
-    match wp
-        .upstreams
-        .send(target.endpoint, &target.peer, h2, upstream_req)
-        .await
-    {
-        Ok(response) => {
+    // Sent under the route's timeout and retries.
+    match forward::forward(&wp, &state, plan, head, body, tunnel.ctx.peer.ip()).await {
+        Forwarded::Response {
+            response,
+            endpoint,
+            active,
+            flags,
+            ..
+        } => {
+            record.upstream = Some(endpoint);
+            record.flags |= flags;
             let (mut parts, body) = response.into_parts();
             if let Some(rule) = &rule {
                 rule.response_headers.apply(&mut parts.headers);
@@ -426,45 +467,71 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
                 grpc_status,
                 done: Some(Box::new(move |bytes, grpc_status, complete| {
                     drop(active);
-                    let flags = if complete { "-" } else { "DC" };
+                    let flags = if complete { Flags::NONE } else { Flags::DC };
                     record_request(&wp, record, status, grpc_status, flags, bytes);
                 })),
             };
             Response::from_parts(parts, observed.boxed())
         }
-        Err(e) => {
-            drop(active);
-            let flags = if e.is_connect() { "UF" } else { "UC" };
+        Forwarded::Failed {
+            status,
+            flags,
+            body,
+            endpoint,
+            ..
+        } => {
+            record.upstream = endpoint;
             if let Some(suppressed) = crate::log_limit::once_per_interval!() {
-                tracing::info!(upstream = %target.endpoint, error = %e, suppressed, "waypoint: upstream request failed");
+                tracing::info!(upstream = ?endpoint, %status, %flags, suppressed, "waypoint: upstream request failed");
             }
-            local_reply(
-                &wp,
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                flags,
-                match e {
-                    UpstreamError::Connect { .. } => {
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
-                    }
-                    UpstreamError::Http { .. } => {
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
-                    }
-                },
-            )
+            local_reply(&wp, record, status, flags, body)
         }
     }
 }
 
-/// Where a request goes: the endpoint, the identity it proves, and what it belongs to.
+/// The resilience of a request without a route rule: Istio's defaults.
+fn default_resilience() -> &'static Resilience {
+    static DEFAULT: std::sync::OnceLock<Resilience> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(Resilience::default)
+}
+
+/// An injected abort: the HTTP status, or for gRPC an HTTP 200 carrying the gRPC status
+/// (trailers-only), as Envoy's fault filter answers.
+fn fault_abort(wp: &super::Waypoint, record: Record, abort: Abort) -> Response<ResponseBody> {
+    const BODY: &str = "fault filter abort";
+    match abort {
+        Abort::Http(status) => local_reply(
+            wp,
+            record,
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Flags::NONE,
+            BODY,
+        ),
+        Abort::Grpc(code) => {
+            let mut response = Response::new(empty());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert("grpc-message", HeaderValue::from_static(BODY));
+            record_request(wp, record, 200, Some(code.to_string()), Flags::NONE, 0);
+            response
+        }
+    }
+}
+
+/// Where a request may go: the ready endpoints of its backend (subset applied), the load
+/// balancer among them, and what they belong to.
 struct Target<'a> {
-    endpoint: SocketAddr,
-    peer: Identity,
+    candidates: Cow<'a, [SocketAddr]>,
+    lb: LoadBalancer,
     service: Option<&'a Service>,
     backend: Option<&'a Backend>,
 }
 
-type Failure = (StatusCode, &'static str, &'static str);
+type Failure = (StatusCode, Flags, &'static str);
 
 fn choose_target<'a>(
     tunnel: &Tunnel,
@@ -472,33 +539,29 @@ fn choose_target<'a>(
     rule: Option<&'a Rule>,
     service: Option<&'a Service>,
     service_port: Option<&'a ServicePort>,
-    headers: &HeaderMap,
-    query: Option<&str>,
 ) -> Result<Target<'a>, Failure> {
-    let wp = &tunnel.ctx.waypoint;
-    let td = &wp.settings.trust_domain;
-    let inputs = HashInputs {
-        headers,
-        query,
-        source: tunnel.ctx.peer.ip(),
-    };
     // A workload address: that pod, as it is.
     let (Some(service), Some(service_port)) = (service, service_port) else {
-        let Destination::Workload { workload, .. } = &tunnel.destination else {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "NR", "no route"));
-        };
+        if !matches!(tunnel.destination, Destination::Workload { .. }) {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, Flags::NR, "no route"));
+        }
         return Ok(Target {
-            endpoint: tunnel.target,
-            peer: Identity::of(td, workload),
+            candidates: Cow::Owned(vec![tunnel.target]),
+            lb: LoadBalancer::default(),
             service: None,
             backend: None,
         });
     };
+    let no_healthy = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Flags::NC,
+        "no healthy upstream",
+    );
     let backend = match rule {
         Some(r) if matches!(r.action, Action::Forward(_)) => match r.pick() {
             Some(b) => Some(b),
             // No backend, or weights adding up to 0 (Gateway API: 500).
-            None => return Err((StatusCode::INTERNAL_SERVER_ERROR, "NR", "")),
+            None => return Err((StatusCode::INTERNAL_SERVER_ERROR, Flags::NR, "")),
         },
         _ => None,
     };
@@ -508,9 +571,9 @@ fn choose_target<'a>(
         Some(b) => {
             let Some(svc) = state.service(&b.namespace, &b.name) else {
                 return Err(if gateway_api {
-                    (StatusCode::INTERNAL_SERVER_ERROR, "NR", "")
+                    (StatusCode::INTERNAL_SERVER_ERROR, Flags::NR, "")
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream")
+                    no_healthy
                 });
             };
             let wanted = b.port.unwrap_or(service_port.port);
@@ -519,7 +582,7 @@ fn choose_target<'a>(
                 .iter()
                 .find(|p| p.port == wanted && p.protocol == "TCP")
             else {
-                return Err((StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream"));
+                return Err(no_healthy);
             };
             (svc, port)
         }
@@ -530,43 +593,38 @@ fn choose_target<'a>(
         (None, _) => None,
         (Some(name), Some(d)) => match d.subsets.get(name) {
             Some(labels) => Some(labels),
-            None => return Err((StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream")),
+            None => return Err(no_healthy),
         },
-        (Some(_), None) => {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream"));
-        }
+        (Some(_), None) => return Err(no_healthy),
     };
     let all = state.endpoints(svc, port);
-    let filtered: Vec<SocketAddr>;
-    let candidates: &[SocketAddr] = match subset_labels {
-        None => all,
-        Some(labels) => {
-            filtered = all
-                .iter()
+    let candidates: Cow<'a, [SocketAddr]> = match subset_labels {
+        None => Cow::Borrowed(all),
+        Some(labels) => Cow::Owned(
+            all.iter()
                 .copied()
                 .filter(|e| {
                     state
                         .workload_by_ip(e.ip())
                         .is_some_and(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                 })
-                .collect();
-            &filtered
-        }
+                .collect(),
+        ),
     };
     if candidates.is_empty() {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Flags::UH,
+            "no healthy upstream",
+        ));
     }
     let lb = destination
         .and_then(|d| subset.and_then(|s| d.subset_lb.get(s)).or(Some(&d.lb)))
         .cloned()
         .unwrap_or_default();
-    let endpoint = wp.upstreams.choose(candidates, &lb, &inputs);
-    let Some(workload) = state.workload_by_ip(endpoint.ip()) else {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
-    };
     Ok(Target {
-        endpoint,
-        peer: Identity::of(td, workload),
+        candidates,
+        lb,
         service: Some(svc),
         backend,
     })
@@ -679,7 +737,7 @@ fn local_reply(
     wp: &super::Waypoint,
     record: Record,
     status: StatusCode,
-    flags: &'static str,
+    flags: Flags,
     body: &str,
 ) -> Response<ResponseBody> {
     let mut response = Response::new(full(Bytes::from(body.to_owned())));
@@ -696,7 +754,7 @@ fn finish_local(
     wp: &super::Waypoint,
     record: Record,
     response: Response<ResponseBody>,
-    flags: &'static str,
+    flags: Flags,
 ) -> Response<ResponseBody> {
     let bytes = response.body().size_hint().exact().unwrap_or(0);
     record_request(wp, record, response.status().as_u16(), None, flags, bytes);
@@ -708,9 +766,10 @@ fn record_request(
     record: Record,
     status: u16,
     grpc_status: Option<String>,
-    flags: &'static str,
+    flags: Flags,
     response_bytes: u64,
 ) {
+    let flags = record.flags | flags;
     let duration = record.start.elapsed();
     let request_bytes = record.request_bytes.load(Ordering::Relaxed);
     let key = HandleKey {
@@ -758,8 +817,8 @@ fn record_request(
         path: &record.path,
         protocol: protocol_name(record.version),
         response_code: status,
-        response_flags: flags,
-        response_code_details: if record.upstream.is_some() && flags == "-" {
+        response_flags: flags.as_str(),
+        response_code_details: if record.upstream.is_some() && flags == Flags::NONE {
             "via_upstream"
         } else {
             ""
@@ -846,7 +905,7 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
         request_protocol: if record.grpc { "grpc" } else { "http" },
         response_code: key.code,
         grpc_response_status: key.grpc_status.clone().unwrap_or_else(|| "-".into()),
-        response_flags: key.flags,
+        response_flags: key.flags.as_str(),
         connection_security_policy: "mutual_tls",
     }
 }

@@ -58,6 +58,21 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(self, Self::Connect { .. })
     }
+
+    /// Whether the endpoint refused the HTTP/2 stream (`REFUSED_STREAM`: never processed).
+    pub fn is_refused_stream(&self) -> bool {
+        let Self::Http { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = e.source();
+        }
+        false
+    }
 }
 
 pub struct Upstreams {
