@@ -258,11 +258,6 @@ impl Default for Metrics {
         registry.register("istio_requests", "Total requests.", requests.clone());
         let retries = Counter::default();
         registry.register(
-            "mesh_waypoint_upstream_retries",
-            "Upstream attempts made after the first by a route's retry policy.",
-            retries.clone(),
-        );
-        registry.register(
             "istio_request_duration_milliseconds",
             "Request duration, milliseconds.",
             request_duration.clone(),
@@ -297,6 +292,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A waypoint's metrics: the node agent's, and the series only a waypoint has.
+    pub fn waypoint() -> Self {
+        let mut m = Self::default();
+        m.registry.register(
+            "mesh_waypoint_upstream_retries",
+            "Upstream attempts made after the first by a route's retry policy.",
+            m.retries.clone(),
+        );
+        m
+    }
+
     pub fn connection_opened(&self, labels: &ConnectionLabels) {
         self.opened.get_or_create(labels).inc();
     }

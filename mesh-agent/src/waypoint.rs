@@ -154,7 +154,7 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
         hbone::DEFAULT_MAX_STREAMS,
         cfg.limits.pool_idle_timeout,
     );
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::waypoint());
     let access_log = access_log::AccessLog::new(cfg.access_log);
     access_log.spawn_flusher();
     let waypoint = Arc::new(Waypoint {
