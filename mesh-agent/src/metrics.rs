@@ -191,6 +191,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     /// Upstream attempts a waypoint made after the first, by its retry policies.
     retries: Counter,
+    /// Endpoints a waypoint's outlier detection ejected.
+    ejections: Counter,
     request_duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
@@ -257,6 +259,7 @@ impl Default for Metrics {
         let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         registry.register("istio_requests", "Total requests.", requests.clone());
         let retries = Counter::default();
+        let ejections = Counter::default();
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration, milliseconds.",
@@ -275,6 +278,7 @@ impl Default for Metrics {
         Metrics {
             requests,
             retries,
+            ejections,
             request_duration,
             request_bytes,
             response_bytes,
@@ -299,6 +303,11 @@ impl Metrics {
             "mesh_waypoint_upstream_retries",
             "Upstream attempts made after the first by a route's retry policy.",
             m.retries.clone(),
+        );
+        m.registry.register(
+            "mesh_waypoint_outlier_ejections",
+            "Endpoints ejected by a DestinationRule's outlier detection.",
+            m.ejections.clone(),
         );
         m
     }
@@ -346,6 +355,11 @@ impl Metrics {
     /// A waypoint retried a request upstream.
     pub fn retry(&self) {
         self.retries.inc();
+    }
+
+    /// A waypoint's outlier detection ejected an endpoint.
+    pub fn ejection(&self) {
+        self.ejections.inc();
     }
 
     /// The series of one label set, to record requests into without looking them up again.

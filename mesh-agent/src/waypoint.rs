@@ -19,6 +19,7 @@
 //! 127.0.0.1.
 
 pub mod access_log;
+pub mod cluster;
 pub mod flags;
 pub mod forward;
 pub mod replay;
@@ -93,6 +94,8 @@ pub struct Waypoint {
     pub limits: Limits,
     pub upstreams: upstream::Upstreams,
     pub access_log: Arc<access_log::AccessLog>,
+    /// Circuit breakers and endpoint health per destination.
+    pub clusters: cluster::Clusters,
     /// TLS handshakes in progress on 15008, bounded as on the node agents.
     handshakes: Arc<crate::proxy::handshakes::Handshakes>,
     /// The policy targets that are this waypoint: its Gateway and its GatewayClass.
@@ -159,6 +162,7 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     access_log.spawn_flusher();
     let waypoint = Arc::new(Waypoint {
         access_log,
+        clusters: cluster::Clusters::default(),
         own_targets: [
             Target::Gateway {
                 namespace: cfg.namespace.clone(),

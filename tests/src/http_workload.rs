@@ -30,7 +30,8 @@ pub struct Echo {
 /// Serves the echo on `[::]:port` (dual stack) for HTTP/1.1 and HTTP/2 until killed; gRPC
 /// requests go to [`crate::grpc_workload::serve`]. For the resilience cases:
 /// `/delay/MS...` answers after MS milliseconds; `/flaky/CODE...` answers CODE to every
-/// other request this server gets on such paths (the first included), the echo otherwise.
+/// other request this server gets on such paths (the first included), the echo otherwise;
+/// `/fail-on/POD...` answers 500 from the pod named POD.
 /// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks. The
 /// echo reports the request body's length in the `x-body-bytes` response header.
 pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
@@ -111,6 +112,16 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
         .and_then(leading_number)
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if parts
+        .uri
+        .path()
+        .strip_prefix("/fail-on/")
+        .is_some_and(|rest| rest.split('/').next() == Some(pod))
+    {
+        let mut response = Response::new(full(Bytes::from_static(b"failing on purpose")));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return response;
     }
     if let Some(code) = parts
         .uri

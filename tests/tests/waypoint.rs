@@ -849,4 +849,81 @@ fn resilience(cluster: &Cluster) {
     assert!(replies.iter().all(|r| r.status == 200));
     let delayed = flagged(&waypoint_metrics(cluster), &before, "DI");
     assert!((30.0..=70.0).contains(&delayed), "{delayed} of 100 delayed");
+
+    // Circuit breaking as Istio's task: one connection, one pending request, one request
+    // per connection; three concurrent clients overflow (503 UO), one never does. Outlier
+    // detection on echo: the pod that answers 500 is ejected at its first failure and
+    // comes back after the ejection time.
+    let breaker = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: breaker, namespace: {NS}}}\nspec:\n  host: echo-v1\n  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnections: 1}}\n      http: {{http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}\n"
+    );
+    let outlier = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: outlier, namespace: {NS}}}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}}\n"
+    );
+    apply(cluster, &[breaker, outlier]);
+    // Applied once a request alone is refused no more than before but the outlier rule
+    // ejects: poll until echo-v2's failure stops reaching the client.
+    let before = waypoint_metrics(cluster);
+    let ejected = |m: &Metrics| m.sum("mesh_waypoint_outlier_ejections_total", &[]);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            calls(
+                cluster,
+                "client",
+                vip(ECHO),
+                &[with("/fail-on/echo-v2", &[], 4)],
+            );
+            ejected(&waypoint_metrics(cluster)) > ejected(&before)
+        }),
+        "outlier detection never ejected echo-v2"
+    );
+    let replies = calls(
+        cluster,
+        "client",
+        vip(ECHO),
+        &[with("/fail-on/echo-v2", &[], 20)],
+    );
+    let failed = replies.iter().filter(|r| r.status == 500).count();
+    assert!(failed <= 1, "{failed} of 20 reached the ejected pod");
+    std::thread::sleep(Duration::from_millis(3_500));
+    let replies = calls(cluster, "client", vip(ECHO), &[with("/", &[], 20)]);
+    assert!(
+        replies.iter().any(|r| echo(r).pod == "echo-v2"),
+        "echo-v2 did not come back after its ejection"
+    );
+
+    let one_client = calls(
+        cluster,
+        "client",
+        vip(ECHO_V1),
+        &[with("/delay/20", &[], 10)],
+    );
+    assert!(one_client.iter().all(|r| r.status == 200), "{one_client:?}");
+    let before = waypoint_metrics(cluster);
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    calls(
+                        cluster,
+                        "client",
+                        vip(ECHO_V1),
+                        &[with("/delay/50", &[], 30)],
+                    )
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let overflowed = replies.iter().filter(|r| r.status == 503).count();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    assert_eq!(overflowed + ok, 90, "{replies:?}");
+    assert!(overflowed >= 15, "only {overflowed} of 90 overflowed");
+    assert_eq!(
+        flagged(&waypoint_metrics(cluster), &before, "UO"),
+        overflowed as f64
+    );
 }

@@ -1015,6 +1015,23 @@ impl DestinationRule {
         if spec.host.is_empty() {
             return Err(RouteError::new("spec.host", "required"));
         }
+        let check = |policy: Option<&TrafficPolicy>, field: &str| -> Result<(), RouteError> {
+            let Some(p) = policy else { return Ok(()) };
+            if let Some(pool) = &p.connection_pool {
+                super::resilience::pool_limits(pool, &format!("{field}.connectionPool"))?;
+            }
+            if let Some(o) = &p.outlier_detection {
+                super::resilience::outlier_policy(o, &format!("{field}.outlierDetection"))?;
+            }
+            Ok(())
+        };
+        check(spec.traffic_policy.as_ref(), "spec.trafficPolicy")?;
+        for (i, s) in spec.subsets.iter().enumerate() {
+            check(
+                s.traffic_policy.as_ref(),
+                &format!("spec.subsets[{i}].trafficPolicy"),
+            )?;
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in spec.subsets.iter().enumerate() {
             if !seen.insert(&s.name) {
@@ -1062,11 +1079,11 @@ pub struct Subset {
 pub struct TrafficPolicy {
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSettings>,
-    // Applied by the resilience work; reported as not applied until then.
     #[serde(default)]
-    pub connection_pool: Option<Value>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     #[serde(default)]
-    pub outlier_detection: Option<Value>,
+    pub outlier_detection: Option<OutlierDetectionSettings>,
+    // Not applied by the waypoint; reported.
     #[serde(default)]
     pub tls: Option<Value>,
     #[serde(default)]
@@ -1136,6 +1153,77 @@ pub struct HttpCookie {
 
 // ---------------------------------------------------------------------------------------
 // Resilience: timeouts, retries, fault injection (compiled by `super::resilience`).
+
+/// DestinationRule `trafficPolicy.connectionPool` (circuit breaking).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSettings {
+    #[serde(default)]
+    pub tcp: Option<TcpPoolSettings>,
+    #[serde(default)]
+    pub http: Option<HttpPoolSettings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpPoolSettings {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub tcp_keepalive: Option<Value>,
+    #[serde(default)]
+    pub max_connection_duration: Option<String>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPoolSettings {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub http2_max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
+    #[serde(default)]
+    pub max_concurrent_streams: Option<u32>,
+}
+
+/// DestinationRule `trafficPolicy.outlierDetection`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSettings {
+    #[serde(default)]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Deprecated name of `consecutive5xxErrors`.
+    #[serde(default)]
+    pub consecutive_errors: Option<u32>,
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    pub min_health_percent: Option<u32>,
+}
 
 /// HTTPRoute `timeouts` (Gateway API durations: `10s`, `500ms`, `1m30s`).
 #[derive(Debug, Clone, Default, Deserialize)]

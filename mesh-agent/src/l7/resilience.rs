@@ -20,7 +20,10 @@
 use std::time::Duration;
 
 use super::config::RouteError;
-use super::config::{HttpRouteRetry, HttpRouteTimeouts, VsFault, VsRetries};
+use super::config::{
+    ConnectionPoolSettings, HttpRouteRetry, HttpRouteTimeouts, OutlierDetectionSettings, VsFault,
+    VsRetries,
+};
 
 /// The resilience settings of one route rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -381,6 +384,130 @@ fn grpc_code(name: &str) -> Option<u32> {
         .ok()
         .filter(|n| *n < 17)
         .or_else(|| NAMES.iter().position(|n| *n == name).map(|i| i as u32))
+}
+
+/// Circuit-breaking limits of one destination (DestinationRule `connectionPool`), per
+/// waypoint instance and summed over its clients. Unset limits are unlimited, as Istio sets
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// HTTP/1.1 connections in use at once (`tcp.maxConnections`): one per request in flight.
+    pub max_connections: u32,
+    /// Requests waiting for a connection (`http.http1MaxPendingRequests`).
+    pub max_pending: u32,
+    /// Requests in flight at once (`http.http2MaxRequests`).
+    pub max_requests: u32,
+    /// Requests per upstream connection (`http.maxRequestsPerConnection`; 0: unlimited).
+    pub max_requests_per_connection: u32,
+    /// Retries in flight at once (`http.maxRetries`).
+    pub max_retries: u32,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: u32::MAX,
+            max_pending: u32::MAX,
+            max_requests: u32::MAX,
+            max_requests_per_connection: 0,
+            max_retries: u32::MAX,
+        }
+    }
+}
+
+/// Compiles `connectionPool`; `field` is its path.
+pub fn pool_limits(p: &ConnectionPoolSettings, field: &str) -> Result<PoolLimits, RouteError> {
+    let mut limits = PoolLimits::default();
+    let positive = |v: Option<u32>, at: &str| -> Result<Option<u32>, RouteError> {
+        match v {
+            Some(0) => Err(RouteError::new(
+                format!("{field}.{at}"),
+                "must be at least 1 (leave it out for no limit)",
+            )),
+            other => Ok(other),
+        }
+    };
+    if let Some(tcp) = &p.tcp {
+        if let Some(n) = positive(tcp.max_connections, "tcp.maxConnections")? {
+            limits.max_connections = n;
+        }
+        for (value, at) in [
+            (&tcp.connect_timeout, "tcp.connectTimeout"),
+            (&tcp.idle_timeout, "tcp.idleTimeout"),
+            (&tcp.max_connection_duration, "tcp.maxConnectionDuration"),
+        ] {
+            if let Some(v) = value {
+                duration(v, &format!("{field}.{at}"))?;
+            }
+        }
+    }
+    if let Some(http) = &p.http {
+        if let Some(n) = positive(
+            http.http1_max_pending_requests,
+            "http.http1MaxPendingRequests",
+        )? {
+            limits.max_pending = n;
+        }
+        if let Some(n) = positive(http.http2_max_requests, "http.http2MaxRequests")? {
+            limits.max_requests = n;
+        }
+        limits.max_requests_per_connection = http.max_requests_per_connection.unwrap_or(0);
+        if let Some(n) = http.max_retries {
+            limits.max_retries = n;
+        }
+        if let Some(v) = &http.idle_timeout {
+            duration(v, &format!("{field}.http.idleTimeout"))?;
+        }
+    }
+    Ok(limits)
+}
+
+/// Outlier detection of one destination (DestinationRule `outlierDetection`), with Envoy's
+/// defaults as Istio sets them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// Consecutive 5xx answers (and connection failures) that eject an endpoint; 0: never.
+    pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 answers (and connection failures) that eject; 0: never.
+    pub consecutive_gateway: u32,
+    /// How often ejections are reviewed (an ejected endpoint returns at the first review
+    /// after its ejection time).
+    pub interval: Duration,
+    /// Ejection time, multiplied by the times the endpoint was ejected.
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints, ejections are ignored (panic mode).
+    pub min_health_percent: u32,
+}
+
+/// Compiles `outlierDetection`; `field` is its path.
+pub fn outlier_policy(
+    o: &OutlierDetectionSettings,
+    field: &str,
+) -> Result<OutlierPolicy, RouteError> {
+    let at = |f: &str| format!("{field}.{f}");
+    let percent = |v: Option<u32>, f: &str, default: u32| match v {
+        Some(p) if p > 100 => Err(RouteError::new(at(f), format!("{p} is over 100"))),
+        Some(p) => Ok(p),
+        None => Ok(default),
+    };
+    Ok(OutlierPolicy {
+        consecutive_5xx: o
+            .consecutive_5xx_errors
+            .or(o.consecutive_errors)
+            .unwrap_or(5),
+        consecutive_gateway: o.consecutive_gateway_errors.unwrap_or(0),
+        interval: match &o.interval {
+            Some(v) => duration(v, &at("interval"))?.max(Duration::from_millis(1)),
+            None => Duration::from_secs(10),
+        },
+        base_ejection: match &o.base_ejection_time {
+            Some(v) => duration(v, &at("baseEjectionTime"))?.max(Duration::from_millis(1)),
+            None => Duration::from_secs(30),
+        },
+        max_ejection_percent: percent(o.max_ejection_percent, "maxEjectionPercent", 10)?,
+        min_health_percent: percent(o.min_health_percent, "minHealthPercent", 0)?,
+    })
 }
 
 /// A duration as Istio and the Gateway API write them: `10s`, `0.5s`, `250ms`, `1m30s`,

@@ -36,6 +36,7 @@ use super::config::{
     self, DestinationRule, FilterType, HttpRoute, HttpRouteFilter, PathMatchType, PathModifierType,
     SimpleLb, VirtualService, VsHeaderOperations,
 };
+use super::resilience::{OutlierPolicy, PoolLimits};
 use crate::state::Service;
 
 /// A service by namespace and name.
@@ -190,9 +191,27 @@ pub struct Redirect {
 #[derive(Debug, Default)]
 pub struct Destination {
     pub subsets: HashMap<String, Vec<(String, String)>>,
+    pub policy: ClusterPolicy,
+    /// Per-subset policies, when the subset sets one (its fields over the rule's).
+    pub subset_policy: HashMap<String, ClusterPolicy>,
+}
+
+impl Destination {
+    /// The traffic policy of the whole service or one of its subsets.
+    pub fn policy(&self, subset: Option<&str>) -> &ClusterPolicy {
+        subset
+            .and_then(|s| self.subset_policy.get(s))
+            .unwrap_or(&self.policy)
+    }
+}
+
+/// A DestinationRule's traffic policy, for the service or a subset.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterPolicy {
     pub lb: LoadBalancer,
-    /// Per-subset load balancer, when the subset sets one.
-    pub subset_lb: HashMap<String, LoadBalancer>,
+    /// Circuit breaking (`connectionPool`).
+    pub pool: Option<PoolLimits>,
+    pub outlier: Option<OutlierPolicy>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -468,7 +487,12 @@ impl Routes {
                 continue;
             };
             let mut destination = Destination {
-                lb: load_balancer(dr.spec.traffic_policy.as_ref(), &key, &mut routes.problems),
+                policy: cluster_policy(
+                    dr.spec.traffic_policy.as_ref(),
+                    &ClusterPolicy::default(),
+                    &key,
+                    &mut routes.problems,
+                ),
                 ..Destination::default()
             };
             for subset in &dr.spec.subsets {
@@ -481,9 +505,15 @@ impl Routes {
                         .collect(),
                 );
                 if subset.traffic_policy.is_some() {
-                    let lb =
-                        load_balancer(subset.traffic_policy.as_ref(), &key, &mut routes.problems);
-                    destination.subset_lb.insert(subset.name.clone(), lb);
+                    let policy = cluster_policy(
+                        subset.traffic_policy.as_ref(),
+                        &destination.policy,
+                        &key,
+                        &mut routes.problems,
+                    );
+                    destination
+                        .subset_policy
+                        .insert(subset.name.clone(), policy);
                 }
             }
             let service = (target.namespace.clone(), target.name.clone());
@@ -618,25 +648,67 @@ pub fn host_names(host: &str, namespace: &str, service: &Service) -> bool {
         || host == full
 }
 
-fn load_balancer(
+/// A traffic policy: each field it sets, else the one of `base` (a subset's policy over its
+/// rule's, as Istio merges them).
+fn cluster_policy(
     policy: Option<&config::TrafficPolicy>,
+    base: &ClusterPolicy,
     key: &str,
     problems: &mut Vec<String>,
-) -> LoadBalancer {
+) -> ClusterPolicy {
     let Some(policy) = policy else {
-        return LoadBalancer::default();
+        return base.clone();
     };
+    let pool = policy.connection_pool.as_ref();
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
     for (field, set) in [
-        ("connectionPool", policy.connection_pool.is_some()),
-        ("outlierDetection", policy.outlier_detection.is_some()),
         ("tls", policy.tls.is_some()),
         ("portLevelSettings", policy.port_level_settings.is_some()),
         ("retryBudget", policy.retry_budget.is_some()),
+        (
+            "connectionPool.tcp.connectTimeout",
+            tcp.is_some_and(|t| t.connect_timeout.is_some()),
+        ),
+        (
+            "connectionPool.tcp.idleTimeout",
+            tcp.is_some_and(|t| t.idle_timeout.is_some()),
+        ),
+        (
+            "connectionPool.http.idleTimeout",
+            http.is_some_and(|h| h.idle_timeout.is_some()),
+        ),
+        (
+            "connectionPool.http.maxRequestsPerConnection above 1",
+            http.is_some_and(|h| h.max_requests_per_connection.is_some_and(|n| n > 1)),
+        ),
     ] {
         if set {
             problems.push(format!("{key}: trafficPolicy.{field} is not applied yet"));
         }
     }
+    // Checked when the object was parsed.
+    ClusterPolicy {
+        lb: match &policy.load_balancer {
+            Some(_) => load_balancer(policy, key, problems),
+            None => base.lb.clone(),
+        },
+        pool: match &policy.connection_pool {
+            Some(p) => super::resilience::pool_limits(p, "").ok(),
+            None => base.pool.clone(),
+        },
+        outlier: match &policy.outlier_detection {
+            Some(o) => super::resilience::outlier_policy(o, "").ok(),
+            None => base.outlier.clone(),
+        },
+    }
+}
+
+fn load_balancer(
+    policy: &config::TrafficPolicy,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> LoadBalancer {
     let Some(lb) = &policy.load_balancer else {
         return LoadBalancer::default();
     };
@@ -1468,10 +1540,11 @@ mod tests {
         let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[], &[dr]);
         let d = routes.destination("shop", "echo").unwrap();
         assert_eq!(
-            d.lb,
+            d.policy.lb,
             LoadBalancer::Hash(HashOn::Header(HeaderName::from_static("x-user")))
         );
-        assert_eq!(d.subset_lb["v2"], LoadBalancer::RoundRobin);
+        assert_eq!(d.policy(Some("v2")).lb, LoadBalancer::RoundRobin);
+        assert_eq!(d.policy(Some("v1")), &d.policy);
         assert_eq!(
             d.subsets["v1"],
             vec![("version".to_owned(), "v1".to_owned())]

@@ -5,7 +5,7 @@
 //! timeout; an attempt whose outcome the policy retries is followed, after a jittered
 //! backoff, by the next one.
 
-use std::{borrow::Cow, net::SocketAddr};
+use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{
     Waypoint,
+    cluster::{Admission, Cluster},
     flags::Flags,
     replay::{MAX_REPLAY, Replay},
     upstream::{Active, HashInputs, UpstreamError},
@@ -21,7 +22,7 @@ use super::{
 use crate::{
     identity::Identity,
     l7::{
-        resilience::{Outcome, Resilience},
+        resilience::{Outcome, OutlierPolicy, Resilience},
         routes::LoadBalancer,
     },
     state::MeshState,
@@ -35,6 +36,10 @@ pub struct Plan<'a> {
     pub resilience: &'a Resilience,
     /// HTTP/2 upstream (the client spoke HTTP/2).
     pub h2: bool,
+    /// The destination's circuit breaker and endpoint health, when its DestinationRule
+    /// asks for either.
+    pub cluster: Option<Arc<Cluster>>,
+    pub outlier: Option<&'a OutlierPolicy>,
 }
 
 /// The request as every attempt sends it, but for its body.
@@ -51,6 +56,8 @@ pub enum Forwarded {
         endpoint: SocketAddr,
         /// Counts the request in flight at the endpoint until the response ends.
         active: Active,
+        /// Its place in the circuit breaker, until the response ends.
+        admission: Option<Admission>,
         flags: Flags,
         retries: u32,
     },
@@ -67,6 +74,8 @@ const CONNECT_FAILURE: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 const TERMINATION: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 const TIMEOUT: &str = "upstream request timeout";
+const OVERFLOW: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// Sends the request; see the module docs.
 pub async fn forward(
@@ -79,11 +88,43 @@ pub async fn forward(
 ) -> Forwarded {
     let policy = &plan.resilience.retry;
     let deadline = plan.resilience.timeout.map(|t| Instant::now() + t);
+    let mut head = head;
+    let admission = match &plan.cluster {
+        None => None,
+        Some(cluster) => {
+            let Some(admission) = cluster.admit(plan.h2).await else {
+                return Forwarded::Failed {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    flags: Flags::UO,
+                    body: OVERFLOW,
+                    endpoint: None,
+                    retries: 0,
+                };
+            };
+            if cluster.limits().max_requests_per_connection == 1 && !plan.h2 {
+                head.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Some(admission)
+        }
+    };
     let replay = Replay::new(body, MAX_REPLAY);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0u32;
+    // The retry in flight, counted against the circuit breaker's maxRetries.
+    let mut _retrying = None;
     loop {
-        let endpoint = pick(wp, &plan, &head, &tried, source);
+        let Some(endpoint) = pick(wp, &plan, &head, &tried, source) else {
+            return Forwarded::Failed {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                flags: Flags::UH,
+                body: "no healthy upstream",
+                endpoint: None,
+                retries: attempt,
+            };
+        };
         let Some(workload) = state.workload_by_ip(endpoint.ip()) else {
             return Forwarded::Failed {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -127,8 +168,29 @@ pub async fn forward(
             Some(Err(e)) if e.is_refused_stream() => Outcome::RefusedStream,
             Some(Err(_)) => Outcome::Reset,
         };
+        if let (Some(cluster), Some(outlier)) = (&plan.cluster, plan.outlier)
+            && cluster.observe(
+                endpoint,
+                outcome,
+                outlier,
+                plan.candidates.len(),
+                Instant::now(),
+            )
+        {
+            wp.metrics.ejection();
+            tracing::info!(%endpoint, ?outcome, "waypoint: endpoint ejected by outlier detection");
+        }
         let retriable = policy.on.retries(outcome);
-        if !retriable || attempt >= policy.retries || !replay.can_replay() {
+        let retry_slot = if retriable && attempt < policy.retries && replay.can_replay() {
+            match &plan.cluster {
+                // Past maxRetries in flight, the request is not retried.
+                Some(cluster) => cluster.retry().map(Some),
+                None => Some(None),
+            }
+        } else {
+            None
+        };
+        let Some(retry_slot) = retry_slot else {
             // Envoy's URX: the last answer was one the policy would have retried.
             let exhausted = if retriable && policy.retries > 0 {
                 Flags::URX
@@ -140,6 +202,7 @@ pub async fn forward(
                     response,
                     endpoint,
                     active,
+                    admission,
                     flags: exhausted,
                     retries: attempt,
                 },
@@ -155,7 +218,8 @@ pub async fn forward(
                 },
                 None => timed_out(Some(endpoint), attempt),
             };
-        }
+        };
+        _retrying = retry_slot;
         drop(result);
         drop(active);
         tried.push(endpoint);
@@ -182,36 +246,41 @@ fn timed_out(endpoint: Option<SocketAddr>, retries: u32) -> Forwarded {
     }
 }
 
-/// The endpoint of the next attempt: by the load balancer, among the endpoints not tried
-/// yet when the policy says so and any is left.
+/// The endpoint of the next attempt: by the load balancer, among the endpoints outlier
+/// detection lets through, and among those not tried yet when the policy says so and any is
+/// left; `None` when outlier detection lets none through.
 fn pick(
     wp: &Waypoint,
     plan: &Plan<'_>,
     head: &Head,
     tried: &[SocketAddr],
     source: std::net::IpAddr,
-) -> SocketAddr {
+) -> Option<SocketAddr> {
     let inputs = HashInputs {
         headers: &head.headers,
         query: head.uri.query(),
         source,
     };
+    let healthy = match (&plan.cluster, plan.outlier) {
+        (Some(cluster), Some(outlier)) => {
+            cluster.healthy(&plan.candidates, outlier, Instant::now())
+        }
+        _ => Cow::Borrowed(&*plan.candidates),
+    };
+    if healthy.is_empty() {
+        return None;
+    }
     let fresh: Vec<SocketAddr>;
     let candidates: &[SocketAddr] =
         if plan.resilience.retry.ignore_previous_hosts && !tried.is_empty() {
-            fresh = plan
-                .candidates
+            fresh = healthy
                 .iter()
                 .copied()
                 .filter(|e| !tried.contains(e))
                 .collect();
-            if fresh.is_empty() {
-                &plan.candidates
-            } else {
-                &fresh
-            }
+            if fresh.is_empty() { &healthy } else { &fresh }
         } else {
-            &plan.candidates
+            &healthy
         };
-    wp.upstreams.choose(candidates, &plan.lb, &inputs)
+    Some(wp.upstreams.choose(candidates, &plan.lb, &inputs))
 }

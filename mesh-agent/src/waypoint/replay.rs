@@ -144,12 +144,20 @@ impl Body for ReplayBody {
         }
     }
 
+    /// Known at once for a request without a body, so that hyper sends it without one
+    /// (no empty DATA frame, no chunked encoding for a GET).
     fn is_end_stream(&self) -> bool {
         let shared = self.shared.lock().expect("replay lock");
-        shared.generation != self.generation
-            || (shared.ended
-                && self.position >= shared.kept.len()
-                && (self.trailers_sent || shared.trailers.is_none()))
+        if shared.generation != self.generation {
+            return true;
+        }
+        if self.position < shared.kept.len() {
+            return false;
+        }
+        if shared.ended {
+            return self.trailers_sent || shared.trailers.is_none();
+        }
+        shared.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -213,6 +221,22 @@ mod tests {
         assert_eq!(read(second).await, b"one two three");
         // The abandoned body has ended.
         assert!(first.frame().await.is_none());
+    }
+
+    #[test]
+    fn an_empty_body_is_known_to_be_empty_before_it_is_read() {
+        let empty: Inner = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed();
+        let replay = Replay::new(empty, MAX_REPLAY);
+        let first = replay.attempt();
+        assert!(first.is_end_stream());
+        assert_eq!(first.size_hint().exact(), Some(0));
+        assert!(
+            !Replay::new(body(&[b"x"]), MAX_REPLAY)
+                .attempt()
+                .is_end_stream()
+        );
     }
 
     #[tokio::test]

@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
     Destination, TunnelContext, access_log,
+    cluster::ClusterKey,
     flags::Flags,
     forward::{self, Forwarded, Head},
     upstream::HashInputs,
@@ -38,8 +39,10 @@ use super::{
 use crate::{
     identity::Identity,
     l7::{
-        resilience::{Abort, Resilience},
-        routes::{self, Action, Backend, LoadBalancer, RequestView, Rule, Selection},
+        resilience::{Abort, PoolLimits, Resilience},
+        routes::{
+            self, Action, Backend, ClusterPolicy, LoadBalancer, RequestView, Rule, Selection,
+        },
     },
     metrics::{ConnectionLabels, Reporter, RequestHandles, RequestLabels, RequestRecord},
     proxy::hbone::io::TunnelIo,
@@ -428,11 +431,19 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         bytes: request_bytes,
     }
     .boxed();
+    let cluster = target.policy.as_ref().map(|(policy, key)| {
+        wp.clusters.get(
+            key.clone(),
+            policy.pool.as_ref().unwrap_or(&PoolLimits::default()),
+        )
+    });
     let plan = forward::Plan {
         candidates: target.candidates,
         lb: target.lb,
         resilience,
         h2,
+        cluster,
+        outlier: target.policy.and_then(|(p, _)| p.outlier.as_ref()),
     };
 
     // Sent under the route's timeout and retries.
@@ -441,6 +452,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
             response,
             endpoint,
             active,
+            admission,
             flags,
             ..
         } => {
@@ -467,6 +479,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
                 grpc_status,
                 done: Some(Box::new(move |bytes, grpc_status, complete| {
                     drop(active);
+                    drop(admission);
                     let flags = if complete { Flags::NONE } else { Flags::DC };
                     record_request(&wp, record, status, grpc_status, flags, bytes);
                 })),
@@ -529,6 +542,8 @@ struct Target<'a> {
     lb: LoadBalancer,
     service: Option<&'a Service>,
     backend: Option<&'a Backend>,
+    /// The DestinationRule's policy for this destination, and the destination's key.
+    policy: Option<(&'a ClusterPolicy, ClusterKey)>,
 }
 
 type Failure = (StatusCode, Flags, &'static str);
@@ -550,6 +565,7 @@ fn choose_target<'a>(
             lb: LoadBalancer::default(),
             service: None,
             backend: None,
+            policy: None,
         });
     };
     let no_healthy = (
@@ -618,15 +634,23 @@ fn choose_target<'a>(
             "no healthy upstream",
         ));
     }
-    let lb = destination
-        .and_then(|d| subset.and_then(|s| d.subset_lb.get(s)).or(Some(&d.lb)))
-        .cloned()
-        .unwrap_or_default();
+    let policy = destination.map(|d| d.policy(subset));
     Ok(Target {
         candidates,
-        lb,
+        lb: policy.map(|p| p.lb.clone()).unwrap_or_default(),
         service: Some(svc),
         backend,
+        policy: policy
+            .filter(|p| p.pool.is_some() || p.outlier.is_some())
+            .map(|p| {
+                let key = (
+                    svc.namespace.clone(),
+                    svc.name.clone(),
+                    port.port,
+                    subset.map(str::to_owned),
+                );
+                (p, key)
+            }),
     })
 }
 
