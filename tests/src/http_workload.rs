@@ -31,7 +31,8 @@ pub struct Echo {
 /// requests go to [`crate::grpc_workload::serve`]. For the resilience cases:
 /// `/delay/MS...` answers after MS milliseconds; `/flaky/CODE...` answers CODE to every
 /// other request this server gets on such paths (the first included), the echo otherwise;
-/// `/fail-on/POD...` answers 500 from the pod named POD.
+/// `/fail-on/POD...` answers 500 from the pod named POD. Requests to `/mirror...` are kept
+/// (the last 100) and listed by `/seen` as JSON `[[path, host, body bytes], ...]`.
 /// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks. The
 /// echo reports the request body's length in the `x-body-bytes` response header.
 pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
@@ -95,6 +96,10 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed()
 }
 
+/// The requests to `/mirror...` this process received: path, host, body bytes.
+static SEEN: std::sync::Mutex<std::collections::VecDeque<(String, String, u64)>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
 /// Requests to `/flaky/...` this process has answered.
 static FLAKY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -145,6 +150,26 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
             Ok(f) => received += f.data_ref().map_or(0, |d| d.len() as u64),
             Err(_) => break,
         }
+    }
+    if parts.uri.path() == "/seen" {
+        let seen: Vec<_> = SEEN.lock().expect("seen lock").iter().cloned().collect();
+        return Response::new(full(Bytes::from(
+            serde_json::to_vec(&seen).unwrap_or_default(),
+        )));
+    }
+    if parts.uri.path().starts_with("/mirror") {
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let mut seen = SEEN.lock().expect("seen lock");
+        if seen.len() == 100 {
+            seen.pop_front();
+        }
+        seen.push_back((parts.uri.path().to_owned(), host, received));
     }
     if let Some(n) = parts
         .uri

@@ -926,4 +926,42 @@ fn resilience(cluster: &Cluster) {
         flagged(&waypoint_metrics(cluster), &before, "UO"),
         overflowed as f64
     );
+
+    // Mirroring: every request to echo-v1 also reaches echo-v2, its authority suffixed
+    // -shadow, body included; a mirror to a service that does not exist changes nothing.
+    let mirror = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: mirror, namespace: {NS}}}\nspec:\n  hosts: [echo-v1]\n  http:\n  - route: [{{destination: {{host: echo-v1}}}}]\n    mirrors:\n    - {{destination: {{host: echo-v2}}, percentage: {{value: 100}}}}\n    - {{destination: {{host: nowhere}}}}\n"
+    );
+    apply(cluster, &[mirror]);
+    let v2 = SocketAddr::new(cluster.pod("echo-v2").ipv4().into(), APP);
+    let seen = |path: &str| -> Vec<(String, String, u64)> {
+        let r = one(cluster, v2, get("/seen"));
+        serde_json::from_str::<Vec<(String, String, u64)>>(&r.body)
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.0 == path)
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = one(cluster, vip(ECHO_V1), get("/mirror/probe"));
+            r.status == 200 && !seen("/mirror/probe").is_empty()
+        }),
+        "the mirror never reached echo-v2"
+    );
+    let upload = Call {
+        method: "POST".into(),
+        upload: 4096,
+        ..get("/mirror/upload")
+    };
+    let r = one(cluster, vip(ECHO_V1), upload);
+    assert_eq!((r.status, echo(&r).pod.as_str()), (200, "echo-v1"));
+    assert!(
+        eventually(Duration::from_secs(5), || !seen("/mirror/upload")
+            .is_empty()),
+        "the upload was not mirrored"
+    );
+    let (_, host, bytes) = seen("/mirror/upload").remove(0);
+    assert!(host.contains("-shadow"), "mirrored with host {host:?}");
+    assert_eq!(bytes, 4096);
 }

@@ -311,7 +311,7 @@ pub struct HttpRouteFilter {
     #[serde(default)]
     pub url_rewrite: Option<UrlRewrite>,
     #[serde(default)]
-    pub request_mirror: Option<Value>,
+    pub request_mirror: Option<HttpRequestMirror>,
     #[serde(default)]
     pub extension_ref: Option<Value>,
     #[serde(default)]
@@ -813,13 +813,13 @@ pub struct VsHttpRoute {
     #[serde(default)]
     pub fault: Option<VsFault>,
     #[serde(default)]
-    pub mirror: Option<Value>,
+    pub mirror: Option<VsDestination>,
     #[serde(default)]
-    pub mirrors: Option<Value>,
+    pub mirrors: Vec<VsMirror>,
     #[serde(default)]
-    pub mirror_percentage: Option<Value>,
+    pub mirror_percentage: Option<Percent>,
     #[serde(default)]
-    pub mirror_percent: Option<Value>,
+    pub mirror_percent: Option<u32>,
     #[serde(default)]
     pub cors_policy: Option<Value>,
     #[serde(default)]
@@ -1223,6 +1223,38 @@ pub struct OutlierDetectionSettings {
     pub max_ejection_percent: Option<u32>,
     #[serde(default)]
     pub min_health_percent: Option<u32>,
+}
+
+/// VirtualService `mirrors[]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsMirror {
+    pub destination: VsDestination,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+/// HTTPRoute `RequestMirror` filter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRequestMirror {
+    pub backend_ref: BackendRef,
+    #[serde(default)]
+    pub percent: Option<u32>,
+    #[serde(default)]
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fraction {
+    pub numerator: u32,
+    #[serde(default = "hundred")]
+    pub denominator: u32,
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 /// HTTPRoute `timeouts` (Gateway API durations: `10s`, `500ms`, `1m30s`).

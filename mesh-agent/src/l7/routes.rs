@@ -84,6 +84,8 @@ pub struct Rule {
     pub action: Action,
     /// Timeout, retries, faults (checked when the object was parsed).
     pub resilience: super::resilience::Resilience,
+    /// Copies of each request sent, unanswered, to these destinations.
+    pub mirrors: Vec<Mirror>,
     /// Requests this rule has split among its backends (see [`Rule::pick`]).
     picks: std::sync::atomic::AtomicU64,
 }
@@ -123,6 +125,18 @@ pub enum Action {
     Forward(Vec<Backend>),
     Redirect(Redirect),
     Direct { status: u16, body: Bytes },
+}
+
+/// A destination that gets a copy of a share of the requests (VirtualService `mirror` /
+/// `mirrors`, HTTPRoute `RequestMirror`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub namespace: String,
+    pub name: String,
+    /// The request's port when `None`.
+    pub port: Option<u16>,
+    pub subset: Option<String>,
+    pub share: super::resilience::Percentage,
 }
 
 /// A weighted destination: a service (port: the request's when `None`), optionally a subset.
@@ -591,20 +605,12 @@ impl Routes {
                         .push(format!("{key}: spec.rules[{i}].{field} is not applied yet"));
                 }
             }
-            for (j, f) in rule.filters.iter().enumerate() {
-                if f.kind == FilterType::RequestMirror {
-                    self.problems.push(format!(
-                        "{key}: spec.rules[{i}].filters[{j}]: RequestMirror is not applied yet"
-                    ));
-                }
-            }
         }
     }
 
     fn note_unapplied_virtual_service(&mut self, key: &str, vs: &VirtualService) {
         for (i, r) in vs.spec.http.iter().enumerate() {
             for (field, set) in [
-                ("mirror", r.mirror.is_some() || r.mirrors.is_some()),
                 ("corsPolicy", r.cors_policy.is_some()),
                 ("delegate", r.delegate.is_some()),
             ] {
@@ -1081,11 +1087,12 @@ fn compile_http_rule(route: &HttpRoute, index: usize, rule: &config::HttpRouteRu
         response_headers: HeaderOps::default(),
         rewrite: None,
         action: Action::Forward(Vec::new()),
+        mirrors: Vec::new(),
         picks: start(),
     };
     let mut redirect = None;
     for f in &rule.filters {
-        apply_filter(f, &mut compiled, &mut redirect);
+        apply_filter(f, &route.namespace, &mut compiled, &mut redirect);
     }
     compiled.action = match redirect {
         Some(r) => Action::Redirect(r),
@@ -1122,7 +1129,13 @@ fn compile_http_rule(route: &HttpRoute, index: usize, rule: &config::HttpRouteRu
     compiled
 }
 
-fn apply_filter(f: &HttpRouteFilter, rule: &mut Rule, redirect: &mut Option<Redirect>) {
+/// One filter of a Gateway API route rule in namespace `namespace`.
+fn apply_filter(
+    f: &HttpRouteFilter,
+    namespace: &str,
+    rule: &mut Rule,
+    redirect: &mut Option<Redirect>,
+) {
     match f.kind {
         FilterType::RequestHeaderModifier => {
             if let Some(m) = &f.request_header_modifier {
@@ -1154,7 +1167,29 @@ fn apply_filter(f: &HttpRouteFilter, rule: &mut Rule, redirect: &mut Option<Redi
                 });
             }
         }
-        FilterType::RequestMirror | FilterType::ExtensionRef | FilterType::Cors => {}
+        FilterType::RequestMirror => {
+            if let Some(m) = &f.request_mirror {
+                let share = match (m.percent, m.fraction) {
+                    (Some(p), _) => f64::from(p.min(100)),
+                    (None, Some(f)) if f.denominator > 0 => {
+                        100.0 * f64::from(f.numerator) / f64::from(f.denominator)
+                    }
+                    _ => 100.0,
+                };
+                rule.mirrors.push(Mirror {
+                    namespace: m
+                        .backend_ref
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| namespace.to_owned()),
+                    name: m.backend_ref.name.clone(),
+                    port: m.backend_ref.port,
+                    subset: None,
+                    share: super::resilience::Percentage(share),
+                });
+            }
+        }
+        FilterType::ExtensionRef | FilterType::Cors => {}
     }
 }
 
@@ -1221,8 +1256,40 @@ fn compile_vs_route(vs: &VirtualService, index: usize, route: &config::VsHttpRou
             path: r.uri.clone().map(PathRewrite::Prefix),
         }),
         action,
+        mirrors: vs_mirrors(vs, route),
         picks: start(),
     }
+}
+
+/// A VirtualService route's `mirror` (with `mirrorPercentage`, or the older `mirrorPercent`)
+/// and `mirrors`; the share is 100 % when not given.
+fn vs_mirrors(vs: &VirtualService, route: &config::VsHttpRoute) -> Vec<Mirror> {
+    let mirror = |d: &config::VsDestination, share: f64| {
+        let (namespace, name) = resolve_host(&d.host, &vs.namespace);
+        Mirror {
+            namespace,
+            name,
+            port: d.port.as_ref().map(|p| p.number),
+            subset: d.subset.clone(),
+            share: super::resilience::Percentage(share.clamp(0.0, 100.0)),
+        }
+    };
+    let legacy = route
+        .mirror_percentage
+        .map(|p| p.value)
+        .or(route.mirror_percent.map(f64::from))
+        .unwrap_or(100.0);
+    route
+        .mirror
+        .iter()
+        .map(|d| mirror(d, legacy))
+        .chain(
+            route
+                .mirrors
+                .iter()
+                .map(|m| mirror(&m.destination, m.percentage.map_or(100.0, |p| p.value))),
+        )
+        .collect()
 }
 
 /// Where a rule's weighted sequence starts: random, so that replicas do not move in step.
@@ -1629,10 +1696,10 @@ mod tests {
     #[test]
     fn unapplied_fields_are_reported() {
         let vs = json!({"metadata": {"name": "v", "namespace": "shop"}, "spec": {
-            "hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}], "mirror": {"host": "echo"}}]}});
+            "hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}], "corsPolicy": {}}]}});
         let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[vs], &[]);
         assert!(
-            routes.problems()[0].contains("spec.http[0].mirror is not applied yet"),
+            routes.problems()[0].contains("spec.http[0].corsPolicy is not applied yet"),
             "{:?}",
             routes.problems()
         );

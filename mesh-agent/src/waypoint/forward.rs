@@ -16,7 +16,7 @@ use super::{
     Waypoint,
     cluster::{Admission, Cluster},
     flags::Flags,
-    replay::{MAX_REPLAY, Replay},
+    replay::Replay,
     upstream::{Active, HashInputs, UpstreamError},
 };
 use crate::{
@@ -77,13 +77,13 @@ const TIMEOUT: &str = "upstream request timeout";
 const OVERFLOW: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
-/// Sends the request; see the module docs.
+/// Sends the request, whose body `replay` holds; see the module docs.
 pub async fn forward(
     wp: &Waypoint,
     state: &MeshState,
     plan: Plan<'_>,
     head: Head,
-    body: super::upstream::Body,
+    replay: Replay,
     source: std::net::IpAddr,
 ) -> Forwarded {
     let policy = &plan.resilience.retry;
@@ -110,7 +110,6 @@ pub async fn forward(
             Some(admission)
         }
     };
-    let replay = Replay::new(body, MAX_REPLAY);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0u32;
     // The retry in flight, counted against the circuit breaker's maxRetries.

@@ -12,6 +12,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -36,6 +37,8 @@ struct Shared {
     trailers: Option<HeaderMap>,
     /// The attempt whose body may read.
     generation: u64,
+    /// Told when the body ended or overflowed (for [`Replay::complete`]).
+    settled: Arc<tokio::sync::Notify>,
 }
 
 /// The handle that makes attempts' bodies.
@@ -54,7 +57,42 @@ impl Replay {
             ended: false,
             trailers: None,
             generation: 0,
+            settled: Arc::default(),
         })))
+    }
+
+    /// The whole body and its trailers once the client has sent them, for a mirror: `None`
+    /// when it does not fit the cap, or has not ended within `wait`.
+    pub async fn complete(&self, wait: Duration) -> Option<(Bytes, Option<HeaderMap>)> {
+        let settled = self.0.lock().expect("replay lock").settled.clone();
+        let check = || {
+            let shared = self.0.lock().expect("replay lock");
+            if shared.overflowed {
+                return Some(None);
+            }
+            if shared.ended || (shared.kept.is_empty() && shared.inner.is_end_stream()) {
+                let mut body = bytes::BytesMut::with_capacity(shared.kept_bytes);
+                for chunk in &shared.kept {
+                    body.extend_from_slice(chunk);
+                }
+                return Some(Some((body.freeze(), shared.trailers.clone())));
+            }
+            None
+        };
+        tokio::time::timeout(wait, async {
+            loop {
+                let notified = settled.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(done) = check() {
+                    return done;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The body of the next attempt; the earlier attempts' bodies end.
@@ -116,6 +154,7 @@ impl Body for ReplayBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 shared.ended = true;
+                shared.settled.notify_waiters();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
@@ -132,12 +171,14 @@ impl Body for ReplayBody {
                             shared.kept = Vec::new();
                             shared.kept_bytes = 0;
                             this.position = 0;
+                            shared.settled.notify_waiters();
                         }
                     }
                 } else if let Some(t) = frame.trailers_ref() {
                     shared.trailers = Some(t.clone());
                     shared.ended = true;
                     this.trailers_sent = true;
+                    shared.settled.notify_waiters();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -237,6 +278,23 @@ mod tests {
                 .attempt()
                 .is_end_stream()
         );
+    }
+
+    #[tokio::test]
+    async fn a_mirror_gets_the_whole_body_once_the_client_sent_it() {
+        let replay = Replay::new(body(&[b"to ", b"mirror"]), MAX_REPLAY);
+        let mirror = tokio::spawn({
+            let replay = replay.clone();
+            async move { replay.complete(Duration::from_secs(5)).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(read(replay.attempt()).await, b"to mirror");
+        let (copy, trailers) = mirror.await.unwrap().expect("complete");
+        assert_eq!((copy.as_ref(), trailers), (&b"to mirror"[..], None));
+        // Past the cap: no copy.
+        let big = Replay::new(body(&[b"0123456789", b"abcdefghij"]), 15);
+        read(big.attempt()).await;
+        assert!(big.complete(Duration::from_secs(1)).await.is_none());
     }
 
     #[tokio::test]

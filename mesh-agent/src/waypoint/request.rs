@@ -34,6 +34,8 @@ use super::{
     cluster::ClusterKey,
     flags::Flags,
     forward::{self, Forwarded, Head},
+    mirror,
+    replay::{MAX_REPLAY, Replay},
     upstream::HashInputs,
 };
 use crate::{
@@ -426,11 +428,19 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         version: parts.version,
         headers: parts.headers,
     };
-    let body = Counted {
-        inner: body,
-        bytes: request_bytes,
+    let replay = Replay::new(
+        Counted {
+            inner: body,
+            bytes: request_bytes,
+        }
+        .boxed(),
+        MAX_REPLAY,
+    );
+    if let Some(rule) = &rule {
+        for m in &rule.mirrors {
+            mirror::spawn(&wp, &state, m, &head, tunnel.target.port(), &replay);
+        }
     }
-    .boxed();
     let cluster = target.policy.as_ref().map(|(policy, key)| {
         wp.clusters.get(
             key.clone(),
@@ -447,7 +457,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     };
 
     // Sent under the route's timeout and retries.
-    match forward::forward(&wp, &state, plan, head, body, tunnel.ctx.peer.ip()).await {
+    match forward::forward(&wp, &state, plan, head, replay, tunnel.ctx.peer.ip()).await {
         Forwarded::Response {
             response,
             endpoint,
@@ -546,7 +556,7 @@ struct Target<'a> {
     policy: Option<(&'a ClusterPolicy, ClusterKey)>,
 }
 
-type Failure = (StatusCode, Flags, &'static str);
+pub(super) type Failure = (StatusCode, Flags, &'static str);
 
 fn choose_target<'a>(
     tunnel: &Tunnel,
@@ -603,8 +613,45 @@ fn choose_target<'a>(
             (svc, port)
         }
     };
-    let destination = state.routes().destination(&svc.namespace, &svc.name);
     let subset = backend.and_then(|b| b.subset.as_deref());
+    let (candidates, destination) = endpoints(state, svc, port, subset)?;
+    let policy = destination.map(|d| d.policy(subset));
+    Ok(Target {
+        candidates,
+        lb: policy.map(|p| p.lb.clone()).unwrap_or_default(),
+        service: Some(svc),
+        backend,
+        policy: policy
+            .filter(|p| p.pool.is_some() || p.outlier.is_some())
+            .map(|p| {
+                let key = (
+                    svc.namespace.clone(),
+                    svc.name.clone(),
+                    port.port,
+                    subset.map(str::to_owned),
+                );
+                (p, key)
+            }),
+    })
+}
+
+/// The endpoints of a destination and its DestinationRule, if any.
+pub(super) type Endpoints<'a> = (Cow<'a, [SocketAddr]>, Option<&'a Arc<routes::Destination>>);
+
+/// The ready endpoints of a service port, narrowed to a DestinationRule subset, and the
+/// service's DestinationRule.
+pub(super) fn endpoints<'a>(
+    state: &'a MeshState,
+    svc: &'a Service,
+    port: &ServicePort,
+    subset: Option<&str>,
+) -> Result<Endpoints<'a>, Failure> {
+    let no_healthy = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Flags::NC,
+        "no healthy upstream",
+    );
+    let destination = state.routes().destination(&svc.namespace, &svc.name);
     let subset_labels = match (subset, destination) {
         (None, _) => None,
         (Some(name), Some(d)) => match d.subsets.get(name) {
@@ -634,24 +681,7 @@ fn choose_target<'a>(
             "no healthy upstream",
         ));
     }
-    let policy = destination.map(|d| d.policy(subset));
-    Ok(Target {
-        candidates,
-        lb: policy.map(|p| p.lb.clone()).unwrap_or_default(),
-        service: Some(svc),
-        backend,
-        policy: policy
-            .filter(|p| p.pool.is_some() || p.outlier.is_some())
-            .map(|p| {
-                let key = (
-                    svc.namespace.clone(),
-                    svc.name.clone(),
-                    port.port,
-                    subset.map(str::to_owned),
-                );
-                (p, key)
-            }),
-    })
+    Ok((candidates, destination))
 }
 
 /// The `Location` of a redirect.
