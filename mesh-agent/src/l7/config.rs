@@ -1023,6 +1023,10 @@ impl DestinationRule {
             if let Some(o) = &p.outlier_detection {
                 super::resilience::outlier_policy(o, &format!("{field}.outlierDetection"))?;
             }
+            if let Some(b) = &p.retry_budget {
+                let mut limits = super::resilience::PoolLimits::default();
+                super::resilience::retry_budget(b, &mut limits, &format!("{field}.retryBudget"))?;
+            }
             Ok(())
         };
         check(spec.traffic_policy.as_ref(), "spec.trafficPolicy")?;
@@ -1093,7 +1097,7 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub proxy_protocol: Option<Value>,
     #[serde(default)]
-    pub retry_budget: Option<Value>,
+    pub retry_budget: Option<RetryBudgetSettings>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -1198,6 +1202,16 @@ pub struct HttpPoolSettings {
     pub use_client_protocol: Option<bool>,
     #[serde(default)]
     pub max_concurrent_streams: Option<u32>,
+}
+
+/// DestinationRule `trafficPolicy.retryBudget`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudgetSettings {
+    #[serde(default)]
+    pub percent: Option<Percent>,
+    #[serde(default)]
+    pub min_retry_concurrency: Option<u32>,
 }
 
 /// DestinationRule `trafficPolicy.outlierDetection`.

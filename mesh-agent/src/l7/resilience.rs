@@ -389,7 +389,7 @@ fn grpc_code(name: &str) -> Option<u32> {
 /// Circuit-breaking limits of one destination (DestinationRule `connectionPool`), per
 /// waypoint instance and summed over its clients. Unset limits are unlimited, as Istio sets
 /// them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolLimits {
     /// HTTP/1.1 connections in use at once (`tcp.maxConnections`): one per request in flight.
     pub max_connections: u32,
@@ -401,6 +401,9 @@ pub struct PoolLimits {
     pub max_requests_per_connection: u32,
     /// Retries in flight at once (`http.maxRetries`).
     pub max_retries: u32,
+    /// `retryBudget`: retries in flight at most this share (percent) of the requests in
+    /// flight, but always `min_concurrency`.
+    pub budget: Option<(Percentage, u32)>,
 }
 
 impl Default for PoolLimits {
@@ -411,8 +414,26 @@ impl Default for PoolLimits {
             max_requests: u32::MAX,
             max_requests_per_connection: 0,
             max_retries: u32::MAX,
+            budget: None,
         }
     }
+}
+
+/// Compiles `retryBudget` (Envoy's defaults: 20 %, at least 3) into `limits`.
+pub fn retry_budget(
+    b: &super::config::RetryBudgetSettings,
+    limits: &mut PoolLimits,
+    field: &str,
+) -> Result<(), RouteError> {
+    let percent = b.percent.map_or(20.0, |p| p.value);
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(RouteError::new(
+            format!("{field}.percent.value"),
+            format!("{percent} is not within 0 and 100"),
+        ));
+    }
+    limits.budget = Some((Percentage(percent), b.min_retry_concurrency.unwrap_or(3)));
+    Ok(())
 }
 
 /// Compiles `connectionPool`; `field` is its path.

@@ -671,7 +671,6 @@ fn cluster_policy(
     for (field, set) in [
         ("tls", policy.tls.is_some()),
         ("portLevelSettings", policy.port_level_settings.is_some()),
-        ("retryBudget", policy.retry_budget.is_some()),
         (
             "connectionPool.tcp.connectTimeout",
             tcp.is_some_and(|t| t.connect_timeout.is_some()),
@@ -699,9 +698,16 @@ fn cluster_policy(
             Some(_) => load_balancer(policy, key, problems),
             None => base.lb.clone(),
         },
-        pool: match &policy.connection_pool {
-            Some(p) => super::resilience::pool_limits(p, "").ok(),
-            None => base.pool.clone(),
+        pool: {
+            let mut pool = match &policy.connection_pool {
+                Some(p) => super::resilience::pool_limits(p, "").ok(),
+                None => base.pool.clone(),
+            };
+            if let Some(b) = &policy.retry_budget {
+                let limits = pool.get_or_insert_with(PoolLimits::default);
+                let _ = super::resilience::retry_budget(b, limits, "");
+            }
+            pool
         },
         outlier: match &policy.outlier_detection {
             Some(o) => super::resilience::outlier_policy(o, "").ok(),

@@ -145,9 +145,16 @@ impl Cluster {
         })
     }
 
-    /// Room for one more retry in flight, or `None`.
+    /// Room for one more retry in flight, or `None`: within `maxRetries` and the retry
+    /// budget (a share of the requests in flight, never below its minimum).
     pub fn retry(&self) -> Option<Counted> {
-        take(&self.retries, self.limits.max_retries)
+        let mut limit = self.limits.max_retries;
+        if let Some((share, minimum)) = self.limits.budget {
+            let requests = f64::from(self.requests.load(Ordering::Acquire));
+            let budget = (requests * share.0 / 100.0) as u32;
+            limit = limit.min(budget.max(minimum));
+        }
+        take(&self.retries, limit)
     }
 
     /// The endpoints outlier detection lets through (all of them below `minHealthPercent`).
@@ -366,5 +373,21 @@ mod tests {
         assert!(one.is_some() && r.retry().is_none());
         drop(one);
         assert!(r.retry().is_some());
+        // A budget of 20 %, at least 2: 10 requests in flight allow 2 retries, 20 allow 4.
+        let b = Arc::new(Cluster::new(PoolLimits {
+            budget: Some((crate::l7::resilience::Percentage(20.0), 2)),
+            ..PoolLimits::default()
+        }));
+        let mut requests = Vec::new();
+        for _ in 0..10 {
+            requests.push(b.admit(true).await.unwrap());
+        }
+        let retries: Vec<_> = (0..5).filter_map(|_| b.retry()).collect();
+        assert_eq!(retries.len(), 2);
+        for _ in 0..10 {
+            requests.push(b.admit(true).await.unwrap());
+        }
+        let more: Vec<_> = (0..5).filter_map(|_| b.retry()).collect();
+        assert_eq!(retries.len() + more.len(), 4);
     }
 }
