@@ -745,6 +745,17 @@ impl Table {
                 }
             }
         }
+        let row = t.row(
+            "l7-cpu/resilient",
+            "proxy CPU per 1,000 keep-alive requests, waypoint with a route's timeout, retries and 0 % fault",
+            "CPU ms",
+            1,
+        );
+        row.stage = Stage::Waypoint;
+        row.baseline = Baseline::Row("l7-cpu/waypoint".into());
+        if !plan.smoke {
+            row.target = Some(RatioAtMost(1.05));
+        }
         for (prefix, what, unit, decimals, target) in storm {
             for (key, label) in PATHS {
                 if prefix == "storm-cpu" && key == "nomesh" {
@@ -1117,6 +1128,9 @@ const NGINX_PORT: u16 = 8081;
 const NGINX_H2_PORT: u16 = 8082;
 const L4_VIP: &str = "10.96.40.10";
 const WAYPOINT_VIP: &str = "10.96.40.11";
+/// The same server through the waypoint, with a route that carries a timeout, a retry
+/// policy and a 0 % fault: what the resilience layers cost when they do nothing.
+const RESILIENT_VIP: &str = "10.96.40.12";
 
 /// One L7 path: who sends, where to, and which processes carry it (for their CPU).
 struct L7Path {
@@ -1227,7 +1241,11 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
             "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: {L7_NS}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
         ))
         .document(service("server", L4_VIP, false))
-        .document(service("server-wp", WAYPOINT_VIP, true));
+        .document(service("server-wp", WAYPOINT_VIP, true))
+        .document(service("server-rs", RESILIENT_VIP, true))
+        .document(format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: server-rs, namespace: {L7_NS}}}\nspec:\n  hosts: [server-rs]\n  http:\n  - route: [{{destination: {{host: server-rs}}}}]\n    timeout: 10s\n    retries: {{attempts: 2, perTryTimeout: 5s, retryOn: 5xx}}\n    fault: {{delay: {{fixedDelay: 1s, percentage: {{value: 0}}}}}}\n"
+        ));
     let config = cluster.config_path();
     cluster.write_config(&config, &opts)?;
     start_agents(plan, cluster.nodes(), &config)?;
@@ -1335,6 +1353,29 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
                     }
                 }
             }
+        }
+        // The waypoint again, through a route with a timeout, retries and a 0 % fault.
+        let url = format!("http://{RESILIENT_VIP}/");
+        let client = cluster.pod("l7-client");
+        let run = || -> Result<(bench::WrkResult, f64)> {
+            let before = bench::cpu_seconds(waypoint.pid())?;
+            let r = wrk_url(plan, &client, &url, plan.http_secs, false, &cluster)?;
+            Ok((r, bench::cpu_seconds(waypoint.pid())? - before))
+        };
+        match run() {
+            Ok((r, cpu)) => {
+                println!(
+                    "  round {} {:<36} {:8.0} req/s  p50 {:6.0} p99 {:6.0} µs  errors {}  proxy {cpu:.2} CPU s",
+                    rep + 1,
+                    "waypoint, route with resilience",
+                    r.requests_per_second(),
+                    r.p50_us,
+                    r.p99_us,
+                    r.errors + r.timeouts
+                );
+                table.add("l7-cpu/resilient", cpu * 1e3 / r.requests * 1e3);
+            }
+            Err(e) => table.fail("l7-cpu/resilient", &e),
         }
     }
     println!(
