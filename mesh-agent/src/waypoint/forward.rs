@@ -190,8 +190,8 @@ pub async fn forward(
             None
         };
         let Some(retry_slot) = retry_slot else {
-            // Envoy's URX: the last answer was one the policy would have retried.
-            let exhausted = if retriable && policy.retries > 0 {
+            // Envoy's URX: the retries ran out on an answer the policy would have retried.
+            let exhausted = if retriable && policy.retries > 0 && attempt >= policy.retries {
                 Flags::URX
             } else {
                 Flags::NONE
