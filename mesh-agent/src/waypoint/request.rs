@@ -210,55 +210,65 @@ struct Record {
     forwarded_for: String,
 }
 
+impl Record {
+    /// The record of a request as it arrives (an `x-request-id` added when it has none),
+    /// and the authority it names.
+    fn start(
+        tunnel: &Arc<Tunnel>,
+        state: &Arc<MeshState>,
+        parts: &mut http::request::Parts,
+    ) -> (Record, String) {
+        if !parts.headers.contains_key("x-request-id") {
+            parts.headers.insert(
+                "x-request-id",
+                HeaderValue::from_str(&request_id()).expect("hex"),
+            );
+        }
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| tunnel.target.to_string());
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let record = Record {
+            tunnel: tunnel.clone(),
+            state: state.clone(),
+            start: Instant::now(),
+            method: parts.method.to_string(),
+            path: record_path(&parts.uri),
+            version: parts.version,
+            grpc,
+            authority: host.clone(),
+            request_id: header_text(&parts.headers, "x-request-id"),
+            user_agent: header_text(&parts.headers, "user-agent"),
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            service: tunnel
+                .destination
+                .service()
+                .and_then(|s| state.service_position(s)),
+            upstream: None,
+            route: "-".into(),
+            audit: None,
+            flags: Flags::NONE,
+            start_wall: std::time::SystemTime::now(),
+            forwarded_for: header_text(&parts.headers, "x-forwarded-for"),
+        };
+        (record, host)
+    }
+}
+
 async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<ResponseBody> {
     let wp = tunnel.ctx.waypoint.clone();
     let state = wp.state.borrow().clone();
     let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key("x-request-id") {
-        parts.headers.insert(
-            "x-request-id",
-            HeaderValue::from_str(&request_id()).expect("hex"),
-        );
-    }
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| tunnel.target.to_string());
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    let mut record = Record {
-        tunnel: tunnel.clone(),
-        state: state.clone(),
-        start: Instant::now(),
-        method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".into(), |p| p.to_string()),
-        version: parts.version,
-        grpc,
-        authority: host.clone(),
-        request_id: header_text(&parts.headers, "x-request-id"),
-        user_agent: header_text(&parts.headers, "user-agent"),
-        request_bytes: request_bytes.clone(),
-        service: tunnel
-            .destination
-            .service()
-            .and_then(|s| state.service_position(s)),
-        upstream: None,
-        route: "-".into(),
-        audit: None,
-        flags: Flags::NONE,
-        start_wall: std::time::SystemTime::now(),
-        forwarded_for: header_text(&parts.headers, "x-forwarded-for"),
-    };
+    let (mut record, host) = Record::start(&tunnel, &state, &mut parts);
+    let request_bytes = record.request_bytes.clone();
 
     // Authorization, on the client's identity and the request.
     let decision = {
@@ -383,33 +393,10 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     }
 
     // The request as the endpoint gets it.
-    let mut path = record_path(&parts.uri);
-    let mut authority = host.clone();
-    if let Some(rewrite) = rule.as_ref().and_then(|r| r.rewrite.as_ref()) {
-        if let Some(p) = &rewrite.path {
-            let rewritten = routes::rewrite_path(parts.uri.path(), p, matched_prefix.as_deref());
-            path = match parts.uri.query() {
-                Some(q) => format!("{rewritten}?{q}"),
-                None => rewritten,
-            };
-        }
-        if let Some(h) = &rewrite.host {
-            authority = h.clone();
-        }
-    }
     let h2 = parts.version == http::Version::HTTP_2;
-    if let Ok(v) = HeaderValue::from_str(&authority) {
-        parts.headers.insert(header::HOST, v);
-    }
-    strip_hop_by_hop(&mut parts.headers);
-    let uri = if h2 {
-        format!("http://{authority}{path}")
-    } else {
-        path.clone()
-    };
-    parts.uri = match uri.parse() {
-        Ok(u) => u,
-        Err(_) => {
+    let head = match upstream_head(parts, rule.as_deref(), matched_prefix.as_deref(), &host) {
+        Some(head) => head,
+        None => {
             return local_reply(
                 &wp,
                 record,
@@ -418,15 +405,6 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
                 "bad request",
             );
         }
-    };
-    if h2 {
-        parts.headers.remove(header::HOST);
-    }
-    let head = Head {
-        method: parts.method,
-        uri: parts.uri,
-        version: parts.version,
-        headers: parts.headers,
     };
     let replay = Replay::new(
         Counted {
@@ -457,7 +435,20 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     };
 
     // Sent under the route's timeout and retries.
-    match forward::forward(&wp, &state, plan, head, replay, tunnel.ctx.peer.ip()).await {
+    let forwarded = forward::forward(&wp, &state, plan, head, replay, tunnel.ctx.peer.ip()).await;
+    respond(&wp, record, rule.as_deref(), target.backend, forwarded)
+}
+
+/// The client's response to what forwarding came to: the endpoint's, with the route's and
+/// the backend's response headers, recorded when its body ends; or a local reply.
+fn respond(
+    wp: &Arc<super::Waypoint>,
+    mut record: Record,
+    rule: Option<&Rule>,
+    backend: Option<&Backend>,
+    forwarded: Forwarded,
+) -> Response<ResponseBody> {
+    match forwarded {
         Forwarded::Response {
             response,
             endpoint,
@@ -469,10 +460,10 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
             record.upstream = Some(endpoint);
             record.flags |= flags;
             let (mut parts, body) = response.into_parts();
-            if let Some(rule) = &rule {
+            if let Some(rule) = rule {
                 rule.response_headers.apply(&mut parts.headers);
             }
-            if let Some(b) = &target.backend {
+            if let Some(b) = backend {
                 b.response_headers.apply(&mut parts.headers);
             }
             strip_hop_by_hop(&mut parts.headers);
@@ -507,9 +498,53 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
             if let Some(suppressed) = crate::log_limit::once_per_interval!() {
                 tracing::info!(upstream = ?endpoint, %status, %flags, suppressed, "waypoint: upstream request failed");
             }
-            local_reply(&wp, record, status, flags, body)
+            local_reply(wp, record, status, flags, body)
         }
     }
+}
+
+/// The request as the endpoint gets it: the route's rewrite applied, hop-by-hop headers
+/// gone, the authority in `Host` (HTTP/1.1) or the URI (HTTP/2). `None`: no valid URI.
+fn upstream_head(
+    mut parts: http::request::Parts,
+    rule: Option<&Rule>,
+    matched_prefix: Option<&str>,
+    host: &str,
+) -> Option<Head> {
+    let mut path = record_path(&parts.uri);
+    let mut authority = host.to_owned();
+    if let Some(rewrite) = rule.and_then(|r| r.rewrite.as_ref()) {
+        if let Some(p) = &rewrite.path {
+            let rewritten = routes::rewrite_path(parts.uri.path(), p, matched_prefix);
+            path = match parts.uri.query() {
+                Some(q) => format!("{rewritten}?{q}"),
+                None => rewritten,
+            };
+        }
+        if let Some(h) = &rewrite.host {
+            authority = h.clone();
+        }
+    }
+    let h2 = parts.version == http::Version::HTTP_2;
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    let uri = if h2 {
+        format!("http://{authority}{path}")
+    } else {
+        path
+    };
+    parts.uri = uri.parse().ok()?;
+    if h2 {
+        parts.headers.remove(header::HOST);
+    }
+    Some(Head {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+    })
 }
 
 /// The resilience of a request without a route rule: Istio's defaults.
