@@ -9,9 +9,11 @@
 //!    as bytes to an endpoint with the waypoint's L4 policy;
 //! 3. per request ([`request`]): authorization by the policies that target this waypoint
 //!    or the service, on the client's identity; routing (HTTPRoute, VirtualService);
-//!    the endpoint by the DestinationRule's subset and load balancer ([`upstream`]); the
-//!    request forwarded over HBONE to the endpoint pod, with the waypoint's own identity;
-//!    Istio's request metrics with `reporter="waypoint"` and an access-log line.
+//!    faults and mirrors; the endpoint by the DestinationRule's subset, load balancer and
+//!    outlier detection ([`upstream`], [`cluster`]); the request forwarded over HBONE to
+//!    the endpoint pod with the waypoint's own identity, under the route's timeout and
+//!    retries ([`forward`]); Istio's request metrics with `reporter="waypoint"` and an
+//!    access-log line ([`access_log`]).
 //!
 //! It listens on 15008 on every address of its namespace (TLS handshakes bounded as on the
 //! node agents), serves readiness (15021) and metrics (15020) on every address, where the

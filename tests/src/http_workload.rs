@@ -157,19 +157,19 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
             serde_json::to_vec(&seen).unwrap_or_default(),
         )));
     }
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
     if parts.uri.path().starts_with("/mirror") {
-        let host = parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
         let mut seen = SEEN.lock().expect("seen lock");
         if seen.len() == 100 {
             seen.pop_front();
         }
-        seen.push_back((parts.uri.path().to_owned(), host, received));
+        seen.push_back((parts.uri.path().to_owned(), host.clone(), received));
     }
     if let Some(n) = parts
         .uri
@@ -190,13 +190,6 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
             })
             .or_insert(value);
     }
-    let host = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_default();
     let path = parts
         .uri
         .path_and_query()

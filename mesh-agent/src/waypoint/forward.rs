@@ -115,16 +115,10 @@ pub async fn forward(
     // The retry in flight, counted against the circuit breaker's maxRetries.
     let mut _retrying = None;
     loop {
-        let Some(endpoint) = pick(wp, &plan, &head, &tried, source) else {
-            return Forwarded::Failed {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: Flags::UH,
-                body: "no healthy upstream",
-                endpoint: None,
-                retries: attempt,
-            };
-        };
-        let Some(workload) = state.workload_by_ip(endpoint.ip()) else {
+        // No endpoint outlier detection lets through, or one that is not a mesh workload.
+        let Some((endpoint, workload)) = pick(wp, &plan, &head, &tried, source)
+            .and_then(|e| Some((e, state.workload_by_ip(e.ip())?)))
+        else {
             return Forwarded::Failed {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 flags: Flags::UH,

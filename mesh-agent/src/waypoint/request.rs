@@ -4,10 +4,12 @@
 //! by the policies targeting this waypoint, its class or the service (403 `RBAC: access
 //! denied`); routing (404 when HTTPRoutes are attached and none matches; redirects and
 //! direct responses answered here); the backend by weight (500 when the weights add up to
-//! 0 or the backend does not exist); the endpoint by subset and load balancer (503 `no
-//! healthy upstream` when there is none); the request's filters and rewrites; the request
-//! to the endpoint. Its metrics and access-log line are recorded when the response body
-//! ends (or is abandoned), so streamed bodies are measured whole.
+//! 0 or the backend does not exist); injected faults (delay, abort); the backend's ready
+//! endpoints by subset (503 `no healthy upstream` when there is none); the request's filters
+//! and rewrites; mirrors ([`super::mirror`]); then [`super::forward`] sends it under the
+//! route's timeout, retries, circuit breaker and outlier detection. Its metrics and
+//! access-log line are recorded when the response body ends (or is abandoned), so streamed
+//! bodies are measured whole.
 
 use std::{
     borrow::Cow,
