@@ -193,6 +193,8 @@ pub struct Metrics {
     retries: Counter,
     /// Endpoints a waypoint's outlier detection ejected.
     ejections: Counter,
+    /// Requests a waypoint's circuit breakers turned away (`UO`).
+    overflows: Counter,
     request_duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
@@ -260,6 +262,7 @@ impl Default for Metrics {
         registry.register("istio_requests", "Total requests.", requests.clone());
         let retries = Counter::default();
         let ejections = Counter::default();
+        let overflows = Counter::default();
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration, milliseconds.",
@@ -279,6 +282,7 @@ impl Default for Metrics {
             requests,
             retries,
             ejections,
+            overflows,
             request_duration,
             request_bytes,
             response_bytes,
@@ -308,6 +312,11 @@ impl Metrics {
             "mesh_waypoint_outlier_ejections",
             "Endpoints ejected by a DestinationRule's outlier detection.",
             m.ejections.clone(),
+        );
+        m.registry.register(
+            "mesh_waypoint_upstream_overflows",
+            "Requests a DestinationRule's circuit breaker turned away (response flag UO).",
+            m.overflows.clone(),
         );
         m
     }
@@ -360,6 +369,11 @@ impl Metrics {
     /// A waypoint's outlier detection ejected an endpoint.
     pub fn ejection(&self) {
         self.ejections.inc();
+    }
+
+    /// A waypoint's circuit breaker turned a request away.
+    pub fn overflow(&self) {
+        self.overflows.inc();
     }
 
     /// The series of one label set, to record requests into without looking them up again.

@@ -22,6 +22,7 @@
 
 pub mod access_log;
 pub mod cluster;
+pub mod fault;
 pub mod flags;
 pub mod forward;
 pub mod mirror;

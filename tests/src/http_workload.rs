@@ -33,8 +33,10 @@ pub struct Echo {
 /// other request this server gets on such paths (the first included), the echo otherwise;
 /// `/fail-on/POD...` answers 500 from the pod named POD. Requests to `/mirror...` are kept
 /// (the last 100) and listed by `/seen` as JSON `[[path, host, body bytes], ...]`.
-/// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks. The
-/// echo reports the request body's length in the `x-body-bytes` response header.
+/// `GET /status/CODE` answers CODE; `GET /bytes/N` streams N bytes in 64 KiB chunks;
+/// `/trickle/MS` sends its headers and part of its body at once, the rest after MS. The
+/// echo reports the request body's length in the `x-body-bytes` response header, and which
+/// of the server's connections carried the request (numbered from 1) in `x-connection`.
 pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
     let listener = crate::workload::bind_dual_stack(port)?;
     listener.set_nonblocking(true)?;
@@ -45,7 +47,7 @@ pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         println!("READY {port}");
-        loop {
+        for connection in 1u64.. {
             let (stream, _) = listener.accept().await?;
             let pod = pod.clone();
             tokio::spawn(async move {
@@ -57,7 +59,7 @@ pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
                                 .await
                                 .map(|b| b.map_err(BoxError::from).boxed_unsync())
                         } else {
-                            echo(&pod, req)
+                            echo(&pod, connection, req)
                                 .await
                                 .map(|b| b.map_err(|never| match never {}).boxed_unsync())
                         })
@@ -68,6 +70,7 @@ pub fn serve_echo(port: u16, pod: String) -> Result<Infallible> {
                     .await;
             });
         }
+        unreachable!("2^64 connections")
     })
 }
 
@@ -92,6 +95,30 @@ fn zeros(n: u64) -> Body {
     StreamBody::new(stream).boxed()
 }
 
+/// `first ` at once, `last` after `pause`: a response whose body outlasts its headers.
+fn trickle(pause: Duration) -> Body {
+    let mut sleep = Box::pin(tokio::time::sleep(pause));
+    let mut sent = 0;
+    let stream = futures::stream::poll_fn(move |cx| {
+        sent += 1;
+        let chunk: &'static [u8] = match sent {
+            1 => b"first ",
+            2 => {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    sent -= 1;
+                    return std::task::Poll::Pending;
+                }
+                b"last"
+            }
+            _ => return std::task::Poll::Ready(None),
+        };
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            chunk,
+        )))))
+    });
+    StreamBody::new(stream).boxed()
+}
+
 fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed()
 }
@@ -108,7 +135,7 @@ fn leading_number(rest: &str) -> Option<u64> {
     rest.split(['/', '?']).next()?.parse().ok()
 }
 
-async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
+async fn echo(pod: &str, connection: u64, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     if let Some(ms) = parts
         .uri
@@ -179,6 +206,14 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
     {
         return Response::new(zeros(n));
     }
+    if let Some(ms) = parts
+        .uri
+        .path()
+        .strip_prefix("/trickle/")
+        .and_then(leading_number)
+    {
+        return Response::new(trickle(Duration::from_millis(ms)));
+    }
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &parts.headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
@@ -219,6 +254,9 @@ async fn echo(pod: &str, req: Request<Incoming>) -> Response<Body> {
         "x-body-bytes",
         http::HeaderValue::from_str(&received.to_string()).expect("digits"),
     );
+    response
+        .headers_mut()
+        .insert("x-connection", http::HeaderValue::from(connection));
     response
 }
 

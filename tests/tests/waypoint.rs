@@ -819,6 +819,21 @@ fn resilience(cluster: &Cluster) {
         "answered after {took:?}"
     );
     assert_eq!(flagged(&waypoint_metrics(cluster), &before, "UT"), 1.0);
+    // The timeout holds the response to its end: a body still coming after 0.5 s is cut.
+    let before = waypoint_metrics(cluster);
+    let started = std::time::Instant::now();
+    let r = one(
+        cluster,
+        vip(ECHO_V1),
+        with("/trickle/2000", &[("x-case", "timeout")], 1),
+    );
+    let took = started.elapsed();
+    assert_eq!(r.status, 0, "the body is cut: {r:?}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1000),
+        "cut after {took:?}"
+    );
+    assert_eq!(flagged(&waypoint_metrics(cluster), &before, "UT"), 1.0);
 
     // perTryTimeout 0.2s, 2 retries: three tries, then 504.
     let before = waypoint_metrics(cluster);
@@ -860,6 +875,19 @@ fn resilience(cluster: &Cluster) {
     let outlier = format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: outlier, namespace: {NS}}}\nspec:\n  host: echo\n  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}}\n"
     );
+    // Upstream HTTP/1.1 connections are reused: eight requests in a row take few
+    // connections at echo-v1 (a connection returns to the pool as its response ends, which
+    // may be a moment after the client has it and sends the next request).
+    let connections = |cluster: &Cluster| {
+        let replies = calls(cluster, "client", vip(ECHO_V1), &[with("/", &[], 8)]);
+        let ids: std::collections::BTreeSet<String> = replies
+            .iter()
+            .map(|r| r.headers.get("x-connection").cloned().unwrap_or_default())
+            .collect();
+        ids.len()
+    };
+    let pooled = connections(cluster);
+    assert!(pooled <= 3, "{pooled} connections for 8 requests");
     apply(cluster, &[breaker, outlier]);
     // Applied once a request alone is refused no more than before but the outlier rule
     // ejects: poll until echo-v2's failure stops reaching the client.
@@ -891,6 +919,8 @@ fn resilience(cluster: &Cluster) {
         replies.iter().any(|r| echo(r).pod == "echo-v2"),
         "echo-v2 did not come back after its ejection"
     );
+    // maxRequestsPerConnection: 1: a connection per request.
+    assert_eq!(connections(cluster), 8, "one request per connection");
 
     let one_client = calls(
         cluster,
@@ -922,8 +952,10 @@ fn resilience(cluster: &Cluster) {
     let ok = replies.iter().filter(|r| r.status == 200).count();
     assert_eq!(overflowed + ok, 90, "{replies:?}");
     assert!(overflowed >= 15, "only {overflowed} of 90 overflowed");
+    let after = waypoint_metrics(cluster);
+    assert_eq!(flagged(&after, &before, "UO"), overflowed as f64);
     assert_eq!(
-        flagged(&waypoint_metrics(cluster), &before, "UO"),
+        after.delta(&before, "mesh_waypoint_upstream_overflows_total", &[]),
         overflowed as f64
     );
 

@@ -2,7 +2,8 @@
 //! timeouts, retries and fault injection, with Envoy's meanings as Istio configures them.
 //!
 //! - **Timeout** (VirtualService `timeout`, HTTPRoute `timeouts.request`): none by default;
-//!   it covers every attempt and the backoffs between them; expiry is 504 with flag `UT`.
+//!   it covers every attempt, the backoffs between them and the response body; expiry
+//!   before the response is 504 with flag `UT`, during its body cuts it (also `UT`).
 //! - **Retries** (VirtualService `retries`, HTTPRoute `retry`): `attempts` is the number of
 //!   *retries* (Envoy's `num_retries`); `retryOn` takes Envoy's conditions (`5xx`,
 //!   `gateway-error`, `reset`, `connect-failure`, `refused-stream`, `retriable-4xx`,
@@ -399,6 +400,11 @@ pub struct PoolLimits {
     pub max_requests: u32,
     /// Requests per upstream connection (`http.maxRequestsPerConnection`; 0: unlimited).
     pub max_requests_per_connection: u32,
+    /// Opening an upstream connection (`tcp.connectTimeout`; Istio's default 10 s).
+    pub connect_timeout: Duration,
+    /// An upstream connection without requests is closed after (`http.idleTimeout`;
+    /// Istio's default 1 h).
+    pub idle_timeout: Duration,
     /// Retries in flight at once (`http.maxRetries`).
     pub max_retries: u32,
     /// `retryBudget`: retries in flight at most this share (percent) of the requests in
@@ -413,6 +419,8 @@ impl Default for PoolLimits {
             max_pending: u32::MAX,
             max_requests: u32::MAX,
             max_requests_per_connection: 0,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             max_retries: u32::MAX,
             budget: None,
         }
@@ -452,8 +460,10 @@ pub fn pool_limits(p: &ConnectionPoolSettings, field: &str) -> Result<PoolLimits
         if let Some(n) = positive(tcp.max_connections, "tcp.maxConnections")? {
             limits.max_connections = n;
         }
+        if let Some(v) = &tcp.connect_timeout {
+            limits.connect_timeout = nonzero(v, &format!("{field}.tcp.connectTimeout"))?;
+        }
         for (value, at) in [
-            (&tcp.connect_timeout, "tcp.connectTimeout"),
             (&tcp.idle_timeout, "tcp.idleTimeout"),
             (&tcp.max_connection_duration, "tcp.maxConnectionDuration"),
         ] {
@@ -477,7 +487,7 @@ pub fn pool_limits(p: &ConnectionPoolSettings, field: &str) -> Result<PoolLimits
             limits.max_retries = n;
         }
         if let Some(v) = &http.idle_timeout {
-            duration(v, &format!("{field}.http.idleTimeout"))?;
+            limits.idle_timeout = nonzero(v, &format!("{field}.http.idleTimeout"))?;
         }
     }
     Ok(limits)
@@ -569,9 +579,42 @@ fn duration(text: &str, field: &str) -> Result<Duration, RouteError> {
     parse_duration(text).map_err(|e| RouteError::new(field, e))
 }
 
+fn nonzero(text: &str, field: &str) -> Result<Duration, RouteError> {
+    match duration(text, field)? {
+        Duration::ZERO => Err(RouteError::new(field, "must be longer than 0s")),
+        d => Ok(d),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_pools_compile_with_istios_defaults() {
+        let pool: ConnectionPoolSettings = serde_yaml_ng::from_str(
+            "tcp: {maxConnections: 4, connectTimeout: 250ms}\nhttp: {idleTimeout: 30s, maxRequestsPerConnection: 2, maxRetries: 0}",
+        )
+        .unwrap();
+        let limits = pool_limits(&pool, "spec.trafficPolicy.connectionPool").unwrap();
+        assert_eq!(limits.max_connections, 4);
+        assert_eq!(limits.connect_timeout, Duration::from_millis(250));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(limits.max_requests_per_connection, 2);
+        assert_eq!(limits.max_retries, 0);
+        let defaults = pool_limits(&ConnectionPoolSettings::default(), "x").unwrap();
+        assert_eq!(defaults, PoolLimits::default());
+        assert_eq!(defaults.connect_timeout, Duration::from_secs(10));
+        assert_eq!(defaults.idle_timeout, Duration::from_secs(3600));
+        let zero: ConnectionPoolSettings =
+            serde_yaml_ng::from_str("tcp: {connectTimeout: 0s}").unwrap();
+        let e = pool_limits(&zero, "spec.trafficPolicy.connectionPool").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("spec.trafficPolicy.connectionPool.tcp.connectTimeout"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn durations_parse_in_istios_and_gateway_apis_forms() {

@@ -667,25 +667,16 @@ fn cluster_policy(
     };
     let pool = policy.connection_pool.as_ref();
     let tcp = pool.and_then(|p| p.tcp.as_ref());
-    let http = pool.and_then(|p| p.http.as_ref());
     for (field, set) in [
         ("tls", policy.tls.is_some()),
         ("portLevelSettings", policy.port_level_settings.is_some()),
-        (
-            "connectionPool.tcp.connectTimeout",
-            tcp.is_some_and(|t| t.connect_timeout.is_some()),
-        ),
         (
             "connectionPool.tcp.idleTimeout",
             tcp.is_some_and(|t| t.idle_timeout.is_some()),
         ),
         (
-            "connectionPool.http.idleTimeout",
-            http.is_some_and(|h| h.idle_timeout.is_some()),
-        ),
-        (
-            "connectionPool.http.maxRequestsPerConnection above 1",
-            http.is_some_and(|h| h.max_requests_per_connection.is_some_and(|n| n > 1)),
+            "connectionPool.tcp.maxConnectionDuration",
+            tcp.is_some_and(|t| t.max_connection_duration.is_some()),
         ),
     ] {
         if set {

@@ -247,10 +247,11 @@ impl Cluster {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn policy() -> OutlierPolicy {
+    /// Istio's outlier task: ejected at the first 5xx for 3 s, reviewed every second.
+    pub(in crate::waypoint) fn policy() -> OutlierPolicy {
         OutlierPolicy {
             consecutive_5xx: 1,
             consecutive_gateway: 0,

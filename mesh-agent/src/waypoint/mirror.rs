@@ -10,8 +10,13 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderValue, Request, header};
 use http_body_util::{BodyExt, Full};
 
-use super::{Waypoint, forward::Head, replay::Replay, upstream::HashInputs};
-use crate::{identity::Identity, l7::routes::Mirror, state::MeshState};
+use super::{
+    Waypoint,
+    forward::{Hbone, Head, Transport},
+    replay::Replay,
+    upstream::Connection,
+};
+use crate::{l7::routes::Mirror, state::MeshState};
 
 /// How long a copy waits for the client's body before it gives up.
 const BODY_WAIT: Duration = Duration::from_secs(10);
@@ -74,19 +79,14 @@ async fn send(
     let (candidates, destination) =
         super::request::endpoints(state, svc, svc_port, mirror.subset.as_deref())
             .map_err(|(_, _, why)| why)?;
-    let lb = destination
-        .map(|d| d.policy(mirror.subset.as_deref()).lb.clone())
-        .unwrap_or_default();
-    let inputs = HashInputs {
-        headers: &head.headers,
-        query: head.uri.query(),
+    let policy = destination.map(|d| d.policy(mirror.subset.as_deref()));
+    let lb = policy.map(|p| p.lb.clone()).unwrap_or_default();
+    let transport = Hbone {
+        wp,
+        state,
         source: std::net::IpAddr::from([0, 0, 0, 0]),
     };
-    let endpoint = wp.upstreams.choose(&candidates, &lb, &inputs);
-    let workload = state
-        .workload_by_ip(endpoint.ip())
-        .ok_or("the endpoint is not a mesh workload")?;
-    let peer = Identity::of(&wp.settings.trust_domain, workload);
+    let endpoint = transport.choose(&candidates, &lb, &head);
     let body = Full::new(body).map_err(|never| match never {});
     let body = match trailers {
         Some(t) => body.with_trailers(async move { Some(Ok(t)) }).boxed(),
@@ -97,11 +97,13 @@ async fn send(
     *req.uri_mut() = head.uri;
     *req.version_mut() = head.version;
     *req.headers_mut() = head.headers;
-    let h2 = head.version == http::Version::HTTP_2;
-    let _active = wp.upstreams.start(endpoint);
-    let response = wp
-        .upstreams
-        .send(endpoint, &peer, h2, req)
+    let connection = Connection::new(
+        head.version == http::Version::HTTP_2,
+        policy.and_then(|p| p.pool.as_ref()),
+    );
+    let _active = transport.start(endpoint);
+    let response = transport
+        .send(endpoint, &connection, req)
         .await
         .map_err(|_| "the mirror destination failed")?;
     // Read to the end, so an HTTP/1.1 connection can be reused.

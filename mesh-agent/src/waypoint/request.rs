@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::{
     Destination, TunnelContext, access_log,
     cluster::ClusterKey,
+    fault,
     flags::Flags,
     forward::{self, Forwarded, Head},
     mirror,
@@ -59,7 +60,10 @@ use crate::{
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The body of a response to the client.
-pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
+pub type ResponseBody = BoxBody<Bytes, BodyError>;
+
+/// Why a response body ended early.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One tunnel the waypoint serves.
 pub struct Tunnel {
@@ -368,16 +372,9 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         None => default_resilience(),
     };
     if let Some(fault) = &resilience.fault {
-        if let Some((delay, share)) = fault.delay
-            && share.hits(fastrand::f64())
-        {
-            tokio::time::sleep(delay).await;
-            record.flags |= Flags::DI;
-        }
-        if let Some((abort, share)) = fault.abort
-            && share.hits(fastrand::f64())
-        {
-            record.flags |= Flags::FI;
+        let injected = fault::inject(fault, fastrand::f64).await;
+        record.flags |= injected.flags;
+        if let Some(abort) = injected.abort {
             return fault_abort(&wp, record, abort);
         }
     }
@@ -437,7 +434,12 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     };
 
     // Sent under the route's timeout and retries.
-    let forwarded = forward::forward(&wp, &state, plan, head, replay, tunnel.ctx.peer.ip()).await;
+    let transport = forward::Hbone {
+        wp: &wp,
+        state: &state,
+        source: tunnel.ctx.peer.ip(),
+    };
+    let forwarded = forward::forward(&transport, plan, head, replay).await;
     respond(&wp, record, rule.as_deref(), target.backend, forwarded)
 }
 
@@ -448,7 +450,7 @@ fn respond(
     mut record: Record,
     rule: Option<&Rule>,
     backend: Option<&Backend>,
-    forwarded: Forwarded,
+    forwarded: forward::Hboned,
 ) -> Response<ResponseBody> {
     match forwarded {
         Forwarded::Response {
@@ -457,6 +459,7 @@ fn respond(
             active,
             admission,
             flags,
+            deadline,
             ..
         } => {
             record.upstream = Some(endpoint);
@@ -477,13 +480,13 @@ fn respond(
                 .map(str::to_owned);
             let wp = wp.clone();
             let observed = Observed {
-                inner: body,
+                inner: Some(body),
                 bytes: 0,
                 grpc_status,
-                done: Some(Box::new(move |bytes, grpc_status, complete| {
+                deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                done: Some(Box::new(move |bytes, grpc_status, flags| {
                     drop(active);
                     drop(admission);
-                    let flags = if complete { Flags::NONE } else { Flags::DC };
                     record_request(&wp, record, status, grpc_status, flags, bytes);
                 })),
             };
@@ -1033,34 +1036,57 @@ impl Body for Counted {
     }
 }
 
-type Done = Box<dyn FnOnce(u64, Option<String>, bool) + Send + Sync>;
+/// Called with the bytes, the gRPC status and the flags of how the body ended: none, `DC`
+/// (cut or dropped before its end) or `UT` (the route's timeout expired during it).
+type Done = Box<dyn FnOnce(u64, Option<String>, Flags) + Send + Sync>;
 
 /// A response body that counts its bytes, reads the gRPC status from its trailers, and calls
 /// `done` once when it ends or is dropped (complete or not).
 struct Observed {
-    inner: Incoming,
+    /// Dropped as soon as its last frame is read: an HTTP/1.1 connection returns to the pool
+    /// only once its response body is read past its end or dropped, and the server that
+    /// sends this body on stops polling it at its last frame.
+    inner: Option<Incoming>,
     bytes: u64,
     grpc_status: Option<String>,
+    /// The route's timeout, which covers the response to its end (Envoy's route timeout).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     done: Option<Done>,
 }
 
 impl Observed {
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, flags: Flags) {
         if let Some(done) = self.done.take() {
-            done(self.bytes, self.grpc_status.take(), complete);
+            done(self.bytes, self.grpc_status.take(), flags);
         }
     }
 }
 
 impl Body for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(inner) = &mut self.inner else {
+            return Poll::Ready(None);
+        };
+        let frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if let Some(deadline) = &mut self.deadline
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    self.deadline = None;
+                    self.finish(Flags::UT);
+                    return Poll::Ready(Some(Err("upstream request timeout".into())));
+                }
+                return Poll::Pending;
+            }
+        };
+        let frame = frame.map(|f| f.map_err(BodyError::from));
         match &frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
@@ -1070,29 +1096,39 @@ impl Body for Observed {
                 {
                     self.grpc_status = Some(s.to_owned());
                 }
-                if self.inner.is_end_stream() {
-                    self.finish(true);
+                if self.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    self.inner = None;
+                    self.finish(Flags::NONE);
                 }
             }
-            None => self.finish(true),
-            Some(Err(_)) => self.finish(false),
+            None => {
+                self.inner = None;
+                self.finish(Flags::NONE);
+            }
+            Some(Err(_)) => self.finish(Flags::DC),
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
+        let flags = if self.is_end_stream() {
+            Flags::NONE
+        } else {
+            Flags::DC
+        };
+        self.finish(flags);
     }
 }
 

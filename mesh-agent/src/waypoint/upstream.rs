@@ -3,16 +3,20 @@
 //! the HTTP connections to it, each carried by an HBONE tunnel to the endpoint pod's 15008
 //! with the waypoint's identity. HTTP/1.1 connections are pooled per endpoint and reused
 //! once their response has ended; an HTTP/2 connection per endpoint is shared by all its
-//! requests.
+//! requests. The destination's DestinationRule says how connections are made and kept
+//! ([`Connection`]): `tcp.connectTimeout` bounds opening one (tunnel and HTTP handshake),
+//! `http.maxRequestsPerConnection` retires a connection after that many requests, and
+//! `http.idleTimeout` closes one unused for that long.
 
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -23,10 +27,14 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::HBONE_PORT;
+use tokio::time::Instant;
 
 use crate::{
     identity::Identity,
-    l7::routes::{HashOn, LoadBalancer},
+    l7::{
+        resilience::PoolLimits,
+        routes::{HashOn, LoadBalancer},
+    },
     proxy::{PodContext, hbone::client::Pool},
 };
 
@@ -39,6 +47,63 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// How often idle connections past their idle timeout are looked for.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
+/// How the connections of one request's destination are made and kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connection {
+    /// HTTP/2 (the client spoke HTTP/2), else HTTP/1.1.
+    pub h2: bool,
+    /// `tcp.connectTimeout`: opening the tunnel and the HTTP handshake.
+    pub connect_timeout: Duration,
+    /// `http.idleTimeout`: a connection without requests for this long is closed.
+    pub idle_timeout: Duration,
+    /// `http.maxRequestsPerConnection`: requests a connection carries (0: no limit).
+    pub max_requests: u32,
+}
+
+impl Connection {
+    /// The settings of `limits` (a DestinationRule's `connectionPool`), or Istio's defaults.
+    pub fn new(h2: bool, limits: Option<&PoolLimits>) -> Self {
+        let defaults;
+        let limits = match limits {
+            Some(l) => l,
+            None => {
+                defaults = PoolLimits::default();
+                &defaults
+            }
+        };
+        Self {
+            h2,
+            connect_timeout: limits.connect_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_requests: limits.max_requests_per_connection,
+        }
+    }
+
+    /// Whether a connection that has carried `used` requests takes no more.
+    fn spent(&self, used: u32) -> bool {
+        self.max_requests != 0 && used >= self.max_requests
+    }
+}
+
+/// A pooled connection.
+struct Pooled<S> {
+    sender: S,
+    /// Requests it has carried.
+    used: u32,
+    /// When it last started or finished one.
+    since: Instant,
+    idle_timeout: Duration,
+}
+
+impl<S> Pooled<S> {
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.since) >= self.idle_timeout
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connecting to {endpoint}: {source}")]
@@ -46,6 +111,13 @@ pub enum UpstreamError {
         endpoint: SocketAddr,
         source: crate::proxy::hbone::HboneError,
     },
+    #[error("connecting to {endpoint}: no connection within {timeout:?}")]
+    ConnectTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("{endpoint} is not a workload of the mesh")]
+    NoWorkload { endpoint: SocketAddr },
     #[error("HTTP to {endpoint}: {source}")]
     Http {
         endpoint: SocketAddr,
@@ -56,7 +128,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether the request never reached the endpoint (Envoy's `UF`, connect failure).
     pub fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect { .. })
+        !matches!(self, Self::Http { .. })
     }
 
     /// Whether the endpoint refused the HTTP/2 stream (`REFUSED_STREAM`: never processed).
@@ -81,13 +153,14 @@ pub struct Upstreams {
     identity: Identity,
     local: IpAddr,
     http1: Arc<Mutex<Http1Pool>>,
-    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    http2: Arc<Mutex<Http2Pool>>,
     /// Requests in flight per endpoint (least-request balancing).
     active: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
     round_robin: AtomicUsize,
 }
 
-type Http1Pool = HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>;
+type Http1Pool = HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>;
+type Http2Pool = HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>;
 
 /// A request in flight to an endpoint; counted until dropped.
 pub struct Active(Arc<AtomicUsize>);
@@ -106,14 +179,18 @@ pub struct HashInputs<'a> {
 }
 
 impl Upstreams {
+    /// Starts, on the current runtime, the task that closes idle connections.
     pub fn new(pool: Arc<Pool>, me: Arc<PodContext>, identity: Identity, local: IpAddr) -> Self {
+        let http1 = Arc::new(Mutex::new(HashMap::new()));
+        let http2 = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(sweep_idle(Arc::downgrade(&http1), Arc::downgrade(&http2)));
         Self {
             pool,
             me,
             identity,
             local,
-            http1: Arc::new(Mutex::new(HashMap::new())),
-            http2: Mutex::new(HashMap::new()),
+            http1,
+            http2,
             active: Mutex::new(HashMap::new()),
             round_robin: AtomicUsize::new(0),
         }
@@ -176,41 +253,65 @@ impl Upstreams {
         Active(counter)
     }
 
-    /// Sends `req` to `endpoint` (whose pods prove `peer`), over HTTP/2 when `h2`.
+    /// Sends `req` to `endpoint` (whose pods prove `peer`) on a connection made and kept
+    /// as `connection` says.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
         peer: &Identity,
-        h2: bool,
-        req: http::Request<Body>,
+        connection: &Connection,
+        mut req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let http = |source| UpstreamError::Http { endpoint, source };
-        if h2 {
-            let existing = self
-                .http2
-                .lock()
-                .expect("upstream lock")
-                .get(&endpoint)
-                .cloned();
-            let mut sender = match existing {
-                Some(s) if !s.is_closed() => s,
-                _ => {
-                    let io = self.tunnel(endpoint, peer).await?;
-                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
-                        .initial_connection_window_size(crate::proxy::hbone::CONNECTION_WINDOW)
-                        .handshake(io)
-                        .await
-                        .map_err(http)?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
+        if connection.h2 {
+            let existing = {
+                let mut pool = self.http2.lock().expect("upstream lock");
+                match pool.get_mut(&endpoint) {
+                    Some(c) if !c.sender.is_closed() && !c.expired(Instant::now()) => {
+                        c.used += 1;
+                        c.since = Instant::now();
+                        let sender = c.sender.clone();
+                        // Its last request: later ones open a new connection.
+                        if connection.spent(c.used) {
+                            pool.remove(&endpoint);
                         }
-                    });
-                    self.http2
-                        .lock()
-                        .expect("upstream lock")
-                        .insert(endpoint, sender.clone());
+                        Some(sender)
+                    }
+                    _ => None,
+                }
+            };
+            let mut sender = match existing {
+                Some(s) => s,
+                None => {
+                    let sender = self
+                        .open(endpoint, peer, connection, |io| async move {
+                            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                                .initial_stream_window_size(crate::proxy::hbone::STREAM_WINDOW)
+                                .initial_connection_window_size(
+                                    crate::proxy::hbone::CONNECTION_WINDOW,
+                                )
+                                .handshake(io)
+                                .await
+                                .map_err(http)?;
+                            tokio::spawn(async move {
+                                if let Err(e) = conn.await {
+                                    tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
+                                }
+                            });
+                            Ok(sender)
+                        })
+                        .await?;
+                    if !connection.spent(1) {
+                        self.http2.lock().expect("upstream lock").insert(
+                            endpoint,
+                            Pooled {
+                                sender: sender.clone(),
+                                used: 1,
+                                since: Instant::now(),
+                                idle_timeout: connection.idle_timeout,
+                            },
+                        );
+                    }
                     sender
                 }
             };
@@ -220,41 +321,86 @@ impl Upstreams {
         let idle = {
             let mut pools = self.http1.lock().expect("upstream lock");
             let list = pools.entry(endpoint).or_default();
+            let now = Instant::now();
             let mut found = None;
-            while let Some(s) = list.pop() {
-                if s.is_ready() {
-                    found = Some(s);
+            while let Some(c) = list.pop() {
+                if c.sender.is_ready() && !c.expired(now) {
+                    found = Some(c);
                     break;
                 }
             }
             found
         };
-        let mut sender = match idle {
-            Some(s) => s,
+        let (mut sender, used) = match idle {
+            Some(c) => (c.sender, c.used + 1),
             None => {
-                let io = self.tunnel(endpoint, peer).await?;
-                let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(http)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
-                    }
-                });
-                sender
+                let sender = self
+                    .open(endpoint, peer, connection, |io| async move {
+                        let (sender, conn) =
+                            http1::Builder::new().handshake(io).await.map_err(http)?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
+                            }
+                        });
+                        Ok(sender)
+                    })
+                    .await?;
+                (sender, 1)
             }
         };
+        let last = connection.spent(used);
+        if last {
+            // The endpoint closes it after this response, as Envoy asks.
+            req.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         let response = sender.send_request(req).await.map_err(http)?;
+        if last {
+            return Ok(response);
+        }
         // Back to the pool once this response has been read to its end.
         let shared = self.http1.clone();
+        let idle_timeout = connection.idle_timeout;
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 let mut pools = shared.lock().expect("upstream lock");
                 let list = pools.entry(endpoint).or_default();
                 if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(sender);
+                    list.push(Pooled {
+                        sender,
+                        used,
+                        since: Instant::now(),
+                        idle_timeout,
+                    });
                 }
             }
         });
         Ok(response)
+    }
+
+    /// A new HTTP connection to `endpoint`: a tunnel, then `handshake` on it, within the
+    /// connect timeout.
+    async fn open<S, F>(
+        &self,
+        endpoint: SocketAddr,
+        peer: &Identity,
+        connection: &Connection,
+        handshake: impl FnOnce(TokioIo<Tunnel>) -> F,
+    ) -> Result<S, UpstreamError>
+    where
+        F: Future<Output = Result<S, UpstreamError>>,
+    {
+        let timeout = connection.connect_timeout;
+        let open = async {
+            let io = self.tunnel(endpoint, peer).await?;
+            handshake(io).await
+        };
+        tokio::time::timeout(timeout, open)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { endpoint, timeout })?
     }
 
     async fn tunnel(
@@ -285,6 +431,30 @@ impl Upstreams {
             .await
             .map_err(|source| UpstreamError::Connect { endpoint, source })?;
         Ok(tunnel.into_io())
+    }
+}
+
+/// Drops, every [`IDLE_SWEEP`], the pooled connections idle past their timeout (which
+/// closes them), until the pools are gone.
+async fn sweep_idle(http1: Weak<Mutex<Http1Pool>>, http2: Weak<Mutex<Http2Pool>>) {
+    let mut tick = tokio::time::interval(IDLE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (Some(http1), Some(http2)) = (http1.upgrade(), http2.upgrade()) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut pools = http1.lock().expect("upstream lock");
+        pools.retain(|_, list| {
+            list.retain(|c| !c.expired(now));
+            !list.is_empty()
+        });
+        drop(pools);
+        http2
+            .lock()
+            .expect("upstream lock")
+            .retain(|_, c| !c.expired(now) && !c.sender.is_closed());
     }
 }
 
@@ -333,6 +503,28 @@ fn jump_hash(mut key: u64, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_take_the_destinations_settings() {
+        let default = Connection::new(false, None);
+        assert_eq!(default.connect_timeout, Duration::from_secs(10));
+        assert!(!default.spent(1_000_000), "no request limit by default");
+        let limits = PoolLimits {
+            max_requests_per_connection: 2,
+            idle_timeout: Duration::from_secs(5),
+            ..PoolLimits::default()
+        };
+        let c = Connection::new(true, Some(&limits));
+        assert!(c.h2 && !c.spent(1) && c.spent(2));
+        let pooled = Pooled {
+            sender: (),
+            used: 1,
+            since: Instant::now(),
+            idle_timeout: c.idle_timeout,
+        };
+        assert!(!pooled.expired(pooled.since + Duration::from_millis(4_999)));
+        assert!(pooled.expired(pooled.since + Duration::from_secs(5)));
+    }
 
     #[test]
     fn jump_hash_is_stable_and_spreads() {
