@@ -107,6 +107,8 @@ pub struct Objects {
     pub virtual_services: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` DestinationRule.
     pub destination_rules: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` Gateway (ingress gateways).
+    pub istio_gateways: Vec<serde_json::Value>,
 }
 
 impl Objects {
@@ -123,6 +125,7 @@ impl Objects {
             && self.grpc_routes.is_empty()
             && self.virtual_services.is_empty()
             && self.destination_rules.is_empty()
+            && self.istio_gateways.is_empty()
     }
 }
 
@@ -140,6 +143,8 @@ pub enum Kind {
     GrpcRoute,
     VirtualService,
     DestinationRule,
+    /// Istio's `Gateway` (networking.istio.io), not the Gateway API's.
+    IstioGateway,
 }
 
 impl Kind {
@@ -157,6 +162,7 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::IstioGateway => "Gateway",
         }
     }
 

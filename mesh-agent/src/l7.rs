@@ -6,5 +6,6 @@
 //! [`crate::waypoint`].
 
 pub mod config;
+pub mod gateways;
 pub mod resilience;
 pub mod routes;

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+pub mod gateway;
 pub mod identity;
 pub mod l7;
 pub mod lb;

@@ -144,12 +144,26 @@ struct WaypointArgs {
     access_log_format: mesh_agent::waypoint::access_log::Format,
 }
 
+/// `mesh-agent gateway`.
+#[derive(Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    proxy: WaypointArgs,
+    /// The gateway's own pod (in --namespace): its labels select Istio Gateways, its
+    /// address is the source of the tunnels it opens.
+    #[arg(long, env = "POD_NAME")]
+    pod: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Capture and proxy the traffic of this node's ambient pods.
     Run(Box<RunArgs>),
     /// Run as the L7 waypoint proxy of a Gateway of class istio-waypoint.
     Waypoint(Box<WaypointArgs>),
+    /// Run as an ingress gateway: Istio Gateways that select this pod, and the Gateway API
+    /// Gateway of class istio named --name (--listen is not used: the gateways' ports are).
+    Gateway(Box<GatewayArgs>),
     /// Certificate authority tools.
     Ca {
         #[command(subcommand)]
@@ -221,44 +235,51 @@ fn main() -> anyhow::Result<()> {
             }
             runtime.enable_all().build()?.block_on(agent::run(cfg))
         }
-        Command::Waypoint(args) => {
-            let args = *args;
-            let cfg = mesh_agent::waypoint::WaypointConfig {
-                service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
-                name: args.name,
-                namespace: args.namespace,
-                source: match args.config {
-                    Some(path) => agent::ConfigSource::File(path),
-                    None => agent::ConfigSource::Kube {
-                        kubeconfig: args.kubeconfig,
-                    },
-                },
-                settings: Settings {
-                    trust_domain: args.trust_domain,
-                    root_namespace: args.root_namespace,
-                },
-                ca_dir: args.ca_dir,
-                cert_lifetime: args.cert_lifetime,
-                limits: Default::default(),
-                access_log: args.access_log_format,
-                listen: if args.listen.is_empty() {
-                    mesh_agent::waypoint::default_listen()
-                } else {
-                    args.listen
-                },
-            };
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = args.worker_threads {
-                runtime.worker_threads(n.get());
-            }
-            runtime
-                .enable_all()
-                .build()?
-                .block_on(mesh_agent::waypoint::run(cfg))
+        Command::Waypoint(args) => run_l7(*args, mesh_agent::waypoint::Role::Waypoint),
+        Command::Gateway(args) => {
+            let GatewayArgs { proxy, pod } = *args;
+            run_l7(proxy, mesh_agent::waypoint::Role::Gateway { pod })
         }
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
         Command::Ca {
             command: CaCommand::Init { out },
         } => agent::ca_init(&out),
     }
+}
+
+/// Runs the L7 engine as a waypoint or an ingress gateway.
+fn run_l7(args: WaypointArgs, role: mesh_agent::waypoint::Role) -> anyhow::Result<()> {
+    let cfg = mesh_agent::waypoint::WaypointConfig {
+        service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
+        name: args.name,
+        namespace: args.namespace,
+        source: match args.config {
+            Some(path) => agent::ConfigSource::File(path),
+            None => agent::ConfigSource::Kube {
+                kubeconfig: args.kubeconfig,
+            },
+        },
+        settings: Settings {
+            trust_domain: args.trust_domain,
+            root_namespace: args.root_namespace,
+        },
+        ca_dir: args.ca_dir,
+        cert_lifetime: args.cert_lifetime,
+        limits: Default::default(),
+        access_log: args.access_log_format,
+        role,
+        listen: if args.listen.is_empty() {
+            mesh_agent::waypoint::default_listen()
+        } else {
+            args.listen
+        },
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(n.get());
+    }
+    runtime
+        .enable_all()
+        .build()?
+        .block_on(mesh_agent::waypoint::run(cfg))
 }

@@ -80,6 +80,11 @@ pub struct RawObjects {
     pub virtual_services: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` DestinationRule (typed into [`MeshState::routes`]).
     pub destination_rules: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` Gateway, every class (ingress gateways of class
+    /// `istio` are typed into [`MeshState::routes`]).
+    pub gateways: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` Gateway (typed into [`MeshState::routes`]).
+    pub istio_gateways: Vec<serde_json::Value>,
 }
 
 /// One pod.
@@ -252,6 +257,8 @@ impl MeshState {
             &mut raw.grpc_routes,
             &mut raw.virtual_services,
             &mut raw.destination_rules,
+            &mut raw.gateways,
+            &mut raw.istio_gateways,
         ] {
             list.sort_by(|a, b| raw_key(a).cmp(&raw_key(b)));
         }
@@ -288,12 +295,14 @@ impl MeshState {
             &raw.peer_authentications,
             root_namespace,
         ));
-        let routes = Arc::new(Routes::build(
+        let routes = Arc::new(Routes::build_with_gateways(
             &services,
             &raw.http_routes,
             &raw.grpc_routes,
             &raw.virtual_services,
             &raw.destination_rules,
+            &raw.gateways,
+            &raw.istio_gateways,
         ));
         let mut state = Self {
             workloads,
@@ -410,6 +419,14 @@ impl MeshState {
             .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
             .ok()
             .map(|i| &self.services[i])
+    }
+
+    /// The pod `namespace/name`. O(log n), no allocation.
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads
+            .binary_search_by(|w| (w.namespace.as_str(), w.name.as_str()).cmp(&(namespace, name)))
+            .ok()
+            .map(|i| &self.workloads[i])
     }
 
     /// Where `service` (by namespace and name) is in `services`. O(log n), no allocation.

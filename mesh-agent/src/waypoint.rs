@@ -85,6 +85,21 @@ pub struct WaypointConfig {
     pub listen: Vec<SocketAddr>,
     /// How requests are logged on stdout.
     pub access_log: access_log::Format,
+    /// A waypoint, or an ingress gateway.
+    pub role: Role,
+}
+
+/// What the L7 engine serves: the mesh's traffic bound to a waypoint, over HBONE; or, as an
+/// ingress gateway ([`crate::gateway`]), plain HTTP from outside the mesh on the ports of
+/// the gateway objects that select it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Waypoint,
+    Gateway {
+        /// The gateway's own pod (its labels select Istio Gateways; its address is the
+        /// source of the tunnels it opens).
+        pod: Option<String>,
+    },
 }
 
 /// Shared by every tunnel and request.
@@ -104,6 +119,7 @@ pub struct Waypoint {
     handshakes: Arc<crate::proxy::handshakes::Handshakes>,
     /// The policy targets that are this waypoint: its Gateway and its GatewayClass.
     own_targets: [Target; 2],
+    pub role: Role,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -138,7 +154,12 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     let server_tls = tls::server_config(&certs, &identity);
 
     let mut listeners = Vec::new();
-    for addr in &cfg.listen {
+    let hbone = if cfg.role == Role::Waypoint {
+        &cfg.listen[..]
+    } else {
+        &[]
+    };
+    for addr in hbone {
         listeners.push(
             bind(*addr)
                 .await
@@ -147,6 +168,10 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     }
     let local_ip =
         local_address(&state.borrow(), &cfg).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let class = match cfg.role {
+        Role::Waypoint => WAYPOINT_CLASS,
+        Role::Gateway { .. } => crate::l7::gateways::INGRESS_CLASS,
+    };
     let me = Arc::new(PodContext {
         workload: own_workload(&cfg, local_ip),
         identity: identity.clone(),
@@ -173,9 +198,10 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
                 name: cfg.name.clone(),
             },
             Target::GatewayClass {
-                name: WAYPOINT_CLASS.to_owned(),
+                name: class.to_owned(),
             },
         ],
+        role: cfg.role.clone(),
         upstreams: upstream::Upstreams::new(pool, me, identity.clone(), local_ip),
         handshakes: crate::proxy::handshakes::Handshakes::new(
             cfg.limits.max_handshakes,
@@ -189,18 +215,20 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
     });
-    warn_if_absent(&waypoint, &state.borrow());
-    {
-        let (waypoint, mut rx) = (waypoint.clone(), state.clone());
+    if cfg.role == Role::Waypoint {
+        warn_if_absent(&waypoint, &state.borrow());
+        let (watched, mut rx) = (waypoint.clone(), state.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let s = rx.borrow_and_update().clone();
-                warn_if_absent(&waypoint, &s);
+                warn_if_absent(&watched, &s);
             }
         });
-    }
-    for listener in listeners {
-        tokio::spawn(accept_loop(waypoint.clone(), listener, server_tls.clone()));
+        for listener in listeners {
+            tokio::spawn(accept_loop(waypoint.clone(), listener, server_tls.clone()));
+        }
+    } else {
+        tokio::spawn(crate::gateway::serve(waypoint.clone()));
     }
 
     let view = Arc::new(AdminView {
@@ -221,7 +249,14 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
         )
         .await?;
     }
-    tracing::info!(waypoint = %format!("{}/{}", cfg.namespace, cfg.name), identity = %waypoint.identity, listen = ?cfg.listen, "waypoint ready");
+    match cfg.role {
+        Role::Waypoint => {
+            tracing::info!(waypoint = %format!("{}/{}", cfg.namespace, cfg.name), identity = %waypoint.identity, listen = ?cfg.listen, "waypoint ready")
+        }
+        Role::Gateway { .. } => {
+            tracing::info!(gateway = %format!("{}/{}", cfg.namespace, cfg.name), identity = %waypoint.identity, "ingress gateway ready")
+        }
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -241,7 +276,7 @@ pub fn default_listen() -> Vec<SocketAddr> {
     ]
 }
 
-async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = crate::proxy::sockets::new_socket(addr.ip())?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -254,6 +289,12 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// This waypoint's pod address, when the state knows it (the first ready address).
 fn local_address(state: &MeshState, cfg: &WaypointConfig) -> Option<IpAddr> {
+    if let Role::Gateway { pod } = &cfg.role {
+        return pod
+            .as_ref()
+            .and_then(|p| state.workload(&cfg.namespace, p))
+            .and_then(|w| w.ips.first().copied());
+    }
     state
         .waypoints
         .iter()
@@ -357,11 +398,22 @@ async fn accept_loop(
     }
 }
 
-/// What the waypoint serves for one tunnel: a service port or a workload address.
+/// What the waypoint serves for one tunnel: a service port or a workload address; or
+/// what an ingress gateway serves on one of its ports.
 #[derive(Clone, Debug)]
 pub enum Destination {
-    Service { service: Service, port: ServicePort },
-    Workload { workload: Workload, port: u16 },
+    Service {
+        service: Service,
+        port: ServicePort,
+    },
+    Workload {
+        workload: Workload,
+        port: u16,
+    },
+    /// A gateway port: the routes of the gateways listening on it decide.
+    Gateway {
+        port: u16,
+    },
 }
 
 impl Destination {
@@ -369,7 +421,7 @@ impl Destination {
     pub fn service(&self) -> Option<&Service> {
         match self {
             Self::Service { service, .. } => Some(service),
-            Self::Workload { .. } => None,
+            Self::Workload { .. } | Self::Gateway { .. } => None,
         }
     }
 }
@@ -414,6 +466,7 @@ impl TunnelContext {
         });
         let protocol = match &destination {
             Destination::Service { port, .. } => port.app_protocol(),
+            Destination::Gateway { .. } => AppProtocol::Http,
             Destination::Workload { workload, port } => state
                 .services_for_workload(workload)
                 .flat_map(|s| s.ports.iter())

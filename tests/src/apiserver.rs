@@ -75,7 +75,7 @@ struct Type {
 }
 
 impl Type {
-    const ALL: [Type; 11] = [
+    const ALL: [Type; 12] = [
         Type::new(Kind::Namespace, "", "namespaces", true),
         Type::new(Kind::Pod, "", "pods", true),
         Type::new(Kind::Service, "", "services", true),
@@ -127,6 +127,7 @@ impl Type {
             "destinationrules",
             false,
         ),
+        Type::new(Kind::IstioGateway, "networking.istio.io", "gateways", false),
     ];
 
     const fn new(kind: Kind, group: &'static str, plural: &'static str, builtin: bool) -> Self {

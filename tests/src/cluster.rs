@@ -1440,19 +1440,52 @@ impl Pod {
         config: &Path,
         extra: &[&str],
     ) -> Result<Process> {
+        self.spawn_l7(
+            &["waypoint"],
+            name,
+            namespace,
+            config,
+            extra,
+            "waypoint ready",
+        )
+    }
+
+    /// Runs `mesh-agent gateway` (an ingress gateway) as `name` in `namespace` in this pod
+    /// (outside the mesh: `istio.io/dataplane-mode: none`), whose labels select the Istio
+    /// Gateways it serves, on `config`; waits until it says it is ready.
+    pub fn spawn_gateway(
+        &self,
+        name: &str,
+        namespace: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<Process> {
+        self.spawn_l7(
+            &["gateway", "--pod", &self.spec.name],
+            name,
+            namespace,
+            config,
+            extra,
+            "ingress gateway ready",
+        )
+    }
+
+    fn spawn_l7(
+        &self,
+        command: &[&str],
+        name: &str,
+        namespace: &str,
+        config: &Path,
+        extra: &[&str],
+        ready: &str,
+    ) -> Result<Process> {
         let agent_bin = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
         let ca_dir = self.shared.workdir.join("ca");
         init_ca(&agent_bin, &ca_dir)?;
         let mut cmd = self.mesh_pod(&["exec", "--"]);
         cmd.arg(agent_bin)
-            .args([
-                "waypoint",
-                "--name",
-                name,
-                "--namespace",
-                namespace,
-                "--config",
-            ])
+            .args(command)
+            .args(["--name", name, "--namespace", namespace, "--config"])
             .arg(config)
             .arg("--ca-dir")
             .arg(&ca_dir)
@@ -1462,14 +1495,15 @@ impl Pod {
         let process = self.shared.spawn(
             &self.spec.name,
             cmd,
-            &format!("{}-waypoint", self.spec.name),
+            &format!("{}-{}", self.spec.name, command[0]),
             false,
         )?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !process.log_text().contains("waypoint ready") {
+        while !process.log_text().contains(ready) {
             if !process.is_running() || Instant::now() > deadline {
                 bail!(
-                    "waypoint {namespace}/{name} did not start: {}",
+                    "{} {namespace}/{name} did not start: {}",
+                    command[0],
                     process.log_text()
                 );
             }

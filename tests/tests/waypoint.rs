@@ -24,6 +24,8 @@ const APP: u16 = 8080;
 /// A plain TCP port of echo-v1 (not HTTP by Istio's rules: carried as bytes).
 const TCP: u16 = 9000;
 const WAYPOINT_PRINCIPAL: &str = "spiffe://cluster.local/ns/mesh/sa/waypoint";
+/// A namespace outside the mesh, whose pod reaches the mesh through the ingress gateway.
+const OUTSIDE: &str = "outside";
 
 fn vip(ip: &str) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), 80)
@@ -101,6 +103,14 @@ fn cluster() -> (Cluster, tests::Process) {
                 .label("istio.io/dataplane-mode", "none")
                 .service_account("waypoint"),
         )
+        .pod(
+            PodSpec::new("ingress", NS, 0)
+                .label("istio", "ingressgateway")
+                .label("gateway.networking.k8s.io/gateway-name", "api")
+                .label("istio.io/dataplane-mode", "none")
+                .service_account("ingress"),
+        )
+        .pod(PodSpec::new("outside", OUTSIDE, 1).label("app", "outside"))
         .build()
         .expect("building the test cluster");
     for pod in ["echo-v1", "echo-v2"] {
@@ -188,8 +198,13 @@ fn http_route(name: &str, parent: &str, rules: &str) -> String {
 }
 
 fn waypoint_metrics(cluster: &Cluster) -> Metrics {
-    let wp = cluster.pod("wp");
-    let (status, body) = tests::in_netns(wp.netns_path(), || {
+    pod_metrics(cluster, "wp")
+}
+
+/// What the proxy in `pod` serves on its 15020.
+fn pod_metrics(cluster: &Cluster, pod: &str) -> Metrics {
+    let pod = cluster.pod(pod);
+    let (status, body) = tests::in_netns(pod.netns_path(), || {
         tests::workload::http_get(
             "127.0.0.1:15020".parse().unwrap(),
             "/metrics",
@@ -586,6 +601,7 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     );
 
     resilience(&cluster);
+    ingress(&cluster);
 
     // L7 authorization at the waypoint, on the client's identity.
     let policy = format!(
@@ -729,6 +745,94 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
 /// Retries, timeouts and fault injection (Istio's VirtualService fields) on echo-v1, whose one
 /// pod fails every other `/flaky/503` request and answers `/delay/MS` late. Each rule is
 /// picked by the header `x-case`.
+/// An ingress gateway in front of the echo services: Istio's Gateway with a VirtualService
+/// that names it, and a Gateway API Gateway of class istio with an HTTPRoute; a client
+/// outside the mesh reaches the services through it, and its requests are reported with
+/// `reporter="source"`.
+fn ingress(cluster: &Cluster) {
+    let gateway = cluster
+        .pod("ingress")
+        .spawn_gateway("api", NS, &cluster.config_path(), &[])
+        .expect("starting the ingress gateway");
+    let istio = format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: echo-gateway, namespace: {NS}}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 8080, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n"
+    );
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo-ingress, namespace: {NS}}}\nspec:\n  hosts: [\"*\"]\n  gateways: [echo-gateway]\n  http:\n  - match: [{{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: echo-v2, port: {{number: 80}}}}}}]\n  - match: [{{uri: {{prefix: /echo}}}}]\n    route: [{{destination: {{host: echo-v1, port: {{number: 80}}}}}}]\n"
+    );
+    let api = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: api, namespace: {NS}}}\nspec:\n  gatewayClassName: istio\n  listeners: [{{name: http, port: 8081, protocol: HTTP, hostname: api.example.com}}]\n"
+    );
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules: [{{backendRefs: [{{name: echo-v2, port: 80}}]}}]\n"
+    );
+    apply(cluster, &[istio, vs, api, route]);
+    let ip = cluster.pod("ingress").ipv4();
+    let at = |port: u16| SocketAddr::new(ip.into(), port);
+    let outside = |to: SocketAddr, call: Call| calls(cluster, "outside", to, &[call]).remove(0);
+
+    // Istio's Gateway and its VirtualService: by path, to each version.
+    let ready = |to: SocketAddr, call: Call| {
+        let mut last = None;
+        let ok = eventually(Duration::from_secs(10), || {
+            let r = outside(to, call.clone());
+            let ok = r.status == 200;
+            last = Some(r);
+            ok
+        });
+        assert!(ok, "the gateway did not serve {to}: {last:?}");
+    };
+    ready(at(8080), get("/echo"));
+    let r = outside(at(8080), get("/echo/a"));
+    let e = echo(&r);
+    assert_eq!(e.pod, "echo-v1", "{r:?}");
+    let outside_ip = cluster.pod("outside").ipv4().to_string();
+    assert_eq!(
+        e.headers.get("x-forwarded-for"),
+        Some(&outside_ip),
+        "the client's address is forwarded: {e:?}"
+    );
+    assert_eq!(echo(&outside(at(8080), get("/v2/x"))).pod, "echo-v2");
+    // No route for the path: 404.
+    assert_eq!(outside(at(8080), get("/elsewhere")).status, 404);
+
+    // The Gateway API Gateway: its HTTPRoute, for its listener's hostname only.
+    let api_host = |host: &str| Call {
+        host: Some(host.into()),
+        ..get("/")
+    };
+    ready(at(8081), api_host("api.example.com"));
+    assert_eq!(
+        echo(&outside(at(8081), api_host("api.example.com"))).pod,
+        "echo-v2"
+    );
+    assert_eq!(outside(at(8081), api_host("other.example.com")).status, 404);
+
+    // Reported as a source, by the gateway, with its identity.
+    let metrics = pod_metrics(cluster, "ingress");
+    let from_gateway = metrics.sum(
+        "istio_requests_total",
+        &[
+            ("reporter", "source"),
+            ("source_workload", "ingress"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/mesh/sa/ingress",
+            ),
+            ("destination_service_name", "echo-v1"),
+            ("destination_version", "v1"),
+            ("response_code", "200"),
+        ],
+    );
+    assert!(from_gateway >= 2.0, "{from_gateway} requests reported");
+    let not_found = metrics.sum(
+        "istio_requests_total",
+        &[("reporter", "source"), ("response_flags", "NR")],
+    );
+    assert_eq!(not_found, 2.0, "the 404s, with NR");
+    drop(gateway);
+}
+
 fn resilience(cluster: &Cluster) {
     let vs = format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: resilience, namespace: {NS}}}\nspec:\n  hosts: [echo-v1]\n  http:\n\

@@ -382,7 +382,9 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
         "EndpointSlice" => Some((Kind::EndpointSlice, DISCOVERY)),
         "AuthorizationPolicy" => Some((Kind::AuthorizationPolicy, SECURITY)),
         "PeerAuthentication" => Some((Kind::PeerAuthentication, SECURITY)),
-        "Gateway" if api_version.starts_with("networking.istio.io/") => None,
+        "Gateway" if api_version.starts_with("networking.istio.io/") => {
+            Some((Kind::IstioGateway, NETWORKING))
+        }
         "Gateway" => Some((Kind::Gateway, GATEWAY)),
         "HTTPRoute" => Some((Kind::HttpRoute, GATEWAY)),
         "GRPCRoute" => Some((Kind::GrpcRoute, GATEWAY)),
@@ -711,9 +713,15 @@ impl Parser<'_> {
             }
             Kind::Gateway => {
                 let gateway = self.raw(kind, &at, &source)?;
+                crate::l7::config::validate(kind, &gateway)
+                    .map_err(|e| self.error(&at, e.to_string()))?;
                 self.parsed.objects.gateways.push(gateway);
             }
-            Kind::HttpRoute | Kind::GrpcRoute | Kind::VirtualService | Kind::DestinationRule => {
+            Kind::HttpRoute
+            | Kind::GrpcRoute
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::IstioGateway => {
                 let object = self.raw(kind, &at, &source)?;
                 // Routing objects are refused whole when invalid: a file is the operator's
                 // own, and a route half applied sends traffic where nobody asked.
@@ -724,6 +732,7 @@ impl Parser<'_> {
                     Kind::HttpRoute => objects.http_routes.push(object),
                     Kind::GrpcRoute => objects.grpc_routes.push(object),
                     Kind::VirtualService => objects.virtual_services.push(object),
+                    Kind::IstioGateway => objects.istio_gateways.push(object),
                     _ => objects.destination_rules.push(object),
                 }
             }

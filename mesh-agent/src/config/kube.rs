@@ -196,7 +196,7 @@ fn custom_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiR
 }
 
 /// The routing kinds: Gateway API (standard channel) and Istio networking.
-fn routing_resources() -> [(Kind, ApiResource); 5] {
+fn routing_resources() -> [(Kind, ApiResource); 6] {
     const GATEWAY: &str = "gateway.networking.k8s.io";
     const NETWORKING: &str = "networking.istio.io";
     [
@@ -219,6 +219,10 @@ fn routing_resources() -> [(Kind, ApiResource); 5] {
         (
             Kind::DestinationRule,
             custom_resource(NETWORKING, "v1", "DestinationRule", "destinationrules"),
+        ),
+        (
+            Kind::IstioGateway,
+            custom_resource(NETWORKING, "v1", "Gateway", "gateways"),
         ),
     ]
 }
@@ -400,6 +404,7 @@ impl KubeSource {
             grpc_routes,
             virtual_services,
             destination_rules,
+            istio_gateways,
         ] = routing;
 
         let stores = Stores {
@@ -414,6 +419,7 @@ impl KubeSource {
             grpc_routes,
             virtual_services,
             destination_rules,
+            istio_gateways,
         };
         (stores, AbortOnDrop(tasks))
     }
@@ -564,6 +570,7 @@ impl Progress {
             Kind::GrpcRoute,
             Kind::VirtualService,
             Kind::DestinationRule,
+            Kind::IstioGateway,
         ]
         .into_iter()
         .map(|kind| {
@@ -768,6 +775,7 @@ struct Stores {
     grpc_routes: (Store<DynamicObject>, ApiResource),
     virtual_services: (Store<DynamicObject>, ApiResource),
     destination_rules: (Store<DynamicObject>, ApiResource),
+    istio_gateways: (Store<DynamicObject>, ApiResource),
 }
 
 impl Stores {
@@ -804,6 +812,7 @@ impl Stores {
             grpc_routes: raw(&self.grpc_routes),
             virtual_services: raw(&self.virtual_services),
             destination_rules: raw(&self.destination_rules),
+            istio_gateways: raw(&self.istio_gateways),
         }
     }
 }
@@ -878,6 +887,7 @@ fn remove(objects: &mut Objects, key: &ObjectKey) -> bool {
         Kind::GrpcRoute => retain(&mut objects.grpc_routes, |o| !raw_matches(o, key)),
         Kind::VirtualService => retain(&mut objects.virtual_services, |o| !raw_matches(o, key)),
         Kind::DestinationRule => retain(&mut objects.destination_rules, |o| !raw_matches(o, key)),
+        Kind::IstioGateway => retain(&mut objects.istio_gateways, |o| !raw_matches(o, key)),
     }
 }
 

@@ -97,6 +97,8 @@ pub fn translate(
         (Kind::GrpcRoute, &objects.grpc_routes),
         (Kind::VirtualService, &objects.virtual_services),
         (Kind::DestinationRule, &objects.destination_rules),
+        (Kind::IstioGateway, &objects.istio_gateways),
+        (Kind::Gateway, &objects.gateways),
     ] {
         for object in list {
             crate::l7::config::validate(kind, object).map_err(|e| ConfigError::Object {
@@ -117,6 +119,8 @@ pub fn translate(
             grpc_routes: objects.grpc_routes.clone(),
             virtual_services: objects.virtual_services.clone(),
             destination_rules: objects.destination_rules.clone(),
+            gateways: objects.gateways.clone(),
+            istio_gateways: objects.istio_gateways.clone(),
         },
         &settings.root_namespace,
     )

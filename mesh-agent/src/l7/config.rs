@@ -41,12 +41,14 @@ pub fn validate(kind: Kind, object: &Value) -> Result<(), RouteError> {
         Kind::GrpcRoute => parse_grpc_route(object).map(drop),
         Kind::VirtualService => VirtualService::parse(object).map(drop),
         Kind::DestinationRule => DestinationRule::parse(object).map(drop),
+        Kind::IstioGateway => super::gateways::parse_istio_gateway(object).map(drop),
+        Kind::Gateway => super::gateways::parse_gateway_api(object).map(drop),
         _ => Ok(()),
     }
 }
 
 /// `metadata.namespace` and `metadata.name` (the sources fill the namespace in).
-fn meta(object: &Value) -> Result<(String, String), RouteError> {
+pub(super) fn meta(object: &Value) -> Result<(String, String), RouteError> {
     let text = |key: &str| {
         object["metadata"][key]
             .as_str()
@@ -58,7 +60,7 @@ fn meta(object: &Value) -> Result<(String, String), RouteError> {
 }
 
 /// Deserializes `object.spec` into `T`, naming the failing field.
-fn spec<T: serde::de::DeserializeOwned>(object: &Value) -> Result<T, RouteError> {
+pub(super) fn spec<T: serde::de::DeserializeOwned>(object: &Value) -> Result<T, RouteError> {
     let spec = object
         .get("spec")
         .cloned()

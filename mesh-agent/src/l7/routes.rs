@@ -36,6 +36,7 @@ use super::config::{
     self, DestinationRule, FilterType, HttpRoute, HttpRouteFilter, PathMatchType, PathModifierType,
     SimpleLb, VirtualService, VsHeaderOperations,
 };
+use super::gateways::{GatewayKey, IngressGateway, Listener, host_matches};
 use super::resilience::{OutlierPolicy, PoolLimits};
 use crate::state::Service;
 
@@ -47,7 +48,30 @@ pub type ServiceKey = (String, String);
 pub struct Routes {
     by_service: HashMap<ServiceKey, Attached>,
     destination_rules: HashMap<ServiceKey, Arc<Destination>>,
+    /// Ingress gateways (Istio's and the Gateway API's), by namespace/name.
+    ingress: Vec<IngressGateway>,
+    /// The routes bound to each ingress gateway.
+    by_gateway: HashMap<GatewayKey, GatewayRoutes>,
     problems: Vec<String>,
+}
+
+/// The routes bound to one ingress gateway.
+#[derive(Debug, Default)]
+struct GatewayRoutes {
+    /// HTTPRoutes with the gateway as parent, by precedence.
+    http_routes: Vec<GatewayEntry>,
+    /// VirtualServices that name the gateway, by namespace/name: their hosts and entries,
+    /// tried in order (Istio merges the VirtualServices of one host).
+    virtual_services: Vec<(Vec<String>, Vec<Entry>)>,
+}
+
+#[derive(Debug)]
+struct GatewayEntry {
+    /// The route's hostnames (none: any).
+    hostnames: Arc<[String]>,
+    /// The listener it attaches to (`sectionName`), if it names one.
+    section: Option<String>,
+    entry: Entry,
 }
 
 /// The routes attached to one service.
@@ -285,7 +309,31 @@ impl Routes {
         virtual_services: &[Value],
         destination_rules: &[Value],
     ) -> Self {
+        Self::build_with_gateways(
+            services,
+            http_routes,
+            grpc_routes,
+            virtual_services,
+            destination_rules,
+            &[],
+            &[],
+        )
+    }
+
+    /// [`build`](Self::build), with the ingress gateways: Gateway API `gateways` (those of
+    /// class `istio`) and Istio's `istio_gateways`.
+    pub fn build_with_gateways(
+        services: &[Service],
+        http_routes: &[Value],
+        grpc_routes: &[Value],
+        virtual_services: &[Value],
+        destination_rules: &[Value],
+        gateways: &[Value],
+        istio_gateways: &[Value],
+    ) -> Self {
         let mut routes = Routes::default();
+        routes.compile_ingress(gateways, istio_gateways);
+        let mut gateway_http: HashMap<GatewayKey, Vec<(SortKey, GatewayEntry)>> = HashMap::new();
         let known = |ns: &str, name: &str| {
             services
                 .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(ns, name)))
@@ -322,6 +370,47 @@ impl Routes {
                     .group
                     .as_deref()
                     .unwrap_or("gateway.networking.k8s.io");
+                if kind == "Gateway" && group == "gateway.networking.k8s.io" {
+                    let gateway = (
+                        parent
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| route.namespace.clone()),
+                        parent.name.clone(),
+                    );
+                    // Other Gateways (waypoints) take no routes of their own here.
+                    if !routes.ingress.iter().any(|g| g.key == gateway) {
+                        continue;
+                    }
+                    let hostnames: Arc<[String]> = route.spec.hostnames.clone().into();
+                    for (r, rule) in route.spec.rules.iter().enumerate() {
+                        let compiled = Arc::new(compile_http_rule(&route, r, rule));
+                        let matches = if rule.matches.is_empty() {
+                            vec![config::HttpRouteMatch::default()]
+                        } else {
+                            rule.matches.clone()
+                        };
+                        for (m, spec) in matches.iter().enumerate() {
+                            let (matcher, mut sort) = compile_http_match(spec);
+                            sort.consumer = true;
+                            sort.order = (index, r, m);
+                            gateway_http.entry(gateway.clone()).or_default().push((
+                                sort,
+                                GatewayEntry {
+                                    hostnames: hostnames.clone(),
+                                    section: parent.section_name.clone(),
+                                    entry: Entry {
+                                        m: matcher,
+                                        consumer: None,
+                                        port: parent.port,
+                                        rule: compiled.clone(),
+                                    },
+                                },
+                            ));
+                        }
+                    }
+                    continue;
+                }
                 if kind != "Service" || !(group.is_empty() || group == "core") {
                     continue;
                 }
@@ -404,34 +493,31 @@ impl Routes {
                 }
             };
             let key = format!("VirtualService {}/{}", vs.namespace, vs.name);
+            routes.note_unapplied_virtual_service(&key, &vs);
+            // The ingress gateways it names.
+            for name in vs.spec.gateways.iter().filter(|g| *g != "mesh") {
+                let gateway = gateway_key(name, &vs.namespace);
+                if !routes.ingress.iter().any(|g| g.key == gateway) {
+                    routes.problems.push(format!(
+                        "{key}: gateway {name:?} is no Gateway of the configuration; not applied to it"
+                    ));
+                    continue;
+                }
+                let entries = vs_entries(&vs, |gws| {
+                    gws.iter()
+                        .any(|g| g != "mesh" && gateway_key(g, &vs.namespace) == gateway)
+                });
+                routes
+                    .by_gateway
+                    .entry(gateway)
+                    .or_default()
+                    .virtual_services
+                    .push((vs.spec.hosts.clone(), entries));
+            }
             if !vs.spec.gateways.is_empty() && !vs.spec.gateways.iter().any(|g| g == "mesh") {
                 continue;
             }
-            routes.note_unapplied_virtual_service(&key, &vs);
-            let entries: Vec<Entry> = vs
-                .spec
-                .http
-                .iter()
-                .enumerate()
-                .flat_map(|(r, route)| {
-                    let rule = Arc::new(compile_vs_route(&vs, r, route));
-                    let matches = if route.matches.is_empty() {
-                        vec![config::VsMatch::default()]
-                    } else {
-                        route.matches.clone()
-                    };
-                    matches
-                        .into_iter()
-                        .filter(|m| m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
-                        .map(move |m| Entry {
-                            port: m.port,
-                            consumer: m.source_namespace.clone(),
-                            m: compile_vs_match(&m),
-                            rule: rule.clone(),
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect();
+            let entries = vs_entries(&vs, |gws| gws.iter().any(|g| g == "mesh"));
             let targets: Vec<ServiceKey> = services
                 .iter()
                 .filter(|s| {
@@ -475,6 +561,12 @@ impl Routes {
                     }
                 }
             }
+        }
+
+        for (gateway, mut entries) in gateway_http {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            routes.by_gateway.entry(gateway).or_default().http_routes =
+                entries.into_iter().map(|(_, e)| e).collect();
         }
 
         // DestinationRules.
@@ -562,6 +654,89 @@ impl Routes {
             .contains_key(&(namespace.to_owned(), name.to_owned()))
     }
 
+    /// The ingress gateways of the configuration.
+    pub fn ingress_gateways(&self) -> &[IngressGateway] {
+        &self.ingress
+    }
+
+    /// The route for a request at ingress gateway `gateway`, on `listener`: its HTTPRoutes
+    /// by precedence, then the VirtualServices whose hosts take the request's; none is 404.
+    pub fn select_gateway<'a>(
+        &'a self,
+        gateway: &GatewayKey,
+        listener: &Listener,
+        req: &RequestView<'_>,
+    ) -> Selection<'a> {
+        let Some(g) = self.by_gateway.get(gateway) else {
+            return Selection::NotFound;
+        };
+        let on_listener = |e: &Entry| e.port.is_none_or(|p| p == listener.port);
+        for ge in &g.http_routes {
+            if !on_listener(&ge.entry)
+                || ge
+                    .section
+                    .as_ref()
+                    .is_some_and(|s| listener.name.as_ref() != Some(s))
+                || !(ge.hostnames.is_empty()
+                    || ge.hostnames.iter().any(|h| host_matches(h, req.host)))
+            {
+                continue;
+            }
+            if let Some(matched_prefix) = ge.entry.m.matches(req) {
+                return Selection::Rule {
+                    rule: &ge.entry.rule,
+                    matched_prefix,
+                };
+            }
+        }
+        for (hosts, entries) in &g.virtual_services {
+            if !hosts.iter().any(|h| host_matches(h, req.host)) {
+                continue;
+            }
+            for entry in entries.iter().filter(|e| on_listener(e)) {
+                if let Some(matched_prefix) = entry.m.matches(req) {
+                    return Selection::Rule {
+                        rule: &entry.rule,
+                        matched_prefix,
+                    };
+                }
+            }
+        }
+        Selection::NotFound
+    }
+
+    /// Compiles the ingress gateways, reporting those that do not parse and the listeners
+    /// not served.
+    fn compile_ingress(&mut self, gateways: &[Value], istio_gateways: &[Value]) {
+        for object in istio_gateways {
+            match super::gateways::parse_istio_gateway(object) {
+                Ok(g) => self.ingress.push(g),
+                Err(e) => self
+                    .problems
+                    .push(format!("Gateway {}: {e}; not applied", describe(object))),
+            }
+        }
+        for object in gateways {
+            match super::gateways::parse_gateway_api(object) {
+                Ok(Some(g)) => self.ingress.push(g),
+                Ok(None) => {}
+                Err(e) => self
+                    .problems
+                    .push(format!("Gateway {}: {e}; not applied", describe(object))),
+            }
+        }
+        for g in &self.ingress {
+            for l in &g.listeners {
+                if l.protocol == super::gateways::Protocol::Other {
+                    self.problems.push(format!(
+                        "Gateway {}/{}: port {} is not HTTP; only plain HTTP listeners are served yet",
+                        g.key.0, g.key.1, l.port
+                    ));
+                }
+            }
+        }
+    }
+
     /// The route for a request to `service`.
     pub fn select<'a>(&'a self, service: &Service, req: &RequestView<'_>) -> Selection<'a> {
         let key = (service.namespace.clone(), service.name.clone());
@@ -626,6 +801,40 @@ impl Routes {
             ));
         }
     }
+}
+
+/// A VirtualService's `gateways` entry (`name` in its namespace, or `namespace/name`).
+fn gateway_key(name: &str, namespace: &str) -> GatewayKey {
+    match name.split_once('/') {
+        Some((ns, n)) => (ns.to_owned(), n.to_owned()),
+        None => (namespace.to_owned(), name.to_owned()),
+    }
+}
+
+/// The entries of a VirtualService's `http` routes, keeping the matches whose `gateways`
+/// are empty (the VirtualService's own apply) or pass `names`.
+fn vs_entries(vs: &VirtualService, names: impl Fn(&[String]) -> bool) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for (r, route) in vs.spec.http.iter().enumerate() {
+        let rule = Arc::new(compile_vs_route(vs, r, route));
+        let matches = if route.matches.is_empty() {
+            vec![config::VsMatch::default()]
+        } else {
+            route.matches.clone()
+        };
+        for m in matches {
+            if !m.gateways.is_empty() && !names(&m.gateways) {
+                continue;
+            }
+            entries.push(Entry {
+                port: m.port,
+                consumer: m.source_namespace.clone(),
+                m: compile_vs_match(&m),
+                rule: rule.clone(),
+            });
+        }
+    }
+    entries
 }
 
 /// `Kind namespace/name` of an object that did not parse, as far as it can be read.
@@ -1395,6 +1604,108 @@ mod tests {
                 Action::Direct { status, .. } => format!("direct {status}"),
             },
         }
+    }
+
+    /// The backends an ingress gateway's request for `host` `path` goes to, or "404".
+    fn at_gateway(routes: &Routes, gateway: &str, port: u16, host: &str, path: &str) -> String {
+        let map = HeaderMap::new();
+        let listener = Listener {
+            name: Some("http".into()),
+            port,
+            protocol: super::super::gateways::Protocol::Http,
+            hosts: vec!["*".into()],
+        };
+        let req = RequestView {
+            host,
+            client_namespace: None,
+            port,
+            ..view("GET", path, &map)
+        };
+        match routes.select_gateway(&("shop".into(), gateway.into()), &listener, &req) {
+            Selection::Rule { rule, .. } => match &rule.action {
+                Action::Forward(b) => b.iter().map(|b| b.name.clone()).collect(),
+                _ => "other".into(),
+            },
+            _ => "404".into(),
+        }
+    }
+
+    #[test]
+    fn ingress_gateways_take_the_routes_that_name_them() {
+        let istio = json!({"metadata": {"name": "bookinfo-gateway", "namespace": "shop"}, "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}});
+        let api = json!({"metadata": {"name": "api-gateway", "namespace": "shop"}, "spec": {
+            "gatewayClassName": "istio",
+            "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}});
+        let vs = json!({"metadata": {"name": "bookinfo", "namespace": "shop"}, "spec": {
+        "hosts": ["*"], "gateways": ["bookinfo-gateway"],
+        "http": [
+            {"match": [{"uri": {"exact": "/productpage"}}, {"uri": {"prefix": "/static"}}],
+             "route": [{"destination": {"host": "productpage", "port": {"number": 9080}}}]},
+            {"match": [{"uri": {"prefix": "/only-mesh"}, "gateways": ["mesh"]}],
+             "route": [{"destination": {"host": "mesh-only"}}]}
+        ]}});
+        let mesh = json!({"metadata": {"name": "echo", "namespace": "shop"}, "spec": {
+            "hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo-v2"}}]}]}});
+        let route = json!({"metadata": {"name": "api", "namespace": "shop"}, "spec": {
+            "parentRefs": [{"name": "api-gateway", "sectionName": "http"}],
+            "hostnames": ["api.example.com"],
+            "rules": [{"backendRefs": [{"name": "echo", "port": 80}]}]}});
+        let routes = Routes::build_with_gateways(
+            &[service("shop", "echo"), service("shop", "productpage")],
+            &[route],
+            &[],
+            &[vs, mesh],
+            &[],
+            &[api],
+            &[istio],
+        );
+        assert_eq!(routes.ingress_gateways().len(), 2);
+        assert_eq!(
+            at_gateway(
+                &routes,
+                "bookinfo-gateway",
+                8080,
+                "bookinfo.example.com",
+                "/productpage"
+            ),
+            "productpage"
+        );
+        assert_eq!(
+            at_gateway(&routes, "bookinfo-gateway", 8080, "x", "/static/app.css"),
+            "productpage"
+        );
+        // A match for the mesh only, and a path no route takes.
+        assert_eq!(
+            at_gateway(&routes, "bookinfo-gateway", 8080, "x", "/only-mesh"),
+            "404"
+        );
+        assert_eq!(
+            at_gateway(&routes, "bookinfo-gateway", 8080, "x", "/login"),
+            "404"
+        );
+        // The Gateway API gateway: its HTTPRoute, for its hostname only.
+        assert_eq!(
+            at_gateway(&routes, "api-gateway", 80, "api.example.com", "/"),
+            "echo"
+        );
+        assert_eq!(
+            at_gateway(&routes, "api-gateway", 80, "other.example.com", "/"),
+            "404"
+        );
+        // The mesh keeps its own routes; the gateway's VirtualService is not the mesh's.
+        assert_eq!(decide(&routes, "GET", "/", &[]), "echo-v2");
+        assert!(!routes.has_routes("shop", "productpage"));
+        // A VirtualService naming a gateway that does not exist is reported.
+        let lost = json!({"metadata": {"name": "lost", "namespace": "shop"}, "spec": {
+            "hosts": ["*"], "gateways": ["nowhere"], "http": [{"route": [{"destination": {"host": "echo"}}]}]}});
+        let routes = Routes::build(&[service("shop", "echo")], &[], &[], &[lost], &[]);
+        assert!(
+            routes.problems()[0].contains("gateway \"nowhere\""),
+            "{:?}",
+            routes.problems()
+        );
     }
 
     #[test]

@@ -91,8 +91,12 @@ pub struct HandleKey {
 /// Entries kept per tunnel before the cache starts over (states change, endpoints move).
 const MAX_HANDLES: usize = 64;
 
-/// Serves HTTP/1.1 or HTTP/2 (detected) on the tunnel until it ends.
-pub async fn serve_http(tunnel: Arc<Tunnel>, io: TunnelIo) {
+/// Serves HTTP/1.1 or HTTP/2 (detected) on the tunnel (or a gateway's connection) until it
+/// ends.
+pub async fn serve_http<I>(tunnel: Arc<Tunnel>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let tunnel = tunnel.clone();
         async move { Ok::<_, Infallible>(handle(tunnel, req).await) }
@@ -141,6 +145,8 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
             (endpoint, state.workload_by_ip(endpoint.ip()), Some(service))
         }
         Destination::Workload { workload, .. } => (tunnel.target, Some(workload), None),
+        // Gateways serve HTTP only.
+        Destination::Gateway { .. } => return,
     };
     let Some(peer) = workload.map(|w| Identity::of(&wp.settings.trust_domain, w)) else {
         tracing::info!(%endpoint, "waypoint: endpoint is not a mesh workload");
@@ -307,24 +313,35 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     // The route, and what it says to do.
     let (service, service_port) = match &tunnel.destination {
         Destination::Service { service, port } => (Some(service), Some(port)),
-        Destination::Workload { .. } => (None, None),
+        Destination::Workload { .. } | Destination::Gateway { .. } => (None, None),
     };
-    let selection = match service {
-        Some(svc) => {
-            let view = RequestView {
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                query: parts.uri.query(),
-                host: &host,
-                scheme: "http",
-                port: tunnel.target.port(),
-                headers: &parts.headers,
-                client_namespace: tunnel.ctx.client.as_ref().map(|c| c.namespace.as_str()),
-            };
-            state.routes().select(svc, &view)
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        host: &host,
+        scheme: "http",
+        port: tunnel.target.port(),
+        headers: &parts.headers,
+        client_namespace: tunnel.ctx.client.as_ref().map(|c| c.namespace.as_str()),
+    };
+    let selection = match (&tunnel.destination, service) {
+        (_, Some(svc)) => state.routes().select(svc, &view),
+        // At an ingress gateway: the first gateway on this port that takes the host.
+        (Destination::Gateway { port }, _) => {
+            let listeners = crate::gateway::listeners(&wp, &state, *port);
+            match listeners.iter().find(|(_, l)| l.admits(&host)) {
+                Some((gateway, listener)) => {
+                    state.routes().select_gateway(gateway, listener, &view)
+                }
+                None => Selection::NotFound,
+            }
         }
-        None => Selection::Default,
+        _ => Selection::Default,
     };
+    if matches!(tunnel.destination, Destination::Gateway { .. }) {
+        forwarded_headers(&mut parts.headers, tunnel.ctx.peer.ip());
+    }
     let (rule, matched_prefix) = match selection {
         Selection::NotFound => {
             return local_reply(&wp, record, StatusCode::NOT_FOUND, Flags::NR, "");
@@ -606,10 +623,7 @@ fn choose_target<'a>(
     service_port: Option<&'a ServicePort>,
 ) -> Result<Target<'a>, Failure> {
     // A workload address: that pod, as it is.
-    let (Some(service), Some(service_port)) = (service, service_port) else {
-        if !matches!(tunnel.destination, Destination::Workload { .. }) {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, Flags::NR, "no route"));
-        }
+    if matches!(tunnel.destination, Destination::Workload { .. }) {
         return Ok(Target {
             candidates: Cow::Owned(vec![tunnel.target]),
             lb: LoadBalancer::default(),
@@ -617,7 +631,7 @@ fn choose_target<'a>(
             backend: None,
             policy: None,
         });
-    };
+    }
     let no_healthy = (
         StatusCode::SERVICE_UNAVAILABLE,
         Flags::NC,
@@ -632,9 +646,11 @@ fn choose_target<'a>(
         _ => None,
     };
     let gateway_api = rule.is_some_and(|r| r.gateway_api);
-    let (svc, port) = match backend {
-        None => (service, service_port),
-        Some(b) => {
+    let (svc, port) = match (backend, service, service_port) {
+        (None, Some(service), Some(port)) => (service, port),
+        // At a gateway, only a route's backend.
+        (None, _, _) => return Err((StatusCode::SERVICE_UNAVAILABLE, Flags::NR, "no route")),
+        (Some(b), _, _) => {
             let Some(svc) = state.service(&b.namespace, &b.name) else {
                 return Err(if gateway_api {
                     (StatusCode::INTERNAL_SERVER_ERROR, Flags::NR, "")
@@ -642,12 +658,15 @@ fn choose_target<'a>(
                     no_healthy
                 });
             };
-            let wanted = b.port.unwrap_or(service_port.port);
-            let Some(port) = svc
-                .ports
-                .iter()
-                .find(|p| p.port == wanted && p.protocol == "TCP")
-            else {
+            // The backend's port, else the one the request came to, else the service's
+            // only port (Istio lets a VirtualService leave it out then).
+            let tcp = || svc.ports.iter().filter(|p| p.protocol == "TCP");
+            let found = match b.port.or(service_port.map(|p| p.port)) {
+                Some(wanted) => tcp().find(|p| p.port == wanted),
+                None if tcp().count() == 1 => tcp().next(),
+                None => None,
+            };
+            let Some(port) = found else {
                 return Err(no_healthy);
             };
             (svc, port)
@@ -722,6 +741,21 @@ pub(super) fn endpoints<'a>(
         ));
     }
     Ok((candidates, destination))
+}
+
+/// What an ingress gateway adds for the backends, as Envoy does at the edge: the client's
+/// address appended to `x-forwarded-for`, and `x-forwarded-proto`.
+fn forwarded_headers(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
 }
 
 /// The `Location` of a redirect.
@@ -954,14 +988,24 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
         w.and_then(|w| w.labels.get(key).cloned())
             .unwrap_or_else(unknown)
     };
-    let source = state.workload_by_ip(tunnel.ctx.peer.ip());
+    let gateway = matches!(tunnel.destination, Destination::Gateway { .. });
+    let wp = &tunnel.ctx.waypoint;
+    // At a gateway, the source is the gateway itself (Istio's gateways report as the
+    // source of the requests they send into the mesh).
+    let source = if gateway {
+        state
+            .workload_by_ip(tunnel.ctx.local)
+            .or(Some(&wp.upstreams.me().workload))
+    } else {
+        state.workload_by_ip(tunnel.ctx.peer.ip())
+    };
     // The endpoint's workload; for a workload address without one, the tunnel's.
     let destination =
         key.endpoint
             .and_then(|ip| state.workload_by_ip(ip))
             .or(match &tunnel.destination {
                 Destination::Workload { workload, .. } => Some(workload),
-                Destination::Service { .. } => None,
+                Destination::Service { .. } | Destination::Gateway { .. } => None,
             });
     let service = key
         .service
@@ -969,14 +1013,22 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
         .or_else(|| tunnel.destination.service());
     let td = &tunnel.ctx.waypoint.settings.trust_domain;
     RequestLabels {
-        reporter: Reporter::Waypoint,
+        reporter: if gateway {
+            Reporter::Source
+        } else {
+            Reporter::Waypoint
+        },
         source_workload: source.map_or_else(unknown, |w| w.workload_name.clone()),
         source_workload_namespace: source.map_or_else(unknown, |w| w.namespace.clone()),
-        source_principal: tunnel
-            .ctx
-            .client
-            .as_ref()
-            .map_or_else(unknown, ToString::to_string),
+        source_principal: if gateway {
+            wp.identity.to_string()
+        } else {
+            tunnel
+                .ctx
+                .client
+                .as_ref()
+                .map_or_else(unknown, ToString::to_string)
+        },
         source_app: label(source, "app"),
         source_version: label(source, "version"),
         source_canonical_service: source.map_or_else(unknown, crate::metrics::canonical_service),

@@ -196,6 +196,11 @@ impl Upstreams {
         }
     }
 
+    /// The waypoint's own pod, as the tunnels it opens present it.
+    pub fn me(&self) -> &PodContext {
+        &self.me
+    }
+
     /// HBONE connections open to endpoints.
     pub fn connections(&self) -> usize {
         self.pool.connections()
