@@ -1430,6 +1430,37 @@ impl Pod {
         )
     }
 
+    /// Starts a Bookinfo service ([`crate::bookinfo`]) on 9080 as this pod, its backends at
+    /// `backends` (`details`, `reviews`, `ratings` → address), and waits until it listens.
+    pub fn spawn_bookinfo(
+        &self,
+        service: &str,
+        version: &str,
+        backends: &[(&str, SocketAddr)],
+    ) -> Result<Process> {
+        let mut args = vec![
+            "serve-bookinfo".to_owned(),
+            "--service".into(),
+            service.into(),
+            "--version".into(),
+            version.into(),
+            "--name".into(),
+            self.spec.name.clone(),
+        ];
+        for (name, addr) in backends {
+            args.push("--backend".into());
+            args.push(format!("{name}={addr}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd = self.mesh_pod(&args);
+        self.shared.spawn(
+            &self.spec.name,
+            cmd,
+            &format!("{}-bookinfo", self.spec.name),
+            true,
+        )
+    }
+
     /// Runs `mesh-agent waypoint` for the Gateway `namespace/name` in this pod (which
     /// should be labelled `istio.io/dataplane-mode: none` and with the Gateway's name), on
     /// `config`, with the cluster's CA; waits until it says it is ready.

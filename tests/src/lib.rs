@@ -12,6 +12,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod bookinfo;
 pub mod capture;
 pub mod cluster;
 mod config;

@@ -368,6 +368,20 @@ fn documents(text: &str) -> Vec<Chunk<'_>> {
     chunks
 }
 
+/// Kinds a cluster's manifests carry next to the mesh's objects that the agent has no use
+/// for (the pods they make are what it reads): skipped, so one file applies to a cluster
+/// and to the file mode unchanged.
+fn unused_kind(api_version: &str, kind: &str) -> bool {
+    matches!(
+        (api_version, kind),
+        ("v1", "ServiceAccount" | "ConfigMap")
+            | (
+                "apps/v1",
+                "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet"
+            )
+    )
+}
+
 /// A `kind:` with its `apiVersion:`, resolved to the kinds this agent knows.
 fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
     const CORE: &str = "v1";
@@ -410,8 +424,10 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
         None => Err(format!(
             "kind: unsupported kind {kind:?} (apiVersion {api_version:?}); a config file holds \
              only Namespace, Pod and Service ({CORE}), EndpointSlice ({DISCOVERY}), \
-             AuthorizationPolicy and PeerAuthentication ({SECURITY}), Gateway and HTTPRoute \
-             ({GATEWAY}), VirtualService and DestinationRule ({NETWORKING}), or a List of them"
+             AuthorizationPolicy and PeerAuthentication ({SECURITY}), Gateway, HTTPRoute and \
+             GRPCRoute ({GATEWAY}), VirtualService, DestinationRule and Gateway \
+             ({NETWORKING}), or a List of them (ServiceAccounts, ConfigMaps and apps/v1 \
+             workloads are skipped)"
         )),
     }
 }
@@ -629,6 +645,10 @@ impl Parser<'_> {
         }
         let header = Header::of(&value).map_err(|m| self.error(&at, m))?;
         at.object = Some(header.describe());
+        if unused_kind(header.api_version, header.kind) {
+            tracing::debug!(object = %header.describe(), "config: skipped, the agent does not use this kind");
+            return Ok(());
+        }
         if header.kind != "List" {
             let kind =
                 resolve_kind(header.api_version, header.kind).map_err(|m| self.error(&at, m))?;
@@ -666,6 +686,9 @@ impl Parser<'_> {
             at.object = Some(header.describe());
             if header.kind == "List" {
                 return Err(self.error(&at, "kind: a List inside a List is not supported"));
+            }
+            if unused_kind(header.api_version, header.kind) {
+                continue;
             }
             let kind =
                 resolve_kind(header.api_version, header.kind).map_err(|m| self.error(&at, m))?;
@@ -1027,17 +1050,27 @@ status:
     }
 
     #[test]
+    fn a_clusters_workload_kinds_are_skipped() {
+        let text = format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: bookinfo-details}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: details-v1}}\nspec: {{replicas: 1}}\n---\n{}",
+            pod("web", "10.0.0.5")
+        );
+        let parsed = load_str(&text, "config.yaml").expect("skips what it does not use");
+        assert_eq!(parsed.pods.len(), 1);
+    }
+
+    #[test]
     fn unknown_kind_is_rejected() {
         let cases = [
             (
-                "apps/v1",
-                "Deployment",
-                "document 1 (Deployment default/web): kind: unsupported kind \"Deployment\"",
+                "batch/v1",
+                "Job",
+                "document 1 (Job default/web): kind: unsupported kind \"Job\"",
             ),
             (
-                "v1",
-                "ConfigMap",
-                "document 1 (ConfigMap default/web): kind: unsupported kind \"ConfigMap\"",
+                "networking.k8s.io/v1",
+                "Ingress",
+                "document 1 (Ingress default/web): kind: unsupported kind \"Ingress\"",
             ),
             (
                 "networking.istio.io/v1",
@@ -1058,12 +1091,10 @@ status:
             assert!(e.contains(want), "{e}");
         }
         let e = err(
-            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: apps/v1, kind: Deployment, metadata: {name: web}}\n",
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: batch/v1, kind: Job, metadata: {name: web}}\n",
         );
         assert!(
-            e.starts_with(
-                "config.yaml: document 1 item 1 (Deployment default/web): kind: unsupported"
-            ),
+            e.starts_with("config.yaml: document 1 item 1 (Job default/web): kind: unsupported"),
             "{e}"
         );
     }

@@ -96,6 +96,18 @@ enum Cmd {
         #[arg(long)]
         name: String,
     },
+    /// A Bookinfo service on [::]:9080 (`tests::bookinfo`): SERVICE at VERSION, as pod NAME,
+    /// its backends at `--backend details=ADDR` (repeatable). Prints `READY 9080`.
+    ServeBookinfo {
+        #[arg(long, value_enum)]
+        service: tests::bookinfo::Service,
+        #[arg(long, default_value = "v1")]
+        version: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Vec<(String, SocketAddr)>,
+    },
     /// Sends CALLS (a JSON list of {method, path, host, headers, count}) over one
     /// keep-alive connection to TO; prints the JSON list of replies.
     HttpCalls {
@@ -137,6 +149,26 @@ fn main() -> ExitCode {
         return ExitCode::from(125);
     }
     match cli.command {
+        Cmd::ServeBookinfo {
+            service,
+            version,
+            name,
+            backend,
+        } => {
+            let config = tests::bookinfo::Config {
+                service,
+                version,
+                pod: name,
+                backends: backend.into_iter().collect(),
+            };
+            match tests::bookinfo::serve(config) {
+                Ok(never) => match never {},
+                Err(error) => {
+                    eprintln!("mesh-pod serve-bookinfo: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::ServeEcho { port, name } => match tests::http_workload::serve_echo(port, name) {
             Ok(never) => match never {},
             Err(error) => {
@@ -296,4 +328,15 @@ fn main() -> ExitCode {
             ExitCode::from(127)
         }
     }
+}
+
+/// `NAME=ADDR`.
+fn parse_backend(text: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=ADDRESS:PORT"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{text:?}: {addr:?} is not an address and port: {e}"))?;
+    Ok((name.to_owned(), addr))
 }
