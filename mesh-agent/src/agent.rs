@@ -153,9 +153,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         proxy: proxy.clone(),
         status: Mutex::new(Status::default()),
     });
-    let localhost = |port| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-    for port in [ADMIN_PORT, METRICS_PORT, READINESS_PORT] {
-        admin::serve(localhost(port), view.clone()).await?;
+    // The config dump stays on loopback; metrics and readiness are served on the node's
+    // addresses too, where Prometheus scrapes them (as ztunnel serves 15020 and 15021).
+    admin::serve(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
+        view.clone(),
+    )
+    .await?;
+    for port in [METRICS_PORT, READINESS_PORT] {
+        admin::serve(
+            SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
+            view.clone(),
+        )
+        .await?;
     }
 
     let mut term = signal(SignalKind::terminate())?;

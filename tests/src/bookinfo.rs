@@ -67,27 +67,9 @@ const REVIEWS_PROPAGATE: [&str; 20] = [
     "jwt",
 ];
 
-/// Headers productpage copies to its backends (`end-user` comes from its session instead;
-/// the b3 trace context is passed as trace id, span id and sampled).
-const PRODUCTPAGE_PROPAGATE: [&str; 17] = [
-    "x-request-id",
-    "x-ot-span-context",
-    "x-datadog-trace-id",
-    "x-datadog-parent-id",
-    "x-datadog-sampling-priority",
-    "traceparent",
-    "tracestate",
-    "x-cloud-trace-context",
-    "grpc-trace-bin",
-    "sw8",
-    "user-agent",
-    "cookie",
-    "authorization",
-    "jwt",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-sampled",
-];
+/// Of those, what productpage does not copy: `end-user` comes from its session, and of
+/// the b3 context it passes the trace id, span id and sampled flag only.
+const PRODUCTPAGE_OWN: [&str; 3] = ["end-user", "x-b3-parentspanid", "x-b3-flags"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Service {
@@ -451,7 +433,11 @@ fn redirect(parts: &http::request::Parts, cookie: &str) -> Response<Body> {
 /// The logged-in user, and the headers every backend call carries.
 fn outgoing(parts: &http::request::Parts) -> (Option<String>, HeaderMap) {
     let user = session_user(&parts.headers);
-    let mut headers = propagate(&parts.headers, &PRODUCTPAGE_PROPAGATE);
+    let copied: Vec<&str> = REVIEWS_PROPAGATE
+        .into_iter()
+        .filter(|h| !PRODUCTPAGE_OWN.contains(h))
+        .collect();
+    let mut headers = propagate(&parts.headers, &copied);
     if let Some(u) = &user
         && let Ok(v) = HeaderValue::from_str(u)
     {

@@ -20,6 +20,8 @@ pub mod grpc_workload;
 mod host;
 pub mod http_workload;
 pub mod metrics;
+pub mod prometheus;
+pub mod walkthrough;
 pub mod workload;
 
 pub use cluster::{

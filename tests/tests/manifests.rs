@@ -351,8 +351,8 @@ fn daemonset_probes_and_ports_are_the_agents() {
         (port, path.as_str()),
         (i32::from(READINESS_PORT), "/healthz/ready")
     );
-    // The agent binds its admin ports on 127.0.0.1; kubelet shares the node's network
-    // namespace with the host-network agent, so it must probe loopback.
+    // The agent serves readiness on every node address, loopback included; kubelet shares
+    // the node's network namespace with the host-network agent and probes loopback.
     assert_eq!(host.as_deref(), Some("127.0.0.1"), "readiness probe host");
 
     let (port, path, host) = http_get(c.liveness_probe.as_ref(), "liveness");

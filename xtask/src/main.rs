@@ -62,10 +62,11 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Setup, build, then run the netns-cluster demo as root (sudo if not root).
+    /// Setup, build, then run the netns-cluster demo as root (sudo if not root);
+    /// `cargo xtask demo bookinfo` runs Istio's Bookinfo walk-through.
     Demo {
-        /// Arguments for `mesh-demo`.
-        #[arg(last = true)]
+        /// Arguments for `mesh-demo` (`bookinfo`, `--verbose`...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }

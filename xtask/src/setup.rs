@@ -15,15 +15,19 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 /// Components of the toolchain that runs xtask, used by `cargo xtask test`.
 const STABLE_COMPONENTS: [&str; 2] = ["clippy", "rustfmt"];
-/// Load generators `mesh-bench` runs inside pods (program, Debian package); its smoke
-/// run is part of `cargo xtask test`.
-const BENCH_TOOLS: [(&str, &str); 4] = [
+/// Programs the suite and `mesh-bench` run inside pods (program, Debian package): load
+/// generators, a reverse proxy, Prometheus and Graphviz.
+const BENCH_TOOLS: [(&str, &str); 6] = [
     ("iperf3", "iperf3"),
     ("wrk", "wrk"),
     // The reverse proxy the waypoint is measured against.
     ("nginx", "nginx-light"),
     // HTTP/2 load through the waypoint.
     ("h2load", "nghttp2-client"),
+    // The Bookinfo walk-through scrapes every proxy into a real Prometheus and draws the
+    // service graph Kiali would.
+    ("prometheus", "prometheus"),
+    ("dot", "graphviz"),
 ];
 
 /// Debian's "do not start services from package scripts" hook: the benchmark runs its

@@ -1,0 +1,545 @@
+//! Istio's traffic-management walk-through on Bookinfo, on the netns cluster: two nodes
+//! with the Bookinfo pods spread over both ([`crate::bookinfo`]), a waypoint for the
+//! `default` namespace, an ingress gateway in `istio-system`, a client outside the mesh and
+//! a Prometheus scraping every proxy. Each step applies the repository's
+//! `samples/bookinfo` files, sends product pages through the gateway and says what they
+//! showed. The kernel test (`tests/tests/bookinfo.rs`) and `cargo xtask demo bookinfo`
+//! run the same steps.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bookinfo::{self, Seen};
+use crate::http_workload::{Call, Reply};
+use crate::prometheus::{self, Edge, Prometheus};
+use crate::{Cluster, ConfigOptions, PodSpec, Process, eventually};
+
+pub const NS: &str = "default";
+pub const GATEWAY_NS: &str = "istio-system";
+const OUTSIDE: &str = "outside";
+/// The ingress gateway's port (samples/bookinfo/networking/bookinfo-gateway.yaml).
+const GATEWAY_PORT: u16 = 8080;
+const HOST: &str = "bookinfo.example.com";
+
+/// A file of the repository's Bookinfo sample.
+pub fn sample(path: &str) -> Result<String> {
+    let full = format!("{}/../samples/bookinfo/{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).with_context(|| format!("reading {full}"))
+}
+
+/// The Bookinfo Services' addresses, as samples/bookinfo/platform/bookinfo.yaml sets them.
+fn service(name: &str) -> SocketAddr {
+    let ip = match name {
+        "details" => [10, 96, 90, 10],
+        "ratings" => [10, 96, 90, 11],
+        "reviews" => [10, 96, 90, 12],
+        _ => [10, 96, 90, 13],
+    };
+    SocketAddr::from((ip, bookinfo::PORT))
+}
+
+pub struct Walkthrough {
+    pub cluster: Cluster,
+    prometheus: Prometheus,
+    _processes: Vec<Process>,
+}
+
+/// What one step did and saw.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub name: &'static str,
+    /// The sample files applied, with their text.
+    pub applied: Vec<(&'static str, String)>,
+    pub evidence: String,
+    pub ok: bool,
+}
+
+/// A step: its name, the files it applies, and the check that tells what it saw (`Err`:
+/// it did not hold).
+pub struct Step {
+    pub name: &'static str,
+    pub files: &'static [&'static str],
+    check: fn(&Walkthrough) -> Result<String>,
+}
+
+impl Walkthrough {
+    /// Builds the cluster and starts everything on it.
+    pub fn start() -> Result<Self> {
+        let pod = |name: &str, app: &str, version: &str, node: usize| {
+            PodSpec::new(name, NS, node)
+                .label("app", app)
+                .label("version", version)
+                .service_account(format!("bookinfo-{app}"))
+        };
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .namespace(
+                NS,
+                [
+                    ("istio.io/dataplane-mode", "ambient"),
+                    ("istio.io/use-waypoint", "waypoint"),
+                ],
+            )
+            .namespace(GATEWAY_NS, [("kubernetes.io/metadata.name", GATEWAY_NS)])
+            .namespace(OUTSIDE, [("kubernetes.io/metadata.name", OUTSIDE)])
+            .pod(pod("productpage-v1", "productpage", "v1", 0))
+            .pod(pod("details-v1", "details", "v1", 1))
+            .pod(pod("reviews-v1", "reviews", "v1", 0))
+            .pod(pod("reviews-v2", "reviews", "v2", 1))
+            .pod(pod("reviews-v3", "reviews", "v3", 0))
+            .pod(pod("ratings-v1", "ratings", "v1", 1))
+            .pod(
+                PodSpec::new("waypoint", NS, 0)
+                    .label("gateway.networking.k8s.io/gateway-name", "waypoint")
+                    .label("istio.io/dataplane-mode", "none")
+                    .service_account("waypoint"),
+            )
+            .pod(
+                PodSpec::new("istio-ingressgateway", GATEWAY_NS, 1)
+                    .label("istio", "ingressgateway")
+                    .label("app", "istio-ingressgateway")
+                    .service_account("istio-ingressgateway-service-account"),
+            )
+            .pod(PodSpec::new("prometheus", GATEWAY_NS, 0).label("app", "prometheus"))
+            .pod(PodSpec::new("curl", OUTSIDE, 0).label("app", "curl"))
+            .build()
+            .context("building the cluster")?;
+        let backends = ["details", "reviews", "ratings"].map(|s| (s, service(s)));
+        let mut processes = Vec::new();
+        for (pod, app, version) in [
+            ("productpage-v1", "productpage", "v1"),
+            ("details-v1", "details", "v1"),
+            ("reviews-v1", "reviews", "v1"),
+            ("reviews-v2", "reviews", "v2"),
+            ("reviews-v3", "reviews", "v3"),
+            ("ratings-v1", "ratings", "v1"),
+        ] {
+            processes.push(cluster.pod(pod).spawn_bookinfo(app, version, &backends)?);
+        }
+        cluster.write_config(&cluster.config_path(), &documents(&[])?)?;
+        cluster.start_agents(&cluster.config_path())?;
+        processes.push(cluster.pod("waypoint").spawn_waypoint(
+            "waypoint",
+            NS,
+            &cluster.config_path(),
+            &[],
+        )?);
+        processes.push(cluster.pod("istio-ingressgateway").spawn_gateway(
+            "istio-ingressgateway",
+            GATEWAY_NS,
+            &cluster.config_path(),
+            &[],
+        )?);
+        let metrics = |ip: std::net::Ipv4Addr| SocketAddr::from((ip, crate::cluster::METRICS_PORT));
+        let mut targets = vec![
+            ("waypoint", metrics(cluster.pod("waypoint").ipv4())),
+            (
+                "ingressgateway",
+                metrics(cluster.pod("istio-ingressgateway").ipv4()),
+            ),
+        ];
+        let node_jobs = ["node0", "node1"];
+        for (i, job) in node_jobs.iter().enumerate() {
+            targets.push((job, metrics(cluster.node(i).ipv4())));
+        }
+        let dir = cluster
+            .config_path()
+            .parent()
+            .context("the config's directory")?
+            .join("prometheus");
+        let prometheus = Prometheus::start(&cluster.pod("prometheus"), &dir, &targets)?;
+        Ok(Self {
+            cluster,
+            prometheus,
+            _processes: processes,
+        })
+    }
+
+    fn gateway(&self) -> SocketAddr {
+        SocketAddr::new(
+            self.cluster.pod("istio-ingressgateway").ipv4().into(),
+            GATEWAY_PORT,
+        )
+    }
+
+    /// `calls` from the client outside the mesh to the ingress gateway.
+    fn send(&self, calls: &[Call]) -> Result<Vec<Reply>> {
+        self.cluster
+            .pod("curl")
+            .http_calls(self.gateway(), false, calls)
+    }
+
+    /// `count` product pages through the gateway, as `session` (a cookie) if given.
+    fn pages(&self, count: usize, session: Option<&str>) -> Result<Vec<Seen>> {
+        let call = Call {
+            method: "GET".into(),
+            path: "/productpage".into(),
+            host: Some(HOST.into()),
+            headers: session
+                .map(|s| vec![("cookie".to_owned(), s.to_owned())])
+                .unwrap_or_default(),
+            count,
+            upload: 0,
+        };
+        self.send(&[call])?
+            .iter()
+            .map(|r| {
+                if r.status != 200 {
+                    bail!("a product page answered {}: {}", r.status, r.body);
+                }
+                Ok(bookinfo::read_page(&r.body))
+            })
+            .collect()
+    }
+
+    /// Logs `user` in through the gateway; the session cookie.
+    fn login(&self, user: &str) -> Result<String> {
+        let r = self.send(&[Call {
+            method: "POST".into(),
+            path: format!("/login?username={user}"),
+            host: Some(HOST.into()),
+            headers: vec![("referer".into(), "/productpage".into())],
+            count: 1,
+            upload: 0,
+        }])?;
+        if r[0].status != 302 {
+            bail!("login answered {}", r[0].status);
+        }
+        let cookie = r[0]
+            .headers
+            .get("set-cookie")
+            .context("login set no cookie")?;
+        Ok(cookie.split(';').next().unwrap_or_default().to_owned())
+    }
+
+    /// Applies `files` and polls (10 pages at a time, up to 15 s) until `check` holds.
+    fn until(
+        &self,
+        files: &[&str],
+        session: Option<&str>,
+        check: impl Fn(&[Seen]) -> bool,
+    ) -> Result<Vec<Seen>> {
+        apply(&self.cluster, files)?;
+        let mut last = Vec::new();
+        let mut error = None;
+        let ok = eventually(Duration::from_secs(15), || match self.pages(10, session) {
+            Ok(seen) => {
+                let ok = check(&seen);
+                last = seen;
+                ok
+            }
+            Err(e) => {
+                error = Some(e);
+                false
+            }
+        });
+        if !ok {
+            bail!(
+                "never held within 15 s; last pages: {} {}",
+                tally(&last),
+                error.map(|e| format!("({e:#})")).unwrap_or_default()
+            );
+        }
+        Ok(last)
+    }
+
+    /// Runs every step, telling `on_step` each report as it comes.
+    pub fn run(&self, mut on_step: impl FnMut(&Report)) -> Vec<Report> {
+        let mut reports = Vec::new();
+        for step in steps() {
+            let applied = step
+                .files
+                .iter()
+                .map(|f| (*f, sample(f).unwrap_or_else(|e| format!("{e:#}"))))
+                .collect();
+            let (evidence, ok) = match (step.check)(self) {
+                Ok(e) => (e, true),
+                Err(e) => (format!("{e:#}"), false),
+            };
+            let report = Report {
+                name: step.name,
+                applied,
+                evidence,
+                ok,
+            };
+            on_step(&report);
+            reports.push(report);
+        }
+        reports
+    }
+
+    /// The service graph from Prometheus, by Kiali's query, once every Bookinfo edge is in
+    /// it (up to 30 s); with the TCP edges Kiali adds.
+    pub fn graph(&self) -> Result<(Vec<Edge>, Vec<prometheus::Sample>)> {
+        let wanted = [
+            ("istio-ingressgateway.istio-system", "productpage.default"),
+            ("productpage.default", "details.default"),
+            ("productpage.default", "reviews.default"),
+            ("reviews.default", "ratings.default"),
+        ];
+        let mut edges = Vec::new();
+        let ok = eventually(Duration::from_secs(30), || {
+            // Traffic in the window the rate looks at.
+            let _ = self.pages(5, None);
+            edges = self
+                .prometheus
+                .query(&prometheus::kiali_request_query("1m"))
+                .map(|s| prometheus::graph(&s))
+                .unwrap_or_default();
+            wanted.iter().all(|(from, to)| {
+                edges
+                    .iter()
+                    .any(|e| e.source.starts_with(from) && e.destination.starts_with(to))
+            })
+        });
+        if !ok {
+            bail!(
+                "Prometheus never showed every Bookinfo edge; targets {:?}; edges {edges:?}",
+                self.prometheus.targets_up().unwrap_or_default()
+            );
+        }
+        let tcp = self.prometheus.query(&prometheus::kiali_tcp_query("1m"))?;
+        Ok((edges, tcp))
+    }
+
+    /// The series Prometheus holds for `promql`.
+    pub fn query(&self, promql: &str) -> Result<Vec<prometheus::Sample>> {
+        self.prometheus.query(promql)
+    }
+
+    /// Where the graph pictures go.
+    pub fn output_dir(&self) -> PathBuf {
+        self.cluster
+            .config_path()
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+/// The platform, the gateway, the subsets, the waypoint's Gateway; then `extra` files.
+fn documents(extra: &[&str]) -> Result<ConfigOptions> {
+    let mut opts = ConfigOptions::default();
+    for f in [
+        "platform/bookinfo.yaml",
+        "networking/bookinfo-gateway.yaml",
+        "networking/destination-rule-all.yaml",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        opts = opts.document(sample(f)?);
+    }
+    Ok(opts.document(format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: {NS}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+    )))
+}
+
+fn apply(cluster: &Cluster, files: &[&str]) -> Result<()> {
+    cluster.write_config(&cluster.config_path(), &documents(files)?)
+}
+
+/// `v1 7, v3 3`: how many pages showed each reviews version.
+fn tally(seen: &[Seen]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in seen {
+        *counts.entry(s.reviews.as_str()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(v, n)| format!("{v} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn all(seen: &[Seen], version: &str) -> bool {
+    seen.iter().all(|s| s.reviews == version)
+}
+
+/// The steps, in the order of Istio's tasks.
+pub fn steps() -> Vec<Step> {
+    vec![
+        Step {
+            name: "no routes: reviews from all three versions",
+            files: &[],
+            check: |w| {
+                let ok = eventually(Duration::from_secs(20), || {
+                    w.pages(1, None).is_ok_and(|s| s.len() == 1)
+                });
+                if !ok {
+                    bail!("the product page never came through the gateway");
+                }
+                let seen = w.until(&[], None, |_| true)?;
+                let mut seen = seen;
+                seen.extend(w.pages(50, None)?);
+                for v in ["v1", "v2", "v3"] {
+                    if !seen.iter().any(|s| s.reviews == v) {
+                        bail!("no page from reviews {v}: {}", tally(&seen));
+                    }
+                }
+                if !seen.iter().all(|s| s.details) {
+                    bail!("a page without the book's details");
+                }
+                let health = w.send(&[Call {
+                    method: "GET".into(),
+                    path: "/health".into(),
+                    host: Some(HOST.into()),
+                    headers: vec![],
+                    count: 1,
+                    upload: 0,
+                }])?;
+                if health[0].status != 404 {
+                    bail!("/health through the gateway answered {}", health[0].status);
+                }
+                Ok(format!(
+                    "{} pages: {}; /health (not routed by the gateway) 404",
+                    seen.len(),
+                    tally(&seen)
+                ))
+            },
+        },
+        Step {
+            name: "request routing: all traffic to v1",
+            files: &["networking/virtual-service-all-v1.yaml"],
+            check: |w| {
+                let seen = w.until(Step::files_of(1), None, |s| all(s, "v1"))?;
+                let more = w.pages(20, None)?;
+                if !all(&more, "v1") {
+                    bail!("not all v1: {}", tally(&more));
+                }
+                Ok(format!(
+                    "{} pages: {}",
+                    seen.len() + more.len(),
+                    tally(&more)
+                ))
+            },
+        },
+        Step {
+            name: "request routing: end-user jason to v2",
+            files: &["networking/virtual-service-reviews-test-v2.yaml"],
+            check: |w| {
+                let jason = w.login("jason")?;
+                let seen = w.until(Step::files_of(2), Some(&jason), |s| {
+                    s.iter()
+                        .all(|p| p.reviews == "v2" && p.user.as_deref() == Some("jason"))
+                })?;
+                let anonymous = w.pages(10, None)?;
+                if !all(&anonymous, "v1") {
+                    bail!("anonymous pages: {}", tally(&anonymous));
+                }
+                Ok(format!(
+                    "jason: {}; anonymous: {}",
+                    tally(&seen),
+                    tally(&anonymous)
+                ))
+            },
+        },
+        Step {
+            name: "traffic shifting: 50 % v1, 50 % v3",
+            files: &["networking/virtual-service-reviews-50-v3.yaml"],
+            check: |w| {
+                w.until(Step::files_of(3), None, |s| {
+                    s.iter().any(|p| p.reviews == "v3")
+                })?;
+                let seen = w.pages(100, None)?;
+                let v3 = seen.iter().filter(|s| s.reviews == "v3").count();
+                if !seen.iter().all(|s| s.reviews == "v1" || s.reviews == "v3")
+                    || !(30..=70).contains(&v3)
+                {
+                    bail!("100 pages: {}", tally(&seen));
+                }
+                Ok(format!("100 pages: {}", tally(&seen)))
+            },
+        },
+        Step {
+            name: "traffic shifting: 100 % v3",
+            files: &["networking/virtual-service-reviews-v3.yaml"],
+            check: |w| {
+                let seen = w.until(Step::files_of(4), None, |s| all(s, "v3"))?;
+                Ok(format!("{} pages: {}", seen.len(), tally(&seen)))
+            },
+        },
+        Step {
+            name: "fault injection: ratings abort (HTTP 500) for jason",
+            files: &[
+                "networking/virtual-service-reviews-test-v2.yaml",
+                "networking/virtual-service-ratings-test-abort.yaml",
+            ],
+            check: |w| {
+                let jason = w.login("jason")?;
+                let seen = w.until(Step::files_of(5), Some(&jason), |s| {
+                    s.iter().all(|p| p.reviews == "v2" && p.ratings_unavailable)
+                })?;
+                let anonymous = w.pages(5, None)?;
+                if anonymous.iter().any(|p| p.ratings_unavailable) {
+                    bail!("anonymous users see the ratings error too");
+                }
+                Ok(format!(
+                    "jason: {} pages with \"{}\"; anonymous: {}, ratings shown",
+                    seen.len(),
+                    bookinfo::RATINGS_UNAVAILABLE,
+                    tally(&anonymous)
+                ))
+            },
+        },
+        Step {
+            name: "fault injection: ratings delay 7 s for jason",
+            files: &[
+                "networking/virtual-service-reviews-test-v2.yaml",
+                "networking/virtual-service-ratings-test-delay.yaml",
+            ],
+            check: |w| {
+                let jason = w.login("jason")?;
+                // Applied once jason's ratings are no longer aborted (the page is slow).
+                apply(&w.cluster, Step::files_of(6))?;
+                let mut took = Duration::ZERO;
+                let mut seen = Vec::new();
+                let ok = eventually(Duration::from_secs(30), || {
+                    let started = Instant::now();
+                    seen = w.pages(1, Some(&jason)).unwrap_or_default();
+                    took = started.elapsed();
+                    seen.first().is_some_and(|p| p.reviews == "unavailable")
+                });
+                if !ok || took < Duration::from_secs(6) || took > Duration::from_secs(8) {
+                    bail!("jason's page after {took:?}: {}", tally(&seen));
+                }
+                Ok(format!(
+                    "jason's page after {:.1} s: \"{}\" (productpage gave up after 2 x 3 s)",
+                    took.as_secs_f64(),
+                    bookinfo::REVIEWS_UNAVAILABLE
+                ))
+            },
+        },
+        Step {
+            name: "request timeouts: reviews 0.5 s, ratings delayed 2 s",
+            files: &["networking/task-request-timeouts.yaml"],
+            check: |w| {
+                w.until(Step::files_of(7), None, |s| all(s, "unavailable"))?;
+                let started = Instant::now();
+                let seen = w.pages(1, None)?;
+                let took = started.elapsed();
+                if !all(&seen, "unavailable")
+                    || took < Duration::from_millis(1000)
+                    || took > Duration::from_millis(2500)
+                {
+                    bail!("the page after {took:?}: {}", tally(&seen));
+                }
+                Ok(format!(
+                    "the page after {:.1} s: reviews timed out twice (504 UT at the waypoint)",
+                    took.as_secs_f64()
+                ))
+            },
+        },
+    ]
+}
+
+impl Step {
+    /// The files of step `i` (for a check to apply its own step's files).
+    fn files_of(i: usize) -> &'static [&'static str] {
+        steps()[i].files
+    }
+}
