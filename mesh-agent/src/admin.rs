@@ -56,6 +56,27 @@ pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<Socket
     serve_with(addr, handler, HEADER_TIMEOUT).await
 }
 
+/// Serves a proxy's three admin ports as Istio's proxies do: the config dump (15000) on
+/// 127.0.0.1 only; metrics (15020) and readiness (15021) on every address, where
+/// Prometheus scrapes and the kubelet probes.
+pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
+    use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    serve(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
+        handler.clone(),
+    )
+    .await?;
+    for port in [METRICS_PORT, READINESS_PORT] {
+        serve(
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+            handler.clone(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn serve_with(
     addr: SocketAddr,
     handler: Arc<dyn Handler>,

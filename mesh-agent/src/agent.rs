@@ -2,14 +2,12 @@
 //! and the admin endpoints together, and keeps reconciling until it is told to stop.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -153,20 +151,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         proxy: proxy.clone(),
         status: Mutex::new(Status::default()),
     });
-    // The config dump stays on loopback; metrics and readiness are served on the node's
-    // addresses too, where Prometheus scrapes them (as ztunnel serves 15020 and 15021).
-    admin::serve(
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
-        view.clone(),
-    )
-    .await?;
-    for port in [METRICS_PORT, READINESS_PORT] {
-        admin::serve(
-            SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
-            view.clone(),
-        )
-        .await?;
-    }
+    // Metrics and readiness on the node's addresses too, where Prometheus scrapes them
+    // (as ztunnel serves 15020 and 15021); the config dump on loopback.
+    admin::serve_ports(view.clone()).await?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

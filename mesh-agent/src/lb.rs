@@ -153,6 +153,7 @@ mod tests {
             }],
             selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
             waypoint: None,
+            ingress_use_waypoint: false,
         }
     }
 

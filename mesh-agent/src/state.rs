@@ -124,6 +124,11 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     /// The waypoint its traffic goes through, if it names one.
     pub waypoint: Option<WaypointRef>,
+    /// Ingress gateways send its traffic through its waypoint too (label
+    /// `istio.io/ingress-use-waypoint: "true"` on it or its namespace), not straight to
+    /// its endpoints.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ingress_use_waypoint: bool,
 }
 
 /// A waypoint a service, workload or namespace names (`istio.io/use-waypoint`).
@@ -540,6 +545,7 @@ mod tests {
                 .collect(),
             selector: BTreeMap::from([("app".to_owned(), name.to_owned())]),
             waypoint: None,
+            ingress_use_waypoint: false,
         }
     }
 

@@ -41,7 +41,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Method, Response, StatusCode};
-use mesh_common::{ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT};
+use mesh_common::HBONE_PORT;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
@@ -234,21 +234,9 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     let view = Arc::new(AdminView {
         waypoint: waypoint.clone(),
     });
-    // The config dump stays on loopback; readiness and metrics are served on the pod's
-    // addresses, where the kubelet probes and Prometheus scrapes a waypoint pod (as
-    // Istio's waypoints serve 15021 and 15020).
-    admin::serve(
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
-        view.clone(),
-    )
-    .await?;
-    for port in [METRICS_PORT, READINESS_PORT] {
-        admin::serve(
-            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
-            view.clone(),
-        )
-        .await?;
-    }
+    // Readiness and metrics on the pod's addresses, where the kubelet probes and
+    // Prometheus scrapes (as Istio's waypoints serve 15021 and 15020).
+    admin::serve_ports(view.clone()).await?;
     match cfg.role {
         Role::Waypoint => {
             tracing::info!(waypoint = %format!("{}/{}", cfg.namespace, cfg.name), identity = %waypoint.identity, listen = ?cfg.listen, "waypoint ready")

@@ -82,6 +82,9 @@ impl Walkthrough {
                 [
                     ("istio.io/dataplane-mode", "ambient"),
                     ("istio.io/use-waypoint", "waypoint"),
+                    // The gateway goes through the waypoint too, so that L7 policies
+                    // apply to its requests.
+                    ("istio.io/ingress-use-waypoint", "true"),
                 ],
             )
             .namespace(GATEWAY_NS, [("kubernetes.io/metadata.name", GATEWAY_NS)])
@@ -304,6 +307,53 @@ impl Walkthrough {
         }
         let tcp = self.prometheus.query(&prometheus::kiali_tcp_query("1m"))?;
         Ok((edges, tcp))
+    }
+
+    /// A request from `pod` straight to `to` (plain HTTP/1.1): its status, 0 when the
+    /// connection was refused or reset.
+    fn direct(&self, pod: &str, to: SocketAddr, path: &str) -> Result<u16> {
+        let r = self.cluster.pod(pod).http_calls(
+            to,
+            false,
+            &[Call {
+                method: "GET".into(),
+                path: path.into(),
+                host: None,
+                headers: vec![],
+                count: 1,
+                upload: 0,
+            }],
+        )?;
+        Ok(r[0].status)
+    }
+
+    /// A request through the gateway: its status.
+    fn status(&self, method: &str, path: &str) -> Result<u16> {
+        let r = self.send(&[Call {
+            method: method.into(),
+            path: path.into(),
+            host: Some(HOST.into()),
+            headers: vec![],
+            count: 1,
+            upload: 0,
+        }])?;
+        Ok(r[0].status)
+    }
+
+    /// The waypoint's request count for `filter`, read from its 15020.
+    fn waypoint_requests(&self, filter: &[(&str, &str)]) -> Result<f64> {
+        let pod = self.cluster.pod("waypoint");
+        let (status, body) = crate::in_netns(pod.netns_path(), || {
+            crate::workload::http_get(
+                SocketAddr::from(([127, 0, 0, 1], crate::cluster::METRICS_PORT)),
+                "/metrics",
+                Duration::from_secs(5),
+            )
+        })??;
+        if status != 200 {
+            bail!("the waypoint's metrics answered {status}");
+        }
+        Ok(crate::metrics::Metrics::parse(&body).sum("istio_requests_total", filter))
     }
 
     /// The series Prometheus holds for `promql`.
@@ -535,9 +585,162 @@ pub fn steps() -> Vec<Step> {
             },
         },
     ]
+    .into_iter()
+    .chain(more_steps())
+    .collect()
+}
+
+/// The steps about security and mirroring, after the traffic-management ones.
+fn more_steps() -> Vec<Step> {
+    vec![
+        Step {
+            name: "mirroring: reviews to v1, a copy of each request to v2",
+            files: &["networking/virtual-service-reviews-v1-mirror-v2.yaml"],
+            check: |w| {
+                // Mirrored calls reach reviews v2, which calls ratings: counted at the
+                // waypoint while every page shows v1.
+                let from_v2 = [
+                    ("reporter", "waypoint"),
+                    ("destination_service_name", "ratings"),
+                    ("source_version", "v2"),
+                ];
+                w.until(Step::files_named("mirroring"), None, |s| all(s, "v1"))?;
+                let before = w.waypoint_requests(&from_v2)?;
+                let seen = w.pages(20, None)?;
+                if !all(&seen, "v1") {
+                    bail!("pages: {}", tally(&seen));
+                }
+                let mut mirrored = 0.0;
+                let ok = eventually(Duration::from_secs(10), || {
+                    mirrored = w.waypoint_requests(&from_v2).unwrap_or(0.0) - before;
+                    mirrored >= 20.0
+                });
+                if !ok {
+                    bail!("{mirrored} ratings calls from reviews v2 for 20 mirrored pages");
+                }
+                Ok(format!(
+                    "20 pages: {}; meanwhile reviews v2 (the mirror) called ratings {mirrored} times",
+                    tally(&seen)
+                ))
+            },
+        },
+        Step {
+            name: "authorization L7: productpage takes GET and POST from the gateway only",
+            files: &["policy/productpage-viewer.yaml"],
+            check: |w| {
+                apply(&w.cluster, Step::files_named("authorization L7"))?;
+                let mut delete = 0;
+                let ok = eventually(Duration::from_secs(15), || {
+                    delete = w.status("DELETE", "/productpage").unwrap_or(0);
+                    delete == 403
+                });
+                if !ok {
+                    bail!("DELETE /productpage answered {delete}");
+                }
+                let get = w.status("GET", "/productpage")?;
+                if get != 200 {
+                    bail!("GET /productpage answered {get}");
+                }
+                Ok(format!(
+                    "GET /productpage {get}; DELETE /productpage {delete} (RBAC: access denied, at the waypoint)"
+                ))
+            },
+        },
+        Step {
+            name: "authorization L4: ratings accepts only the waypoint",
+            files: &["policy/ratings-from-waypoint.yaml"],
+            check: |w| {
+                let ratings =
+                    SocketAddr::new(w.cluster.pod("ratings-v1").ipv4().into(), bookinfo::PORT);
+                let before = w.direct("productpage-v1", ratings, "/ratings/0")?;
+                apply(&w.cluster, Step::files_named("authorization L4"))?;
+                let mut after = 0;
+                let ok = eventually(Duration::from_secs(15), || {
+                    after = w
+                        .direct("productpage-v1", ratings, "/ratings/0")
+                        .unwrap_or(0);
+                    after == 0
+                });
+                if !ok {
+                    bail!("productpage dialling the ratings pod still got {after}");
+                }
+                // Through the waypoint ratings still answers (the mirrored reviews v2 calls
+                // it for every page).
+                let answered = [
+                    ("reporter", "waypoint"),
+                    ("destination_service_name", "ratings"),
+                    ("response_code", "200"),
+                ];
+                let ok_before = w.waypoint_requests(&answered)?;
+                w.pages(5, None)?;
+                let mut served = 0.0;
+                let ok = eventually(Duration::from_secs(10), || {
+                    served = w.waypoint_requests(&answered).unwrap_or(0.0) - ok_before;
+                    served >= 5.0
+                });
+                if !ok {
+                    bail!("ratings answered the waypoint {served} times for 5 pages");
+                }
+                Ok(format!(
+                    "productpage dialling the ratings pod: {before} before, refused after; through the waypoint ratings answered {served} of 5 calls with 200"
+                ))
+            },
+        },
+        Step {
+            name: "mTLS STRICT: the namespace's pods take only mutual TLS",
+            files: &["policy/peer-authentication-strict.yaml"],
+            check: |w| {
+                let productpage = SocketAddr::new(
+                    w.cluster.pod("productpage-v1").ipv4().into(),
+                    bookinfo::PORT,
+                );
+                let before = w.direct("curl", productpage, "/productpage")?;
+                apply(&w.cluster, Step::files_named("mTLS STRICT"))?;
+                let mut after = 0;
+                let ok = eventually(Duration::from_secs(15), || {
+                    after = w.direct("curl", productpage, "/productpage").unwrap_or(0);
+                    after == 0
+                });
+                if !ok {
+                    bail!("plain text from outside the mesh still got {after}");
+                }
+                let seen = w.pages(5, None)?;
+                Ok(format!(
+                    "plain text from outside to the productpage pod: {before} before, refused after; through the gateway: {}",
+                    tally(&seen)
+                ))
+            },
+        },
+    ]
 }
 
 impl Step {
+    /// The files of the step whose name starts with `prefix`, with those of the steps of
+    /// the security part before it (their policies stay applied).
+    fn files_named(prefix: &str) -> &'static [&'static str] {
+        static CUMULATIVE: std::sync::OnceLock<Vec<(&'static str, Vec<&'static str>)>> =
+            std::sync::OnceLock::new();
+        let table = CUMULATIVE.get_or_init(|| {
+            let mut so_far: Vec<&'static str> = Vec::new();
+            more_steps()
+                .into_iter()
+                .map(|s| {
+                    // Mirroring replaces routes; the policies accumulate after it.
+                    if s.name.starts_with("mirroring") {
+                        so_far.clear();
+                    }
+                    so_far.extend_from_slice(s.files);
+                    (s.name, so_far.clone())
+                })
+                .collect()
+        });
+        table
+            .iter()
+            .find(|(name, _)| name.starts_with(prefix))
+            .map(|(_, files)| files.as_slice())
+            .unwrap_or(&[])
+    }
+
     /// The files of step `i` (for a check to apply its own step's files).
     fn files_of(i: usize) -> &'static [&'static str] {
         steps()[i].files

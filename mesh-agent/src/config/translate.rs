@@ -19,6 +19,8 @@ use crate::state::{
 
 /// Istio's label binding a namespace, service or pod to a waypoint (`none` opts out).
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// On a service or namespace: ingress gateways send its traffic through its waypoint.
+pub const INGRESS_USE_WAYPOINT_LABEL: &str = "istio.io/ingress-use-waypoint";
 /// The namespace of the waypoint [`USE_WAYPOINT_LABEL`] names, when not the object's own.
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
 /// On a waypoint's Gateway: what traffic it takes.
@@ -88,6 +90,7 @@ pub fn translate(
             })?;
             let ns_labels = namespace_labels.get(s.namespace.as_str()).copied();
             s.waypoint = use_waypoint(svc.metadata.labels.as_ref(), ns_labels, &s.namespace);
+            s.ingress_use_waypoint = ingress_use_waypoint(svc.metadata.labels.as_ref(), ns_labels);
             Ok(s)
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -160,6 +163,19 @@ fn use_waypoint(
             .unwrap_or_else(|| namespace.to_owned()),
         name: name.to_owned(),
     })
+}
+
+/// Whether ingress gateways go through the service's waypoint: Istio's label on the
+/// service, else on its namespace.
+fn ingress_use_waypoint(
+    labels: Option<&BTreeMap<String, String>>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    [labels, namespace_labels]
+        .into_iter()
+        .flatten()
+        .find_map(|l| l.get(INGRESS_USE_WAYPOINT_LABEL))
+        .is_some_and(|v| v == "true")
 }
 
 /// The waypoints: Gateways of class `istio-waypoint`, with the addresses of their ready pods
@@ -397,6 +413,7 @@ pub(crate) fn service(svc: &k8s::Service) -> Result<Service, FieldError> {
         ports,
         selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
         waypoint: None,
+        ingress_use_waypoint: false,
     })
 }
 
@@ -496,6 +513,25 @@ fn port_number(n: i32) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::config::file::load_str;
+
+    #[test]
+    fn ingress_use_waypoint_is_read_from_the_service_then_its_namespace() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let yes = labels(&[(INGRESS_USE_WAYPOINT_LABEL, "true")]);
+        let no = labels(&[(INGRESS_USE_WAYPOINT_LABEL, "false")]);
+        assert!(ingress_use_waypoint(Some(&yes), None));
+        assert!(ingress_use_waypoint(None, Some(&yes)));
+        assert!(
+            !ingress_use_waypoint(Some(&no), Some(&yes)),
+            "the service's own label wins"
+        );
+        assert!(!ingress_use_waypoint(Some(&labels(&[])), None));
+    }
 
     /// Translates a YAML text with the file-mode rules on node `node-a`.
     fn state(yaml: &str) -> Result<MeshState, ConfigError> {

@@ -1556,6 +1556,7 @@ mod tests {
             }],
             selector: Default::default(),
             waypoint: None,
+            ingress_use_waypoint: false,
         }
     }
 

@@ -250,6 +250,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: name.into(),
             }),
+            ingress_use_waypoint: false,
         }
     }
 

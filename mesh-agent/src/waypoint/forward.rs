@@ -22,7 +22,7 @@ use super::{
     cluster::{Admission, Cluster},
     flags::Flags,
     replay::Replay,
-    upstream::{self, Active, Connection, HashInputs, UpstreamError},
+    upstream::{self, Active, Connection, HashInputs, Peer, UpstreamError},
 };
 use crate::{
     identity::Identity,
@@ -169,11 +169,29 @@ impl Transport for Hbone<'_> {
         connection: &Connection,
         req: Request<upstream::Body>,
     ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
-        // An endpoint that is no mesh workload has no identity to connect to.
-        let peer = self
-            .state
-            .workload_by_ip(endpoint.ip())
-            .map(|w| Identity::of(&self.wp.settings.trust_domain, w));
+        // A service address (an ingress gateway going through the service's waypoint):
+        // one of the waypoint's pods; else the endpoint's own pod. An endpoint that is no
+        // mesh workload has no identity to connect to.
+        let td = &self.wp.settings.trust_domain;
+        let peer = match self.state.service_by_vip(endpoint.ip(), endpoint.port()) {
+            Some((service, _)) => service
+                .waypoint
+                .as_ref()
+                .and_then(|r| self.state.waypoint(r))
+                .filter(|w| !w.addresses.is_empty())
+                .map(|w| Peer {
+                    hop: w.addresses[fastrand::usize(..w.addresses.len())],
+                    identity: Identity {
+                        trust_domain: td.clone(),
+                        namespace: w.namespace.clone(),
+                        service_account: w.service_account.clone(),
+                    },
+                }),
+            None => self
+                .state
+                .workload_by_ip(endpoint.ip())
+                .map(|w| Peer::direct(endpoint, Identity::of(td, w))),
+        };
         let upstreams = &self.wp.upstreams;
         let connection = connection.clone();
         async move {

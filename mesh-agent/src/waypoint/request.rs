@@ -178,7 +178,8 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
     wp.metrics.connection_opened(&labels);
     let _active = wp.upstreams.start(endpoint);
     let (mut sent, mut received) = (0, 0);
-    match wp.upstreams.open_tunnel(endpoint, &peer).await {
+    let hop = super::upstream::Peer::direct(endpoint, peer.clone());
+    match wp.upstreams.open_tunnel(endpoint, &hop).await {
         Ok(mut upstream) => match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
             Ok((up, down)) => (received, sent) = (up, down),
             Err(e) => tracing::debug!(%endpoint, error = %e, "waypoint: TCP tunnel ended"),
@@ -672,6 +673,26 @@ fn choose_target<'a>(
             (svc, port)
         }
     };
+    // An ingress gateway sends the traffic of a service that asks for it through the
+    // service's waypoint, to the service address: the waypoint routes it and applies its
+    // policies.
+    if matches!(tunnel.destination, Destination::Gateway { .. })
+        && svc.ingress_use_waypoint
+        && let Some(vip) = svc.vips.first()
+        && svc
+            .waypoint
+            .as_ref()
+            .and_then(|r| state.waypoint(r))
+            .is_some_and(|w| !w.addresses.is_empty())
+    {
+        return Ok(Target {
+            candidates: Cow::Owned(vec![SocketAddr::new(*vip, port.port)]),
+            lb: LoadBalancer::default(),
+            service: Some(svc),
+            backend,
+            policy: None,
+        });
+    }
     let subset = backend.and_then(|b| b.subset.as_deref());
     let (candidates, destination) = endpoints(state, svc, port, subset)?;
     let policy = destination.map(|d| d.policy(subset));

@@ -162,6 +162,26 @@ pub struct Upstreams {
 type Http1Pool = HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>;
 type Http2Pool = HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>;
 
+/// Where an HBONE tunnel goes: the pod whose 15008 it reaches and the identity that pod
+/// proves. Usually the endpoint's own pod; for an ingress gateway sending a service's
+/// traffic through its waypoint, a waypoint pod (the tunnel then asks for the service
+/// address).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub hop: IpAddr,
+    pub identity: Identity,
+}
+
+impl Peer {
+    /// The pod at `endpoint` itself, proving `identity`.
+    pub fn direct(endpoint: SocketAddr, identity: Identity) -> Self {
+        Self {
+            hop: endpoint.ip(),
+            identity,
+        }
+    }
+}
+
 /// A request in flight to an endpoint; counted until dropped.
 pub struct Active(Arc<AtomicUsize>);
 
@@ -258,12 +278,12 @@ impl Upstreams {
         Active(counter)
     }
 
-    /// Sends `req` to `endpoint` (whose pods prove `peer`) on a connection made and kept
+    /// Sends `req` to `endpoint` (reached through `peer`) on a connection made and kept
     /// as `connection` says.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
-        peer: &Identity,
+        peer: &Peer,
         connection: &Connection,
         mut req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
@@ -391,7 +411,7 @@ impl Upstreams {
     async fn open<S, F>(
         &self,
         endpoint: SocketAddr,
-        peer: &Identity,
+        peer: &Peer,
         connection: &Connection,
         handshake: impl FnOnce(TokioIo<Tunnel>) -> F,
     ) -> Result<S, UpstreamError>
@@ -411,24 +431,24 @@ impl Upstreams {
     async fn tunnel(
         &self,
         endpoint: SocketAddr,
-        peer: &Identity,
+        peer: &Peer,
     ) -> Result<TokioIo<Tunnel>, UpstreamError> {
         Ok(TokioIo::new(self.open_tunnel(endpoint, peer).await?))
     }
 
-    /// An HBONE tunnel to `endpoint` (whose pod proves `peer`), as a byte stream.
+    /// An HBONE tunnel asking `peer` for `endpoint`, as a byte stream.
     pub async fn open_tunnel(
         &self,
         endpoint: SocketAddr,
-        peer: &Identity,
+        peer: &Peer,
     ) -> Result<Tunnel, UpstreamError> {
-        let hop = SocketAddr::new(endpoint.ip(), HBONE_PORT);
+        let hop = SocketAddr::new(peer.hop, HBONE_PORT);
         let tunnel = self
             .pool
             .tunnel(
                 &self.me,
                 &self.identity,
-                peer,
+                &peer.identity,
                 hop,
                 endpoint,
                 SocketAddr::new(self.local, 0),
