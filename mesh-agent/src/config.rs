@@ -109,6 +109,8 @@ pub struct Objects {
     pub destination_rules: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` Gateway (ingress gateways).
     pub istio_gateways: Vec<serde_json::Value>,
+    /// `v1` Secret of type `kubernetes.io/tls` (ingress gateways' certificates; file mode).
+    pub secrets: Vec<k8s_openapi::api::core::v1::Secret>,
 }
 
 impl Objects {
@@ -126,6 +128,7 @@ impl Objects {
             && self.virtual_services.is_empty()
             && self.destination_rules.is_empty()
             && self.istio_gateways.is_empty()
+            && self.secrets.is_empty()
     }
 }
 
@@ -145,6 +148,8 @@ pub enum Kind {
     DestinationRule,
     /// Istio's `Gateway` (networking.istio.io), not the Gateway API's.
     IstioGateway,
+    /// A `kubernetes.io/tls` Secret.
+    Secret,
 }
 
 impl Kind {
@@ -163,6 +168,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::IstioGateway => "Gateway",
+            Kind::Secret => "Secret",
         }
     }
 

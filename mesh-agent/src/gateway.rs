@@ -1,26 +1,33 @@
 //! `mesh-agent gateway`: the waypoint's L7 engine serving traffic from outside the mesh, as
 //! Istio's ingress gateway does. The gateway objects that run here are Istio `Gateway`s
 //! whose `selector` matches this gateway's pod labels and the Gateway API `Gateway` of
-//! class `istio` named as this gateway ([`crate::l7::gateways`]); their HTTP listeners are
-//! bound on every address of the pod, following configuration changes. Each request is
-//! served as a waypoint serves one ([`crate::waypoint::request`]): routed by the
+//! class `istio` named as this gateway ([`crate::l7::gateways`]); their HTTP and HTTPS
+//! listeners are bound on every address of the pod, following configuration changes. An
+//! HTTPS listener terminates TLS with the certificate of its Secret, looked up in the
+//! current configuration at every handshake (by SNI among the listeners of the port), so a
+//! replaced Secret is served from the next connection on, without a restart. Each request
+//! is served as a waypoint serves one ([`crate::waypoint::request`]): routed by the
 //! VirtualServices and HTTPRoutes bound to the gateway that takes its `Host`, sent over
-//! HBONE with the gateway's own identity to the endpoints, reported with
-//! `reporter="source"` as Istio's gateways report.
+//! HBONE with the gateway's own identity (to the endpoints, or through the service's
+//! waypoint when it asks), reported with `reporter="source"` as Istio's gateways report.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
+use rustls::{
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     ebpf::canonical,
-    l7::gateways::{GatewayKey, IngressGateway, Listener, Protocol},
-    state::MeshState,
+    l7::gateways::{Credential, GatewayKey, IngressGateway, Listener, Protocol},
+    state::{MeshState, TlsSecret},
     waypoint::{Destination, Role, TunnelContext, Waypoint, request},
 };
 
@@ -28,37 +35,43 @@ use crate::{
 /// sender is gone.
 pub async fn serve(wp: Arc<Waypoint>) {
     let mut rx = wp.state.clone();
-    let mut bound: BTreeMap<u16, Vec<JoinHandle<()>>> = BTreeMap::new();
+    // Port → whether it terminates TLS, and its accept loops.
+    let mut bound: BTreeMap<u16, (bool, Vec<JoinHandle<()>>)> = BTreeMap::new();
     loop {
         let state = rx.borrow_and_update().clone();
-        let wanted: BTreeSet<u16> = running(&wp, &state)
-            .flat_map(|g| g.listeners.iter())
-            .filter(|l| l.protocol == Protocol::Http)
-            .map(|l| l.port)
-            .collect();
+        // A port is HTTPS when its first listener (in the objects' order) is.
+        let mut wanted: BTreeMap<u16, bool> = BTreeMap::new();
+        for l in running(&wp, &state).flat_map(|g| g.listeners.iter()) {
+            if l.protocol.is_served() {
+                wanted
+                    .entry(l.port)
+                    .or_insert(matches!(l.protocol, Protocol::Https(_)));
+            }
+        }
         if wanted.is_empty() {
             tracing::warn!(gateway = %format!("{}/{}", wp.namespace, wp.name), "ingress gateway: no gateway object selects this gateway; nothing is served");
         }
-        bound.retain(|port, tasks| {
-            let keep = wanted.contains(port);
+        bound.retain(|port, (tls, tasks)| {
+            let keep = wanted.get(port) == Some(tls);
             if !keep {
                 tasks.iter().for_each(JoinHandle::abort);
                 tracing::info!(port, "ingress gateway: listener closed");
             }
             keep
         });
-        for port in wanted {
+        for (port, tls) in wanted {
             if bound.contains_key(&port) {
                 continue;
             }
             match bind(port).await {
                 Ok(listeners) => {
-                    tracing::info!(port, "ingress gateway: listening");
+                    tracing::info!(port, tls, "ingress gateway: listening");
+                    let config = tls.then(|| server_config(&wp, port));
                     let tasks = listeners
                         .into_iter()
-                        .map(|l| tokio::spawn(accept_loop(wp.clone(), l, port)))
+                        .map(|l| tokio::spawn(accept_loop(wp.clone(), l, port, config.clone())))
                         .collect();
-                    bound.insert(port, tasks);
+                    bound.insert(port, (tls, tasks));
                 }
                 // Tried again at the next configuration change.
                 Err(e) => {
@@ -88,14 +101,14 @@ fn running<'a>(wp: &Waypoint, state: &'a MeshState) -> impl Iterator<Item = &'a 
         .filter(move |g| g.runs_on(&labels, &own))
 }
 
-/// The HTTP listeners on `port` of the gateway objects this gateway runs, with their
+/// The served listeners on `port` of the gateway objects this gateway runs, with their
 /// gateway, in the order the objects sort in.
 pub fn listeners(wp: &Waypoint, state: &MeshState, port: u16) -> Vec<(GatewayKey, Listener)> {
     running(wp, state)
         .flat_map(|g| {
             g.listeners
                 .iter()
-                .filter(|l| l.port == port && l.protocol == Protocol::Http)
+                .filter(|l| l.port == port && l.protocol.is_served())
                 .map(|l| (g.key.clone(), l.clone()))
         })
         .collect()
@@ -113,7 +126,13 @@ async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
     Ok(listeners)
 }
 
-async fn accept_loop(wp: Arc<Waypoint>, listener: TcpListener, port: u16) {
+async fn accept_loop(
+    wp: Arc<Waypoint>,
+    listener: TcpListener,
+    port: u16,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -133,9 +152,157 @@ async fn accept_loop(wp: Arc<Waypoint>, listener: TcpListener, port: u16) {
                 client: None,
             },
             target: SocketAddr::new(canonical(local), port),
-            destination: Destination::Gateway { port },
+            destination: Destination::Gateway {
+                port,
+                tls: acceptor.is_some(),
+            },
             handles: Default::default(),
         });
-        tokio::spawn(request::serve_http(tunnel, stream));
+        let Some(acceptor) = acceptor.clone() else {
+            tokio::spawn(request::serve_http(tunnel, stream));
+            continue;
+        };
+        let timeout = wp.limits.handshake_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => request::serve_http(tunnel, tls).await,
+                Ok(Err(e)) => {
+                    if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                        tracing::info!(%peer, port, error = %e, suppressed, "ingress gateway: TLS handshake failed");
+                    }
+                }
+                Err(_) => {}
+            }
+        });
+    }
+}
+
+/// TLS for an HTTPS port: HTTP/2 and HTTP/1.1 by ALPN, the certificate chosen per
+/// handshake by [`Certificates`].
+fn server_config(wp: &Arc<Waypoint>, port: u16) -> Arc<rustls::ServerConfig> {
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(crate::identity::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("the provider supports TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Certificates {
+                wp: wp.clone(),
+                port,
+                parsed: Mutex::default(),
+            }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// The certificates of a port's HTTPS listeners, from their Secrets in the current state:
+/// the listener whose hostnames take the SNI (else the port's first), its Secret parsed
+/// once per content.
+struct Certificates {
+    wp: Arc<Waypoint>,
+    port: u16,
+    parsed: Mutex<HashMap<SecretKey, Parsed>>,
+}
+
+/// A Secret by namespace and name.
+type SecretKey = (String, String);
+
+/// A Secret's content and the certified key made of it.
+type Parsed = (Arc<TlsSecret>, Arc<CertifiedKey>);
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let state = self.wp.state.borrow().clone();
+        let listeners = listeners(&self.wp, &state, self.port);
+        let sni = hello.server_name().unwrap_or_default();
+        let credential = |l: &Listener| match &l.protocol {
+            Protocol::Https(c) => Some(c.clone()),
+            _ => None,
+        };
+        let chosen = listeners
+            .iter()
+            .filter(|(_, l)| !sni.is_empty() && l.admits(sni))
+            .chain(listeners.iter())
+            .find_map(|(_, l)| credential(l))?;
+        let Credential { namespace, name } = chosen;
+        let key = (namespace.unwrap_or_else(|| self.wp.namespace.clone()), name);
+        let Some(secret) = state.raw.tls_secrets.get(&key) else {
+            if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                tracing::warn!(port = self.port, secret = %format!("{}/{}", key.0, key.1), suppressed, "ingress gateway: the listener's Secret does not exist; handshake refused");
+            }
+            return None;
+        };
+        let mut parsed = self.parsed.lock().expect("certificates lock");
+        if let Some((seen, certified)) = parsed.get(&key)
+            && seen == secret
+        {
+            return Some(certified.clone());
+        }
+        match certified_key(secret) {
+            Ok(certified) => {
+                parsed.insert(key, (secret.clone(), certified.clone()));
+                Some(certified)
+            }
+            Err(e) => {
+                if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                    tracing::warn!(port = self.port, secret = %format!("{}/{}", key.0, key.1), error = %e, suppressed, "ingress gateway: the listener's Secret is not a usable certificate and key");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A Secret's PEM chain and key, for rustls.
+fn certified_key(secret: &TlsSecret) -> Result<Arc<CertifiedKey>, String> {
+    let chain = rustls_pemfile::certs(&mut secret.cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls.crt: {e}"))?;
+    if chain.is_empty() {
+        return Err("tls.crt: no certificate".into());
+    }
+    let key = rustls_pemfile::private_key(&mut secret.key_pem.as_slice())
+        .map_err(|e| format!("tls.key: {e}"))?
+        .ok_or("tls.key: no private key")?;
+    let signing = crate::identity::crypto_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("tls.key: {e}"))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("tls.crt is not for tls.key: {e}"))?;
+    Ok(Arc::new(certified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_parse_into_certified_keys_and_mismatches_are_refused() {
+        let one = rcgen::generate_simple_self_signed(vec!["a.example.com".into()]).unwrap();
+        let two = rcgen::generate_simple_self_signed(vec!["b.example.com".into()]).unwrap();
+        let secret = |cert: &rcgen::CertifiedKey<rcgen::KeyPair>,
+                      key: &rcgen::CertifiedKey<rcgen::KeyPair>| TlsSecret {
+            cert_pem: cert.cert.pem().into_bytes(),
+            key_pem: key.signing_key.serialize_pem().into_bytes(),
+        };
+        assert!(certified_key(&secret(&one, &one)).is_ok());
+        let e = certified_key(&secret(&one, &two)).unwrap_err();
+        assert!(e.contains("not for tls.key"), "{e}");
+        let e = certified_key(&TlsSecret {
+            cert_pem: b"junk".to_vec(),
+            key_pem: vec![],
+        })
+        .unwrap_err();
+        assert!(e.contains("tls.crt"), "{e}");
     }
 }

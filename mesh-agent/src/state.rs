@@ -85,6 +85,26 @@ pub struct RawObjects {
     pub gateways: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` Gateway (typed into [`MeshState::routes`]).
     pub istio_gateways: Vec<serde_json::Value>,
+    /// The certificates and keys of `kubernetes.io/tls` Secrets, by namespace and name:
+    /// what ingress gateways serve HTTPS with. Never serialized (keys).
+    #[serde(skip)]
+    pub tls_secrets: BTreeMap<(String, String), Arc<TlsSecret>>,
+}
+
+/// A `kubernetes.io/tls` Secret's PEM certificate chain and private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsSecret {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSecret")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// One pod.

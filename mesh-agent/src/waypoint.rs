@@ -398,9 +398,10 @@ pub enum Destination {
         workload: Workload,
         port: u16,
     },
-    /// A gateway port: the routes of the gateways listening on it decide.
+    /// A gateway port (`tls`: HTTPS): the routes of the gateways listening on it decide.
     Gateway {
         port: u16,
+        tls: bool,
     },
 }
 

@@ -1543,6 +1543,20 @@ impl Pod {
         Ok(process)
     }
 
+    /// An HTTPS GET from this pod to `to` with `sni` ([`crate::http_workload::tls_get`]).
+    pub fn tls_get(
+        &self,
+        to: SocketAddr,
+        sni: &str,
+        path: &str,
+    ) -> Result<crate::http_workload::TlsReply> {
+        let to = to.to_string();
+        let out = self
+            .shared
+            .run(self.mesh_pod(&["tls-get", "--to", &to, "--sni", sni, "--path", path]))?;
+        serde_json::from_str(out.trim()).with_context(|| format!("reading tls-get output: {out}"))
+    }
+
     /// Sends `calls` from this pod to `to` over one keep-alive connection (HTTP/2 with
     /// prior knowledge when `h2`) and returns every reply.
     pub fn http_calls(

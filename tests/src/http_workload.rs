@@ -3,7 +3,7 @@
 //! does the same), and a client that sends a batch of requests over one keep-alive
 //! connection (HTTP/1.1, or HTTP/2 with prior knowledge) and reports each response.
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -440,5 +440,130 @@ impl Sender {
                 .collect(),
             body: String::from_utf8_lossy(&body).into_owned(),
         })
+    }
+}
+
+/// What an HTTPS GET saw: the status, and the certificate the server presented (DER,
+/// hex), with the protocol ALPN chose.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TlsReply {
+    pub status: u16,
+    pub certificate: String,
+    pub alpn: String,
+    pub body: String,
+}
+
+/// `GET path` over TLS to `to`, sending `sni`, accepting any certificate (the test reads
+/// which one was presented), HTTP/1.1.
+pub fn tls_get(to: SocketAddr, sni: &str, path: &str, timeout: Duration) -> Result<TlsReply> {
+    use tokio_rustls::rustls;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls_pki_types::ServerName::try_from(sni.to_owned())?;
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(to)
+                .await
+                .with_context(|| format!("connecting to {to}"))?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake")?;
+            let (_, session) = tls.get_ref();
+            let certificate: String = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.iter().map(|b| format!("{b:02x}")).collect())
+                .unwrap_or_default();
+            let alpn = session
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            let req = Request::get(path)
+                .header(http::header::HOST, sni)
+                .body(http_body_util::Empty::<Bytes>::new())?;
+            let response = sender.send_request(req).await?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok(TlsReply {
+                status,
+                certificate,
+                alpn,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .context("timed out")?
+    })
+}
+
+/// A verifier that takes any certificate: the tests check which one was presented.
+#[derive(Debug)]
+struct AnyCertificate(Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<
+        tokio_rustls::rustls::client::danger::ServerCertVerified,
+        tokio_rustls::rustls::Error,
+    > {
+        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> std::result::Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> std::result::Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -755,8 +755,25 @@ fn ingress(cluster: &Cluster) {
         .spawn_gateway("api", NS, &cluster.config_path(), &[])
         .expect("starting the ingress gateway");
     let istio = format!(
-        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: echo-gateway, namespace: {NS}}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 8080, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n"
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: echo-gateway, namespace: {NS}}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 8080, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n  - port: {{number: 8443, name: https, protocol: HTTPS}}\n    hosts: [\"*\"]\n    tls: {{mode: SIMPLE, credentialName: echo-cert}}\n"
     );
+    // The HTTPS server's certificate, from a kubernetes.io/tls Secret; replaced below.
+    let certificate = |host: &str| {
+        let c = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+        let indent = |pem: String| {
+            pem.lines()
+                .map(|l| format!("    {l}\n"))
+                .collect::<String>()
+        };
+        let secret = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: echo-cert, namespace: {NS}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+            indent(c.cert.pem()),
+            indent(c.signing_key.serialize_pem())
+        );
+        let der: String = c.cert.der().iter().map(|b| format!("{b:02x}")).collect();
+        (secret, der)
+    };
+    let (first_secret, first_der) = certificate("secure.example.com");
     let vs = format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo-ingress, namespace: {NS}}}\nspec:\n  hosts: [\"*\"]\n  gateways: [echo-gateway]\n  http:\n  - match: [{{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: echo-v2, port: {{number: 80}}}}}}]\n  - match: [{{uri: {{prefix: /echo}}}}]\n    route: [{{destination: {{host: echo-v1, port: {{number: 80}}}}}}]\n"
     );
@@ -766,7 +783,16 @@ fn ingress(cluster: &Cluster) {
     let route = format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules: [{{backendRefs: [{{name: echo-v2, port: 80}}]}}]\n"
     );
-    apply(cluster, &[istio, vs, api, route]);
+    apply(
+        cluster,
+        &[
+            istio.clone(),
+            vs.clone(),
+            api.clone(),
+            route.clone(),
+            first_secret,
+        ],
+    );
     let ip = cluster.pod("ingress").ipv4();
     let at = |port: u16| SocketAddr::new(ip.into(), port);
     let outside = |to: SocketAddr, call: Call| calls(cluster, "outside", to, &[call]).remove(0);
@@ -825,6 +851,44 @@ fn ingress(cluster: &Cluster) {
         ],
     );
     assert!(from_gateway >= 2.0, "{from_gateway} requests reported");
+
+    // HTTPS with the Secret's certificate; a replaced Secret is served without a restart.
+    let https = at(8443);
+    let tls = |path: &str| {
+        cluster
+            .pod("outside")
+            .tls_get(https, "secure.example.com", path)
+    };
+    let mut last = None;
+    let ok = eventually(Duration::from_secs(10), || {
+        let r = tls("/echo/tls");
+        let ok = r.as_ref().is_ok_and(|r| r.status == 200);
+        last = Some(r);
+        ok
+    });
+    assert!(ok, "HTTPS through the gateway: {last:?}");
+    let r = tls("/echo/tls").unwrap();
+    assert_eq!(
+        r.certificate, first_der,
+        "the Secret's certificate is served"
+    );
+    let e: Echo = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(e.pod, "echo-v1");
+    assert_eq!(
+        e.headers.get("x-forwarded-proto").map(String::as_str),
+        Some("https")
+    );
+    let (second_secret, second_der) = certificate("secure.example.com");
+    apply(cluster, &[istio, vs, api, route, second_secret]);
+    let ok = eventually(Duration::from_secs(10), || {
+        tls("/echo/tls").is_ok_and(|r| r.certificate == second_der && r.status == 200)
+    });
+    assert!(
+        ok,
+        "the replaced Secret is not served: {:?}",
+        tls("/echo/tls")
+    );
+    assert!(gateway.is_running(), "the gateway restarted");
     let not_found = metrics.sum(
         "istio_requests_total",
         &[("reporter", "source"), ("response_flags", "NR")],

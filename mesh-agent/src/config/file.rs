@@ -393,6 +393,7 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
         "Namespace" => Some((Kind::Namespace, CORE)),
         "Pod" => Some((Kind::Pod, CORE)),
         "Service" => Some((Kind::Service, CORE)),
+        "Secret" => Some((Kind::Secret, CORE)),
         "EndpointSlice" => Some((Kind::EndpointSlice, DISCOVERY)),
         "AuthorizationPolicy" => Some((Kind::AuthorizationPolicy, SECURITY)),
         "PeerAuthentication" => Some((Kind::PeerAuthentication, SECURITY)),
@@ -721,6 +722,11 @@ impl Parser<'_> {
                 let svc = self.typed(kind, &at, &source)?;
                 translate::service(&svc).map_err(|e| self.error(&at, e.to_string()))?;
                 self.parsed.objects.services.push(svc);
+            }
+            Kind::Secret => {
+                let secret: k8s_openapi::api::core::v1::Secret = self.typed(kind, &at, &source)?;
+                translate::tls_secret(&secret).map_err(|e| self.error(&at, e.to_string()))?;
+                self.parsed.objects.secrets.push(secret);
             }
             Kind::EndpointSlice => {
                 let slice = self.typed(kind, &at, &source)?;

@@ -813,6 +813,9 @@ impl Stores {
             virtual_services: raw(&self.virtual_services),
             destination_rules: raw(&self.destination_rules),
             istio_gateways: raw(&self.istio_gateways),
+            // Not watched: node agents have no use for Secrets (file mode reads them for
+            // the ingress gateway's certificates).
+            secrets: Vec::new(),
         }
     }
 }
@@ -888,6 +891,7 @@ fn remove(objects: &mut Objects, key: &ObjectKey) -> bool {
         Kind::VirtualService => retain(&mut objects.virtual_services, |o| !raw_matches(o, key)),
         Kind::DestinationRule => retain(&mut objects.destination_rules, |o| !raw_matches(o, key)),
         Kind::IstioGateway => retain(&mut objects.istio_gateways, |o| !raw_matches(o, key)),
+        Kind::Secret => retain(&mut objects.secrets, |o| !matches(&o.metadata, key)),
     }
 }
 

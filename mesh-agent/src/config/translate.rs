@@ -124,6 +124,21 @@ pub fn translate(
             destination_rules: objects.destination_rules.clone(),
             gateways: objects.gateways.clone(),
             istio_gateways: objects.istio_gateways.clone(),
+            tls_secrets: objects
+                .secrets
+                .iter()
+                .filter_map(|s| {
+                    let tls = tls_secret(s).ok()??;
+                    let meta = &s.metadata;
+                    Some((
+                        (
+                            meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                            meta.name.clone()?,
+                        ),
+                        std::sync::Arc::new(tls),
+                    ))
+                })
+                .collect(),
         },
         &settings.root_namespace,
     )
@@ -163,6 +178,36 @@ fn use_waypoint(
             .unwrap_or_else(|| namespace.to_owned()),
         name: name.to_owned(),
     })
+}
+
+/// A Secret's certificate and key when it is a `kubernetes.io/tls` one (`None` for other
+/// types, which are ignored); an error names the missing field.
+pub(crate) fn tls_secret(
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> Result<Option<crate::state::TlsSecret>, FieldError> {
+    if secret.type_.as_deref() != Some("kubernetes.io/tls") {
+        return Ok(None);
+    }
+    let field = |key: &str| -> Result<Vec<u8>, FieldError> {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|s| s.clone().into_bytes())
+            })
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| FieldError::new(format!("data[{key}]"), "missing"))
+    };
+    Ok(Some(crate::state::TlsSecret {
+        cert_pem: field("tls.crt")?,
+        key_pem: field("tls.key")?,
+    }))
 }
 
 /// Whether ingress gateways go through the service's waypoint: Istio's label on the

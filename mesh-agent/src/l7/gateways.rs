@@ -5,8 +5,10 @@
 //! [`super::routes`] (VirtualServices that name the gateway in `gateways`, HTTPRoutes whose
 //! `parentRef` is the Gateway).
 //!
-//! Served here: plain HTTP listeners (`HTTP`, `HTTP2`, `GRPC`). HTTPS, TLS and TCP
-//! listeners are accepted and reported as not served yet.
+//! Served here: HTTP listeners (`HTTP`, `HTTP2`, `GRPC`) and HTTPS listeners that
+//! terminate TLS with a certificate from a `kubernetes.io/tls` Secret (Istio's `tls.mode:
+//! SIMPLE` with `credentialName`, the Gateway API's `certificateRefs`). Other TLS modes,
+//! TLS passthrough and TCP listeners are accepted and reported as not served yet.
 
 use std::collections::BTreeMap;
 
@@ -54,12 +56,29 @@ pub struct Listener {
     pub hosts: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Protocol {
     /// HTTP/1.1 and HTTP/2 in clear text (Istio's `HTTP`, `HTTP2`, `GRPC`).
     Http,
-    /// Not served yet (HTTPS, TLS, TCP...), with what the object says.
+    /// HTTP over TLS terminated here with the certificate of a Secret.
+    Https(Credential),
+    /// Not served yet (TLS passthrough, mutual TLS, TCP...).
     Other,
+}
+
+impl Protocol {
+    /// Whether this gateway serves it.
+    pub fn is_served(&self) -> bool {
+        !matches!(self, Self::Other)
+    }
+}
+
+/// The Secret a listener's certificate comes from: `namespace` when the object names one
+/// (the Gateway API), else the gateway's own namespace (Istio's `credentialName`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub namespace: Option<String>,
+    pub name: String,
 }
 
 impl Listener {
@@ -160,7 +179,26 @@ pub fn parse_istio_gateway(object: &Value) -> Result<IngressGateway, RouteError>
         }
         let protocol = match server.port.protocol.to_ascii_uppercase().as_str() {
             "HTTP" | "HTTP2" | "GRPC" => Protocol::Http,
-            "HTTPS" | "TLS" | "TCP" | "MONGO" | "REDIS" | "MYSQL" => Protocol::Other,
+            "HTTPS" => {
+                let tls = server.tls.as_ref();
+                let mode = tls.and_then(|t| t["mode"].as_str()).unwrap_or("SIMPLE");
+                match tls.and_then(|t| t["credentialName"].as_str()) {
+                    Some(name) if mode == "SIMPLE" && !name.is_empty() => {
+                        Protocol::Https(Credential {
+                            namespace: None,
+                            name: name.to_owned(),
+                        })
+                    }
+                    _ if mode == "SIMPLE" => {
+                        return Err(RouteError::new(
+                            at("tls.credentialName"),
+                            "an HTTPS server needs the Secret of its certificate",
+                        ));
+                    }
+                    _ => Protocol::Other,
+                }
+            }
+            "TLS" | "TCP" | "MONGO" | "REDIS" | "MYSQL" => Protocol::Other,
             other => {
                 return Err(RouteError::new(
                     at("port.protocol"),
@@ -207,6 +245,23 @@ pub fn parse_gateway_api(object: &Value) -> Result<Option<IngressGateway>, Route
             .ok_or_else(|| RouteError::new(at("port"), "a port from 1 to 65535 is required"))?;
         let protocol = match l["protocol"].as_str() {
             Some("HTTP") => Protocol::Http,
+            Some("HTTPS") if l["tls"]["mode"].as_str().is_none_or(|m| m == "Terminate") => {
+                let cert = &l["tls"]["certificateRefs"][0];
+                let Some(name) = cert["name"].as_str() else {
+                    return Err(RouteError::new(
+                        at("tls.certificateRefs"),
+                        "an HTTPS listener needs the Secret of its certificate",
+                    ));
+                };
+                Protocol::Https(Credential {
+                    namespace: Some(
+                        cert["namespace"]
+                            .as_str()
+                            .map_or_else(|| namespace.clone(), str::to_owned),
+                    ),
+                    name: name.to_owned(),
+                })
+            }
             Some(_) => Protocol::Other,
             None => return Err(RouteError::new(at("protocol"), "required")),
         };
@@ -263,7 +318,13 @@ mod tests {
         assert_eq!(g.listeners[0].port, 80);
         assert_eq!(g.listeners[0].protocol, Protocol::Http);
         assert_eq!(g.listeners[1].hosts, ["a.example.com"]);
-        assert_eq!(g.listeners[1].protocol, Protocol::Other);
+        assert_eq!(
+            g.listeners[1].protocol,
+            Protocol::Https(Credential {
+                namespace: None,
+                name: "cert".into()
+            })
+        );
         let labels: BTreeMap<String, String> = [
             ("istio".to_owned(), "ingressgateway".to_owned()),
             ("app".to_owned(), "x".to_owned()),
@@ -275,6 +336,10 @@ mod tests {
         bad["spec"]["servers"][0]["port"]["protocol"] = "SPDY".into();
         let e = parse_istio_gateway(&bad).unwrap_err().to_string();
         assert!(e.contains("spec.servers[0].port.protocol"), "{e}");
+        let mut bad = gw.clone();
+        bad["spec"]["servers"][1]["tls"] = serde_json::json!({"mode": "SIMPLE"});
+        let e = parse_istio_gateway(&bad).unwrap_err().to_string();
+        assert!(e.contains("spec.servers[1].tls.credentialName"), "{e}");
         let mut bad = gw;
         bad["spec"]["servers"][1]["hosts"] = serde_json::json!([]);
         let e = parse_istio_gateway(&bad).unwrap_err().to_string();

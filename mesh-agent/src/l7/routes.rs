@@ -727,9 +727,9 @@ impl Routes {
         }
         for g in &self.ingress {
             for l in &g.listeners {
-                if l.protocol == super::gateways::Protocol::Other {
+                if !l.protocol.is_served() {
                     self.problems.push(format!(
-                        "Gateway {}/{}: port {} is not HTTP; only plain HTTP listeners are served yet",
+                        "Gateway {}/{}: port {} (TLS passthrough, mutual TLS or TCP) is not served yet; HTTP and HTTPS are",
                         g.key.0, g.key.1, l.port
                     ));
                 }

@@ -321,7 +321,10 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         path: parts.uri.path(),
         query: parts.uri.query(),
         host: &host,
-        scheme: "http",
+        scheme: match tunnel.destination {
+            Destination::Gateway { tls: true, .. } => "https",
+            _ => "http",
+        },
         port: tunnel.target.port(),
         headers: &parts.headers,
         client_namespace: tunnel.ctx.client.as_ref().map(|c| c.namespace.as_str()),
@@ -329,7 +332,7 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     let selection = match (&tunnel.destination, service) {
         (_, Some(svc)) => state.routes().select(svc, &view),
         // At an ingress gateway: the first gateway on this port that takes the host.
-        (Destination::Gateway { port }, _) => {
+        (Destination::Gateway { port, .. }, _) => {
             let listeners = crate::gateway::listeners(&wp, &state, *port);
             match listeners.iter().find(|(_, l)| l.admits(&host)) {
                 Some((gateway, listener)) => {
@@ -340,8 +343,8 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
         }
         _ => Selection::Default,
     };
-    if matches!(tunnel.destination, Destination::Gateway { .. }) {
-        forwarded_headers(&mut parts.headers, tunnel.ctx.peer.ip());
+    if let Destination::Gateway { tls, .. } = tunnel.destination {
+        forwarded_headers(&mut parts.headers, tunnel.ctx.peer.ip(), tls);
     }
     let (rule, matched_prefix) = match selection {
         Selection::NotFound => {
@@ -766,7 +769,7 @@ pub(super) fn endpoints<'a>(
 
 /// What an ingress gateway adds for the backends, as Envoy does at the edge: the client's
 /// address appended to `x-forwarded-for`, and `x-forwarded-proto`.
-fn forwarded_headers(headers: &mut HeaderMap, client: std::net::IpAddr) {
+fn forwarded_headers(headers: &mut HeaderMap, client: std::net::IpAddr, tls: bool) {
     let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client}"),
         None => client.to_string(),
@@ -774,9 +777,11 @@ fn forwarded_headers(headers: &mut HeaderMap, client: std::net::IpAddr) {
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.insert("x-forwarded-for", v);
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
+    // The edge sets it: what the client sent is not trusted.
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
 }
 
 /// The `Location` of a redirect.

@@ -108,6 +108,18 @@ enum Cmd {
         #[arg(long, value_parser = parse_backend)]
         backend: Vec<(String, SocketAddr)>,
     },
+    /// GET PATH over TLS from TO with SNI (accepting any certificate); prints the status,
+    /// the certificate presented (hex DER), the ALPN protocol and the body as JSON.
+    TlsGet {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sni: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Sends CALLS (a JSON list of {method, path, host, headers, count}) over one
     /// keep-alive connection to TO; prints the JSON list of replies.
     HttpCalls {
@@ -176,6 +188,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::TlsGet {
+            to,
+            sni,
+            path,
+            timeout_ms,
+        } => {
+            match tests::http_workload::tls_get(to, &sni, &path, Duration::from_millis(timeout_ms))
+            {
+                Ok(reply) => {
+                    println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("mesh-pod tls-get: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::HttpCalls {
             to,
             h2,
