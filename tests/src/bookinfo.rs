@@ -10,7 +10,8 @@
 //! - reviews v1: no ratings; v2: black stars, ratings with a 10 s timeout; v3: red stars,
 //!   2.5 s. A failed ratings call gives `"error": "Ratings service is currently
 //!   unavailable"` per review. "Reviews served by: <pod>" names the reviews pod.
-//! - ratings: Reviewer1 5 stars, Reviewer2 4; details: the book's fixed details.
+//! - ratings: Reviewer1 5 stars, Reviewer2 4 (`v-faulty`: every other GET answers 503, as
+//!   Istio's faulty ratings image fails half); details: the book's fixed details.
 //!
 //! Backends are reached at the addresses given (`--backend details=ADDR`), with the
 //! service's name in `Host`, one connection per call (as the originals: no pooling).
@@ -131,7 +132,7 @@ async fn handle(config: &Config, req: Request<Incoming>) -> Response<Body> {
     let path = parts.uri.path();
     match config.service {
         Service::Details => details(path),
-        Service::Ratings => ratings(&parts.method, path, &body),
+        Service::Ratings => ratings(&config.version, &parts.method, path, &body),
         Service::Reviews => reviews(config, path, &parts.headers).await,
         Service::Productpage => productpage(config, &parts, &body).await,
     }
@@ -196,11 +197,26 @@ fn book_details(id: i64) -> serde_json::Value {
 
 // --- ratings -----------------------------------------------------------------------------
 
-fn ratings(method: &http::Method, path: &str, body: &[u8]) -> Response<Body> {
+/// GETs of ratings `v-faulty` so far: every other one fails (Istio's image fails half of
+/// them at random; alternating keeps the tests' shares exact).
+static FAULTY_GETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn ratings(version: &str, method: &http::Method, path: &str, body: &[u8]) -> Response<Body> {
     if path == "/health" {
         return json(
             StatusCode::OK,
             &serde_json::json!({"status": "Ratings is healthy"}),
+        );
+    }
+    if version == "v-faulty"
+        && method == http::Method::GET
+        && FAULTY_GETS
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(2)
+    {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "Service unavailable"}),
         );
     }
     let Some(rest) = path.strip_prefix("/ratings/") else {

@@ -25,11 +25,30 @@ const OUTSIDE: &str = "outside";
 const GATEWAY_PORT: u16 = 8080;
 const HOST: &str = "bookinfo.example.com";
 
-/// A file of the repository's Bookinfo sample.
+/// A sample file's path in the repository: `httpbin/...` under `samples/`, anything else
+/// under `samples/bookinfo/`.
+pub fn sample_path(path: &str) -> String {
+    if path.starts_with("httpbin/") {
+        format!("samples/{path}")
+    } else {
+        format!("samples/bookinfo/{path}")
+    }
+}
+
+/// A file of the repository's samples ([`sample_path`]).
 pub fn sample(path: &str) -> Result<String> {
-    let full = format!("{}/../samples/bookinfo/{path}", env!("CARGO_MANIFEST_DIR"));
+    let full = format!("{}/../{}", env!("CARGO_MANIFEST_DIR"), sample_path(path));
     std::fs::read_to_string(&full).with_context(|| format!("reading {full}"))
 }
+
+/// The ratings pod that fails every other request: in the configuration only while the
+/// retries step runs.
+const FAULTY: &str = "ratings-v-faulty";
+/// The httpbin Service (samples/httpbin/httpbin.yaml).
+const HTTPBIN: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 90, 30)),
+    8000,
+);
 
 /// The Bookinfo Services' addresses, as samples/bookinfo/platform/bookinfo.yaml sets them.
 fn service(name: &str) -> SocketAddr {
@@ -95,6 +114,18 @@ impl Walkthrough {
             .pod(pod("reviews-v2", "reviews", "v2", 1))
             .pod(pod("reviews-v3", "reviews", "v3", 0))
             .pod(pod("ratings-v1", "ratings", "v1", 1))
+            .pod(pod(FAULTY, "ratings", "v-faulty", 1))
+            .pod(
+                PodSpec::new("httpbin", NS, 1)
+                    .label("app", "httpbin")
+                    .label("version", "v1")
+                    .service_account("httpbin"),
+            )
+            .pod(
+                PodSpec::new("fortio", NS, 0)
+                    .label("app", "fortio")
+                    .service_account("fortio"),
+            )
             .pod(
                 PodSpec::new("waypoint", NS, 0)
                     .label("gateway.networking.k8s.io/gateway-name", "waypoint")
@@ -120,10 +151,12 @@ impl Walkthrough {
             ("reviews-v2", "reviews", "v2"),
             ("reviews-v3", "reviews", "v3"),
             ("ratings-v1", "ratings", "v1"),
+            (FAULTY, "ratings", "v-faulty"),
         ] {
             processes.push(cluster.pod(pod).spawn_bookinfo(app, version, &backends)?);
         }
-        cluster.write_config(&cluster.config_path(), &documents(&[])?)?;
+        processes.push(cluster.pod("httpbin").spawn_echo(8080)?);
+        cluster.write_config(&cluster.config_path(), &documents(&[], false)?)?;
         cluster.start_agents(&cluster.config_path())?;
         processes.push(cluster.pod("waypoint").spawn_waypoint(
             "waypoint",
@@ -342,6 +375,11 @@ impl Walkthrough {
 
     /// The waypoint's request count for `filter`, read from its 15020.
     fn waypoint_requests(&self, filter: &[(&str, &str)]) -> Result<f64> {
+        self.waypoint_metric("istio_requests_total", filter)
+    }
+
+    /// A counter of the waypoint's, summed over the series that match `filter`.
+    fn waypoint_metric(&self, name: &str, filter: &[(&str, &str)]) -> Result<f64> {
         let pod = self.cluster.pod("waypoint");
         let (status, body) = crate::in_netns(pod.netns_path(), || {
             crate::workload::http_get(
@@ -353,7 +391,7 @@ impl Walkthrough {
         if status != 200 {
             bail!("the waypoint's metrics answered {status}");
         }
-        Ok(crate::metrics::Metrics::parse(&body).sum("istio_requests_total", filter))
+        Ok(crate::metrics::Metrics::parse(&body).sum(name, filter))
     }
 
     /// The series Prometheus holds for `promql`.
@@ -371,13 +409,18 @@ impl Walkthrough {
     }
 }
 
-/// The platform, the gateway, the subsets, the waypoint's Gateway; then `extra` files.
-fn documents(extra: &[&str]) -> Result<ConfigOptions> {
+/// The platform, the gateway, the subsets, httpbin, the waypoint's Gateway; then `extra`
+/// files; the faulty ratings pod only when `faulty`.
+fn documents(extra: &[&str], faulty: bool) -> Result<ConfigOptions> {
     let mut opts = ConfigOptions::default();
+    if !faulty {
+        opts = opts.exclude(FAULTY);
+    }
     for f in [
         "platform/bookinfo.yaml",
         "networking/bookinfo-gateway.yaml",
         "networking/destination-rule-all.yaml",
+        "httpbin/httpbin.yaml",
     ]
     .iter()
     .chain(extra)
@@ -390,7 +433,29 @@ fn documents(extra: &[&str]) -> Result<ConfigOptions> {
 }
 
 fn apply(cluster: &Cluster, files: &[&str]) -> Result<()> {
-    cluster.write_config(&cluster.config_path(), &documents(files)?)
+    cluster.write_config(&cluster.config_path(), &documents(files, false)?)
+}
+
+/// [`apply`], with the faulty ratings pod among ratings' endpoints.
+fn apply_with_faulty(cluster: &Cluster, files: &[&str]) -> Result<()> {
+    cluster.write_config(&cluster.config_path(), &documents(files, true)?)
+}
+
+/// `count` GETs of `path` on httpbin from the fortio pod (in the mesh): their statuses.
+fn httpbin(w: &Walkthrough, path: &str, count: usize) -> Result<Vec<u16>> {
+    let replies = w.cluster.pod("fortio").http_calls(
+        HTTPBIN,
+        false,
+        &[Call {
+            method: "GET".into(),
+            path: path.into(),
+            host: Some("httpbin:8000".into()),
+            headers: vec![],
+            count,
+            upload: 0,
+        }],
+    )?;
+    Ok(replies.iter().map(|r| r.status).collect())
 }
 
 /// `v1 7, v3 3`: how many pages showed each reviews version.
@@ -590,9 +655,96 @@ pub fn steps() -> Vec<Step> {
     .collect()
 }
 
-/// The steps about security and mirroring, after the traffic-management ones.
+/// The steps about resilience, mirroring and security, after the routing ones.
 fn more_steps() -> Vec<Step> {
     vec![
+        Step {
+            name: "retries: ratings with a faulty endpoint, retried on 5xx",
+            files: &[
+                "networking/virtual-service-reviews-v2-v3.yaml",
+                "networking/virtual-service-ratings-retries.yaml",
+            ],
+            check: |w| {
+                let files = Step::files_named("retries");
+                // Without a retry policy (Istio's default does not retry 503s), the faulty
+                // endpoint's errors reach the pages.
+                apply_with_faulty(&w.cluster, &files[..1])?;
+                let mut failing = 0;
+                let ok = eventually(Duration::from_secs(15), || {
+                    let seen = w.pages(20, None).unwrap_or_default();
+                    failing = seen.iter().filter(|p| p.ratings_unavailable).count();
+                    failing > 0
+                });
+                if !ok {
+                    bail!("no page showed the faulty ratings' errors without retries");
+                }
+                let retries = |w: &Walkthrough| {
+                    w.waypoint_metric("mesh_waypoint_upstream_retries_total", &[])
+                };
+                let before = retries(w)?;
+                apply_with_faulty(&w.cluster, files)?;
+                let ok = eventually(Duration::from_secs(15), || {
+                    w.pages(10, None)
+                        .is_ok_and(|s| s.iter().all(|p| !p.ratings_unavailable))
+                });
+                let seen = w.pages(40, None)?;
+                let still = seen.iter().filter(|p| p.ratings_unavailable).count();
+                if !ok || still > 0 {
+                    bail!("{still} of 40 pages still showed the ratings error with retries");
+                }
+                let retried = retries(w)? - before;
+                if retried < 1.0 {
+                    bail!("no retry counted at the waypoint");
+                }
+                Ok(format!(
+                    "without retries {failing} of 20 pages showed \"{}\"; with retries on 5xx 0 of 40 did, after {retried} retries at the waypoint",
+                    bookinfo::RATINGS_UNAVAILABLE
+                ))
+            },
+        },
+        Step {
+            name: "circuit breaking: httpbin with one connection and one pending request",
+            files: &["httpbin/destination-rule-circuit-breaker.yaml"],
+            check: |w| {
+                apply(&w.cluster, Step::files_named("circuit breaking"))?;
+                let overflows = |w: &Walkthrough| {
+                    w.waypoint_metric("mesh_waypoint_upstream_overflows_total", &[])
+                };
+                let before = overflows(w)?;
+                let three = || -> Vec<u16> {
+                    std::thread::scope(|s| {
+                        let clients: Vec<_> = (0..3)
+                            .map(|_| s.spawn(|| httpbin(w, "/delay/20", 30).unwrap_or_default()))
+                            .collect();
+                        clients
+                            .into_iter()
+                            .flat_map(|c| c.join().unwrap_or_default())
+                            .collect()
+                    })
+                };
+                let mut statuses = Vec::new();
+                let ok = eventually(Duration::from_secs(20), || {
+                    statuses = three();
+                    statuses.contains(&503)
+                });
+                let overflowed = statuses.iter().filter(|s| **s == 503).count();
+                let succeeded = statuses.iter().filter(|s| **s == 200).count();
+                if !ok || overflowed + succeeded != statuses.len() {
+                    bail!(
+                        "3 clients x 30: {succeeded} 200, {overflowed} 503, of {}",
+                        statuses.len()
+                    );
+                }
+                let alone = httpbin(w, "/delay/20", 20)?;
+                if alone.iter().any(|s| *s != 200) {
+                    bail!("one client alone got {alone:?}");
+                }
+                let counted = overflows(w)? - before;
+                Ok(format!(
+                    "3 concurrent clients x 30 requests: {succeeded} answered, {overflowed} overflowed (503, UO); 1 client x 20: all answered; the waypoint counted {counted} overflows"
+                ))
+            },
+        },
         Step {
             name: "mirroring: reviews to v1, a copy of each request to v2",
             files: &["networking/virtual-service-reviews-v1-mirror-v2.yaml"],

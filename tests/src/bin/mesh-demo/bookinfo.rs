@@ -23,7 +23,7 @@ pub fn run(verbose: bool) -> Result<bool> {
     let reports = w.run(|r| {
         println!("--- {}", r.name);
         for (file, text) in &r.applied {
-            println!("applied samples/bookinfo/{file}:");
+            println!("applied {}:", tests::walkthrough::sample_path(file));
             if verbose {
                 for line in text.lines() {
                     println!("    {line}");
