@@ -33,6 +33,7 @@ const SECURITY_GROUP: &str = "security.istio.io";
 const NETWORKING_GROUP: &str = "networking.istio.io";
 /// A waypoint's manifests: their own kustomization, applied per namespace.
 const WAYPOINT_DIR: &str = "waypoint";
+const GATEWAY_DIR: &str = "gateway";
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -70,12 +71,14 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// The YAML files of the node agent's kustomization: everything under deploy/ but the
-/// waypoint's directory.
+/// waypoint's and the gateway's directories.
 fn agent_files() -> Vec<PathBuf> {
     let root = deploy_dir();
     let mut files = Vec::new();
     yaml_files(&root, &mut files);
-    files.retain(|p| !p.starts_with(root.join(WAYPOINT_DIR)));
+    files.retain(|p| {
+        !p.starts_with(root.join(WAYPOINT_DIR)) && !p.starts_with(root.join(GATEWAY_DIR))
+    });
     files
 }
 
@@ -319,7 +322,7 @@ fn kustomization_lists_every_manifest_and_the_namespace_matches() {
         .collect();
     assert_eq!(
         listed, present,
-        "{file}: resources must be every manifest under deploy/ (but deploy/{WAYPOINT_DIR})"
+        "{file}: resources must be every manifest under deploy/ (but deploy/{WAYPOINT_DIR} and deploy/{GATEWAY_DIR})"
     );
 
     // Namespaced objects say the namespace themselves too (usable with `kubectl apply -f`).
@@ -461,6 +464,48 @@ fn daemonset_args_use_only_flags_the_binary_accepts() {
 }
 
 /// What the usage line of `run --help` requires (`--flag <VALUE>` outside `[...]`).
+/// The kustomization `k` of deploy/`dir` lists every other YAML file of that directory.
+fn kustomization_lists_its_directory(k: &Value, dir: &str) {
+    let root = deploy_dir().join(dir);
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    let present: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
+        .filter(|p| p != "kustomization.yaml")
+        .collect();
+    let listed: BTreeSet<String> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, present, "deploy/{dir}/kustomization.yaml");
+}
+
+/// Every flag `help` says is required is in `args`, or in `env` through the variable the
+/// help names for it.
+fn required_flags_given(help: &str, args: &[String], env: &BTreeSet<&str>, what: &str) {
+    for flag in required_flags(help) {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(&flag))
+            .unwrap_or_else(|| panic!("{flag} not described:\n{help}"));
+        let from_env = line
+            .split("[env: ")
+            .nth(1)
+            .and_then(|rest| rest.split('=').next())
+            .or_else(|| {
+                let i = help.find(line)?;
+                help[i..].split("[env: ").nth(1)?.split('=').next()
+            });
+        assert!(
+            flag_value(args, &flag).is_some() || from_env.is_some_and(|v| env.contains(v)),
+            "{what} needs {flag}"
+        );
+    }
+}
+
 fn required_flags(help: &str) -> Vec<String> {
     let usage = help
         .lines()
@@ -2312,21 +2357,7 @@ fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
         kustomization.expect("a kustomization"),
     );
     // The kustomization lists every file of the directory.
-    let root = deploy_dir().join(WAYPOINT_DIR);
-    let mut files = Vec::new();
-    yaml_files(&root, &mut files);
-    let present: BTreeSet<String> = files
-        .iter()
-        .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
-        .filter(|p| p != "kustomization.yaml")
-        .collect();
-    let listed: BTreeSet<String> = k["resources"]
-        .as_array()
-        .expect("resources")
-        .iter()
-        .map(|r| r.as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(listed, present);
+    kustomization_lists_its_directory(&k, WAYPOINT_DIR);
 
     // The Gateway is a waypoint, with the listener Istio gives one.
     let name = g["metadata"]["name"].as_str().expect("the Gateway's name");
@@ -2372,24 +2403,7 @@ fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
     // Every required flag is given, in the args or through the environment variable the
     // help names for it.
     let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-    for flag in required_flags(&help) {
-        let line = help
-            .lines()
-            .find(|l| l.trim_start().starts_with(&flag))
-            .unwrap_or_else(|| panic!("{flag} not described:\n{help}"));
-        let from_env = line
-            .split("[env: ")
-            .nth(1)
-            .and_then(|rest| rest.split('=').next())
-            .or_else(|| {
-                let i = help.find(line)?;
-                help[i..].split("[env: ").nth(1)?.split('=').next()
-            });
-        assert!(
-            flag_value(args, &flag).is_some() || from_env.is_some_and(|v| env.contains(v)),
-            "the waypoint needs {flag}"
-        );
-    }
+    required_flags_given(&help, args, &env, "the waypoint");
     // Probes reach the pod's address (the waypoint serves 15021 there).
     let (port, path, host) = http_get(c.readiness_probe.as_ref(), "readiness");
     assert_eq!(
@@ -2411,5 +2425,111 @@ fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
             .flatten()
             .any(|p| p.port == 15008),
         "the Service carries 15008"
+    );
+}
+
+// ---- the ingress gateway (deploy/gateway/, its own kustomization) ----
+
+#[test]
+fn the_gateway_manifests_agree_with_the_binary_bookinfo_and_each_other() {
+    let mut deployment: Option<Deployment> = None;
+    let mut service: Option<K8sService> = None;
+    let mut account: Option<ServiceAccount> = None;
+    let mut kustomization: Option<Value> = None;
+    for doc in documents_under(&deploy_dir().join(GATEWAY_DIR)) {
+        let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc.value["kind"].as_str().unwrap_or_default();
+        match (api_version, kind) {
+            ("apps/v1", "Deployment") => deployment = Some(typed(&doc)),
+            ("v1", "Service") => service = Some(typed(&doc)),
+            ("v1", "ServiceAccount") => account = Some(typed(&doc)),
+            ("kustomize.config.k8s.io/v1beta1", "Kustomization") => kustomization = Some(doc.value),
+            other => panic!("{}: {other:?} is not expected in deploy/gateway", doc.at()),
+        }
+    }
+    let (d, s, sa, k) = (
+        deployment.expect("a Deployment"),
+        service.expect("a Service"),
+        account.expect("a ServiceAccount"),
+        kustomization.expect("a kustomization"),
+    );
+    kustomization_lists_its_directory(&k, GATEWAY_DIR);
+
+    // The pods run `mesh-agent gateway` with flags it has, every required one given.
+    let template = d.spec.as_ref().unwrap().template.clone();
+    let labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let spec = template.spec.as_ref().unwrap();
+    assert_eq!(
+        labels["istio.io/dataplane-mode"], "none",
+        "a gateway is never captured"
+    );
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        sa.metadata.name.as_deref()
+    );
+    let c = &spec.containers[0];
+    let args = args(c);
+    assert_eq!(args.first().map(String::as_str), Some("gateway"));
+    let help = help_of("gateway");
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            help_mentions(&help, arg.split('=').next().unwrap()),
+            "{arg}:\n{help}"
+        );
+    }
+    let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    required_flags_given(&help, args, &env, "the gateway");
+    // --pod comes from the pod's name: its labels select Istio's Gateways.
+    assert!(env.contains("POD_NAME"), "POD_NAME for --pod");
+    let (port, path, host) = http_get(c.readiness_probe.as_ref(), "readiness");
+    assert_eq!(
+        (port, path.as_str(), host),
+        (i32::from(READINESS_PORT), "/healthz/ready", None)
+    );
+
+    // The Service selects the pods, and its target ports are the container's.
+    let service_spec = s.spec.as_ref().unwrap();
+    let selector = service_spec.selector.clone().unwrap();
+    assert!(
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "{selector:?}"
+    );
+    let container_ports: BTreeSet<i32> =
+        c.ports.iter().flatten().map(|p| p.container_port).collect();
+    for p in service_spec.ports.iter().flatten() {
+        let target = match &p.target_port {
+            Some(IntOrString::Int(n)) => *n,
+            other => panic!("service port {}: target {other:?}", p.port),
+        };
+        assert!(
+            container_ports.contains(&target),
+            "service port {} -> {target}",
+            p.port
+        );
+    }
+
+    // Bookinfo's Istio Gateway selects these pods, on a port they listen on.
+    let bookinfo = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../samples/bookinfo/networking/bookinfo-gateway.yaml"),
+    )
+    .unwrap();
+    let gateway: Value = serde_yaml_ng::Deserializer::from_str(&bookinfo)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "Gateway")
+        .expect("Bookinfo's Gateway");
+    let wanted = gateway["spec"]["selector"].as_object().unwrap();
+    assert!(
+        wanted
+            .iter()
+            .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str()),
+        "{wanted:?} does not select {labels:?}"
+    );
+    let port = gateway["spec"]["servers"][0]["port"]["number"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        container_ports.contains(&(port as i32)),
+        "Bookinfo's port {port}"
     );
 }
