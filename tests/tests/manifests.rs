@@ -297,8 +297,8 @@ fn every_manifest_parses_as_its_kubernetes_type() {
     one(&m.daemonsets, "DaemonSet");
     assert_eq!(
         m.crds.len(),
-        4,
-        "the AuthorizationPolicy, PeerAuthentication, VirtualService and DestinationRule CRDs"
+        5,
+        "the AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule and Gateway CRDs"
     );
     one(&m.kustomizations, "kustomization");
 }
@@ -2532,4 +2532,25 @@ fn the_gateway_manifests_agree_with_the_binary_bookinfo_and_each_other() {
         container_ports.contains(&(port as i32)),
         "Bookinfo's port {port}"
     );
+}
+
+#[test]
+fn the_samples_istio_objects_fit_the_crd_schemas() {
+    let m = load();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples");
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for object in yaml_objects(&text) {
+            let group = object["apiVersion"].as_str().unwrap_or_default();
+            if group.starts_with("networking.istio.io/") || group.starts_with("security.istio.io/")
+            {
+                validate_object(&m, &object).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} Istio objects under samples/");
 }

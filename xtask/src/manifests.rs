@@ -110,12 +110,13 @@ pub fn generated() -> Vec<(String, String)> {
         .collect()
 }
 
-fn all_crds() -> [Value; 4] {
+fn all_crds() -> [Value; 5] {
     [
         authorization_policy(),
         peer_authentication(),
         virtual_service(),
         destination_rule(),
+        gateway(),
     ]
 }
 
@@ -577,6 +578,155 @@ fn destination_rule() -> Value {
             "description": "The service the rule applies to.",
         })],
     )
+}
+
+/// Istio's `Gateway`: the ports, hosts and TLS settings of the ingress gateway pods its
+/// selector picks.
+fn gateway() -> Value {
+    let names = Names {
+        kind: "Gateway",
+        plural: "gateways",
+        singular: "gateway",
+        short: "gw",
+    };
+    let port = required(
+        object(
+            "The port the gateway listens on.",
+            [
+                ("number", uint32("The port number.")),
+                (
+                    "protocol",
+                    string(
+                        "HTTP, HTTPS, GRPC, GRPC-WEB, HTTP2, MONGO, TCP or TLS (TLS: SNI routing of passed-through connections).",
+                    ),
+                ),
+                ("name", string("A label for the port.")),
+                (
+                    "targetPort",
+                    uint32("The port of the gateway pods, when it differs (deprecated)."),
+                ),
+            ],
+        ),
+        &["number", "protocol"],
+    );
+    let versions = &["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"];
+    let tls = object(
+        "TLS for the server's port.",
+        [
+            (
+                "httpsRedirect",
+                boolean("Answer plain HTTP requests with a redirect to HTTPS."),
+            ),
+            (
+                "mode",
+                enumeration(
+                    "How TLS is handled: SIMPLE (terminated with the server's certificate), PASSTHROUGH, MUTUAL, AUTO_PASSTHROUGH, ISTIO_MUTUAL, OPTIONAL_MUTUAL.",
+                    &[
+                        "PASSTHROUGH",
+                        "SIMPLE",
+                        "MUTUAL",
+                        "AUTO_PASSTHROUGH",
+                        "ISTIO_MUTUAL",
+                        "OPTIONAL_MUTUAL",
+                    ],
+                ),
+            ),
+            (
+                "serverCertificate",
+                string("A file with the server's certificate (when no credentialName)."),
+            ),
+            (
+                "privateKey",
+                string("A file with the server's private key (when no credentialName)."),
+            ),
+            (
+                "caCertificates",
+                string("A file with the CA certificates that verify clients (MUTUAL)."),
+            ),
+            (
+                "caCrl",
+                string("A file with the CRL for client certificates."),
+            ),
+            (
+                "credentialName",
+                string(
+                    "The Secret (in the gateway's namespace) that holds the certificate and key: kubernetes.io/tls or generic.",
+                ),
+            ),
+            (
+                "credentialNames",
+                strings("Several Secrets, one per key type (RSA and ECDSA)."),
+            ),
+            (
+                "tlsCertificates",
+                array(
+                    "Certificates and keys by file, one per key type.",
+                    object(
+                        "A certificate and key by file.",
+                        [
+                            ("serverCertificate", string("The certificate file.")),
+                            ("privateKey", string("The key file.")),
+                            ("caCertificates", string("The CA certificates file.")),
+                        ],
+                    ),
+                ),
+            ),
+            ("subjectAltNames", strings("Client SANs accepted (MUTUAL).")),
+            (
+                "verifyCertificateSpki",
+                strings("Client certificate SPKI hashes accepted."),
+            ),
+            (
+                "verifyCertificateHash",
+                strings("Client certificate hashes accepted."),
+            ),
+            (
+                "minProtocolVersion",
+                enumeration("The lowest TLS version accepted.", versions),
+            ),
+            (
+                "maxProtocolVersion",
+                enumeration("The highest TLS version accepted.", versions),
+            ),
+            ("cipherSuites", strings("The cipher suites accepted.")),
+        ],
+    );
+    let server = required(
+        object(
+            "A port of the gateway, with the hosts it serves there.",
+            [
+                ("port", port),
+                (
+                    "bind",
+                    string("The address (or Unix socket) to listen on; all addresses when absent."),
+                ),
+                (
+                    "hosts",
+                    strings(
+                        "The hosts served (`namespace/host`, with wildcards); VirtualServices bound to the gateway must name one of them.",
+                    ),
+                ),
+                ("tls", tls),
+                (
+                    "defaultEndpoint",
+                    string("Where traffic goes without a route (`127.0.0.1:PORT`)."),
+                ),
+                ("name", string("A name for the server.")),
+            ],
+        ),
+        &["port", "hosts"],
+    );
+    let spec = object(
+        "The servers (ports, hosts, TLS) of the ingress gateway pods the selector picks. See https://istio.io/latest/docs/reference/config/networking/gateway/",
+        [
+            ("servers", array("The servers of the gateway.", server)),
+            (
+                "selector",
+                string_map("Labels of the gateway pods that run these servers."),
+            ),
+        ],
+    );
+    crd(&NETWORKING, &names, spec, Vec::new())
 }
 
 // ---- VirtualService messages ----
