@@ -1148,21 +1148,25 @@ impl Body for Observed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        // The route's timeout cuts a body that is still coming, whether it stalls or
+        // streams on.
+        if let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            self.inner = None;
+            self.finish(Flags::UT);
+            return Poll::Ready(Some(Err("upstream request timeout".into())));
+        }
         let Some(inner) = &mut self.inner else {
             return Poll::Ready(None);
         };
         let frame = match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => frame,
-            Poll::Pending => {
-                if let Some(deadline) = &mut self.deadline
-                    && deadline.as_mut().poll(cx).is_ready()
-                {
-                    self.deadline = None;
-                    self.finish(Flags::UT);
-                    return Poll::Ready(Some(Err("upstream request timeout".into())));
-                }
-                return Poll::Pending;
-            }
+            Poll::Pending => return Poll::Pending,
         };
         let frame = frame.map(|f| f.map_err(BodyError::from));
         match &frame {
