@@ -19,6 +19,10 @@
 //! node agents), serves readiness (15021) and metrics (15020) on every address, where the
 //! kubelet probes and Prometheus scrapes a waypoint pod, and the config dump (15000) on
 //! 127.0.0.1.
+//!
+//! The same engine runs as an ingress gateway (`mesh-agent gateway`, [`Role::Gateway`]):
+//! no HBONE listener, the listeners of the gateway objects instead ([`crate::gateway`]),
+//! each request a [`request::Tunnel`] whose destination is [`Destination::Gateway`].
 
 pub mod access_log;
 pub mod cluster;
