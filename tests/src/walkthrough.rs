@@ -521,7 +521,9 @@ pub fn steps() -> Vec<Step> {
             name: "request routing: all traffic to v1",
             files: &["networking/virtual-service-all-v1.yaml"],
             check: |w| {
-                let seen = w.until(Step::files_of(1), None, |s| all(s, "v1"))?;
+                let seen = w.until(Step::files_of("request routing: all traffic"), None, |s| {
+                    all(s, "v1")
+                })?;
                 let more = w.pages(20, None)?;
                 if !all(&more, "v1") {
                     bail!("not all v1: {}", tally(&more));
@@ -538,10 +540,14 @@ pub fn steps() -> Vec<Step> {
             files: &["networking/virtual-service-reviews-test-v2.yaml"],
             check: |w| {
                 let jason = w.login("jason")?;
-                let seen = w.until(Step::files_of(2), Some(&jason), |s| {
-                    s.iter()
-                        .all(|p| p.reviews == "v2" && p.user.as_deref() == Some("jason"))
-                })?;
+                let seen = w.until(
+                    Step::files_of("request routing: end-user"),
+                    Some(&jason),
+                    |s| {
+                        s.iter()
+                            .all(|p| p.reviews == "v2" && p.user.as_deref() == Some("jason"))
+                    },
+                )?;
                 let anonymous = w.pages(10, None)?;
                 if !all(&anonymous, "v1") {
                     bail!("anonymous pages: {}", tally(&anonymous));
@@ -557,7 +563,7 @@ pub fn steps() -> Vec<Step> {
             name: "traffic shifting: 50 % v1, 50 % v3",
             files: &["networking/virtual-service-reviews-50-v3.yaml"],
             check: |w| {
-                w.until(Step::files_of(3), None, |s| {
+                w.until(Step::files_of("traffic shifting: 50"), None, |s| {
                     s.iter().any(|p| p.reviews == "v3")
                 })?;
                 let seen = w.pages(100, None)?;
@@ -574,7 +580,9 @@ pub fn steps() -> Vec<Step> {
             name: "traffic shifting: 100 % v3",
             files: &["networking/virtual-service-reviews-v3.yaml"],
             check: |w| {
-                let seen = w.until(Step::files_of(4), None, |s| all(s, "v3"))?;
+                let seen = w.until(Step::files_of("traffic shifting: 100"), None, |s| {
+                    all(s, "v3")
+                })?;
                 Ok(format!("{} pages: {}", seen.len(), tally(&seen)))
             },
         },
@@ -586,9 +594,11 @@ pub fn steps() -> Vec<Step> {
             ],
             check: |w| {
                 let jason = w.login("jason")?;
-                let seen = w.until(Step::files_of(5), Some(&jason), |s| {
-                    s.iter().all(|p| p.reviews == "v2" && p.ratings_unavailable)
-                })?;
+                let seen = w.until(
+                    Step::files_of("fault injection: ratings abort"),
+                    Some(&jason),
+                    |s| s.iter().all(|p| p.reviews == "v2" && p.ratings_unavailable),
+                )?;
                 let anonymous = w.pages(5, None)?;
                 if anonymous.iter().any(|p| p.ratings_unavailable) {
                     bail!("anonymous users see the ratings error too");
@@ -610,7 +620,7 @@ pub fn steps() -> Vec<Step> {
             check: |w| {
                 let jason = w.login("jason")?;
                 // Applied once jason's ratings are no longer aborted (the page is slow).
-                apply(&w.cluster, Step::files_of(6))?;
+                apply(&w.cluster, Step::files_of("fault injection: ratings delay"))?;
                 let mut took = Duration::ZERO;
                 let mut seen = Vec::new();
                 let ok = eventually(Duration::from_secs(30), || {
@@ -633,7 +643,9 @@ pub fn steps() -> Vec<Step> {
             name: "request timeouts: reviews 0.5 s, ratings delayed 2 s",
             files: &["networking/task-request-timeouts.yaml"],
             check: |w| {
-                w.until(Step::files_of(7), None, |s| all(s, "unavailable"))?;
+                w.until(Step::files_of("request timeouts"), None, |s| {
+                    all(s, "unavailable")
+                })?;
                 let started = Instant::now();
                 let seen = w.pages(1, None)?;
                 let took = started.elapsed();
@@ -893,8 +905,12 @@ impl Step {
             .unwrap_or(&[])
     }
 
-    /// The files of step `i` (for a check to apply its own step's files).
-    fn files_of(i: usize) -> &'static [&'static str] {
-        steps()[i].files
+    /// The files of the step whose name starts with `prefix` (for a check to apply its own
+    /// step's files).
+    fn files_of(prefix: &str) -> &'static [&'static str] {
+        steps()
+            .into_iter()
+            .find(|s| s.name.starts_with(prefix))
+            .map_or(&[], |s| s.files)
     }
 }
