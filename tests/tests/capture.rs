@@ -414,7 +414,14 @@ fn an_emptied_or_half_written_config_never_releases_pods_or_drops_policies() {
         let r = a
             .connect_timeout(c.addr_v4(APP), 64, Duration::from_secs(1))
             .unwrap();
-        assert!(!r.ok && captured(&r), "{empty:?} applied: {r:?}");
+        // Denied after the agent accepted it: the reset may land before the client's
+        // connect returns (a loaded machine), and then there is no local address to show
+        // the capture; only a captured connection is reset, the server itself echoes.
+        let reset = r
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("reset by peer"));
+        assert!(!r.ok && (captured(&r) || reset), "{empty:?} applied: {r:?}");
     }
     let log = cluster.node(0).agent_log();
     assert!(
