@@ -505,11 +505,12 @@ type PathFigure = (
 );
 
 /// The waypoint stage's paths, in the order every round runs them.
-const L7_PATHS: [(&str, &str); 4] = [
+const L7_PATHS: [(&str, &str); 5] = [
     ("nomesh", "no mesh (cross-node)"),
     ("nginx", "nginx reverse proxy (cross-node)"),
     ("l4", "L4 mesh (HBONE, service address)"),
     ("waypoint", "L4 mesh + waypoint"),
+    ("gateway", "ingress gateway (HBONE onwards)"),
 ];
 
 /// The three paths, in the order every interleaved round runs them.
@@ -637,7 +638,7 @@ impl Table {
                 row.target = Some(RatioAtMost(1.5));
             }
         }
-        // The waypoint stage: four paths, each figure against the path it is meant to beat.
+        // The waypoint stage: five paths, each figure against the path it is meant to beat.
         #[rustfmt::skip]
         let h2 = plan.h2_requests;
         let l7: [(&str, String, &'static str, usize); 7] = [
@@ -693,11 +694,13 @@ impl Table {
                     decimals,
                 );
                 row.stage = Stage::Waypoint;
-                // The waypoint is judged against the L4 mesh it adds to; the others
-                // against no mesh.
+                // The waypoint is judged against the L4 mesh it adds to, the ingress
+                // gateway against the other reverse proxy a client outside the mesh
+                // would use; the others against no mesh.
                 row.baseline = match key {
                     "nomesh" => Baseline::None,
                     "waypoint" => Baseline::Row(format!("{prefix}/l4")),
+                    "gateway" => Baseline::Row(format!("{prefix}/nginx")),
                     _ => Baseline::Row(format!("{prefix}/nomesh")),
                 };
                 if key == "waypoint" && !plan.smoke {
@@ -719,6 +722,7 @@ impl Table {
         for (prefix, what, unit, decimals) in proxies {
             for (key, label) in [
                 ("waypoint", "waypoint"),
+                ("gateway", "ingress gateway"),
                 ("nginx", "nginx"),
                 ("l4", "both node agents (L4)"),
             ] {
@@ -732,6 +736,9 @@ impl Table {
                     decimals,
                 );
                 row.stage = Stage::Waypoint;
+                if key == "gateway" {
+                    row.baseline = Baseline::Row(format!("{prefix}/nginx"));
+                }
                 if key == "waypoint" {
                     row.baseline = Baseline::Row(format!("{prefix}/nginx"));
                     if !plan.smoke {
@@ -1131,6 +1138,8 @@ const WAYPOINT_VIP: &str = "10.96.40.11";
 /// The same server through the waypoint, with a route that carries a timeout, a retry
 /// policy and a 0 % fault: what the resilience layers cost when they do nothing.
 const RESILIENT_VIP: &str = "10.96.40.12";
+/// The ingress gateway's HTTP listener.
+const GATEWAY_PORT: u16 = 8090;
 
 /// One L7 path: who sends, where to, and which processes carry it (for their CPU).
 struct L7Path {
@@ -1194,7 +1203,7 @@ fn nginx_conf(dir: &Path, upstream: SocketAddr) -> String {
 
 fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
     println!(
-        "\n== waypoint: 2 nodes; paths: no mesh, nginx reverse proxy, L4 mesh, L4 mesh + waypoint =="
+        "\n== waypoint: 2 nodes; paths: no mesh, nginx reverse proxy, L4 mesh, L4 mesh + waypoint, ingress gateway =="
     );
     let started = Instant::now();
     let cluster = Cluster::builder()
@@ -1212,6 +1221,12 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
                 .label("gateway.networking.k8s.io/gateway-name", "waypoint")
                 .label("istio.io/dataplane-mode", "none")
                 .service_account("waypoint"),
+        )
+        .pod(
+            PodSpec::new("l7-gateway", L7_PLAIN_NS, 0)
+                .label("istio", "ingressgateway")
+                .label("istio.io/dataplane-mode", "none")
+                .service_account("gateway"),
         )
         .pod(PodSpec::new("n-client", L7_PLAIN_NS, 0))
         .pod(PodSpec::new("n-proxy", L7_PLAIN_NS, 0))
@@ -1245,6 +1260,14 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
         .document(service("server-rs", RESILIENT_VIP, true))
         .document(format!(
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: server-rs, namespace: {L7_NS}}}\nspec:\n  hosts: [server-rs]\n  http:\n  - route: [{{destination: {{host: server-rs}}}}]\n    timeout: 10s\n    retries: {{attempts: 2, perTryTimeout: 5s, retryOn: 5xx}}\n    fault: {{delay: {{fixedDelay: 1s, percentage: {{value: 0}}}}}}\n"
+        ))
+        // The ingress gateway: an Istio Gateway selecting its pod, and a VirtualService
+        // sending everything it takes to the server's service (not through a waypoint).
+        .document(format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench, namespace: {L7_PLAIN_NS}}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers: [{{port: {{number: {GATEWAY_PORT}, name: http, protocol: HTTP}}, hosts: [\"*\"]}}]\n"
+        ))
+        .document(format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench, namespace: {L7_PLAIN_NS}}}\nspec:\n  hosts: [\"*\"]\n  gateways: [bench]\n  http: [{{route: [{{destination: {{host: server.{L7_NS}.svc.cluster.local, port: {{number: 80}}}}}}]}}]\n"
         ));
     let config = cluster.config_path();
     cluster.write_config(&config, &opts)?;
@@ -1257,6 +1280,15 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
     let waypoint = cluster
         .pod("l7-waypoint")
         .spawn_waypoint("waypoint", L7_NS, &config, &extra)?;
+    let gateway =
+        cluster
+            .pod("l7-gateway")
+            .spawn_gateway("ingress", L7_PLAIN_NS, &config, &extra)?;
+    wait_listening(
+        &cluster.pod("l7-gateway"),
+        GATEWAY_PORT,
+        Duration::from_secs(10),
+    )?;
     let nginx_dir = cluster.workdir().join("nginx");
     std::fs::create_dir_all(&nginx_dir)?;
     let upstream = cluster.pod("n-server").addr_v4(HTTP_PORT);
@@ -1268,7 +1300,7 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
         .spawn(&["nginx", "-c", &conf_s, "-g", "daemon off;"])?;
     wait_listening(&cluster.pod("n-proxy"), NGINX_PORT, Duration::from_secs(10))?;
     println!(
-        "cluster {} with the waypoint and nginx ready in {:.1?}",
+        "cluster {} with the waypoint, the ingress gateway and nginx ready in {:.1?}",
         cluster.prefix(),
         started.elapsed()
     );
@@ -1301,11 +1333,20 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
             target: SocketAddr::new(WAYPOINT_VIP.parse()?, 80),
             h2_target: SocketAddr::new(WAYPOINT_VIP.parse()?, 80),
         },
+        L7Path {
+            key: "gateway",
+            label: L7_PATHS[4].1,
+            client: cluster.pod("n-client"),
+            target: cluster.pod("l7-gateway").addr_v4(GATEWAY_PORT),
+            h2_target: cluster.pod("l7-gateway").addr_v4(GATEWAY_PORT),
+        },
     ];
-    // The processes whose CPU a path costs.
+    // The processes whose CPU a path costs (the ingress gateway's own only: the server's
+    // node agent that ends its tunnel is counted on the L4 path).
     let proxy_cpu = |key: &str| -> Result<f64> {
         match key {
             "waypoint" => bench::cpu_seconds(waypoint.pid()),
+            "gateway" => bench::cpu_seconds(gateway.pid()),
             "nginx" => tree_cpu_seconds(nginx.pid()),
             _ => agents_cpu(&cluster, &[0, 1]),
         }
@@ -1392,6 +1433,7 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
                 let cores = (proxy_cpu(path.key)? - before) / elapsed;
                 let rss = match path.key {
                     "waypoint" => bench::rss_kib(waypoint.pid())? as f64 / 1024.0,
+                    "gateway" => bench::rss_kib(gateway.pid())? as f64 / 1024.0,
                     "nginx" => tree_rss_kib(nginx.pid())? as f64 / 1024.0,
                     _ => 0.0,
                 };
@@ -1414,7 +1456,7 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
                     if k != "nomesh" {
                         table.add(&format!("l7-cores/{k}"), cores);
                     }
-                    if k == "waypoint" || k == "nginx" {
+                    if k != "nomesh" && k != "l4" {
                         table.add(&format!("l7-rss/{k}"), rss);
                     }
                 }
