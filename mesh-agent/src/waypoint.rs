@@ -136,7 +136,12 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
             .context("initial configuration rejected")?,
         ConfigSource::Kube { kubeconfig } => {
             let client = kube::client_from(kubeconfig.as_deref()).await?;
-            KubeSource::new(client, &node, cfg.settings.clone())
+            let mut source = KubeSource::new(client, &node, cfg.settings.clone());
+            // An ingress gateway's certificates: the Secrets of its own namespace.
+            if matches!(cfg.role, Role::Gateway { .. }) {
+                source = source.with_secrets_in(&cfg.namespace);
+            }
+            source
                 .start()
                 .await
                 .context("initial lists from the Kubernetes API")?

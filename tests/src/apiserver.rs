@@ -75,7 +75,7 @@ struct Type {
 }
 
 impl Type {
-    const ALL: [Type; 12] = [
+    const ALL: [Type; 13] = [
         Type::new(Kind::Namespace, "", "namespaces", true),
         Type::new(Kind::Pod, "", "pods", true),
         Type::new(Kind::Service, "", "services", true),
@@ -128,6 +128,7 @@ impl Type {
             false,
         ),
         Type::new(Kind::IstioGateway, "networking.istio.io", "gateways", false),
+        Type::new(Kind::Secret, "", "secrets", true),
     ];
 
     const fn new(kind: Kind, group: &'static str, plural: &'static str, builtin: bool) -> Self {

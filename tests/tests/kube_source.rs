@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_agent::config::file::{self, FileSource};
 use mesh_agent::config::kube::{KubeSource, REDIRECTION_ANNOTATION, annotate_pod};
 use mesh_agent::config::translate::{self, NetnsSource};
@@ -739,5 +742,137 @@ async fn redirection_annotation_is_set_and_removed_with_merge_patches() -> anyho
         .unwrap_err()
         .to_string();
     assert!(e.contains("pods \"nope\" not found"), "{e}");
+    Ok(())
+}
+
+// ---- an ingress gateway's Secrets ----------------------------------------------------------
+
+const TLS: &str = "kubernetes.io/tls";
+
+fn secret(ns: &str, name: &str, type_: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            // What `kubectl apply` leaves: the whole object, data included.
+            annotations: Some(
+                [(
+                    "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                    format!("{{\"data\": {data:?}}}"),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// An ingress gateway's source reads the `kubernetes.io/tls` Secrets of its own namespace and
+/// follows their replacement; a node agent's never asks for a Secret; a broken one is left out
+/// with the rest kept.
+#[tokio::test]
+async fn a_gateways_source_follows_the_tls_secrets_of_its_namespace_only() -> anyhow::Result<()> {
+    let server = ApiServer::start().await?;
+    apply_all(
+        &server,
+        &[namespace("istio-system", None), namespace("shop", None)],
+    )?;
+    for s in [
+        secret(
+            "istio-system",
+            "cert",
+            TLS,
+            &[("tls.crt", "CERT-1"), ("tls.key", "KEY-1")],
+        ),
+        secret(
+            "istio-system",
+            "token",
+            "Opaque",
+            &[("token", "not for us")],
+        ),
+        secret(
+            "shop",
+            "cert",
+            TLS,
+            &[("tls.crt", "SHOP"), ("tls.key", "SHOP")],
+        ),
+    ] {
+        server.apply(s)?;
+    }
+    let agent = start(&server).await?;
+    assert!(agent.borrow().raw.tls_secrets.is_empty());
+    assert_eq!(count(&server, |r| r.path.contains("/secrets")), 0);
+
+    let mut rx = KubeSource::new(server.client()?, "gateway", Settings::default())
+        .with_secrets_in("istio-system")
+        .with_initial_sync_timeout(Duration::from_secs(10))
+        .start()
+        .await?;
+    let names = |s: &MeshState| -> Vec<String> {
+        s.raw
+            .tls_secrets
+            .keys()
+            .map(|(ns, name)| format!("{ns}/{name}"))
+            .collect()
+    };
+    let cert = |s: &MeshState| {
+        s.raw
+            .tls_secrets
+            .get(&("istio-system".to_owned(), "cert".to_owned()))
+            .map(|t| String::from_utf8_lossy(&t.cert_pem).into_owned())
+    };
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(names(&state), ["istio-system/cert"]);
+    assert_eq!(cert(&state).as_deref(), Some("CERT-1"));
+    let secret_requests: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/secrets"))
+        .collect();
+    assert!(!secret_requests.is_empty());
+    for r in &secret_requests {
+        assert_eq!(r.path, "/api/v1/namespaces/istio-system/secrets", "{r:?}");
+    }
+
+    // Replaced: the new certificate, without a restart.
+    server.apply(secret(
+        "istio-system",
+        "cert",
+        TLS,
+        &[("tls.crt", "CERT-2"), ("tls.key", "KEY-2")],
+    ))?;
+    wait_for(&mut rx, LABEL_FLIP, "the replaced certificate", |s| {
+        cert(s).as_deref() == Some("CERT-2")
+    })
+    .await?;
+
+    // A TLS Secret without its key is left out; the others stay, a new one arrives.
+    server.apply(secret("istio-system", "broken", TLS, &[("tls.crt", "X")]))?;
+    server.apply(secret(
+        "istio-system",
+        "other",
+        TLS,
+        &[("tls.crt", "OTHER"), ("tls.key", "OTHER")],
+    ))?;
+    let state = wait_for(&mut rx, LABEL_FLIP, "the new Secret", |s| {
+        names(s).contains(&"istio-system/other".to_owned())
+    })
+    .await?;
+    assert_eq!(names(&state), ["istio-system/cert", "istio-system/other"]);
+    assert_eq!(cert(&state).as_deref(), Some("CERT-2"));
+
+    // Deleted: gone from the state.
+    server.delete(Kind::Secret, Some("istio-system"), "cert")?;
+    wait_for(&mut rx, LABEL_FLIP, "the deleted Secret", |s| {
+        cert(s).is_none()
+    })
+    .await?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     Container, Namespace, PodSpec, Probe, Service as K8sService, ServiceAccount, Volume,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
@@ -204,6 +204,53 @@ fn load() -> Manifests {
     m
 }
 
+/// The ClusterRole called `name`.
+fn cluster_role<'a>(m: &'a Manifests, name: &str) -> &'a ClusterRole {
+    m.cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no ClusterRole {name} under deploy/"))
+}
+
+/// What every reader of the configuration (the agents' and the L7 proxies' watchers) lists
+/// and watches: (API group, resource).
+const WATCHED: [(&str, &str); 12] = [
+    ("", "namespaces"),
+    ("", "pods"),
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    (SECURITY_GROUP, "authorizationpolicies"),
+    (SECURITY_GROUP, "peerauthentications"),
+    ("gateway.networking.k8s.io", "gateways"),
+    ("gateway.networking.k8s.io", "httproutes"),
+    ("gateway.networking.k8s.io", "grpcroutes"),
+    (NETWORKING_GROUP, "virtualservices"),
+    (NETWORKING_GROUP, "destinationrules"),
+    (NETWORKING_GROUP, "gateways"),
+];
+
+/// (group, resource, verb) of every rule, checked for wildcards and non-resource URLs.
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut granted = BTreeSet::new();
+    for rule in rules {
+        assert!(rule.non_resource_urls.is_none(), "no non-resource URLs");
+        let groups = rule.api_groups.clone().unwrap_or_default();
+        let resources = rule.resources.clone().unwrap_or_default();
+        for x in groups.iter().chain(&resources).chain(&rule.verbs) {
+            assert!(!x.contains('*'), "no wildcards: {rule:?}");
+        }
+        assert!(rule.resource_names.is_none(), "{rule:?}");
+        for verb in &rule.verbs {
+            for g in &groups {
+                for r in &resources {
+                    granted.insert((g.clone(), r.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    granted
+}
+
 fn one<'a, T>(items: &'a [T], what: &str) -> &'a T {
     assert_eq!(items.len(), 1, "expected exactly one {what} under deploy/");
     &items[0]
@@ -292,7 +339,9 @@ fn every_manifest_parses_as_its_kubernetes_type() {
         Some(NAMESPACE)
     );
     one(&m.service_accounts, "ServiceAccount");
-    one(&m.cluster_roles, "ClusterRole");
+    assert_eq!(m.cluster_roles.len(), 2, "the agent's and the L7 proxies'");
+    cluster_role(&m, "mesh-agent");
+    cluster_role(&m, "mesh-proxy");
     one(&m.bindings, "ClusterRoleBinding");
     one(&m.daemonsets, "DaemonSet");
     assert_eq!(
@@ -788,39 +837,17 @@ fn daemonset_security_context_is_capabilities_not_privileged() {
 #[test]
 fn rbac_grants_only_reads_and_patching_pods_to_the_agents_account() {
     let m = load();
-    let role = one(&m.cluster_roles, "ClusterRole");
+    let role = cluster_role(&m, "mesh-agent");
     let read = ["get", "list", "watch"];
-    let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
-    for rule in role.rules.iter().flatten() {
-        assert!(rule.non_resource_urls.is_none(), "no non-resource URLs");
-        let groups = rule.api_groups.clone().unwrap_or_default();
-        let resources = rule.resources.clone().unwrap_or_default();
-        for x in groups.iter().chain(&resources).chain(&rule.verbs) {
-            assert!(!x.contains('*'), "no wildcards: {rule:?}");
-        }
-        for verb in &rule.verbs {
-            let pods_only = groups == [""] && resources == ["pods"];
-            assert!(
-                read.contains(&verb.as_str()) || (verb == "patch" && pods_only),
-                "verb {verb:?} on {groups:?}/{resources:?}: only get/list/watch, and patch on pods"
-            );
-            for g in &groups {
-                for r in &resources {
-                    granted.insert((g.clone(), r.clone(), verb.clone()));
-                }
-            }
-        }
+    let granted = grants(role.rules.as_deref().unwrap_or_default());
+    for (g, r, verb) in &granted {
+        assert!(
+            read.contains(&verb.as_str()) || (verb == "patch" && g.is_empty() && r == "pods"),
+            "verb {verb:?} on {g:?}/{r:?}: only get/list/watch, and patch on pods"
+        );
     }
     // And what the agent's watchers need is there.
-    let watched = [
-        ("", "namespaces"),
-        ("", "pods"),
-        ("", "services"),
-        ("discovery.k8s.io", "endpointslices"),
-        (SECURITY_GROUP, "authorizationpolicies"),
-        (SECURITY_GROUP, "peerauthentications"),
-    ];
-    for (g, r) in watched {
+    for (g, r) in WATCHED {
         for verb in read {
             assert!(
                 granted.contains(&(g.into(), r.into(), verb.into())),
@@ -843,6 +870,27 @@ fn rbac_grants_only_reads_and_patching_pods_to_the_agents_account() {
     assert_eq!(
         pod_spec(ds).service_account_name.as_ref(),
         sa.metadata.name.as_ref()
+    );
+}
+
+/// The L7 proxies' ClusterRole: exactly get/list/watch on what the watchers read, no
+/// write, no secret (bound by the gateway's and, per namespace, the waypoints' accounts).
+#[test]
+fn the_proxies_role_reads_what_their_watchers_need_and_nothing_else() {
+    let m = load();
+    let role = cluster_role(&m, "mesh-proxy");
+    let granted = grants(role.rules.as_deref().unwrap_or_default());
+    let wanted: BTreeSet<(String, String, String)> = WATCHED
+        .iter()
+        .flat_map(|(g, r)| {
+            ["get", "list", "watch"].map(|v| (g.to_string(), r.to_string(), v.to_owned()))
+        })
+        .collect();
+    assert_eq!(granted, wanted);
+    // Bound here to nobody: the agent's binding names the agent's role only.
+    assert!(
+        m.bindings.iter().all(|b| b.role_ref.name != "mesh-proxy"),
+        "the base binds mesh-proxy to no one"
     );
 }
 
@@ -2436,6 +2484,9 @@ fn the_gateway_manifests_agree_with_the_binary_bookinfo_and_each_other() {
     let mut service: Option<K8sService> = None;
     let mut account: Option<ServiceAccount> = None;
     let mut kustomization: Option<Value> = None;
+    let mut cluster_binding: Option<ClusterRoleBinding> = None;
+    let mut role: Option<Role> = None;
+    let mut role_binding: Option<RoleBinding> = None;
     for doc in documents_under(&deploy_dir().join(GATEWAY_DIR)) {
         let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
         let kind = doc.value["kind"].as_str().unwrap_or_default();
@@ -2443,6 +2494,11 @@ fn the_gateway_manifests_agree_with_the_binary_bookinfo_and_each_other() {
             ("apps/v1", "Deployment") => deployment = Some(typed(&doc)),
             ("v1", "Service") => service = Some(typed(&doc)),
             ("v1", "ServiceAccount") => account = Some(typed(&doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                cluster_binding = Some(typed(&doc))
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => role = Some(typed(&doc)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => role_binding = Some(typed(&doc)),
             ("kustomize.config.k8s.io/v1beta1", "Kustomization") => kustomization = Some(doc.value),
             other => panic!("{}: {other:?} is not expected in deploy/gateway", doc.at()),
         }
@@ -2454,6 +2510,40 @@ fn the_gateway_manifests_agree_with_the_binary_bookinfo_and_each_other() {
         kustomization.expect("a kustomization"),
     );
     kustomization_lists_its_directory(&k, GATEWAY_DIR);
+
+    // RBAC: the base's read-only proxy role everywhere, and Secrets in its namespace only.
+    let namespace = k["namespace"]
+        .as_str()
+        .expect("the kustomization's namespace");
+    let subject_is_the_gateway = |subjects: &[k8s_openapi::api::rbac::v1::Subject]| {
+        assert_eq!(subjects.len(), 1, "{subjects:?}");
+        let s = &subjects[0];
+        assert_eq!(
+            (s.kind.as_str(), Some(&s.name), s.namespace.as_deref()),
+            ("ServiceAccount", sa.metadata.name.as_ref(), Some(namespace)),
+            "a ClusterRoleBinding's subject names its namespace itself"
+        );
+    };
+    let cb = cluster_binding.expect("a ClusterRoleBinding");
+    assert_eq!(
+        (cb.role_ref.kind.as_str(), cb.role_ref.name.as_str()),
+        ("ClusterRole", "mesh-proxy")
+    );
+    cluster_role(&load(), "mesh-proxy");
+    subject_is_the_gateway(cb.subjects.as_deref().unwrap_or_default());
+    let (role, rb) = (role.expect("a Role"), role_binding.expect("a RoleBinding"));
+    let granted = grants(role.rules.as_deref().unwrap_or_default());
+    let wanted: BTreeSet<(String, String, String)> = ["get", "list", "watch"]
+        .map(|v| (String::new(), "secrets".to_owned(), v.to_owned()))
+        .into();
+    assert_eq!(granted, wanted, "secrets, read-only, nothing else");
+    assert_eq!(role.metadata.namespace.as_deref(), Some(namespace));
+    assert_eq!(rb.metadata.namespace.as_deref(), Some(namespace));
+    assert_eq!(
+        (rb.role_ref.kind.as_str(), Some(&rb.role_ref.name)),
+        ("Role", role.metadata.name.as_ref())
+    );
+    subject_is_the_gateway(rb.subjects.as_deref().unwrap_or_default());
 
     // The pods run `mesh-agent gateway` with flags it has, every required one given.
     let template = d.spec.as_ref().unwrap().template.clone();

@@ -52,6 +52,9 @@
 //!   rebuilds [`Objects`] from the stores and runs [`translate`] with
 //!   [`NetnsSource::Discovered`] (pod network namespaces are found from /proc, the netns
 //!   annotation is optional). The state is published only when it differs.
+//! - Secrets are watched only when asked ([`KubeSource::with_secrets_in`]: an ingress
+//!   gateway's namespace, for its certificates), and only in that namespace; a Secret of
+//!   another type than `kubernetes.io/tls` keeps its name only ([`trim_secret`]).
 //! - An object the translation rejects (e.g. an unparsable pod IP) is logged and left out,
 //!   instead of blocking every other update as a broken file does; the log names the object.
 //! - The background tasks end when every receiver of the state is dropped.
@@ -77,7 +80,7 @@ use ::kube::runtime::{WatchStreamExt, watcher};
 use ::kube::{Client, Resource};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus, Service,
+    Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus, Secret, Service,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -235,6 +238,8 @@ pub struct KubeSource {
     settings: Settings,
     initial_sync_timeout: Duration,
     debounce: Duration,
+    /// The namespace whose Secrets are watched, if any.
+    secrets_namespace: Option<String>,
 }
 
 impl fmt::Debug for KubeSource {
@@ -244,6 +249,7 @@ impl fmt::Debug for KubeSource {
             .field("settings", &self.settings)
             .field("initial_sync_timeout", &self.initial_sync_timeout)
             .field("debounce", &self.debounce)
+            .field("secrets_namespace", &self.secrets_namespace)
             .finish_non_exhaustive()
     }
 }
@@ -257,7 +263,16 @@ impl KubeSource {
             settings,
             initial_sync_timeout: DEFAULT_INITIAL_SYNC_TIMEOUT,
             debounce: DEFAULT_DEBOUNCE,
+            secrets_namespace: None,
         }
+    }
+
+    /// Also watches the Secrets of `namespace` (an ingress gateway's, where the
+    /// `kubernetes.io/tls` Secrets its Gateways name live). Without it no Secret is read:
+    /// node agents and waypoints have no use for them, and no right to.
+    pub fn with_secrets_in(mut self, namespace: &str) -> Self {
+        self.secrets_namespace = Some(namespace.to_owned());
+        self
     }
 
     /// Changes how long [`KubeSource::start`] waits for the initial lists.
@@ -283,7 +298,8 @@ impl KubeSource {
     /// and the watchers end when every receiver is dropped. Must be called within a Tokio
     /// runtime.
     pub async fn start(self) -> Result<watch::Receiver<Arc<MeshState>>, ConfigError> {
-        let progress = Arc::new(Progress::new());
+        let secrets = self.secrets_namespace.is_some().then_some(Kind::Secret);
+        let progress = Arc::new(Progress::new(WATCHED.into_iter().chain(secrets)));
         let mut changes = progress.changed.subscribe();
         let (stores, watchers) = self.spawn_watchers(&progress);
 
@@ -406,6 +422,18 @@ impl KubeSource {
             destination_rules,
             istio_gateways,
         ] = routing;
+        let secrets = self.secrets_namespace.as_deref().map(|namespace| {
+            let (store, task) = watch_kind(
+                Api::<Secret>::namespaced(client.clone(), namespace),
+                (),
+                Kind::Secret,
+                false,
+                progress,
+                trim_secret,
+            );
+            tasks.push(task);
+            store
+        });
 
         let stores = Stores {
             namespaces,
@@ -420,6 +448,7 @@ impl KubeSource {
             virtual_services,
             destination_rules,
             istio_gateways,
+            secrets,
         };
         (stores, AbortOnDrop(tasks))
     }
@@ -500,6 +529,18 @@ pub fn trim_pod(pod: &mut Pod) {
     }
 }
 
+/// Keeps of a Secret what the gateway reads: the data of a `kubernetes.io/tls` one; of any
+/// other type only its name. Annotations go in every case: `kubectl apply` copies the whole
+/// object, data included, into one.
+pub fn trim_secret(secret: &mut Secret) {
+    strip_managed_fields(&mut secret.metadata);
+    secret.metadata.annotations = None;
+    if secret.type_.as_deref() != Some(translate::TLS_SECRET_TYPE) {
+        secret.data = None;
+        secret.string_data = None;
+    }
+}
+
 fn strip_managed_fields(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
 }
@@ -556,32 +597,36 @@ struct Progress {
     changed: watch::Sender<()>,
 }
 
+/// The kinds every source watches.
+const WATCHED: [Kind; 12] = [
+    Kind::Namespace,
+    Kind::Pod,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::AuthorizationPolicy,
+    Kind::PeerAuthentication,
+    Kind::Gateway,
+    Kind::HttpRoute,
+    Kind::GrpcRoute,
+    Kind::VirtualService,
+    Kind::DestinationRule,
+    Kind::IstioGateway,
+];
+
 impl Progress {
-    fn new() -> Self {
-        let kinds = [
-            Kind::Namespace,
-            Kind::Pod,
-            Kind::Service,
-            Kind::EndpointSlice,
-            Kind::AuthorizationPolicy,
-            Kind::PeerAuthentication,
-            Kind::Gateway,
-            Kind::HttpRoute,
-            Kind::GrpcRoute,
-            Kind::VirtualService,
-            Kind::DestinationRule,
-            Kind::IstioGateway,
-        ]
-        .into_iter()
-        .map(|kind| {
-            let p = KindProgress {
-                listing: Listing::Pending,
-                last_error: None,
-                absent_logged: false,
-            };
-            (kind, p)
-        })
-        .collect();
+    /// Nothing listed yet of `kinds`.
+    fn new(kinds: impl IntoIterator<Item = Kind>) -> Self {
+        let kinds = kinds
+            .into_iter()
+            .map(|kind| {
+                let p = KindProgress {
+                    listing: Listing::Pending,
+                    last_error: None,
+                    absent_logged: false,
+                };
+                (kind, p)
+            })
+            .collect();
         Self {
             kinds: Mutex::new(kinds),
             changed: watch::Sender::new(()),
@@ -636,8 +681,7 @@ impl Progress {
                 p.absent_logged = true;
                 tracing::warn!(
                     %kind,
-                    "the API server does not serve {kind} ({ISTIO_SECURITY_GROUP}/{ISTIO_SECURITY_VERSION}: \
-                     CRD not installed?); running without them"
+                    "the API server does not serve {kind} (CRD not installed?); running without them"
                 );
             }
             p.last_error = None;
@@ -776,6 +820,8 @@ struct Stores {
     virtual_services: (Store<DynamicObject>, ApiResource),
     destination_rules: (Store<DynamicObject>, ApiResource),
     istio_gateways: (Store<DynamicObject>, ApiResource),
+    /// Only with [`KubeSource::with_secrets_in`].
+    secrets: Option<Store<Secret>>,
 }
 
 impl Stores {
@@ -813,9 +859,7 @@ impl Stores {
             virtual_services: raw(&self.virtual_services),
             destination_rules: raw(&self.destination_rules),
             istio_gateways: raw(&self.istio_gateways),
-            // Not watched: node agents have no use for Secrets (file mode reads them for
-            // the ingress gateway's certificates).
-            secrets: Vec::new(),
+            secrets: self.secrets.as_ref().map(typed).unwrap_or_default(),
         }
     }
 }
@@ -1039,6 +1083,40 @@ status:
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_secret_keeps_its_data_only_when_it_holds_a_certificate() {
+        let secret = |type_: &str| Secret {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                annotations: Some(
+                    [(
+                        "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                        "{data}".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            type_: Some(type_.into()),
+            data: Some(
+                [(
+                    "tls.crt".to_owned(),
+                    k8s_openapi::ByteString(b"pem".to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let mut tls = secret(translate::TLS_SECRET_TYPE);
+        trim_secret(&mut tls);
+        assert!(tls.metadata.annotations.is_none());
+        assert_eq!(tls.data.unwrap()["tls.crt"].0, b"pem");
+        let mut opaque = secret("Opaque");
+        trim_secret(&mut opaque);
+        assert!(opaque.metadata.annotations.is_none() && opaque.data.is_none());
+        assert_eq!(opaque.metadata.name.as_deref(), Some("s"));
     }
 
     #[test]

@@ -111,6 +111,19 @@ pub fn translate(
         }
     }
 
+    let mut tls_secrets = BTreeMap::new();
+    for secret in &objects.secrets {
+        let meta = &secret.metadata;
+        let tls = tls_secret(secret).map_err(|e| ConfigError::Object {
+            object: key(Kind::Secret, meta),
+            message: e.to_string(),
+        })?;
+        if let (Some(tls), Some(name)) = (tls, &meta.name) {
+            let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+            tls_secrets.insert((namespace, name.clone()), std::sync::Arc::new(tls));
+        }
+    }
+
     Ok(MeshState::build(
         workloads,
         services,
@@ -124,21 +137,7 @@ pub fn translate(
             destination_rules: objects.destination_rules.clone(),
             gateways: objects.gateways.clone(),
             istio_gateways: objects.istio_gateways.clone(),
-            tls_secrets: objects
-                .secrets
-                .iter()
-                .filter_map(|s| {
-                    let tls = tls_secret(s).ok()??;
-                    let meta = &s.metadata;
-                    Some((
-                        (
-                            meta.namespace.clone().unwrap_or_else(|| "default".into()),
-                            meta.name.clone()?,
-                        ),
-                        std::sync::Arc::new(tls),
-                    ))
-                })
-                .collect(),
+            tls_secrets,
         },
         &settings.root_namespace,
     )
@@ -180,12 +179,15 @@ fn use_waypoint(
     })
 }
 
+/// The type of the Secrets that hold a certificate and its key.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+
 /// A Secret's certificate and key when it is a `kubernetes.io/tls` one (`None` for other
 /// types, which are ignored); an error names the missing field.
 pub(crate) fn tls_secret(
     secret: &k8s_openapi::api::core::v1::Secret,
 ) -> Result<Option<crate::state::TlsSecret>, FieldError> {
-    if secret.type_.as_deref() != Some("kubernetes.io/tls") {
+    if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
         return Ok(None);
     }
     let field = |key: &str| -> Result<Vec<u8>, FieldError> {
