@@ -10,6 +10,12 @@
 //! VirtualServices and HTTPRoutes bound to the gateway that takes its `Host`, sent over
 //! HBONE with the gateway's own identity (to the endpoints, or through the service's
 //! waypoint when it asks), reported with `reporter="source"` as Istio's gateways report.
+//!
+//! TLS handshakes in progress on the HTTPS ports are bounded in all (the waypoint's
+//! `max_handshakes`); a connection beyond the bound is closed unanswered, so clients that
+//! open connections and never finish their ClientHello cannot take every descriptor. There
+//! is no bound per source address, unlike on the mesh's own ports: behind a load balancer
+//! that rewrites sources, one address stands for many clients (Envoy has none either).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,6 +33,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     ebpf::canonical,
     l7::gateways::{Credential, GatewayKey, IngressGateway, Listener, Protocol},
+    proxy::handshakes::Handshakes,
     state::{MeshState, TlsSecret},
     waypoint::{Destination, Role, TunnelContext, Waypoint, request},
 };
@@ -35,6 +42,7 @@ use crate::{
 /// sender is gone.
 pub async fn serve(wp: Arc<Waypoint>) {
     let mut rx = wp.state.clone();
+    let handshakes = Handshakes::new(wp.limits.max_handshakes, wp.limits.max_handshakes);
     // Port → whether it terminates TLS, and its accept loops.
     let mut bound: BTreeMap<u16, (bool, Vec<JoinHandle<()>>)> = BTreeMap::new();
     loop {
@@ -69,7 +77,10 @@ pub async fn serve(wp: Arc<Waypoint>) {
                     let config = tls.then(|| server_config(&wp, port));
                     let tasks = listeners
                         .into_iter()
-                        .map(|l| tokio::spawn(accept_loop(wp.clone(), l, port, config.clone())))
+                        .map(|l| {
+                            let tls = config.clone().map(|c| (c, handshakes.clone()));
+                            tokio::spawn(accept_loop(wp.clone(), l, port, tls))
+                        })
                         .collect();
                     bound.insert(port, (tls, tasks));
                 }
@@ -126,13 +137,21 @@ async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
     Ok(listeners)
 }
 
+/// Serves the connections of one listener: plain HTTP, or TLS with `handshakes` bounding
+/// those in progress.
 async fn accept_loop(
     wp: Arc<Waypoint>,
     listener: TcpListener,
     port: u16,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<(Arc<rustls::ServerConfig>, Arc<Handshakes>)>,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let (acceptor, handshakes) = match tls {
+        Some((config, handshakes)) => (
+            Some(tokio_rustls::TlsAcceptor::from(config)),
+            Some(handshakes),
+        ),
+        None => (None, None),
+    };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -158,13 +177,25 @@ async fn accept_loop(
             },
             handles: Default::default(),
         });
-        let Some(acceptor) = acceptor.clone() else {
+        let (Some(acceptor), Some(handshakes)) = (&acceptor, &handshakes) else {
             tokio::spawn(request::serve_http(tunnel, stream));
             continue;
         };
-        let timeout = wp.limits.handshake_timeout;
+        let slot = match handshakes.start(canonical(peer.ip()), canonical(local)) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                wp.metrics.handshake_refused();
+                if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                    tracing::warn!(%peer, port, suppressed, "ingress gateway: connection closed before its TLS handshake: {refused}");
+                }
+                continue;
+            }
+        };
+        let (acceptor, timeout) = (acceptor.clone(), wp.limits.handshake_timeout);
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
+            drop(slot);
+            match handshake {
                 Ok(Ok(tls)) => request::serve_http(tunnel, tls).await,
                 Ok(Err(e)) => {
                     if let Some(suppressed) = crate::log_limit::once_per_interval!() {

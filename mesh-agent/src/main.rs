@@ -142,6 +142,10 @@ struct WaypointArgs {
     /// The access log on stdout: Istio's text format, its JSON encoding, or none.
     #[arg(long, value_enum, default_value = "text")]
     access_log_format: mesh_agent::waypoint::access_log::Format,
+    /// TLS handshakes in progress at once on the HBONE listener, and on an ingress gateway's
+    /// HTTPS ports; a connection beyond is closed unanswered (default 1024).
+    #[arg(long)]
+    max_handshakes: Option<std::num::NonZeroUsize>,
 }
 
 /// `mesh-agent gateway`.
@@ -265,7 +269,13 @@ fn run_l7(args: WaypointArgs, role: mesh_agent::waypoint::Role) -> anyhow::Resul
         },
         ca_dir: args.ca_dir,
         cert_lifetime: args.cert_lifetime,
-        limits: Default::default(),
+        limits: {
+            let mut limits = mesh_agent::proxy::Limits::default();
+            if let Some(n) = args.max_handshakes {
+                limits.max_handshakes = n.get();
+            }
+            limits
+        },
         access_log: args.access_log_format,
         role,
         listen: if args.listen.is_empty() {

@@ -247,7 +247,7 @@ impl Default for Metrics {
         );
         registry.register(
             "mesh_agent_hbone_handshakes_refused",
-            "HBONE connections closed before their handshake: too many in progress.",
+            "TLS connections (HBONE, and an ingress gateway's HTTPS) closed before their handshake: too many in progress.",
             handshakes_refused.clone(),
         );
         registry.register(

@@ -749,10 +749,18 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
 /// that names it, and a Gateway API Gateway of class istio with an HTTPRoute; a client
 /// outside the mesh reaches the services through it, and its requests are reported with
 /// `reporter="source"`.
+/// The ingress gateway's bound on TLS handshakes in progress (--max-handshakes).
+const GATEWAY_HANDSHAKES: usize = 4;
+
 fn ingress(cluster: &Cluster) {
     let gateway = cluster
         .pod("ingress")
-        .spawn_gateway("api", NS, &cluster.config_path(), &[])
+        .spawn_gateway(
+            "api",
+            NS,
+            &cluster.config_path(),
+            &["--max-handshakes", &GATEWAY_HANDSHAKES.to_string()],
+        )
         .expect("starting the ingress gateway");
     let istio = format!(
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: echo-gateway, namespace: {NS}}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 8080, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n  - port: {{number: 8443, name: https, protocol: HTTPS}}\n    hosts: [\"*\"]\n    tls: {{mode: SIMPLE, credentialName: echo-cert}}\n"
@@ -889,6 +897,51 @@ fn ingress(cluster: &Cluster) {
         tls("/echo/tls")
     );
     assert!(gateway.is_running(), "the gateway restarted");
+
+    // Clients that open connections and never start their handshake hold at most
+    // --max-handshakes of them; the next is closed unanswered, and once they go the gateway
+    // serves again.
+    let stalled = tests::in_netns(cluster.pod("outside").netns_path(), || {
+        (0..GATEWAY_HANDSHAKES)
+            .map(|_| std::net::TcpStream::connect(https))
+            .collect::<std::io::Result<Vec<_>>>()
+    })
+    .unwrap()
+    .unwrap();
+    let refused = eventually(Duration::from_secs(5), || {
+        tests::in_netns(cluster.pod("outside").netns_path(), || {
+            let mut s = std::net::TcpStream::connect(https)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            // Closed at once: end of stream or a reset, not a timeout.
+            let mut byte = [0u8; 1];
+            Ok::<_, std::io::Error>(match std::io::Read::read(&mut s, &mut byte) {
+                Ok(0) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            })
+        })
+        .unwrap()
+        .unwrap_or(false)
+    });
+    assert!(
+        refused,
+        "a connection beyond the handshakes in progress was not closed"
+    );
+    assert!(
+        pod_metrics(cluster, "ingress").sum("mesh_agent_hbone_handshakes_refused_total", &[])
+            >= 1.0,
+        "the refusal is counted"
+    );
+    drop(stalled);
+    let ok = eventually(Duration::from_secs(5), || {
+        tls("/echo/tls").is_ok_and(|r| r.status == 200)
+    });
+    assert!(
+        ok,
+        "HTTPS once the stalled connections went: {:?}",
+        tls("/echo/tls")
+    );
+
     let not_found = metrics.sum(
         "istio_requests_total",
         &[("reporter", "source"), ("response_flags", "NR")],
