@@ -504,7 +504,7 @@ fn respond(
                 inner: Some(body),
                 bytes: 0,
                 grpc_status,
-                deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                deadline: deadline.map(|at| Deadline { at, timer: None }),
                 done: Some(Box::new(move |bytes, grpc_status, flags| {
                     drop(active);
                     drop(admission);
@@ -1128,8 +1128,33 @@ struct Observed {
     bytes: u64,
     grpc_status: Option<String>,
     /// The route's timeout, which covers the response to its end (Envoy's route timeout).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<Deadline>,
     done: Option<Done>,
+}
+
+/// When a response body is cut. Checked against the clock at every frame; a timer is set
+/// only once the body makes the reader wait, so the many responses that arrive whole never
+/// touch the timer wheel.
+struct Deadline {
+    at: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    fn passed(&self) -> bool {
+        tokio::time::Instant::now() >= self.at
+    }
+
+    /// Arms the timer (once) so that a body that stalls is woken at the deadline; whether
+    /// it already fired.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = self.at;
+        self.timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
 }
 
 impl Observed {
@@ -1137,6 +1162,15 @@ impl Observed {
         if let Some(done) = self.done.take() {
             done(self.bytes, self.grpc_status.take(), flags);
         }
+    }
+
+    /// Ends the body at the route's timeout: the rest is not read, the request is
+    /// recorded with UT, and the client sees the stream fail.
+    fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.deadline = None;
+        self.inner = None;
+        self.finish(Flags::UT);
+        Poll::Ready(Some(Err("upstream request timeout".into())))
     }
 }
 
@@ -1151,22 +1185,22 @@ impl Body for Observed {
         if self.inner.is_none() {
             return Poll::Ready(None);
         }
-        // The route's timeout cuts a body that is still coming, whether it stalls or
-        // streams on.
-        if let Some(deadline) = &mut self.deadline
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            self.deadline = None;
-            self.inner = None;
-            self.finish(Flags::UT);
-            return Poll::Ready(Some(Err("upstream request timeout".into())));
+        // The route's timeout cuts a body that is still coming, whether it streams on
+        // (the clock, at every frame) or stalls (the timer, once it makes us wait).
+        if self.deadline.as_ref().is_some_and(Deadline::passed) {
+            return self.cut();
         }
         let Some(inner) = &mut self.inner else {
             return Poll::Ready(None);
         };
         let frame = match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => frame,
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if self.deadline.as_mut().is_some_and(|d| d.poll_timer(cx)) {
+                    return self.cut();
+                }
+                return Poll::Pending;
+            }
         };
         let frame = frame.map(|f| f.map_err(BodyError::from));
         match &frame {
