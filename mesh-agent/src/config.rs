@@ -48,6 +48,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub mod file;
 pub mod kube;
@@ -129,6 +130,70 @@ impl Objects {
             && self.destination_rules.is_empty()
             && self.istio_gateways.is_empty()
             && self.secrets.is_empty()
+    }
+
+    /// Adds every object of `other`.
+    pub fn append(&mut self, mut other: Objects) {
+        self.namespaces.append(&mut other.namespaces);
+        self.pods.append(&mut other.pods);
+        self.services.append(&mut other.services);
+        self.endpoint_slices.append(&mut other.endpoint_slices);
+        self.authorization_policies
+            .append(&mut other.authorization_policies);
+        self.peer_authentications
+            .append(&mut other.peer_authentications);
+        self.gateways.append(&mut other.gateways);
+        self.http_routes.append(&mut other.http_routes);
+        self.grpc_routes.append(&mut other.grpc_routes);
+        self.virtual_services.append(&mut other.virtual_services);
+        self.destination_rules.append(&mut other.destination_rules);
+        self.istio_gateways.append(&mut other.istio_gateways);
+        self.secrets.append(&mut other.secrets);
+    }
+
+    /// Removes the object `key`; whether it was there.
+    pub fn remove(&mut self, key: &ObjectKey) -> bool {
+        let objects = self;
+        fn matches(meta: &ObjectMeta, key: &ObjectKey) -> bool {
+            let namespace = key
+                .kind
+                .is_namespaced()
+                .then(|| meta.namespace.as_deref().unwrap_or("default"));
+            meta.name.as_deref() == Some(key.name.as_str()) && namespace == key.namespace.as_deref()
+        }
+        fn raw_matches(v: &serde_json::Value, key: &ObjectKey) -> bool {
+            let meta = &v["metadata"];
+            meta["name"].as_str() == Some(key.name.as_str())
+                && meta["namespace"].as_str() == key.namespace.as_deref()
+        }
+        fn retain<T>(list: &mut Vec<T>, keep: impl Fn(&T) -> bool) -> bool {
+            let before = list.len();
+            list.retain(keep);
+            list.len() != before
+        }
+        match key.kind {
+            Kind::Namespace => retain(&mut objects.namespaces, |o| !matches(&o.metadata, key)),
+            Kind::Pod => retain(&mut objects.pods, |o| !matches(&o.metadata, key)),
+            Kind::Service => retain(&mut objects.services, |o| !matches(&o.metadata, key)),
+            Kind::EndpointSlice => {
+                retain(&mut objects.endpoint_slices, |o| !matches(&o.metadata, key))
+            }
+            Kind::AuthorizationPolicy => retain(&mut objects.authorization_policies, |o| {
+                !raw_matches(o, key)
+            }),
+            Kind::PeerAuthentication => {
+                retain(&mut objects.peer_authentications, |o| !raw_matches(o, key))
+            }
+            Kind::Gateway => retain(&mut objects.gateways, |o| !raw_matches(o, key)),
+            Kind::HttpRoute => retain(&mut objects.http_routes, |o| !raw_matches(o, key)),
+            Kind::GrpcRoute => retain(&mut objects.grpc_routes, |o| !raw_matches(o, key)),
+            Kind::VirtualService => retain(&mut objects.virtual_services, |o| !raw_matches(o, key)),
+            Kind::DestinationRule => {
+                retain(&mut objects.destination_rules, |o| !raw_matches(o, key))
+            }
+            Kind::IstioGateway => retain(&mut objects.istio_gateways, |o| !raw_matches(o, key)),
+            Kind::Secret => retain(&mut objects.secrets, |o| !matches(&o.metadata, key)),
+        }
     }
 }
 

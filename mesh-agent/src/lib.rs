@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod admission;
 pub mod agent;
+pub mod analyze;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;

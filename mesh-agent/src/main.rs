@@ -159,6 +159,31 @@ struct GatewayArgs {
     pod: Option<String>,
 }
 
+/// `mesh-agent analyze`.
+#[derive(Args)]
+struct AnalyzeArgs {
+    /// Multi-document YAML files of Kubernetes objects, read as one configuration
+    /// (repeatable); without any, the Kubernetes API.
+    #[arg(long = "config", short = 'f')]
+    config: Vec<PathBuf>,
+    /// kubeconfig for the API server (default: in-cluster configuration, else ~/.kube/config).
+    #[arg(long, conflicts_with = "config")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// `text` (istioctl's lines) or `json`.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: AnalyzeOutput,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AnalyzeOutput {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Capture and proxy the traffic of this node's ambient pods.
@@ -173,6 +198,9 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check a configuration for mistakes, as `istioctl analyze` does: each finding with its
+    /// code, level, object and field; exit status 1 when one is an error.
+    Analyze(Box<AnalyzeArgs>),
     /// Detach and remove every program, link and map pinned under the bpffs directory.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -244,11 +272,51 @@ fn main() -> anyhow::Result<()> {
             let GatewayArgs { proxy, pod } = *args;
             run_l7(proxy, mesh_agent::waypoint::Role::Gateway { pod })
         }
+        Command::Analyze(args) => {
+            if analyze(*args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
         Command::Ca {
             command: CaCommand::Init { out },
         } => agent::ca_init(&out),
     }
+}
+
+/// Prints the findings over the files, or over what the API server holds; whether one is an
+/// error.
+fn analyze(args: AnalyzeArgs) -> anyhow::Result<bool> {
+    use mesh_agent::analyze;
+    let settings = Settings {
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+    };
+    let (state, mut findings) = if args.config.is_empty() {
+        let state = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let client =
+                    mesh_agent::config::kube::client_from(args.kubeconfig.as_deref()).await?;
+                let rx =
+                    mesh_agent::config::kube::KubeSource::new(client, "analyze", settings.clone())
+                        .start()
+                        .await?;
+                let state = rx.borrow().clone();
+                anyhow::Ok(state)
+            })?;
+        ((*state).clone(), Vec::new())
+    } else {
+        analyze::load_files(&args.config, &settings)
+    };
+    findings.extend(analyze::analyze(&state, &settings.trust_domain));
+    match args.output {
+        AnalyzeOutput::Text => print!("{}", analyze::render_text(&findings)),
+        AnalyzeOutput::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+    }
+    Ok(analyze::has_errors(&findings))
 }
 
 /// Runs the L7 engine as a waypoint or an ingress gateway.

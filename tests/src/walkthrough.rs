@@ -433,12 +433,35 @@ fn documents(extra: &[&str], faulty: bool) -> Result<ConfigOptions> {
 }
 
 fn apply(cluster: &Cluster, files: &[&str]) -> Result<()> {
-    cluster.write_config(&cluster.config_path(), &documents(files, false)?)
+    cluster.write_config(&cluster.config_path(), &documents(files, false)?)?;
+    analyzed(cluster)
 }
 
 /// [`apply`], with the faulty ratings pod among ratings' endpoints.
 fn apply_with_faulty(cluster: &Cluster, files: &[&str]) -> Result<()> {
-    cluster.write_config(&cluster.config_path(), &documents(files, true)?)
+    cluster.write_config(&cluster.config_path(), &documents(files, true)?)?;
+    analyzed(cluster)
+}
+
+/// `mesh-agent analyze` finds nothing to say about what a step applies: Istio's Bookinfo
+/// objects, as the tasks apply them, are a correct configuration.
+fn analyzed(cluster: &Cluster) -> Result<()> {
+    let agent = crate::host::locate_binary("mesh-agent", crate::cluster::AGENT_BIN_ENV)?;
+    let out = std::process::Command::new(agent)
+        .arg("analyze")
+        .arg("-f")
+        .arg(cluster.config_path())
+        .output()
+        .context("running mesh-agent analyze")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.contains("No validation issues") {
+        bail!(
+            "mesh-agent analyze on the step's configuration ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// `count` GETs of `path` on httpbin from the fortio pod (in the mesh): their statuses.

@@ -36,6 +36,37 @@ pub fn load_str(text: &str, origin: &str) -> Result<Objects, ConfigError> {
     Ok(parse(text, origin)?.objects)
 }
 
+/// An object left out by [`load_lenient`]: a kind or version this mesh does not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// `origin: document N (Kind ns/name)`.
+    pub at: String,
+    /// `Kind ns/name`.
+    pub object: String,
+    /// `kind` or `apiVersion`.
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// [`load_str`] for a reader of someone else's files (`mesh-agent analyze`): objects of
+/// kinds or versions this mesh does not read are left out and returned instead of failing
+/// the file, and a file with no object is simply empty. Anything else still fails.
+pub fn load_lenient(text: &str, origin: &str) -> Result<(Objects, Vec<Skipped>), ConfigError> {
+    let mut parser = Parser {
+        origin,
+        parsed: Parsed {
+            objects: Objects::default(),
+            locations: HashMap::new(),
+        },
+        explicit_empty: true,
+        skipped: Some(Vec::new()),
+    };
+    for (i, chunk) in documents(text).iter().enumerate() {
+        parser.document(i + 1, chunk)?;
+    }
+    Ok((parser.parsed.objects, parser.skipped.unwrap_or_default()))
+}
+
 /// [`load_str`], then [`translate::translate`] for `node` with the file-mode rules: a captured
 /// pod on `node` must carry the `mesh-agent.io/netns` annotation. Errors name the document.
 pub fn load_state(
@@ -273,6 +304,7 @@ fn parse(text: &str, origin: &str) -> Result<Parsed, ConfigError> {
             locations: HashMap::new(),
         },
         explicit_empty: false,
+        skipped: None,
     };
     for (i, chunk) in documents(text).iter().enumerate() {
         parser.document(i + 1, chunk)?;
@@ -614,9 +646,35 @@ struct Parser<'o> {
     parsed: Parsed,
     /// A `kind: List` with `items: []` was found: the file means to hold no objects.
     explicit_empty: bool,
+    /// Where objects of unknown kinds and versions go instead of failing the file
+    /// ([`load_lenient`]).
+    skipped: Option<Vec<Skipped>>,
 }
 
 impl Parser<'_> {
+    /// The kind of the object at `at`, or why it has none: an error, or `None` when a
+    /// lenient parser set the object aside.
+    fn kind(&mut self, at: &DocRef, header: &Header<'_>) -> Result<Option<Kind>, ConfigError> {
+        let message = match resolve_kind(header.api_version, header.kind) {
+            Ok(kind) => return Ok(Some(kind)),
+            Err(message) => message,
+        };
+        let Some(skipped) = &mut self.skipped else {
+            return Err(self.error(at, message));
+        };
+        skipped.push(Skipped {
+            at: format!("{}: {at}", self.origin),
+            object: header.describe(),
+            field: if message.starts_with("apiVersion") {
+                "apiVersion"
+            } else {
+                "kind"
+            },
+            message,
+        });
+        Ok(None)
+    }
+
     fn error(&self, at: &DocRef, message: impl Into<String>) -> ConfigError {
         ConfigError::Document {
             origin: self.origin.to_owned(),
@@ -651,9 +709,10 @@ impl Parser<'_> {
             return Ok(());
         }
         if header.kind != "List" {
-            let kind =
-                resolve_kind(header.api_version, header.kind).map_err(|m| self.error(&at, m))?;
-            return self.object(kind, at, Source::Document(chunk));
+            return match self.kind(&at, &header)? {
+                Some(kind) => self.object(kind, at, Source::Document(chunk)),
+                None => Ok(()),
+            };
         }
         if header.api_version != "v1" {
             return Err(self.error(
@@ -691,8 +750,9 @@ impl Parser<'_> {
             if unused_kind(header.api_version, header.kind) {
                 continue;
             }
-            let kind =
-                resolve_kind(header.api_version, header.kind).map_err(|m| self.error(&at, m))?;
+            let Some(kind) = self.kind(&at, &header)? else {
+                continue;
+            };
             self.object(
                 kind,
                 at,

@@ -882,7 +882,7 @@ impl Builder {
                 &self.settings,
             ) {
                 Ok(state) => break Ok(state),
-                Err(ConfigError::Object { object, message }) if remove(&mut objects, &object) => {
+                Err(ConfigError::Object { object, message }) if objects.remove(&object) => {
                     if !self.rejected.contains(&object) {
                         tracing::error!("{object}: {message}; leaving this object out");
                     }
@@ -896,46 +896,6 @@ impl Builder {
         }
         self.rejected = rejected;
         result
-    }
-}
-
-/// Removes the object `key` from `objects`; whether it was there.
-fn remove(objects: &mut Objects, key: &ObjectKey) -> bool {
-    fn matches(meta: &ObjectMeta, key: &ObjectKey) -> bool {
-        let namespace = key
-            .kind
-            .is_namespaced()
-            .then(|| meta.namespace.as_deref().unwrap_or("default"));
-        meta.name.as_deref() == Some(key.name.as_str()) && namespace == key.namespace.as_deref()
-    }
-    fn raw_matches(v: &serde_json::Value, key: &ObjectKey) -> bool {
-        let meta = &v["metadata"];
-        meta["name"].as_str() == Some(key.name.as_str())
-            && meta["namespace"].as_str() == key.namespace.as_deref()
-    }
-    fn retain<T>(list: &mut Vec<T>, keep: impl Fn(&T) -> bool) -> bool {
-        let before = list.len();
-        list.retain(keep);
-        list.len() != before
-    }
-    match key.kind {
-        Kind::Namespace => retain(&mut objects.namespaces, |o| !matches(&o.metadata, key)),
-        Kind::Pod => retain(&mut objects.pods, |o| !matches(&o.metadata, key)),
-        Kind::Service => retain(&mut objects.services, |o| !matches(&o.metadata, key)),
-        Kind::EndpointSlice => retain(&mut objects.endpoint_slices, |o| !matches(&o.metadata, key)),
-        Kind::AuthorizationPolicy => retain(&mut objects.authorization_policies, |o| {
-            !raw_matches(o, key)
-        }),
-        Kind::PeerAuthentication => {
-            retain(&mut objects.peer_authentications, |o| !raw_matches(o, key))
-        }
-        Kind::Gateway => retain(&mut objects.gateways, |o| !raw_matches(o, key)),
-        Kind::HttpRoute => retain(&mut objects.http_routes, |o| !raw_matches(o, key)),
-        Kind::GrpcRoute => retain(&mut objects.grpc_routes, |o| !raw_matches(o, key)),
-        Kind::VirtualService => retain(&mut objects.virtual_services, |o| !raw_matches(o, key)),
-        Kind::DestinationRule => retain(&mut objects.destination_rules, |o| !raw_matches(o, key)),
-        Kind::IstioGateway => retain(&mut objects.istio_gateways, |o| !raw_matches(o, key)),
-        Kind::Secret => retain(&mut objects.secrets, |o| !matches(&o.metadata, key)),
     }
 }
 
