@@ -317,6 +317,20 @@ fn items(v: &Value) -> impl Iterator<Item = (usize, &Value)> {
     v.as_array().into_iter().flatten().enumerate()
 }
 
+/// Istio's string match: exact, `*`, `prefix*` or `*suffix`.
+fn string_matches(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return !value.is_empty();
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return value.ends_with(suffix);
+    }
+    pattern == value
+}
+
 /// A value with a wildcard: it names no one in particular.
 fn is_pattern(s: &str) -> bool {
     s.contains('*')
@@ -812,12 +826,18 @@ impl Cx<'_> {
             }
             for (ns, name, sa) in behind {
                 let identity = format!("{}/ns/{ns}/sa/{sa}", self.trust_domain);
-                let mentioned = items(&spec["rules"]).any(|(_, rule)| {
+                let account = format!("{ns}/{sa}");
+                // Some source clause the waypoint itself satisfies: the rule was written
+                // for it.
+                let admits_waypoint = items(&spec["rules"]).any(|(_, rule)| {
                     items(&rule["from"]).any(|(_, from)| {
-                        strings(&from["source"]["principals"]).any(|(_, p)| p == identity)
+                        let s = &from["source"];
+                        strings(&s["principals"]).any(|(_, p)| string_matches(p, &identity))
+                            || strings(&s["namespaces"]).any(|(_, n)| string_matches(n, &ns))
+                            || strings(&s["serviceAccounts"]).any(|(_, a)| a == account)
                     })
                 });
-                if mentioned {
+                if admits_waypoint {
                     continue;
                 }
                 out.push(INEFFECTIVE_POLICY.finding(
@@ -1196,6 +1216,11 @@ spec:
         assert_eq!(codes(&policy("cluster.local/ns/shop/sa/web")), ["IST0167"]);
         assert_eq!(
             codes(&policy("cluster.local/ns/shop/sa/waypoint")),
+            Vec::<&str>::new()
+        );
+        // The waypoint's identity matched by a pattern: written for it.
+        assert_eq!(
+            codes(&policy("cluster.local/ns/shop/*")),
             Vec::<&str>::new()
         );
     }
