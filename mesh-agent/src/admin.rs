@@ -42,6 +42,11 @@ impl Response {
 /// Answers a GET for a path.
 pub trait Handler: Send + Sync + 'static {
     fn get(&self, path: &str) -> Response;
+
+    /// A GET with a query string (`/debug/authz?from=…`); by default the query is ignored.
+    fn get_with_query(&self, path: &str, _query: &str) -> Response {
+        self.get(path)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +119,8 @@ async fn serve_with(
 
 fn answer(request: &Request<Incoming>, handler: &dyn Handler) -> http::Response<Full<Bytes>> {
     let response = if request.method() == Method::GET {
-        handler.get(request.uri().path())
+        let uri = request.uri();
+        handler.get_with_query(uri.path(), uri.query().unwrap_or_default())
     } else {
         Response {
             status: 405,

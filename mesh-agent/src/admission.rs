@@ -142,6 +142,18 @@ impl PolicySet {
         admitted
     }
 
+    /// How [`check`](Self::check) judges the connection, step by step: the mTLS mode, and the
+    /// AuthorizationPolicies' evaluation unless plaintext was refused before it.
+    pub fn explain(&self, dst: &Workload, peer: &Peer) -> Admission {
+        let mtls = self.mtls_mode(dst, peer.dst.port());
+        let authorization = (peer.identity.is_some() || mtls != MtlsMode::Strict)
+            .then(|| self.rbac.explain(dst, &peer.as_connection()));
+        Admission {
+            mtls,
+            authorization,
+        }
+    }
+
     /// [`admit`](Self::admit) without logging (the re-evaluation of live connections).
     pub fn check(&self, dst: &Workload, peer: &Peer) -> Result<Decision, Denial> {
         let plaintext = peer.identity.is_none();
@@ -154,6 +166,23 @@ impl PolicySet {
         } else {
             Err(Denial::Policy(decision))
         }
+    }
+}
+
+/// [`PolicySet::explain`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// What PeerAuthentication sets for the destination's port.
+    pub mtls: MtlsMode,
+    /// `None`: a plaintext peer refused under STRICT, before any AuthorizationPolicy.
+    pub authorization: Option<crate::rbac::Explanation>,
+}
+
+impl Admission {
+    pub fn allowed(&self) -> bool {
+        self.authorization
+            .as_ref()
+            .is_some_and(|e| e.decision.allowed)
     }
 }
 

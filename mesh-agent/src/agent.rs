@@ -143,6 +143,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let view = Arc::new(AdminView {
         node: cfg.node.clone(),
+        trust_domain: cfg.settings.trust_domain.clone(),
         cgroup: cgroup.clone(),
         pin_dir: cfg.pin_dir.clone(),
         state: state.clone(),
@@ -254,6 +255,8 @@ struct Status {
 
 struct AdminView {
     node: String,
+    /// For `/debug/authz`'s identities.
+    trust_domain: String,
     cgroup: PathBuf,
     pin_dir: PathBuf,
     state: tokio::sync::watch::Receiver<Arc<MeshState>>,
@@ -304,6 +307,21 @@ fn humanize(t: std::time::SystemTime) -> u64 {
 }
 
 impl Handler for AdminView {
+    fn get_with_query(&self, path: &str, query: &str) -> Response {
+        if path != "/debug/authz" {
+            return self.get(path);
+        }
+        let state = self.state.borrow().clone();
+        match crate::authz_check::answer_query(&state, &self.trust_domain, query) {
+            Ok(report) => Response::ok("text/plain", report.to_string()),
+            Err(e) => Response {
+                status: 400,
+                content_type: "text/plain",
+                body: format!("{e}\n"),
+            },
+        }
+    }
+
     fn get(&self, path: &str) -> Response {
         match path {
             "/config_dump" => Response::ok(

@@ -426,7 +426,8 @@ impl Cx<'_> {
                     "Gateway" => self.gateway_api_gateway_exists(namespace, name),
                     "Service" => self.service_exists(namespace, name),
                     "GatewayClass" => {
-                        matches!(name, "istio-waypoint" | "istio")
+                        name == crate::config::translate::WAYPOINT_CLASS
+                            || name == crate::l7::gateways::INGRESS_CLASS
                             || self
                                 .state
                                 .raw

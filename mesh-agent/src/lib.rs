@@ -6,6 +6,7 @@ pub mod admin;
 pub mod admission;
 pub mod agent;
 pub mod analyze;
+pub mod authz_check;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;

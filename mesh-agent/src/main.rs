@@ -178,6 +178,48 @@ struct AnalyzeArgs {
     output: AnalyzeOutput,
 }
 
+#[derive(Subcommand)]
+enum AuthzCommand {
+    /// How a connection or request from one pod to a pod or service is judged, hop by hop
+    /// (the destination's waypoint, then its node proxy), by the enforcement's own code:
+    /// every policy in scope, whether it matched, which one decided. Exit status 1 when
+    /// denied.
+    Check(Box<AuthzCheckArgs>),
+}
+
+/// `mesh-agent authz check`.
+#[derive(Args)]
+struct AuthzCheckArgs {
+    /// Multi-document YAML files of Kubernetes objects (repeatable); without any, the
+    /// Kubernetes API.
+    #[arg(long = "config", short = 'f')]
+    config: Vec<PathBuf>,
+    #[arg(long, conflicts_with = "config")]
+    kubeconfig: Option<PathBuf>,
+    /// The client pod, NAMESPACE/POD.
+    #[arg(long)]
+    from: String,
+    /// The destination: NAMESPACE/NAME:PORT (a pod, else a service) or IP:PORT.
+    #[arg(long)]
+    to: String,
+    /// The request's method, at a waypoint on an HTTP port (default GET).
+    #[arg(long)]
+    method: Option<String>,
+    /// The request's path (default /).
+    #[arg(long)]
+    path: Option<String>,
+    /// The request's Host (default: the destination's name).
+    #[arg(long)]
+    host: Option<String>,
+    /// A request header, `NAME: VALUE` (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum AnalyzeOutput {
     Text,
@@ -197,6 +239,11 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Authorization tools.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
     },
     /// Check a configuration for mistakes, as `istioctl analyze` does: each finding with its
     /// code, level, object and field; exit status 1 when one is an error.
@@ -272,6 +319,14 @@ fn main() -> anyhow::Result<()> {
             let GatewayArgs { proxy, pod } = *args;
             run_l7(proxy, mesh_agent::waypoint::Role::Gateway { pod })
         }
+        Command::Authz {
+            command: AuthzCommand::Check(args),
+        } => {
+            if !authz_check(*args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Analyze(args) => {
             if analyze(*args)? {
                 std::process::exit(1);
@@ -285,6 +340,79 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The configuration of `files` (read leniently: what cannot be read is in the findings), or
+/// what the API server holds.
+fn load_state(
+    files: &[PathBuf],
+    kubeconfig: Option<&std::path::Path>,
+    settings: &Settings,
+) -> anyhow::Result<(
+    mesh_agent::state::MeshState,
+    Vec<mesh_agent::analyze::Finding>,
+)> {
+    if !files.is_empty() {
+        return Ok(mesh_agent::analyze::load_files(files, settings));
+    }
+    let state = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let client = mesh_agent::config::kube::client_from(kubeconfig).await?;
+            let rx = mesh_agent::config::kube::KubeSource::new(client, "analyze", settings.clone())
+                .start()
+                .await?;
+            let state = rx.borrow().clone();
+            anyhow::Ok(state)
+        })?;
+    Ok(((*state).clone(), Vec::new()))
+}
+
+/// Prints how the request is judged; whether it is allowed.
+fn authz_check(args: AuthzCheckArgs) -> anyhow::Result<bool> {
+    use mesh_agent::authz_check::{self, RequestSpec};
+    let settings = Settings {
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+    };
+    let (state, findings) = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
+    for f in findings
+        .iter()
+        .filter(|f| f.level == mesh_agent::analyze::Level::Error)
+    {
+        eprintln!("{f}");
+    }
+    let from = authz_check::find_pod(&state, &args.from)?;
+    let (to, port) = authz_check::find_destination(&state, &args.to)?;
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--header {h:?}: expected NAME: VALUE"))?;
+        headers.append(
+            http::HeaderName::try_from(name.trim())?,
+            http::HeaderValue::try_from(value.trim())?,
+        );
+    }
+    let wants_request =
+        args.method.is_some() || args.path.is_some() || args.host.is_some() || !headers.is_empty();
+    let request = wants_request.then(|| RequestSpec {
+        method: args.method.unwrap_or_else(|| "GET".into()),
+        path: args.path.unwrap_or_else(|| "/".into()),
+        host: args.host,
+        headers,
+    });
+    let report = authz_check::check(
+        &state,
+        &settings.trust_domain,
+        from,
+        to,
+        port,
+        request.as_ref(),
+    )?;
+    print!("{report}");
+    Ok(report.allowed())
+}
+
 /// Prints the findings over the files, or over what the API server holds; whether one is an
 /// error.
 fn analyze(args: AnalyzeArgs) -> anyhow::Result<bool> {
@@ -293,24 +421,7 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<bool> {
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
     };
-    let (state, mut findings) = if args.config.is_empty() {
-        let state = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(async {
-                let client =
-                    mesh_agent::config::kube::client_from(args.kubeconfig.as_deref()).await?;
-                let rx =
-                    mesh_agent::config::kube::KubeSource::new(client, "analyze", settings.clone())
-                        .start()
-                        .await?;
-                let state = rx.borrow().clone();
-                anyhow::Ok(state)
-            })?;
-        ((*state).clone(), Vec::new())
-    } else {
-        analyze::load_files(&args.config, &settings)
-    };
+    let (state, mut findings) = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
     findings.extend(analyze::analyze(&state, &settings.trust_domain));
     match args.output {
         AnalyzeOutput::Text => print!("{}", analyze::render_text(&findings)),

@@ -190,6 +190,25 @@ impl fmt::Display for Decision {
     }
 }
 
+/// One policy an evaluation considered ([`Policies::explain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Considered {
+    /// `namespace/name`.
+    pub policy: Arc<str>,
+    /// `ALLOW`, `DENY` or `AUDIT`.
+    pub action: &'static str,
+    pub dry_run: bool,
+    /// Whether it matched; `None`: not looked at, the decision was made before it.
+    pub matched: Option<bool>,
+}
+
+/// How a connection (or request) was judged: the policies in scope and the decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub considered: Vec<Considered>,
+}
+
 /// Why an AuthorizationPolicy was rejected or is enforced differently than written; each
 /// names the policy (`namespace/name`, or its position in the input when those cannot be read).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -491,10 +510,71 @@ impl Policies {
         targets.iter().any(|t| self.targeted.contains_key(t))
     }
 
+    /// How `conn` into `dst` is judged: every policy in scope, in Istio's order of
+    /// evaluation (DENY, then ALLOW, then AUDIT), each with whether it matched, and the
+    /// decision — which is [`evaluate`](Self::evaluate)'s, by the same code.
+    pub fn explain(&self, dst: &Workload, conn: &Connection<'_>) -> Explanation {
+        self.explained(self.in_scope(dst).collect(), conn)
+    }
+
+    /// [`explain`](Self::explain) for a waypoint ([`evaluate_targeted`](Self::evaluate_targeted)).
+    pub fn explain_targeted(&self, targets: &[Target], conn: &Connection<'_>) -> Explanation {
+        let policies = targets
+            .iter()
+            .filter_map(|t| self.targeted.get(t))
+            .flatten()
+            .collect();
+        self.explained(policies, conn)
+    }
+
+    fn explained(&self, policies: Vec<&Policy>, conn: &Connection<'_>) -> Explanation {
+        let mut matched: Vec<(*const Policy, bool)> = Vec::new();
+        let decision = self.decide_observed(policies.iter().copied(), conn, &mut |p, m| {
+            matched.push((std::ptr::from_ref(p), m));
+        });
+        let mut considered: Vec<Considered> = policies
+            .iter()
+            .map(|p| Considered {
+                policy: p.key.clone(),
+                action: match p.action {
+                    Action::Allow => "ALLOW",
+                    Action::Deny => "DENY",
+                    Action::Audit => "AUDIT",
+                },
+                dry_run: p.dry_run,
+                matched: matched
+                    .iter()
+                    .find(|(q, _)| std::ptr::eq(*q, *p))
+                    .map(|(_, m)| *m),
+            })
+            .collect();
+        let rank = |a: &str| match a {
+            "DENY" => 0,
+            "ALLOW" => 1,
+            _ => 2,
+        };
+        considered.sort_by_key(|c| rank(c.action));
+        Explanation {
+            decision,
+            considered,
+        }
+    }
+
     fn decide<'a>(
         &'a self,
         policies: impl Iterator<Item = &'a Policy>,
         conn: &Connection<'_>,
+    ) -> Decision {
+        self.decide_observed(policies, conn, &mut |_, _| {})
+    }
+
+    /// The evaluation, telling `observe` each policy it matched against the connection and
+    /// the outcome (enforcement observes nothing, at no cost).
+    fn decide_observed<'a>(
+        &'a self,
+        policies: impl Iterator<Item = &'a Policy>,
+        conn: &Connection<'_>,
+        observe: &mut impl FnMut(&Policy, bool),
     ) -> Decision {
         let peer = Peer {
             src_ip: conn.src_ip.to_canonical(),
@@ -510,15 +590,20 @@ impl Policies {
         let mut dry_allow = None;
         let mut dry_allow_matched = false;
         let mut audit = None;
+        let mut check = |policy: &Policy| {
+            let matched = policy.matches(&peer);
+            observe(policy, matched);
+            matched
+        };
         for policy in policies {
             match (policy.action, policy.dry_run) {
                 (Action::Audit, _) => {
-                    if audit.is_none() && policy.matches(&peer) {
+                    if audit.is_none() && check(policy) {
                         audit = Some(policy.key.clone());
                     }
                 }
                 (Action::Deny, false) => {
-                    if deny.is_none() && policy.matches(&peer) {
+                    if deny.is_none() && check(policy) {
                         deny = Some(policy);
                         if !self.any_dry_run && !self.any_audit {
                             break;
@@ -527,18 +612,18 @@ impl Policies {
                 }
                 (Action::Allow, false) => {
                     allow_applies = true;
-                    if allowed_by.is_none() && policy.matches(&peer) {
+                    if allowed_by.is_none() && check(policy) {
                         allowed_by = Some(policy);
                     }
                 }
                 (Action::Deny, true) => {
-                    if dry_deny.is_none() && policy.matches(&peer) {
+                    if dry_deny.is_none() && check(policy) {
                         dry_deny = Some(policy);
                     }
                 }
                 (Action::Allow, true) => {
                     dry_allow.get_or_insert(policy);
-                    if !dry_allow_matched && policy.matches(&peer) {
+                    if !dry_allow_matched && check(policy) {
                         dry_allow_matched = true;
                     }
                 }
@@ -1900,8 +1985,25 @@ mod tests {
         set
     }
 
+    /// The decision, and (every test that decides checks it) the explanation's, which must
+    /// be the same: `authz check` answers with what enforcement does.
     fn decide(set: &Policies, w: &Workload, peer: &Peer) -> Decision {
-        set.evaluate(w, &peer.connection())
+        let decision = set.evaluate(w, &peer.connection());
+        let explained = set.explain(w, &peer.connection());
+        assert_eq!(
+            explained.decision, decision,
+            "explain disagrees with evaluate"
+        );
+        for c in &explained.considered {
+            if decision.policy.as_deref() == Some(&*c.policy) {
+                assert_eq!(
+                    c.matched,
+                    Some(true),
+                    "the deciding policy matched: {explained:?}"
+                );
+            }
+        }
+        decision
     }
 
     /// Parses `policies` (all valid) and checks each (peer, allowed) case against a workload in
@@ -2031,6 +2133,45 @@ mod tests {
         assert_eq!(d.to_string(), "denied by shop/deny-evil");
         let d = decide(&set, &workload("shop", &[]), &tls("good", "x"));
         assert_eq!(d.to_string(), "allowed by shop/allow-all");
+    }
+
+    #[test]
+    fn the_explanation_lists_the_policies_in_istios_order_with_what_matched() {
+        let policies = [
+            ap("shop", "z-allow-all", json!({"rules": [{}]})),
+            ap(
+                "shop",
+                "deny-evil",
+                json!({"action": "DENY", "rules": [source(json!({"namespaces": ["evil"]}))]}),
+            ),
+            ap("other", "elsewhere", json!({"rules": [{}]})),
+        ];
+        let set = parse_ok(&policies);
+        let w = workload("shop", &[]);
+        let seen = |peer: &Peer| {
+            set.explain(&w, &peer.connection())
+                .considered
+                .iter()
+                .map(|c| (c.action, c.policy.to_string(), c.matched))
+                .collect::<Vec<_>>()
+        };
+        // Listed DENY first; the namespace's policies are looked at by name, so the DENY
+        // that matches here ends the evaluation before the ALLOW (no dry-run or audit
+        // policy exists to look for).
+        assert_eq!(
+            seen(&tls("evil", "x")),
+            [
+                ("DENY", "shop/deny-evil".to_owned(), Some(true)),
+                ("ALLOW", "shop/z-allow-all".to_owned(), None),
+            ]
+        );
+        assert_eq!(
+            seen(&tls("good", "x")),
+            [
+                ("DENY", "shop/deny-evil".to_owned(), Some(false)),
+                ("ALLOW", "shop/z-allow-all".to_owned(), Some(true)),
+            ]
+        );
     }
 
     #[test]

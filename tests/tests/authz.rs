@@ -80,9 +80,39 @@ fn allowed(client: &Pod, to: SocketAddr) -> bool {
     r.ok && r.server_saw_peer.is_some()
 }
 
+/// Each case's connection is made and must be `want`; `mesh-agent authz check` on the same
+/// configuration must answer the same.
 fn expect(cluster: &Cluster, cases: &[(&str, SocketAddr, bool)]) {
     for (client, to, want) in cases {
         let got = allowed(&cluster.pod(client), *to);
+        let (explained, report) = authz_check(cluster, client, *to);
+        assert_eq!(
+            explained, got,
+            "{client} -> {to}: authz check says otherwise than enforcement did:\n{report}"
+        );
+        // The agent's own answer, on its admin port, from the state it enforces.
+        let pod = cluster.pod(client);
+        let (status, body) = cluster
+            .node(0)
+            .http_get(
+                15000,
+                &format!(
+                    "/debug/authz?from={}/{}&to={to}",
+                    pod.namespace(),
+                    pod.name()
+                ),
+            )
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let verdict = if got {
+            "verdict: ALLOWED"
+        } else {
+            "verdict: DENIED"
+        };
+        assert!(
+            body.contains(verdict),
+            "{client} -> {to}: /debug/authz:\n{body}"
+        );
         assert_eq!(
             got,
             *want,
@@ -93,6 +123,32 @@ fn expect(cluster: &Cluster, cases: &[(&str, SocketAddr, bool)]) {
             tail(&cluster.node(1).agent_log())
         );
     }
+}
+
+/// `mesh-agent authz check` from `client` to `to` on the cluster's configuration: whether it
+/// says allowed, and its report.
+fn authz_check(cluster: &Cluster, client: &str, to: SocketAddr) -> (bool, String) {
+    let pod = cluster.pod(client);
+    let agent = tests::locate_binary("mesh-agent", "MESH_AGENT_BIN").unwrap();
+    let out = std::process::Command::new(agent)
+        .args(["authz", "check", "-f"])
+        .arg(cluster.config_path())
+        .arg("--from")
+        .arg(format!("{}/{}", pod.namespace(), pod.name()))
+        .arg("--to")
+        .arg(to.to_string())
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "authz check failed: {report}"
+    );
+    (out.status.success(), report)
 }
 
 fn tail(log: &str) -> String {

@@ -191,6 +191,25 @@ fn until(
     assert!(ok, "{what}: last reply {last:?}");
 }
 
+/// `mesh-agent authz check` of a request from pod `from` to `to` with `method`: whether it
+/// says allowed, and its report.
+fn authz_check(cluster: &Cluster, from: &str, to: SocketAddr, method: &str) -> (bool, String) {
+    let pod = cluster.pod(from);
+    let agent = tests::locate_binary("mesh-agent", "MESH_AGENT_BIN").unwrap();
+    let out = std::process::Command::new(agent)
+        .args(["authz", "check", "-f"])
+        .arg(cluster.config_path())
+        .arg("--from")
+        .arg(format!("{}/{}", pod.namespace(), pod.name()))
+        .args(["--to", &to.to_string(), "--method", method])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{report}");
+    (out.status.success(), report)
+}
+
 fn http_route(name: &str, parent: &str, rules: &str) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n  rules:\n{rules}"
@@ -623,6 +642,16 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     assert_eq!(one(&cluster, vip(ECHO), get("/")).status, 200);
     let r = calls(&cluster, "intruder", vip(ECHO), &[get("/")]).remove(0);
     assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    // `mesh-agent authz check` answers as the waypoint and the node proxy did.
+    for (from, method, allowed) in [
+        ("client", "DELETE", false),
+        ("client", "GET", true),
+        ("intruder", "GET", false),
+    ] {
+        let (says, report) = authz_check(&cluster, from, vip(ECHO), method);
+        assert_eq!(says, allowed, "{from} {method}: {report}");
+        assert!(report.contains("waypoint mesh/waypoint (HTTP)"), "{report}");
+    }
     // AUDIT: allowed as before, and the access log (JSON here) says which policy audited it.
     let mut audited = get("/reports/q3");
     audited.headers = vec![("x-request-id".into(), "audit-me-1".into())];
