@@ -64,6 +64,8 @@ pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<Socket
 /// Serves a proxy's three admin ports as Istio's proxies do: the config dump (15000) on
 /// 127.0.0.1 only; metrics (15020) and readiness (15021) on every address, where
 /// Prometheus scrapes and the kubelet probes.
+/// Each port answers only its own paths: the config dump and `/debug/*` never leave
+/// loopback.
 pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
     use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -72,14 +74,41 @@ pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
         handler.clone(),
     )
     .await?;
-    for port in [METRICS_PORT, READINESS_PORT] {
-        serve(
-            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
-            handler.clone(),
-        )
-        .await?;
+    for (port, paths) in [
+        (METRICS_PORT, &["/metrics", "/stats/prometheus"][..]),
+        (READINESS_PORT, &["/healthz/ready", "/healthz/live"][..]),
+    ] {
+        let only = Arc::new(Only {
+            paths,
+            inner: handler.clone(),
+        });
+        serve(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), only).await?;
     }
     Ok(())
+}
+
+/// A handler that answers `paths` only (404 for the rest).
+struct Only {
+    paths: &'static [&'static str],
+    inner: Arc<dyn Handler>,
+}
+
+impl Handler for Only {
+    fn get(&self, path: &str) -> Response {
+        if self.paths.contains(&path) {
+            self.inner.get(path)
+        } else {
+            Response::not_found()
+        }
+    }
+
+    fn get_with_query(&self, path: &str, query: &str) -> Response {
+        if self.paths.contains(&path) {
+            self.inner.get_with_query(path, query)
+        } else {
+            Response::not_found()
+        }
+    }
 }
 
 async fn serve_with(
@@ -141,6 +170,26 @@ fn answer(request: &Request<Incoming>, handler: &dyn Handler) -> http::Response<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_answers_only_its_own_paths() {
+        struct Everything;
+        impl Handler for Everything {
+            fn get(&self, _: &str) -> Response {
+                Response::ok("text/plain", "secret\n".into())
+            }
+        }
+        let metrics = Only {
+            paths: &["/metrics"],
+            inner: Arc::new(Everything),
+        };
+        assert_eq!(metrics.get("/metrics").status, 200);
+        assert_eq!(metrics.get("/config_dump").status, 404);
+        assert_eq!(
+            metrics.get_with_query("/debug/authz", "from=a/b").status,
+            404
+        );
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Paths;

@@ -204,8 +204,8 @@ fn authz_check(cluster: &Cluster, from: &str, to: SocketAddr, method: &str) -> (
         .args(["--to", &to.to_string(), "--method", method])
         .output()
         .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(matches!(out.status.code(), Some(0 | 1)), "{report}");
     (out.status.success(), report)
 }
