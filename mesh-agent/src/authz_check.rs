@@ -45,6 +45,8 @@ pub enum Hop {
         layer: &'static str,
         explanation: Explanation,
     },
+    /// A destination outside the mesh: no proxy judges what reaches it.
+    Unenforced { pod: String },
     /// The destination pod's node proxy.
     NodeProxy {
         pod: String,
@@ -58,6 +60,7 @@ impl Hop {
         match self {
             Hop::Waypoint { explanation, .. } => explanation.decision.allowed,
             Hop::NodeProxy { admission, .. } => admission.allowed(),
+            Hop::Unenforced { .. } => true,
         }
     }
 }
@@ -280,6 +283,12 @@ pub fn check(
             wp.addresses[0],
         );
     }
+    if !dst.captured {
+        hops.push(Hop::Unenforced {
+            pod: format!("{}/{}", dst.namespace, dst.name),
+        });
+        return Ok(report(from, to, port, hops));
+    }
     let peer = Peer {
         src: SocketAddr::new(source.1, 0),
         dst: SocketAddr::new(first_ip(dst, from), dst_port),
@@ -364,6 +373,13 @@ impl fmt::Display for Report {
                         who(identity)
                     );
                     explanation(&mut out, e);
+                }
+                Hop::Unenforced { pod } => {
+                    let _ = writeln!(
+                        out,
+                        "{}. {pod} is not in the mesh: no proxy judges what reaches it",
+                        i + 1
+                    );
                 }
                 Hop::NodeProxy {
                     pod,
@@ -499,6 +515,18 @@ spec:
                 "{r}"
             );
         }
+    }
+
+    #[test]
+    fn a_destination_outside_the_mesh_is_judged_by_no_one() {
+        let outside = "apiVersion: v1\nkind: Pod\nmetadata: {name: legacy, namespace: old}\nspec: {serviceAccountName: x, nodeName: n1, containers: [{name: c, image: i}]}\nstatus: {phase: Running, podIP: 10.0.1.1, conditions: [{type: Ready, status: \"True\"}]}\n";
+        let deny_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: old}\nspec: {action: DENY, rules: [{}]}\n";
+        let text = format!("{WORLD}\n---\n{outside}---\n{deny_all}");
+        let (objects, _) = file::load_lenient(&text, "t").unwrap();
+        let state = crate::analyze::translate_leniently(objects, &Settings::default()).0;
+        let r = ask(&state, "old/legacy:80", None);
+        assert!(r.allowed(), "{r}");
+        assert!(r.to_string().contains("not in the mesh"), "{r}");
     }
 
     #[test]
