@@ -142,20 +142,94 @@ impl EncodeLabelValue for Reporter {
     }
 }
 
-/// The labels of one series. Unknown values are `"unknown"`, as in Istio.
+/// The labels of one TCP series: Istio's, every one Kiali's graph and Istio's Grafana
+/// dashboards group by. Unknown values are `"unknown"`, as in Istio.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub reporter: Reporter,
     pub source_workload: String,
     pub source_workload_namespace: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_service: String,
     /// SPIFFE identities, `unknown` when not authenticated.
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
     pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: String,
+    /// Always `tcp`.
+    pub request_protocol: &'static str,
+    /// `-`: a TCP connection carries none of Envoy's flags here.
+    pub response_flags: &'static str,
     /// `mutual_tls` for HBONE (or the agent's own same-node path), `none` for plaintext.
     pub connection_security_policy: String,
+}
+
+/// The cluster name Istio's proxies report when none is configured.
+pub const CLUSTER: &str = "Kubernetes";
+
+impl ConnectionLabels {
+    /// The labels of a connection from `src` to `dst` (either may be outside the mesh:
+    /// `None`), to `service` (`name.namespace.svc.cluster.local`) when known, with the
+    /// peers' identities when authenticated. The app, version and canonical names come from
+    /// the pods' labels as Istio reads them.
+    pub fn new(
+        reporter: Reporter,
+        src: Option<&crate::state::Workload>,
+        dst: Option<&crate::state::Workload>,
+        service: Option<String>,
+        principals: (Option<String>, Option<String>),
+        mutual_tls: bool,
+    ) -> Self {
+        let unknown = || "unknown".to_owned();
+        let label = |w: Option<&crate::state::Workload>, key: &str| {
+            w.and_then(|w| w.labels.get(key).cloned())
+                .unwrap_or_else(unknown)
+        };
+        let (service_name, service_namespace) = service
+            .as_deref()
+            .and_then(|host| {
+                let mut parts = host.split('.');
+                Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+            })
+            .unwrap_or_else(|| (unknown(), unknown()));
+        ConnectionLabels {
+            reporter,
+            source_workload: src.map_or_else(unknown, |w| w.workload_name.clone()),
+            source_workload_namespace: src.map_or_else(unknown, |w| w.namespace.clone()),
+            source_principal: principals.0.unwrap_or_else(unknown),
+            source_app: label(src, "app"),
+            source_version: label(src, "version"),
+            source_canonical_service: src.map_or_else(unknown, canonical_service),
+            source_canonical_revision: src.map_or_else(unknown, canonical_revision),
+            source_cluster: CLUSTER.to_owned(),
+            destination_workload: dst.map_or_else(unknown, |w| w.workload_name.clone()),
+            destination_workload_namespace: dst.map_or_else(unknown, |w| w.namespace.clone()),
+            destination_principal: principals.1.unwrap_or_else(unknown),
+            destination_app: label(dst, "app"),
+            destination_version: label(dst, "version"),
+            destination_service: service.unwrap_or_else(unknown),
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
+            destination_canonical_service: dst.map_or_else(unknown, canonical_service),
+            destination_canonical_revision: dst.map_or_else(unknown, canonical_revision),
+            destination_cluster: CLUSTER.to_owned(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" }.to_owned(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -399,18 +473,38 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    fn labels() -> ConnectionLabels {
-        ConnectionLabels {
-            reporter: Reporter::Source,
-            source_workload: "client".into(),
-            source_workload_namespace: "shop".into(),
-            destination_workload: "web".into(),
-            destination_workload_namespace: "shop".into(),
-            destination_service: "unknown".into(),
-            source_principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
-            destination_principal: "unknown".into(),
-            connection_security_policy: "mutual_tls".into(),
+    fn workload(name: &str, labels: &[(&str, &str)]) -> crate::state::Workload {
+        crate::state::Workload {
+            uid: name.into(),
+            name: format!("{name}-0"),
+            namespace: "shop".into(),
+            node: None,
+            service_account: name.into(),
+            ips: vec![],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            workload_name: name.into(),
+            netns: None,
+            captured: true,
+            host_network: false,
+            waypoint: None,
         }
+    }
+
+    fn labels() -> ConnectionLabels {
+        ConnectionLabels::new(
+            Reporter::Source,
+            Some(&workload("client", &[("app", "client")])),
+            Some(&workload("web", &[("app", "web"), ("version", "v2")])),
+            Some("web.shop.svc.cluster.local".into()),
+            (
+                Some("spiffe://cluster.local/ns/shop/sa/client".into()),
+                None,
+            ),
+            true,
+        )
     }
 
     #[test]
@@ -420,7 +514,18 @@ mod tests {
         m.connection_opened(&labels());
         m.connection_closed(&labels(), 100, 7);
         let text = m.render();
-        let l = r#"{reporter="source",source_workload="client",source_workload_namespace="shop",destination_workload="web",destination_workload_namespace="shop",destination_service="unknown",source_principal="spiffe://cluster.local/ns/shop/sa/client",destination_principal="unknown",connection_security_policy="mutual_tls"}"#;
+        let l = concat!(
+            r#"{reporter="source",source_workload="client",source_workload_namespace="shop","#,
+            r#"source_principal="spiffe://cluster.local/ns/shop/sa/client",source_app="client","#,
+            r#"source_version="unknown",source_canonical_service="client","#,
+            r#"source_canonical_revision="latest",source_cluster="Kubernetes","#,
+            r#"destination_workload="web",destination_workload_namespace="shop","#,
+            r#"destination_principal="unknown",destination_app="web",destination_version="v2","#,
+            r#"destination_service="web.shop.svc.cluster.local",destination_service_name="web","#,
+            r#"destination_service_namespace="shop",destination_canonical_service="web","#,
+            r#"destination_canonical_revision="v2",destination_cluster="Kubernetes","#,
+            r#"request_protocol="tcp",response_flags="-",connection_security_policy="mutual_tls"}"#
+        );
         for (series, value) in [
             ("istio_tcp_connections_opened_total", 2),
             ("istio_tcp_connections_closed_total", 1),

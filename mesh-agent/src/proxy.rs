@@ -328,7 +328,6 @@ struct ConnInfo<'a> {
 
 /// Labels of a connection (either end may be outside the mesh).
 fn labels(reporter: Reporter, state: &MeshState, c: &ConnInfo<'_>) -> ConnectionLabels {
-    let unknown = || "unknown".to_owned();
     let derived = || {
         c.dst
             .and_then(|w| {
@@ -338,18 +337,14 @@ fn labels(reporter: Reporter, state: &MeshState, c: &ConnInfo<'_>) -> Connection
             })
             .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
     };
-    let service = c.service.clone().or_else(derived).unwrap_or_else(unknown);
-    ConnectionLabels {
+    ConnectionLabels::new(
         reporter,
-        source_workload: c.src.map_or_else(unknown, |w| w.workload_name.clone()),
-        source_workload_namespace: c.src.map_or_else(unknown, |w| w.namespace.clone()),
-        destination_workload: c.dst.map_or_else(unknown, |w| w.workload_name.clone()),
-        destination_workload_namespace: c.dst.map_or_else(unknown, |w| w.namespace.clone()),
-        destination_service: service,
-        source_principal: c.src_principal.clone().unwrap_or_else(unknown),
-        destination_principal: c.dst_principal.clone().unwrap_or_else(unknown),
-        connection_security_policy: if c.mutual_tls { "mutual_tls" } else { "none" }.to_owned(),
-    }
+        c.src,
+        c.dst,
+        c.service.clone().or_else(derived),
+        (c.src_principal.clone(), c.dst_principal.clone()),
+        c.mutual_tls,
+    )
 }
 
 fn service_port_targets(p: &crate::state::ServicePort, port: u16) -> bool {
@@ -510,18 +505,7 @@ mod tests {
     use super::*;
 
     fn labels() -> ConnectionLabels {
-        let unknown = || "unknown".to_owned();
-        ConnectionLabels {
-            reporter: Reporter::Source,
-            source_workload: "client".into(),
-            source_workload_namespace: "shop".into(),
-            destination_workload: unknown(),
-            destination_workload_namespace: unknown(),
-            destination_service: unknown(),
-            source_principal: unknown(),
-            destination_principal: unknown(),
-            connection_security_policy: "none".into(),
-        }
+        ConnectionLabels::new(Reporter::Source, None, None, None, (None, None), false)
     }
 
     fn closed(metrics: &Metrics) -> Vec<String> {

@@ -129,7 +129,7 @@ pub fn kiali_request_query(window: &str) -> String {
 /// Kiali's TCP graph query.
 pub fn kiali_tcp_query(window: &str) -> String {
     format!(
-        "sum(rate(istio_tcp_sent_bytes_total{{reporter=~\"source|destination\"}}[{window}])) by (source_workload, source_workload_namespace, destination_service_name, destination_workload)"
+        "sum(rate(istio_tcp_sent_bytes_total{{reporter=~\"source|destination\"}}[{window}])) by (source_cluster, source_workload, source_workload_namespace, source_canonical_service, source_canonical_revision, destination_cluster, destination_service_namespace, destination_service, destination_service_name, destination_workload, destination_workload_namespace, destination_canonical_service, destination_canonical_revision, response_flags)"
     )
 }
 

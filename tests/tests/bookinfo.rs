@@ -63,4 +63,49 @@ fn bookinfo_through_the_ingress_gateway_follows_istios_tasks() {
         ["v1", "v2", "v3"].iter().all(|v| versions.contains(v)),
         "reviews versions in Prometheus: {versions:?}"
     );
+
+    // The node agents' TCP series, with the labels Kiali's TCP graph groups by: every
+    // Bookinfo service received connections (from the waypoint or the gateway), each series
+    // filled from the pods' app/version labels. (Opened connections: the byte counters of
+    // a connection are only added when it closes, and the waypoint's pooled connections
+    // to productpage and details stay open.)
+    let tcp = w
+        .query("istio_tcp_connections_opened_total{reporter=\"destination\"}")
+        .unwrap();
+    let services: std::collections::BTreeSet<&str> = tcp
+        .iter()
+        .filter_map(|(l, _)| l.get("destination_service_name").map(String::as_str))
+        .collect();
+    for service in ["productpage", "details", "reviews", "ratings"] {
+        assert!(
+            services.contains(service),
+            "no TCP series for {service}: {services:?}"
+        );
+    }
+    for (labels, _) in tcp.iter().filter(|(l, _)| {
+        l.get("destination_service_name")
+            .is_some_and(|s| s == "reviews")
+    }) {
+        for (key, want) in [
+            ("destination_service_namespace", Some("default")),
+            ("destination_app", Some("reviews")),
+            ("destination_canonical_service", Some("reviews")),
+            ("request_protocol", Some("tcp")),
+            ("response_flags", Some("-")),
+            ("source_cluster", Some("Kubernetes")),
+            ("destination_version", None),
+            ("source_canonical_service", None),
+        ] {
+            let got = labels.get(key).map(String::as_str);
+            match want {
+                Some(v) => assert_eq!(got, Some(v), "{key} in {labels:?}"),
+                None => assert!(got.is_some_and(|v| !v.is_empty()), "{key} in {labels:?}"),
+            }
+        }
+    }
+    let (_, kiali_tcp) = w.graph().unwrap();
+    assert!(
+        !kiali_tcp.is_empty(),
+        "Kiali's TCP graph query returned nothing"
+    );
 }

@@ -152,29 +152,17 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
         tracing::info!(%endpoint, "waypoint: endpoint is not a mesh workload");
         return;
     };
-    let labels = ConnectionLabels {
-        reporter: Reporter::Waypoint,
-        source_workload: name_or_unknown(
-            state
-                .workload_by_ip(tunnel.ctx.peer.ip())
-                .map(|w| &w.workload_name),
+    let labels = ConnectionLabels::new(
+        Reporter::Waypoint,
+        state.workload_by_ip(tunnel.ctx.peer.ip()),
+        workload,
+        service.map(service_host),
+        (
+            tunnel.ctx.client.as_ref().map(ToString::to_string),
+            Some(peer.to_string()),
         ),
-        source_workload_namespace: name_or_unknown(
-            state
-                .workload_by_ip(tunnel.ctx.peer.ip())
-                .map(|w| &w.namespace),
-        ),
-        destination_workload: name_or_unknown(workload.map(|w| &w.workload_name)),
-        destination_workload_namespace: name_or_unknown(workload.map(|w| &w.namespace)),
-        destination_service: service.map_or_else(|| "unknown".into(), service_host),
-        source_principal: tunnel
-            .ctx
-            .client
-            .as_ref()
-            .map_or_else(|| "unknown".into(), ToString::to_string),
-        destination_principal: peer.to_string(),
-        connection_security_policy: "mutual_tls".into(),
-    };
+        true,
+    );
     wp.metrics.connection_opened(&labels);
     let _active = wp.upstreams.start(endpoint);
     let (mut sent, mut received) = (0, 0);
@@ -187,10 +175,6 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
         Err(e) => tracing::info!(%endpoint, error = %e, "waypoint: cannot reach the endpoint"),
     }
     wp.metrics.connection_closed(&labels, received, sent);
-}
-
-fn name_or_unknown(s: Option<&String>) -> String {
-    s.cloned().unwrap_or_else(|| "unknown".into())
 }
 
 fn service_host(s: &Service) -> String {
@@ -1059,7 +1043,7 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
         source_version: label(source, "version"),
         source_canonical_service: source.map_or_else(unknown, crate::metrics::canonical_service),
         source_canonical_revision: source.map_or_else(unknown, crate::metrics::canonical_revision),
-        source_cluster: "Kubernetes".into(),
+        source_cluster: crate::metrics::CLUSTER.into(),
         destination_workload: destination.map_or_else(unknown, |w| w.workload_name.clone()),
         destination_workload_namespace: destination.map_or_else(unknown, |w| w.namespace.clone()),
         destination_principal: destination
@@ -1073,7 +1057,7 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
             .map_or_else(unknown, crate::metrics::canonical_service),
         destination_canonical_revision: destination
             .map_or_else(unknown, crate::metrics::canonical_revision),
-        destination_cluster: "Kubernetes".into(),
+        destination_cluster: crate::metrics::CLUSTER.into(),
         request_protocol: if record.grpc { "grpc" } else { "http" },
         response_code: key.code,
         grpc_response_status: key.grpc_status.clone().unwrap_or_else(|| "-".into()),
