@@ -25,7 +25,8 @@ fn series(text: &str) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-const TCP_LABELS: &str = "connection_security_policy,destination_principal,destination_service,destination_workload,destination_workload_namespace,reporter,source_principal,source_workload,source_workload_namespace";
+/// Istio's TCP labels, with every one Kiali's graph and Istio's dashboards group by.
+const TCP_LABELS: &str = "connection_security_policy,destination_app,destination_canonical_revision,destination_canonical_service,destination_cluster,destination_principal,destination_service,destination_service_name,destination_service_namespace,destination_version,destination_workload,destination_workload_namespace,reporter,request_protocol,response_flags,source_app,source_canonical_revision,source_canonical_service,source_cluster,source_principal,source_version,source_workload,source_workload_namespace";
 
 #[test]
 fn both_agents_expose_the_istio_and_agent_series_in_prometheus_text() {
