@@ -935,12 +935,12 @@ const PROTOCOL_NAMES: [&str; 12] = [
 ];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Two services in an ambient namespace, one behind a waypoint, their pods with
     /// versions and accounts, and the waypoint's pod.
-    const WORLD: &str = r#"
+    pub(crate) const WORLD: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}

@@ -416,42 +416,13 @@ mod tests {
     use super::*;
     use crate::config::{Settings, file};
 
-    const WORLD: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-v1, namespace: shop, labels: {app: web}}
-spec: {serviceAccountName: web, nodeName: n1, containers: [{name: c, image: i}]}
-status: {phase: Running, podIP: 10.0.0.1, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api-v1, namespace: shop, labels: {app: api}}
-spec: {serviceAccountName: api, nodeName: n1, containers: [{name: c, image: i}]}
-status: {phase: Running, podIP: 10.0.0.2, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
-spec: {serviceAccountName: waypoint, nodeName: n1, containers: [{name: c, image: i}]}
-status: {phase: Running, podIP: 10.0.0.9, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
-spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: security.istio.io/v1
+    /// The analyzer's test world (a service behind a waypoint, one that is not), with a GET-only
+    /// policy at the waypoint and, on the pods, one that admits only the waypoint.
+    fn world() -> String {
+        format!(
+            "{}\n---\n{}",
+            crate::analyze::tests::WORLD,
+            r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: api-get-only, namespace: shop}
 spec:
@@ -464,10 +435,12 @@ metadata: {name: api-from-waypoint, namespace: shop}
 spec:
   selector: {matchLabels: {app: api}}
   rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/waypoint]}}]}]
-"#;
+"#
+        )
+    }
 
     fn state() -> MeshState {
-        let (objects, _) = file::load_lenient(WORLD, "test.yaml").unwrap();
+        let (objects, _) = file::load_lenient(&world(), "test.yaml").unwrap();
         crate::analyze::translate_leniently(objects, &Settings::default()).0
     }
 
@@ -521,7 +494,7 @@ spec:
     fn a_destination_outside_the_mesh_is_judged_by_no_one() {
         let outside = "apiVersion: v1\nkind: Pod\nmetadata: {name: legacy, namespace: old}\nspec: {serviceAccountName: x, nodeName: n1, containers: [{name: c, image: i}]}\nstatus: {phase: Running, podIP: 10.0.1.1, conditions: [{type: Ready, status: \"True\"}]}\n";
         let deny_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: old}\nspec: {action: DENY, rules: [{}]}\n";
-        let text = format!("{WORLD}\n---\n{outside}---\n{deny_all}");
+        let text = format!("{}\n---\n{outside}---\n{deny_all}", world());
         let (objects, _) = file::load_lenient(&text, "t").unwrap();
         let state = crate::analyze::translate_leniently(objects, &Settings::default()).0;
         let r = ask(&state, "old/legacy:80", None);

@@ -577,6 +577,29 @@ impl Cluster {
         self.shared.workdir.join("cluster.yaml")
     }
 
+    /// `mesh-agent authz check` on this cluster's config file, from pod `from` to `to`, with
+    /// `extra` arguments (`--method`, ...): whether it says allowed, and its report.
+    pub fn authz_check(&self, from: &str, to: SocketAddr, extra: &[&str]) -> (bool, String) {
+        let pod = self.pod(from);
+        let agent = locate_binary("mesh-agent", AGENT_BIN_ENV).expect("the mesh-agent binary");
+        let out = std::process::Command::new(agent)
+            .args(["authz", "check", "-f"])
+            .arg(self.config_path())
+            .arg("--from")
+            .arg(format!("{}/{}", pod.namespace(), pod.name()))
+            .args(["--to", &to.to_string()])
+            .args(extra)
+            .output()
+            .expect("running mesh-agent authz check");
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "authz check failed: {report}"
+        );
+        (out.status.success(), report)
+    }
+
     /// `<cgroup2>/<prefix>`: every node's and pod's cgroup is below it.
     pub fn cgroup_root(&self) -> &Path {
         &self.shared.cgroup_root

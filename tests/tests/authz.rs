@@ -85,7 +85,7 @@ fn allowed(client: &Pod, to: SocketAddr) -> bool {
 fn expect(cluster: &Cluster, cases: &[(&str, SocketAddr, bool)]) {
     for (client, to, want) in cases {
         let got = allowed(&cluster.pod(client), *to);
-        let (explained, report) = authz_check(cluster, client, *to);
+        let (explained, report) = cluster.authz_check(client, *to, &[]);
         assert_eq!(
             explained, got,
             "{client} -> {to}: authz check says otherwise than enforcement did:\n{report}"
@@ -123,32 +123,6 @@ fn expect(cluster: &Cluster, cases: &[(&str, SocketAddr, bool)]) {
             tail(&cluster.node(1).agent_log())
         );
     }
-}
-
-/// `mesh-agent authz check` from `client` to `to` on the cluster's configuration: whether it
-/// says allowed, and its report.
-fn authz_check(cluster: &Cluster, client: &str, to: SocketAddr) -> (bool, String) {
-    let pod = cluster.pod(client);
-    let agent = tests::locate_binary("mesh-agent", "MESH_AGENT_BIN").unwrap();
-    let out = std::process::Command::new(agent)
-        .args(["authz", "check", "-f"])
-        .arg(cluster.config_path())
-        .arg("--from")
-        .arg(format!("{}/{}", pod.namespace(), pod.name()))
-        .arg("--to")
-        .arg(to.to_string())
-        .output()
-        .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        matches!(out.status.code(), Some(0 | 1)),
-        "authz check failed: {report}"
-    );
-    (out.status.success(), report)
 }
 
 fn tail(log: &str) -> String {

@@ -191,25 +191,6 @@ fn until(
     assert!(ok, "{what}: last reply {last:?}");
 }
 
-/// `mesh-agent authz check` of a request from pod `from` to `to` with `method`: whether it
-/// says allowed, and its report.
-fn authz_check(cluster: &Cluster, from: &str, to: SocketAddr, method: &str) -> (bool, String) {
-    let pod = cluster.pod(from);
-    let agent = tests::locate_binary("mesh-agent", "MESH_AGENT_BIN").unwrap();
-    let out = std::process::Command::new(agent)
-        .args(["authz", "check", "-f"])
-        .arg(cluster.config_path())
-        .arg("--from")
-        .arg(format!("{}/{}", pod.namespace(), pod.name()))
-        .args(["--to", &to.to_string(), "--method", method])
-        .output()
-        .unwrap();
-    let report =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(matches!(out.status.code(), Some(0 | 1)), "{report}");
-    (out.status.success(), report)
-}
-
 fn http_route(name: &str, parent: &str, rules: &str) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n  rules:\n{rules}"
@@ -648,7 +629,7 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
         ("client", "GET", true),
         ("intruder", "GET", false),
     ] {
-        let (says, report) = authz_check(&cluster, from, vip(ECHO), method);
+        let (says, report) = cluster.authz_check(from, vip(ECHO), &["--method", method]);
         assert_eq!(says, allowed, "{from} {method}: {report}");
         assert!(report.contains("waypoint mesh/waypoint (HTTP)"), "{report}");
     }
