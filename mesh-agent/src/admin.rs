@@ -1,5 +1,5 @@
-//! The node-local admin endpoints: `/config_dump` (15000), `/metrics` (15020) and
-//! `/healthz/ready` (15021), served by hyper over HTTP/1.1 on 127.0.0.1 of the agent's
+//! The node-local admin endpoints: `/config_dump` (15000), `/metrics` and `/status` (15020)
+//! and `/healthz/ready` (15021), served by hyper over HTTP/1.1 on 127.0.0.1 of the agent's
 //! namespace. A request head must arrive within [`HEADER_TIMEOUT`]: a client that opens a
 //! connection and sends nothing (or a byte at a time) does not hold it for ever.
 
@@ -63,7 +63,9 @@ pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<Socket
 
 /// Serves a proxy's three admin ports as Istio's proxies do: the config dump (15000) on
 /// 127.0.0.1 only; metrics (15020) and readiness (15021) on every address, where
-/// Prometheus scrapes and the kubelet probes.
+/// Prometheus scrapes and the kubelet probes. 15020 also answers `/status`, what
+/// `mesh-agent status` asks (identities, counts and digests: nothing the metrics do not
+/// show already).
 /// Each port answers only its own paths: the config dump and `/debug/*` never leave
 /// loopback.
 pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
@@ -75,7 +77,10 @@ pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
     )
     .await?;
     for (port, paths) in [
-        (METRICS_PORT, &["/metrics", "/stats/prometheus"][..]),
+        (
+            METRICS_PORT,
+            &["/metrics", "/stats/prometheus", "/status"][..],
+        ),
         (READINESS_PORT, &["/healthz/ready", "/healthz/live"][..]),
     ] {
         let only = Arc::new(Only {

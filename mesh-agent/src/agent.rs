@@ -16,6 +16,7 @@ use crate::{
         Settings,
         file::FileSource,
         kube::{self, KubeSource},
+        sync::SyncStatus,
     },
     ebpf::{self, AttachType, Datapath},
     enroll::{EnrollOptions, EnrolledDump, Enroller, netns},
@@ -38,6 +39,61 @@ pub enum ConfigSource {
     Kube {
         kubeconfig: Option<PathBuf>,
     },
+}
+
+/// A started configuration source.
+pub struct Started {
+    /// The state, replaced on every good change.
+    pub state: tokio::sync::watch::Receiver<Arc<MeshState>>,
+    /// What the source applied last and refused since (`/status`).
+    pub sync: Arc<SyncStatus>,
+    /// The API server's client, in Kubernetes mode.
+    pub client: Option<::kube::Client>,
+}
+
+impl ConfigSource {
+    /// Reads the configuration for the proxy named `node` (a node, or `waypoint:NS/NAME`)
+    /// and keeps watching it; the first read must succeed. `secrets_in`: the namespace whose
+    /// TLS Secrets the proxy reads from the API server (an ingress gateway's own).
+    pub async fn start(
+        &self,
+        node: &str,
+        settings: &Settings,
+        secrets_in: Option<&str>,
+    ) -> anyhow::Result<Started> {
+        match self {
+            ConfigSource::File(path) => {
+                let source = FileSource::new(path, node, settings.clone());
+                let sync = source.sync();
+                let state = source
+                    .start()
+                    .await
+                    .context("initial configuration rejected")?;
+                Ok(Started {
+                    state,
+                    sync,
+                    client: None,
+                })
+            }
+            ConfigSource::Kube { kubeconfig } => {
+                let client = kube::client_from(kubeconfig.as_deref()).await?;
+                let mut source = KubeSource::new(client.clone(), node, settings.clone());
+                if let Some(namespace) = secrets_in {
+                    source = source.with_secrets_in(namespace);
+                }
+                let sync = source.sync();
+                let state = source
+                    .start()
+                    .await
+                    .context("initial lists from the Kubernetes API")?;
+                Ok(Started {
+                    state,
+                    sync,
+                    client: Some(client),
+                })
+            }
+        }
+    }
 }
 
 /// What `mesh-agent run` was asked to do.
@@ -84,23 +140,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         anyhow::bail!("{} is not a cgroup v2 directory", cgroup.display());
     }
 
-    let (state, kube) = match &cfg.source {
-        ConfigSource::File(path) => {
-            let rx = FileSource::new(path, &cfg.node, cfg.settings.clone())
-                .start()
-                .await
-                .context("initial configuration rejected")?;
-            (rx, None)
-        }
-        ConfigSource::Kube { kubeconfig } => {
-            let client = kube::client_from(kubeconfig.as_deref()).await?;
-            let rx = KubeSource::new(client.clone(), &cfg.node, cfg.settings.clone())
-                .start()
-                .await
-                .context("initial lists from the Kubernetes API")?;
-            (rx, Some(client))
-        }
-    };
+    let Started {
+        state,
+        sync,
+        client: kube,
+    } = cfg.source.start(&cfg.node, &cfg.settings, None).await?;
     let datapath = Arc::new(Mutex::new(Datapath::install(
         &cfg.pin_dir,
         &cgroup,
@@ -151,6 +195,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         certs,
         proxy: proxy.clone(),
         status: Mutex::new(Status::default()),
+        sync,
     });
     // Metrics and readiness on the node's addresses too, where Prometheus scrapes them
     // (as ztunnel serves 15020 and 15021); the config dump on loopback.
@@ -264,11 +309,14 @@ struct AdminView {
     certs: Arc<SecretManager>,
     proxy: Arc<Proxy>,
     status: Mutex<Status>,
+    /// What the configuration source applied last.
+    sync: Arc<SyncStatus>,
 }
 
 impl AdminView {
     fn config_dump(&self) -> serde_json::Value {
         let status = self.status.lock().expect("status lock");
+        let state = self.state.borrow().clone();
         let attached = |ty| ebpf::attached_count(&self.cgroup, ty).ok();
         serde_json::json!({
             "node": self.node,
@@ -287,23 +335,35 @@ impl AdminView {
                     "sockops": attached(AttachType::SockOps),
                 },
             },
-            "certificates": self.certs.identities().iter().map(|(id, cert)| serde_json::json!({
-                "identity": id.to_string(),
-                "serial": cert.serial,
-                "not_before": humanize(cert.not_before),
-                "not_after": humanize(cert.not_after),
-            })).collect::<Vec<_>>(),
+            "certificates": crate::dump::certificates(&self.certs),
             "hbone_pool_connections": self.proxy.pool.connections(),
             "hbone_handshakes_in_progress": self.proxy.handshakes_in_progress(),
-            "state": &**self.state.borrow(),
+            "root_namespace": state.policies().root_namespace(),
+            "state": &*state,
         })
     }
 }
 
-/// Seconds since the Unix epoch (JSON-friendly, no date library needed).
-fn humanize(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+impl AdminView {
+    /// `/status`: what `mesh-agent status` compares.
+    fn report(&self) -> crate::status::Report {
+        let status = self.status.lock().expect("status lock");
+        let captured = self.state.borrow().local_captured(&self.node).count();
+        let mut report = crate::status::Report::new(
+            crate::status::Role::Node,
+            self.node.clone(),
+            status.ready,
+            self.sync.snapshot(),
+            &self.certs,
+        );
+        report.pods = Some(crate::status::Pods {
+            captured,
+            enrolled: status.enrolled.len(),
+            failed: status.failures.len(),
+            pending: status.pending.len(),
+        });
+        report
+    }
 }
 
 impl Handler for AdminView {
@@ -331,6 +391,7 @@ impl Handler for AdminView {
             "/metrics" | "/stats/prometheus" => {
                 Response::ok(crate::metrics::CONTENT_TYPE, self.metrics.render())
             }
+            "/status" => Response::ok("application/json", self.report().to_json()),
             // Liveness: the process and its runtime answer (unlike readiness, one pod that
             // cannot be enrolled yet does not fail it).
             "/healthz/live" => Response::ok("text/plain", "live\n".into()),

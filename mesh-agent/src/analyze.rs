@@ -193,6 +193,15 @@ pub fn analyze(state: &MeshState, trust_domain: &str) -> Vec<Finding> {
 /// read: MSH0005), and the state they make; objects the translation refuses are left out,
 /// each reported (IST0106), as the Kubernetes source leaves them out.
 pub fn load_files(files: &[std::path::PathBuf], settings: &Settings) -> (MeshState, Vec<Finding>) {
+    let (objects, mut findings) = read_files(files);
+    let (state, refused) = translate_leniently(objects, settings);
+    findings.extend(refused);
+    (state, findings)
+}
+
+/// The objects of `files` as one configuration, and what could not be read of them (see
+/// [`load_files`]).
+pub fn read_files(files: &[std::path::PathBuf]) -> (Objects, Vec<Finding>) {
     let mut objects = Objects::default();
     let mut findings = Vec::new();
     for path in files {
@@ -218,9 +227,7 @@ pub fn load_files(files: &[std::path::PathBuf], settings: &Settings) -> (MeshSta
             )),
         }
     }
-    let (state, refused) = translate_leniently(objects, settings);
-    findings.extend(refused);
-    (state, findings)
+    (objects, findings)
 }
 
 /// The state of `objects`, leaving out (and reporting) each object the translation refuses.

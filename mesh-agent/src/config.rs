@@ -52,6 +52,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub mod file;
 pub mod kube;
+pub mod sync;
 pub mod translate;
 
 /// Annotation naming a file-mode pod's network namespace (`/run/netns/NAME`).

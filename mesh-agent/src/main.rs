@@ -175,7 +175,7 @@ struct AnalyzeArgs {
     root_namespace: String,
     /// `text` (istioctl's lines) or `json`.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
-    output: AnalyzeOutput,
+    output: Output,
 }
 
 #[derive(Subcommand)]
@@ -221,9 +221,46 @@ struct AuthzCheckArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum AnalyzeOutput {
+enum Output {
     Text,
     Json,
+}
+
+/// `mesh-agent status`.
+#[derive(Args)]
+struct StatusArgs {
+    /// The configuration the proxies read, as files (repeatable); without any, the
+    /// Kubernetes API.
+    #[arg(long = "config", short = 'f')]
+    config: Vec<PathBuf>,
+    #[arg(long, conflicts_with = "config")]
+    kubeconfig: Option<PathBuf>,
+    /// The proxies' metrics port, where they answer /status.
+    #[arg(long, default_value_t = mesh_common::METRICS_PORT)]
+    port: u16,
+    /// `text` (a table) or `json`.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// A proxy's /config_dump as tables (run where its admin port is: the agent's pod, or
+    /// through a port-forward).
+    Dump {
+        #[arg(value_enum, default_value = "all")]
+        section: mesh_agent::dump::Section,
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// `text` (tables) or `json` (the dump as served).
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +285,15 @@ enum Command {
     /// Check a configuration for mistakes, as `istioctl analyze` does: each finding with its
     /// code, level, object and field; exit status 1 when one is an error.
     Analyze(Box<AnalyzeArgs>),
+    /// Every node agent, waypoint and ingress gateway the configuration knows: reachable,
+    /// whether the configuration it runs is the current one, pods enrolled, certificates,
+    /// version (istioctl proxy-status). Exit status 1 unless every one is SYNCED.
+    Status(Box<StatusArgs>),
+    /// A proxy's configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Detach and remove every program, link and map pinned under the bpffs directory.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -333,11 +379,33 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Status(args) => {
+            if !status(*args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Config {
+            command:
+                ConfigCommand::Dump {
+                    section,
+                    admin,
+                    output,
+                },
+        } => config_dump(section, admin, output),
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
         Command::Ca {
             command: CaCommand::Init { out },
         } => agent::ca_init(&out),
     }
+}
+
+/// A configuration read by a command (not a proxy): the state, what could not be read of
+/// it, and the digest of the objects (what `status` compares with the proxies').
+struct Loaded {
+    state: mesh_agent::state::MeshState,
+    findings: Vec<mesh_agent::analyze::Finding>,
+    digest: mesh_agent::config::sync::ViewDigest,
 }
 
 /// The configuration of `files` (read leniently: what cannot be read is in the findings), or
@@ -346,25 +414,35 @@ fn load_state(
     files: &[PathBuf],
     kubeconfig: Option<&std::path::Path>,
     settings: &Settings,
-) -> anyhow::Result<(
-    mesh_agent::state::MeshState,
-    Vec<mesh_agent::analyze::Finding>,
-)> {
+) -> anyhow::Result<Loaded> {
+    use mesh_agent::{analyze, config::sync};
     if !files.is_empty() {
-        return Ok(mesh_agent::analyze::load_files(files, settings));
+        let (objects, mut findings) = analyze::read_files(files);
+        let digest = sync::digest(&objects);
+        let (state, refused) = analyze::translate_leniently(objects, settings);
+        findings.extend(refused);
+        return Ok(Loaded {
+            state,
+            findings,
+            digest,
+        });
     }
-    let state = tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(async {
             let client = mesh_agent::config::kube::client_from(kubeconfig).await?;
-            let rx = mesh_agent::config::kube::KubeSource::new(client, "analyze", settings.clone())
-                .start()
-                .await?;
-            let state = rx.borrow().clone();
-            anyhow::Ok(state)
-        })?;
-    Ok(((*state).clone(), Vec::new()))
+            let source =
+                mesh_agent::config::kube::KubeSource::new(client, "analyze", settings.clone());
+            let sync = source.sync();
+            let rx = source.start().await?;
+            let state = (**rx.borrow()).clone();
+            anyhow::Ok(Loaded {
+                state,
+                findings: Vec::new(),
+                digest: sync.snapshot().digest,
+            })
+        })
 }
 
 /// Prints how the request is judged; whether it is allowed.
@@ -374,7 +452,9 @@ fn authz_check(args: AuthzCheckArgs) -> anyhow::Result<bool> {
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
     };
-    let (state, findings) = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
+    let Loaded {
+        state, findings, ..
+    } = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
     for f in findings
         .iter()
         .filter(|f| f.level == mesh_agent::analyze::Level::Error)
@@ -421,13 +501,68 @@ fn analyze(args: AnalyzeArgs) -> anyhow::Result<bool> {
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
     };
-    let (state, mut findings) = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
+    let Loaded {
+        state,
+        mut findings,
+        ..
+    } = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
     findings.extend(analyze::analyze(&state, &settings.trust_domain));
     match args.output {
-        AnalyzeOutput::Text => print!("{}", analyze::render_text(&findings)),
-        AnalyzeOutput::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+        Output::Text => print!("{}", analyze::render_text(&findings)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
     }
     Ok(analyze::has_errors(&findings))
+}
+
+/// Prints every proxy's standing; whether all are SYNCED.
+fn status(args: StatusArgs) -> anyhow::Result<bool> {
+    use mesh_agent::status;
+    let settings = Settings {
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+    };
+    let from_api = args.config.is_empty();
+    let loaded = load_state(&args.config, args.kubeconfig.as_deref(), &settings)?;
+    for f in loaded
+        .findings
+        .iter()
+        .filter(|f| f.level == mesh_agent::analyze::Level::Error)
+    {
+        eprintln!("{f}");
+    }
+    // From the API server, this command reads no Secret (only a gateway does, its own).
+    let unread: &[&str] = if from_api { &["Secret"] } else { &[] };
+    let rows = status::collect(
+        &status::targets(&loaded.state),
+        args.port,
+        &loaded.digest,
+        unread,
+    );
+    match args.output {
+        Output::Text => print!("{}", status::render(&rows, std::time::SystemTime::now())),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+    }
+    Ok(status::all_synced(&rows))
+}
+
+/// Prints a proxy's `/config_dump` as tables (or as it is).
+fn config_dump(
+    section: mesh_agent::dump::Section,
+    admin: std::net::SocketAddr,
+    output: Output,
+) -> anyhow::Result<()> {
+    let body = mesh_agent::status::fetch(admin, "/config_dump", mesh_agent::status::TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match output {
+        Output::Json => println!("{body}"),
+        Output::Text => {
+            let dump: serde_json::Value = serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("{admin}/config_dump: not JSON: {e}"))?;
+            let now = mesh_agent::config::sync::epoch_seconds(std::time::SystemTime::now());
+            print!("{}", mesh_agent::dump::render(&dump, section, now));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the L7 engine as a waypoint or an ingress gateway.

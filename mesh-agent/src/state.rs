@@ -28,6 +28,9 @@ pub struct MeshState {
     pub services: Vec<Service>,
     /// Sorted by (namespace, name).
     pub waypoints: Vec<Waypoint>,
+    /// The nodes pods are scheduled on, with the node's addresses as its pods report them
+    /// (where `mesh-agent status` finds the node agents).
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
     /// Objects interpreted by later features, sorted by (namespace, name).
     pub raw: RawObjects,
     /// The ready endpoints of every TCP service port, by (service index, port): computed
@@ -58,6 +61,7 @@ impl PartialEq for MeshState {
         self.workloads == other.workloads
             && self.services == other.services
             && self.waypoints == other.waypoints
+            && self.nodes == other.nodes
             && self.raw == other.raw
             && self.policies.root_namespace() == other.policies.root_namespace()
     }
@@ -333,6 +337,7 @@ impl MeshState {
             workloads,
             services,
             waypoints: Vec::new(),
+            nodes: BTreeMap::new(),
             raw,
             endpoints,
             workload_ips,
@@ -416,6 +421,12 @@ impl MeshState {
         waypoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.waypoints = waypoints;
         self.warnings = self.compute_warnings();
+        self
+    }
+
+    /// The same state with these nodes.
+    pub fn with_nodes(mut self, nodes: BTreeMap<String, Vec<IpAddr>>) -> Self {
+        self.nodes = nodes;
         self
     }
 

@@ -51,11 +51,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     admin::{self, Handler},
     agent::ConfigSource,
-    config::{
-        Settings,
-        file::FileSource,
-        kube::{self, KubeSource},
-    },
+    config::Settings,
     ebpf::canonical,
     enroll::netns::Netns,
     identity::{FileCa, Identity, SecretManager, tls},
@@ -129,24 +125,10 @@ pub struct Waypoint {
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     let node = format!("waypoint:{}/{}", cfg.namespace, cfg.name);
-    let state = match &cfg.source {
-        ConfigSource::File(path) => FileSource::new(path, &node, cfg.settings.clone())
-            .start()
-            .await
-            .context("initial configuration rejected")?,
-        ConfigSource::Kube { kubeconfig } => {
-            let client = kube::client_from(kubeconfig.as_deref()).await?;
-            let mut source = KubeSource::new(client, &node, cfg.settings.clone());
-            // An ingress gateway's certificates: the Secrets of its own namespace.
-            if matches!(cfg.role, Role::Gateway { .. }) {
-                source = source.with_secrets_in(&cfg.namespace);
-            }
-            source
-                .start()
-                .await
-                .context("initial lists from the Kubernetes API")?
-        }
-    };
+    // An ingress gateway's certificates: the Secrets of its own namespace.
+    let secrets_in = matches!(cfg.role, Role::Gateway { .. }).then_some(cfg.namespace.as_str());
+    let crate::agent::Started { state, sync, .. } =
+        cfg.source.start(&node, &cfg.settings, secrets_in).await?;
     crate::memory::spawn_trimmer(crate::memory::TRIM_INTERVAL);
     let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;
     ca.watch(Duration::from_secs(1));
@@ -242,6 +224,8 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
 
     let view = Arc::new(AdminView {
         waypoint: waypoint.clone(),
+        sync,
+        certs: certs.clone(),
     });
     // Readiness and metrics on the pod's addresses, where the kubelet probes and
     // Prometheus scrapes (as Istio's waypoints serve 15021 and 15020).
@@ -534,6 +518,9 @@ impl Waypoint {
 
 struct AdminView {
     waypoint: Arc<Waypoint>,
+    /// What the configuration source applied last.
+    sync: Arc<crate::config::sync::SyncStatus>,
+    certs: Arc<SecretManager>,
 }
 
 impl Handler for AdminView {
@@ -541,6 +528,16 @@ impl Handler for AdminView {
         match path {
             "/metrics" | "/stats/prometheus" => {
                 admin::Response::ok(crate::metrics::CONTENT_TYPE, self.waypoint.metrics.render())
+            }
+            "/status" => {
+                let role = match self.waypoint.role {
+                    Role::Waypoint => crate::status::Role::Waypoint,
+                    Role::Gateway { .. } => crate::status::Role::Gateway,
+                };
+                let name = format!("{}/{}", self.waypoint.namespace, self.waypoint.name);
+                let report =
+                    crate::status::Report::new(role, name, true, self.sync.snapshot(), &self.certs);
+                admin::Response::ok("application/json", report.to_json())
             }
             "/healthz/ready" => admin::Response::ok("text/plain", "ready\n".into()),
             "/healthz/live" => admin::Response::ok("text/plain", "live\n".into()),
@@ -569,6 +566,9 @@ impl Handler for AdminView {
                     "bound_services": bound,
                     "warnings": state.warnings,
                     "upstream_connections": self.waypoint.upstreams.connections(),
+                    "certificates": crate::dump::certificates(&self.certs),
+                    "root_namespace": state.policies().root_namespace(),
+                    "state": &*state,
                 });
                 admin::Response::ok(
                     "application/json",

@@ -972,6 +972,17 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Runs the mesh-agent binary with `args` through `command` (a node's or a pod's).
+fn mesh_agent_output(command: impl Fn(&[&str]) -> Command, args: &[&str]) -> std::process::Output {
+    let agent = locate_binary("mesh-agent", AGENT_BIN_ENV).expect("the mesh-agent binary");
+    let agent = agent.to_str().expect("a UTF-8 path");
+    let mut all = vec![agent];
+    all.extend_from_slice(args);
+    command(&all)
+        .output()
+        .unwrap_or_else(|e| panic!("running mesh-agent {args:?}: {e}"))
+}
+
 /// A node: a network namespace with `eth0` on the fabric, routes to every pod, and
 /// possibly a running agent.
 #[derive(Debug)]
@@ -1046,6 +1057,12 @@ impl Node {
     /// Runs a command in the node's namespace; its stdout, or an error with its output.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
         self.shared.run(self.command(args))
+    }
+
+    /// `mesh-agent ARGS` in the node's namespace (where its agent's admin port is); its
+    /// output, whatever its exit status.
+    pub fn mesh_agent(&self, args: &[&str]) -> std::process::Output {
+        mesh_agent_output(|all| self.command(all), args)
     }
 
     /// Starts a host-network echo server (see [`workload::serve`]) on the node.
@@ -1719,6 +1736,12 @@ impl Pod {
     /// Runs a command in the pod; its stdout, or an error with its output.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
         self.shared.run(self.command(args))
+    }
+
+    /// `mesh-agent ARGS` in the pod's namespace (an operator's view from that pod); its
+    /// output, whatever its exit status.
+    pub fn mesh_agent(&self, args: &[&str]) -> std::process::Output {
+        mesh_agent_output(|all| self.command(all), args)
     }
 
     fn mesh_pod(&self, args: &[&str]) -> Command {

@@ -602,6 +602,7 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
 
     resilience(&cluster);
     ingress(&cluster);
+    operability(&cluster);
 
     // L7 authorization at the waypoint, on the client's identity.
     let policy = format!(
@@ -957,7 +958,178 @@ fn ingress(cluster: &Cluster) {
         &[("reporter", "source"), ("response_flags", "NR")],
     );
     assert_eq!(not_found, 2.0, "the 404s, with NR");
+
+    // `mesh-agent status` knows the gateway by its pod, and it runs the current configuration.
+    let gateway_row = || status(cluster).1.remove(&format!("{NS}/ingress"));
+    let synced = eventually(Duration::from_secs(5), || {
+        gateway_row().is_some_and(|r| r["sync"] == "SYNCED" && r["role"] == "gateway")
+    });
+    assert!(synced, "the gateway in status: {:?}", gateway_row());
     drop(gateway);
+}
+
+/// `mesh-agent status -f CONFIG -o json` from a pod outside the mesh: whether every proxy is
+/// SYNCED (its exit status), and the rows by name.
+fn status(cluster: &Cluster) -> (bool, BTreeMap<String, serde_json::Value>) {
+    let config = cluster.config_path();
+    let out = cluster.pod("outside").mesh_agent(&[
+        "status",
+        "-f",
+        config.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "status failed: {stderr}"
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status -o json ({e}): {stderr}"));
+    let rows = rows
+        .into_iter()
+        .map(|r| (r["name"].as_str().unwrap_or_default().to_owned(), r))
+        .collect();
+    (out.status.success(), rows)
+}
+
+/// Operating the mesh: `status` lists both node agents and the waypoint, SYNCED; a node
+/// agent that refuses a configuration the others took (a captured pod of its node without
+/// its network namespace) is STALE within 5 s, with the reason; `config dump` prints the
+/// node agent's and the waypoint's tables.
+fn operability(cluster: &Cluster) {
+    apply(cluster, &[]);
+    let (node1, node2) = (cluster.node(0).name(), cluster.node(1).name());
+    let waypoint_pod = format!("{NS}/wp");
+    let sync_of = |rows: &BTreeMap<String, serde_json::Value>, name: &str| {
+        rows.get(name)
+            .and_then(|r| r["sync"].as_str())
+            .unwrap_or("absent")
+            .to_owned()
+    };
+    let mut last = BTreeMap::new();
+    let synced = eventually(Duration::from_secs(5), || {
+        let (ok, rows) = status(cluster);
+        last = rows;
+        ok && last.len() == 3
+    });
+    assert!(synced, "every proxy SYNCED: {last:#?}");
+    for node in [node1, node2] {
+        let report = &last[node]["report"];
+        assert_eq!(last[node]["role"], "node");
+        let pods = &report["pods"];
+        assert_eq!(pods["enrolled"], pods["captured"], "{node}: {report}");
+        assert!(
+            report["certificates"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+        );
+        assert_eq!(report["version"], env!("CARGO_PKG_VERSION"));
+    }
+    let waypoint = &last[&waypoint_pod];
+    assert_eq!(waypoint["role"], "waypoint");
+    assert!(
+        waypoint["report"]["certificates"]
+            .to_string()
+            .contains(WAYPOINT_PRINCIPAL),
+        "{waypoint}"
+    );
+
+    // A captured pod on node2 without its netns annotation: node2's agent refuses the file
+    // and keeps its last good state; node1's agent and the waypoint take it.
+    let ghost = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: ghost, namespace: {NS}, uid: ghost}}\nspec: {{nodeName: {node2}, containers: [{{name: app, image: none}}]}}\nstatus: {{phase: Running, podIP: 10.254.254.254, hostIP: {}}}\n",
+        cluster.node(1).ipv4()
+    );
+    apply(cluster, &[ghost]);
+    let stale = eventually(Duration::from_secs(5), || {
+        let (ok, rows) = status(cluster);
+        last = rows;
+        !ok && sync_of(&last, node2) == "STALE"
+            && sync_of(&last, node1) == "SYNCED"
+            && sync_of(&last, &waypoint_pod) == "SYNCED"
+    });
+    assert!(
+        stale,
+        "node2 STALE within 5 s, the others SYNCED: {last:#?}"
+    );
+    let error = last[node2]["report"]["config"]["error"].to_string();
+    assert!(
+        error.contains("ghost") && error.contains("mesh-agent.io/netns"),
+        "the refusal's reason: {error}"
+    );
+    assert_eq!(last[node2]["kinds"], serde_json::json!(["Pod"]));
+    let config = cluster.config_path();
+    let text = cluster
+        .pod("outside")
+        .mesh_agent(&["status", "-f", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(node2) && l.contains("STALE"))
+            && text.contains(&format!("{node2}: refused a configuration")),
+        "{text}"
+    );
+    apply(cluster, &[]);
+    let synced = eventually(Duration::from_secs(5), || {
+        let (ok, rows) = status(cluster);
+        last = rows;
+        ok
+    });
+    assert!(synced, "SYNCED again once the file is fixed: {last:#?}");
+
+    // config dump: the node agent's workloads and certificates, the waypoint's services.
+    let dump = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "config dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let row = |text: &str, needle: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle} in\n{text}"));
+        line.split("   ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let workloads = dump(cluster.node(0).mesh_agent(&["config", "dump", "workloads"]));
+    let client = row(&workloads, " client ");
+    assert_eq!(
+        (&client[0][..], &client[3][..], &client[5][..]),
+        (NS, node1, "HBONE"),
+        "{workloads}"
+    );
+    assert_eq!(row(&workloads, " outside ")[5], "TCP", "{workloads}");
+    let certs = dump(cluster.node(0).mesh_agent(&["config", "dump", "certs"]));
+    assert_eq!(
+        row(&certs, "/sa/client")[1],
+        "VALID",
+        "the client's certificate: {certs}"
+    );
+    let services = dump(
+        cluster
+            .pod("wp")
+            .mesh_agent(&["config", "dump", "services"]),
+    );
+    assert_eq!(
+        row(&services, ECHO_V1),
+        [
+            NS,
+            "echo-v1",
+            ECHO_V1,
+            "80/http,8080/http-alt,9000/tcp-echo",
+            "mesh/waypoint"
+        ],
+        "{services}"
+    );
+    let certs = dump(cluster.pod("wp").mesh_agent(&["config", "dump", "certs"]));
+    assert_eq!(row(&certs, WAYPOINT_PRINCIPAL)[1], "VALID", "{certs}");
 }
 
 fn resilience(cluster: &Cluster) {

@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tokio::sync::watch;
 
+use super::sync::{SyncStatus, ViewDigest};
 use super::translate::{self, NetnsSource};
 use super::{ConfigError, DocRef, Kind, ObjectKey, Objects, Settings};
 use crate::state::MeshState;
@@ -75,9 +76,20 @@ pub fn load_state(
     node: &str,
     settings: &Settings,
 ) -> Result<MeshState, ConfigError> {
+    load_with_digest(text, origin, node, settings).map(|(state, _)| state)
+}
+
+/// [`load_state`], with the digest of the objects the state was built from.
+fn load_with_digest(
+    text: &str,
+    origin: &str,
+    node: &str,
+    settings: &Settings,
+) -> Result<(MeshState, ViewDigest), ConfigError> {
     let parsed = parse(text, origin)?;
-    translate::translate(&parsed.objects, node, NetnsSource::Annotation, settings).map_err(|e| {
-        match e {
+    let digest = super::sync::digest(&parsed.objects);
+    let state = translate::translate(&parsed.objects, node, NetnsSource::Annotation, settings)
+        .map_err(|e| match e {
             ConfigError::Object { object, message } => match parsed.locations.get(&object) {
                 Some(at) => ConfigError::Document {
                     origin: origin.to_owned(),
@@ -87,8 +99,8 @@ pub fn load_state(
                 None => ConfigError::Object { object, message },
             },
             other => other,
-        }
-    })
+        })?;
+    Ok((state, digest))
 }
 
 /// A watched configuration file; see [`FileSource::start`].
@@ -99,6 +111,7 @@ pub struct FileSource {
     settings: Settings,
     poll_interval: Duration,
     settle: Duration,
+    sync: Arc<SyncStatus>,
 }
 
 impl FileSource {
@@ -110,6 +123,7 @@ impl FileSource {
             settings,
             poll_interval: DEFAULT_POLL_INTERVAL,
             settle: DEFAULT_SETTLE,
+            sync: Arc::default(),
         }
     }
 
@@ -133,12 +147,32 @@ impl FileSource {
         &self.settings
     }
 
+    /// What the source applied last and refused since (for `/status`).
+    pub fn sync(&self) -> Arc<SyncStatus> {
+        self.sync.clone()
+    }
+
     /// Reads, parses and translates the file once.
     pub async fn load(&self) -> Result<MeshState, ConfigError> {
-        let text = tokio::fs::read_to_string(&self.path)
-            .await
-            .map_err(|source| self.read_error(source))?;
-        load_state(&text, &self.origin(), &self.node, &self.settings)
+        self.translate_read(tokio::fs::read_to_string(&self.path).await)
+    }
+
+    /// Parses and translates what was read; the outcome is recorded in [`sync`](Self::sync).
+    fn translate_read(&self, read: std::io::Result<String>) -> Result<MeshState, ConfigError> {
+        let result = match read {
+            Ok(text) => load_with_digest(&text, &self.origin(), &self.node, &self.settings),
+            Err(source) => Err(self.read_error(source)),
+        };
+        match result {
+            Ok((state, digest)) => {
+                self.sync.applied(digest, Vec::new());
+                Ok(state)
+            }
+            Err(e) => {
+                self.sync.refused(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Loads the file (any error is returned: the agent must not start on a broken file), then
@@ -185,10 +219,9 @@ impl FileSource {
                 Err(source) => {
                     if !missing {
                         missing = true;
-                        tracing::error!(
-                            "{}; keeping the previous configuration",
-                            self.read_error(source)
-                        );
+                        let e = self.read_error(source);
+                        tracing::error!("{e}; keeping the previous configuration");
+                        self.sync.refused(&e);
                     }
                     last = Fingerprint::default();
                     continue;
@@ -223,9 +256,7 @@ impl FileSource {
                 continue;
             }
             last = fingerprint;
-            let result = read
-                .map_err(|source| self.read_error(source))
-                .and_then(|text| load_state(&text, &self.origin(), &self.node, &self.settings));
+            let result = self.translate_read(read);
             match result {
                 Ok(state) => {
                     let (workloads, services) = (state.workloads.len(), state.services.len());

@@ -88,6 +88,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::sync::SyncStatus;
 use super::translate::{self, NetnsSource};
 use super::{ConfigError, Kind, ObjectKey, Objects, Settings};
 use crate::state::MeshState;
@@ -240,6 +241,7 @@ pub struct KubeSource {
     debounce: Duration,
     /// The namespace whose Secrets are watched, if any.
     secrets_namespace: Option<String>,
+    sync: Arc<SyncStatus>,
 }
 
 impl fmt::Debug for KubeSource {
@@ -264,7 +266,13 @@ impl KubeSource {
             initial_sync_timeout: DEFAULT_INITIAL_SYNC_TIMEOUT,
             debounce: DEFAULT_DEBOUNCE,
             secrets_namespace: None,
+            sync: Arc::default(),
         }
+    }
+
+    /// What the source applied last and refused since (for `/status`).
+    pub fn sync(&self) -> Arc<SyncStatus> {
+        self.sync.clone()
     }
 
     /// Also watches the Secrets of `namespace` (an ingress gateway's, where the
@@ -322,6 +330,7 @@ impl KubeSource {
             node: self.node.clone(),
             settings: self.settings.clone(),
             rejected: BTreeSet::new(),
+            sync: self.sync.clone(),
         };
         let state = builder.build(stores.objects())?;
         tracing::info!(
@@ -869,10 +878,13 @@ struct Builder {
     node: String,
     settings: Settings,
     rejected: BTreeSet<ObjectKey>,
+    sync: Arc<SyncStatus>,
 }
 
 impl Builder {
+    /// Translates `objects`; the outcome is recorded in `sync`.
     fn build(&mut self, mut objects: Objects) -> Result<MeshState, ConfigError> {
+        let digest = super::sync::digest(&objects);
         let mut rejected = BTreeSet::new();
         let result = loop {
             match translate::translate(
@@ -893,6 +905,12 @@ impl Builder {
         };
         for object in self.rejected.difference(&rejected) {
             tracing::info!("{object}: no longer rejected");
+        }
+        match &result {
+            Ok(_) => self
+                .sync
+                .applied(digest, rejected.iter().map(ToString::to_string).collect()),
+            Err(e) => self.sync.refused(e),
         }
         self.rejected = rejected;
         result
@@ -1163,6 +1181,7 @@ spec: {clusterIP: 10.96.0.1}
             node: "node-a".into(),
             settings: Settings::default(),
             rejected: BTreeSet::new(),
+            sync: Arc::default(),
         };
         let state = builder.build(objects.clone()).unwrap();
         assert_eq!(state.workloads.len(), 1);
@@ -1170,6 +1189,10 @@ spec: {clusterIP: 10.96.0.1}
         assert_eq!(state.services.len(), 1);
         let rejected: Vec<String> = builder.rejected.iter().map(|k| k.to_string()).collect();
         assert_eq!(rejected, ["Pod shop/bad", "Service shop/bad-svc"]);
+        // `status` sees the view (the rejected objects included) and what was left out.
+        let record = builder.sync.snapshot();
+        assert_eq!(record.digest, crate::config::sync::digest(&objects));
+        assert_eq!(record.rejected, rejected);
 
         // Fixed: accepted again.
         objects.pods[1].status.as_mut().unwrap().pod_ip = Some("10.0.0.3".into());

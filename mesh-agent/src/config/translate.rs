@@ -141,7 +141,35 @@ pub fn translate(
         },
         &settings.root_namespace,
     )
-    .with_waypoints(waypoints))
+    .with_waypoints(waypoints)
+    .with_nodes(nodes(&objects.pods)))
+}
+
+/// The nodes pods are scheduled on, with the addresses the pods report for them
+/// (`status.hostIPs`, else `status.hostIP`; what cannot be parsed is skipped: nothing is
+/// routed by it).
+fn nodes(pods: &[k8s::Pod]) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+            continue;
+        };
+        let ips = out.entry(node.to_owned()).or_default();
+        let status = pod.status.as_ref();
+        let listed = status
+            .and_then(|s| s.host_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|h| h.ip.as_str());
+        for ip in listed.chain(status.and_then(|s| s.host_ip.as_deref())) {
+            if let Ok(ip) = ip.parse::<IpAddr>()
+                && !ips.contains(&ip.to_canonical())
+            {
+                ips.push(ip.to_canonical());
+            }
+        }
+    }
+    out
 }
 
 /// The key of an object kept as JSON.
