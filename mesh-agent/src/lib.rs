@@ -16,6 +16,7 @@ pub mod identity;
 pub mod l7;
 pub mod lb;
 pub mod log_limit;
+pub mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod peer_auth;

@@ -248,6 +248,18 @@ struct StatusArgs {
 }
 
 #[derive(Subcommand)]
+enum ManifestCommand {
+    /// Print the Kubernetes objects of an installation (what `kubectl kustomize deploy/DIR`
+    /// gives): minimal = the node agents, CRDs and RBAC (deploy/agent); default = and an
+    /// ingress gateway (deploy/default); demo = and Prometheus scrape annotations and a
+    /// waypoint for the namespace `demo` (deploy/demo).
+    Generate {
+        #[arg(long, value_enum, default_value = "default")]
+        profile: mesh_agent::manifest::Profile,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// A proxy's /config_dump as tables (run where its admin port is: the agent's pod, or
     /// through a port-forward).
@@ -289,6 +301,11 @@ enum Command {
     /// whether the configuration it runs is the current one, pods enrolled, certificates,
     /// version (istioctl proxy-status). Exit status 1 unless every one is SYNCED.
     Status(Box<StatusArgs>),
+    /// Installation manifests.
+    Manifest {
+        #[command(subcommand)]
+        command: ManifestCommand,
+    },
     /// A proxy's configuration.
     Config {
         #[command(subcommand)]
@@ -393,6 +410,17 @@ fn main() -> anyhow::Result<()> {
                     output,
                 },
         } => config_dump(section, admin, output),
+        Command::Manifest {
+            command: ManifestCommand::Generate { profile },
+        } => {
+            let objects = mesh_agent::manifest::generate(profile)?;
+            let text = mesh_agent::manifest::render(&objects)?;
+            // Piped into `head` or `less`: a closed pipe ends the output, not in a panic.
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
         Command::Uninstall { bpffs_dir } => agent::uninstall(&bpffs_dir),
         Command::Ca {
             command: CaCommand::Init { out },

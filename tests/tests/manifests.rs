@@ -70,15 +70,15 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The YAML files of the node agent's kustomization: everything under deploy/ but the
-/// waypoint's and the gateway's directories.
+/// The node agents' kustomization (profile `minimal`).
+fn agent_dir() -> PathBuf {
+    deploy_dir().join("agent")
+}
+
+/// The YAML files of the node agent's kustomization: everything under deploy/agent.
 fn agent_files() -> Vec<PathBuf> {
-    let root = deploy_dir();
     let mut files = Vec::new();
-    yaml_files(&root, &mut files);
-    files.retain(|p| {
-        !p.starts_with(root.join(WAYPOINT_DIR)) && !p.starts_with(root.join(GATEWAY_DIR))
-    });
+    yaml_files(&agent_dir(), &mut files);
     files
 }
 
@@ -363,7 +363,7 @@ fn kustomization_lists_every_manifest_and_the_namespace_matches() {
         .iter()
         .map(|r| r.as_str().expect("resource paths are strings").to_owned())
         .collect();
-    let root = deploy_dir();
+    let root = agent_dir();
     let present: BTreeSet<String> = agent_files()
         .iter()
         .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
@@ -371,7 +371,7 @@ fn kustomization_lists_every_manifest_and_the_namespace_matches() {
         .collect();
     assert_eq!(
         listed, present,
-        "{file}: resources must be every manifest under deploy/ (but deploy/{WAYPOINT_DIR} and deploy/{GATEWAY_DIR})"
+        "{file}: resources must be every manifest under deploy/agent"
     );
 
     // Namespaced objects say the namespace themselves too (usable with `kubectl apply -f`).
@@ -512,7 +512,6 @@ fn daemonset_args_use_only_flags_the_binary_accepts() {
     );
 }
 
-/// What the usage line of `run --help` requires (`--flag <VALUE>` outside `[...]`).
 /// The kustomization `k` of deploy/`dir` lists every other YAML file of that directory.
 fn kustomization_lists_its_directory(k: &Value, dir: &str) {
     let root = deploy_dir().join(dir);
@@ -555,6 +554,7 @@ fn required_flags_given(help: &str, args: &[String], env: &BTreeSet<&str>, what:
     }
 }
 
+/// What the usage line of `run --help` requires (`--flag <VALUE>` outside `[...]`).
 fn required_flags(help: &str) -> Vec<String> {
     let usage = help
         .lines()
@@ -2287,38 +2287,108 @@ fn istio_networking_examples_fit_the_crd_schemas() {
     }
 }
 
-/// What kustomize (Go's YAML parser, which e.g. reads `0400` as octal) makes of deploy/
-/// equals what this test read (serde_yaml_ng, YAML 1.2), but for the image the kustomization
-/// sets.
-/// Needs `kubectl` (its built-in kustomize); without it this check is skipped, not failed:
-/// kubectl is not something the project installs.
-#[test]
-fn kustomize_build_agrees_with_the_files() {
+/// `kubectl kustomize deploy/DIR`, parsed. kubectl's built-in kustomize is Go's YAML
+/// parser (it reads e.g. `0400` as octal), the reference for what these files mean.
+/// `cargo xtask setup` installs kubectl (Debian's `kubernetes-client`) when it is missing;
+/// under CI=true a missing kubectl fails the test, elsewhere it is skipped.
+fn kustomize(dir: &str) -> Option<Vec<Value>> {
     let out = match Command::new("kubectl")
         .arg("kustomize")
-        .arg(deploy_dir())
+        .arg(deploy_dir().join(dir))
         .output()
     {
         Ok(out) => out,
         Err(e) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "kubectl kustomize cannot run ({e}): cargo xtask setup installs it"
+            );
             eprintln!("SKIPPED: kubectl kustomize cannot run ({e}); kustomize build not checked");
-            return;
+            return None;
         }
     };
     assert!(
         out.status.success(),
-        "kubectl kustomize deploy/: {}",
+        "kubectl kustomize deploy/{dir}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8 output");
-    let built: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+    let built = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|de| {
             let y = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de)
                 .expect("kustomize output");
             serde_json::to_value(y).expect("JSON")
         })
         .collect();
+    Some(built)
+}
 
+/// An object's identity in a build: kind, namespace, name.
+fn object_key(v: &Value) -> String {
+    format!(
+        "{} {}/{}",
+        v["kind"].as_str().unwrap_or_default(),
+        v["metadata"]["namespace"].as_str().unwrap_or_default(),
+        v["metadata"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+/// `mesh-agent manifest generate --profile P` gives exactly the objects `kubectl kustomize`
+/// builds of P's directory; the waypoint's and gateway's kustomizations build too.
+#[test]
+fn every_profile_generates_what_kustomize_builds() {
+    use mesh_agent::manifest::{self, Profile};
+    for profile in [Profile::Minimal, Profile::Default, Profile::Demo] {
+        let Some(built) = kustomize(profile.dir()) else {
+            return;
+        };
+        let generated = manifest::generate(profile).expect("manifest generate");
+        let by_key = |list: &[Value]| -> BTreeMap<String, Value> {
+            list.iter().map(|v| (object_key(v), v.clone())).collect()
+        };
+        let (built, generated) = (by_key(&built), by_key(&generated));
+        assert_eq!(
+            built.keys().collect::<Vec<_>>(),
+            generated.keys().collect::<Vec<_>>(),
+            "{profile:?}: the same objects"
+        );
+        for (key, b) in &built {
+            if let Some(path) = first_difference(b, &generated[key], "") {
+                panic!("{profile:?}: {key} differs at `{path}`");
+            }
+        }
+    }
+    for dir in [WAYPOINT_DIR, GATEWAY_DIR] {
+        let built = kustomize(dir).expect("kubectl ran for the profiles");
+        assert!(!built.is_empty(), "deploy/{dir}");
+    }
+}
+
+/// Every YAML file under deploy/ is embedded in the binary (`manifest generate` reads
+/// those, not the disk).
+#[test]
+fn manifest_generate_embeds_every_file_of_deploy() {
+    let root = deploy_dir();
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    let on_disk: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
+        .collect();
+    let embedded: BTreeSet<String> = mesh_agent::manifest::FILES
+        .iter()
+        .map(|(p, _)| p.to_string())
+        .collect();
+    assert_eq!(on_disk, embedded, "mesh-agent/src/manifest.rs FILES");
+}
+
+/// What kustomize makes of deploy/agent equals what this test read (serde_yaml_ng, YAML
+/// 1.2), but for the image the kustomization sets.
+#[test]
+fn kustomize_build_agrees_with_the_files() {
+    let Some(built) = kustomize("agent") else {
+        return;
+    };
     let m = load();
     let (_, k) = one(&m.kustomizations, "kustomization");
     let image = &k["images"][0];

@@ -56,7 +56,7 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Write the generated manifests under deploy/ (the Istio CRDs); `--check` writes
+    /// Write the generated manifests under deploy/agent/crds (the Istio CRDs); `--check` writes
     /// nothing and fails if the committed ones differ.
     Manifests {
         #[arg(long)]

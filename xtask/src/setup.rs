@@ -16,8 +16,8 @@ const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 /// Components of the toolchain that runs xtask, used by `cargo xtask test`.
 const STABLE_COMPONENTS: [&str; 2] = ["clippy", "rustfmt"];
 /// Programs the suite and `mesh-bench` run inside pods (program, Debian package): load
-/// generators, a reverse proxy, Prometheus and Graphviz.
-const BENCH_TOOLS: [(&str, &str); 6] = [
+/// generators, a reverse proxy, Prometheus and Graphviz; and kubectl for the manifests test.
+const BENCH_TOOLS: [(&str, &str); 7] = [
     ("iperf3", "iperf3"),
     ("wrk", "wrk"),
     // The reverse proxy the waypoint is measured against.
@@ -28,6 +28,8 @@ const BENCH_TOOLS: [(&str, &str); 6] = [
     // service graph Kiali would.
     ("prometheus", "prometheus"),
     ("dot", "graphviz"),
+    // `kubectl kustomize` builds every kustomization under deploy/ in the manifests test.
+    ("kubectl", "kubernetes-client"),
 ];
 
 /// Debian's "do not start services from package scripts" hook: the benchmark runs its
