@@ -24,6 +24,7 @@ mod policy_json;
 pub mod probes;
 pub mod proxy;
 pub mod rbac;
+pub mod spans;
 pub mod state;
 pub mod status;
 pub mod sys;

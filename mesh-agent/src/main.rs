@@ -146,6 +146,22 @@ struct WaypointArgs {
     /// HTTPS ports; a connection beyond is closed unanswered (default 1024).
     #[arg(long)]
     max_handshakes: Option<std::num::NonZeroUsize>,
+    /// An OTLP/HTTP trace receiver, `http://HOST:PORT` (spans posted to /v1/traces) or a
+    /// full URL; one span per request. Without it, no tracing.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled (a request that carries a sampling decision keeps
+    /// it), as Istio's `sampling`.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_percentage)]
+    trace_sampling: f64,
+}
+
+/// `0` to `100`.
+fn parse_percentage(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?}: expected a percentage from 0 to 100")),
+    }
 }
 
 /// `mesh-agent gateway`.
@@ -620,6 +636,12 @@ fn run_l7(args: WaypointArgs, role: mesh_agent::waypoint::Role) -> anyhow::Resul
         },
         access_log: args.access_log_format,
         role,
+        tracing: args
+            .otlp_endpoint
+            .map(|endpoint| mesh_agent::spans::Config {
+                endpoint,
+                sampling: args.trace_sampling,
+            }),
         listen: if args.listen.is_empty() {
             mesh_agent::waypoint::default_listen()
         } else {

@@ -87,6 +87,8 @@ pub struct WaypointConfig {
     pub access_log: access_log::Format,
     /// A waypoint, or an ingress gateway.
     pub role: Role,
+    /// Where spans go, and how many new traces are sampled; none: no tracing.
+    pub tracing: Option<crate::spans::Config>,
 }
 
 /// What the L7 engine serves: the mesh's traffic bound to a waypoint, over HBONE; or, as an
@@ -113,6 +115,8 @@ pub struct Waypoint {
     pub limits: Limits,
     pub upstreams: upstream::Upstreams,
     pub access_log: Arc<access_log::AccessLog>,
+    /// One span per request, when tracing is configured.
+    pub tracer: Option<Arc<crate::spans::Tracer>>,
     /// Circuit breakers and endpoint health per destination.
     pub clusters: cluster::Clusters,
     /// TLS handshakes in progress on 15008, bounded as on the node agents.
@@ -180,7 +184,20 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::waypoint());
     let access_log = access_log::AccessLog::new(cfg.access_log);
     access_log.spawn_flusher();
+    let tracer = cfg
+        .tracing
+        .as_ref()
+        .map(|config| {
+            let proxy = crate::spans::Proxy {
+                name: cfg.name.clone(),
+                namespace: cfg.namespace.clone(),
+                mesh_id: cfg.settings.trust_domain.clone(),
+            };
+            crate::spans::Tracer::start(config, &proxy)
+        })
+        .transpose()?;
     let waypoint = Arc::new(Waypoint {
+        tracer,
         access_log,
         clusters: cluster::Clusters::default(),
         own_targets: [

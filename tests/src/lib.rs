@@ -20,6 +20,7 @@ pub mod grpc_workload;
 mod host;
 pub mod http_workload;
 pub mod metrics;
+pub mod otlp;
 pub mod prometheus;
 pub mod walkthrough;
 pub mod workload;

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::bookinfo::{self, Seen};
 use crate::http_workload::{Call, Reply};
+use crate::otlp;
 use crate::prometheus::{self, Edge, Prometheus};
 use crate::{Cluster, ConfigOptions, PodSpec, Process, eventually};
 
@@ -23,6 +24,8 @@ pub const GATEWAY_NS: &str = "istio-system";
 const OUTSIDE: &str = "outside";
 /// The ingress gateway's port (samples/bookinfo/networking/bookinfo-gateway.yaml).
 const GATEWAY_PORT: u16 = 8080;
+/// OTLP/HTTP's port, where the test's receiver listens.
+const OTLP_PORT: u16 = 4318;
 const HOST: &str = "bookinfo.example.com";
 
 /// A sample file's path in the repository: `httpbin/...` under `samples/`, anything else
@@ -64,6 +67,8 @@ fn service(name: &str) -> SocketAddr {
 pub struct Walkthrough {
     pub cluster: Cluster,
     prometheus: Prometheus,
+    /// Receives the gateway's and the waypoint's spans (every request is sampled).
+    otlp: otlp::Receiver,
     _processes: Vec<Process>,
 }
 
@@ -158,17 +163,25 @@ impl Walkthrough {
         processes.push(cluster.pod("httpbin").spawn_echo(8080)?);
         cluster.write_config(&cluster.config_path(), &documents(&[], false)?)?;
         cluster.start_agents(&cluster.config_path())?;
+        // An OTLP receiver beside Prometheus; the L7 proxies sample every request.
+        let collector = cluster.pod("prometheus");
+        let otlp = otlp::Receiver::start(
+            collector.netns_path(),
+            SocketAddr::from((collector.ipv4(), OTLP_PORT)),
+        )?;
+        let endpoint = otlp.endpoint();
+        let tracing = ["--otlp-endpoint", &endpoint, "--trace-sampling", "100"];
         processes.push(cluster.pod("waypoint").spawn_waypoint(
             "waypoint",
             NS,
             &cluster.config_path(),
-            &[],
+            &tracing,
         )?);
         processes.push(cluster.pod("istio-ingressgateway").spawn_gateway(
             "istio-ingressgateway",
             GATEWAY_NS,
             &cluster.config_path(),
-            &[],
+            &tracing,
         )?);
         let metrics = |ip: std::net::Ipv4Addr| SocketAddr::from((ip, crate::cluster::METRICS_PORT));
         let mut targets = vec![
@@ -191,6 +204,7 @@ impl Walkthrough {
         Ok(Self {
             cluster,
             prometheus,
+            otlp,
             _processes: processes,
         })
     }
@@ -207,6 +221,31 @@ impl Walkthrough {
         self.cluster
             .pod("curl")
             .http_calls(self.gateway(), false, calls)
+    }
+
+    /// A product page through the gateway, sent as the child of a client span of a new trace
+    /// (`traceparent`, sampled): the trace id and the client's span id.
+    pub fn traced_page(&self) -> Result<(String, String)> {
+        let hex = |n: u128, digits: usize| format!("{n:0digits$x}");
+        let trace = hex(fastrand::u128(1..), 32);
+        let span = hex(u128::from(fastrand::u64(1..)), 16);
+        let r = self.send(&[Call {
+            method: "GET".into(),
+            path: "/productpage".into(),
+            host: Some(HOST.into()),
+            headers: vec![("traceparent".into(), format!("00-{trace}-{span}-01"))],
+            count: 1,
+            upload: 0,
+        }])?;
+        if r[0].status != 200 {
+            bail!("the traced product page answered {}", r[0].status);
+        }
+        Ok((trace, span))
+    }
+
+    /// The spans of `trace_id` the proxies exported so far.
+    pub fn trace(&self, trace_id: &str) -> Vec<otlp::ReceivedSpan> {
+        self.otlp.trace(trace_id)
     }
 
     /// `count` product pages through the gateway, as `session` (a cookie) if given.

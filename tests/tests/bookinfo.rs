@@ -2,7 +2,10 @@
 //! traffic-management tasks ([`tests::walkthrough`], the same steps `cargo xtask demo
 //! bookinfo` runs), then the service graph from a real Prometheus by Kiali's query.
 
-use tests::{require_root, walkthrough::Walkthrough};
+use std::time::Duration;
+
+use tests::otlp::ReceivedSpan;
+use tests::{eventually, require_root, walkthrough::Walkthrough};
 
 #[test]
 fn bookinfo_through_the_ingress_gateway_follows_istios_tasks() {
@@ -10,6 +13,7 @@ fn bookinfo_through_the_ingress_gateway_follows_istios_tasks() {
         return;
     }
     let w = Walkthrough::start().expect("starting Bookinfo on the cluster");
+    traces_chain_the_gateway_the_waypoint_and_the_next_hops(&w);
     let reports = w.run(|r| {
         println!(
             "{} {}: {}",
@@ -108,4 +112,72 @@ fn bookinfo_through_the_ingress_gateway_follows_istios_tasks() {
         !kiali_tcp.is_empty(),
         "Kiali's TCP graph query returned nothing"
     );
+}
+
+/// One product page, sent as the child of a client span, makes one trace: the gateway's
+/// span is the client span's child, the waypoint's span for productpage the gateway's, and
+/// the waypoint's spans for what productpage calls (details, reviews) that one's — the
+/// application carried the context it was given, as Bookinfo does.
+fn traces_chain_the_gateway_the_waypoint_and_the_next_hops(w: &Walkthrough) {
+    let (trace, client) = w.traced_page().expect("a traced product page");
+    let by_parent = |spans: &[ReceivedSpan], parent: &str| -> Vec<ReceivedSpan> {
+        spans
+            .iter()
+            .filter(|s| s.parent_span_id.as_deref() == Some(parent))
+            .cloned()
+            .collect()
+    };
+    let mut spans = Vec::new();
+    let complete = eventually(Duration::from_secs(10), || {
+        spans = w.trace(&trace);
+        let gateway = by_parent(&spans, &client);
+        let Some(gateway) = gateway.first() else {
+            return false;
+        };
+        let page = by_parent(&spans, &gateway.span_id);
+        page.first()
+            .is_some_and(|p| by_parent(&spans, &p.span_id).len() >= 2)
+    });
+    assert!(complete, "the trace's spans: {spans:#?}");
+    let gateway = &by_parent(&spans, &client)[0];
+    assert_eq!(gateway.service, "istio-ingressgateway.istio-system");
+    assert!(
+        gateway
+            .name
+            .starts_with("productpage.default.svc.cluster.local:9080"),
+        "{gateway:?}"
+    );
+    let tag = |s: &ReceivedSpan, k: &str| s.attributes.get(k).cloned().unwrap_or_default();
+    assert_eq!(tag(gateway, "http.status_code"), "200");
+    assert_eq!(tag(gateway, "http.method"), "GET");
+    assert_eq!(tag(gateway, "response_flags"), "-");
+    let page = &by_parent(&spans, &gateway.span_id)[0];
+    assert_eq!(page.service, "waypoint.default");
+    assert_eq!(tag(page, "destination_workload"), "productpage", "{page:?}");
+    assert_eq!(tag(page, "destination_namespace"), "default");
+    assert_eq!(
+        tag(page, "source_workload"),
+        "istio-ingressgateway",
+        "{page:?}"
+    );
+    assert_eq!(tag(page, "source_namespace"), "istio-system");
+    assert_eq!(
+        tag(page, "guid:x-request-id"),
+        tag(gateway, "guid:x-request-id"),
+        "one request id along the way"
+    );
+    let next: Vec<ReceivedSpan> = by_parent(&spans, &page.span_id);
+    let names: Vec<&str> = next.iter().map(|s| s.name.as_str()).collect();
+    for service in ["details", "reviews"] {
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with(&format!("{service}.default.svc.cluster.local:9080"))),
+            "no {service} span under productpage's: {names:?}"
+        );
+    }
+    for s in &next {
+        assert_eq!(s.service, "waypoint.default");
+        assert_eq!(tag(s, "source_workload"), "productpage", "{s:?}");
+    }
 }

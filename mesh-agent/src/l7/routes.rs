@@ -1952,8 +1952,11 @@ mod tests {
             for _ in 0..run {
                 *counts.entry(rule.pick().unwrap().name.clone()).or_default() += 1;
             }
-            let a = counts.get("a").copied().unwrap_or(0) as f64 / run as f64;
-            assert!((a - 0.7).abs() < 0.02, "{run}: {counts:?}");
+            // Whatever the sequence's (random) start, a window of it is at most 2 picks off
+            // the weights (three-gap theorem; 2 is reached, so a percentage bound on a
+            // window of 100 fails now and then).
+            let a = counts.get("a").copied().unwrap_or(0) as f64;
+            assert!((a - 0.7 * run as f64).abs() <= 2.0, "{run}: {counts:?}");
             assert!(!counts.contains_key("zero"), "{counts:?}");
         }
         let zero = Routes::build(

@@ -196,6 +196,8 @@ struct Record {
     request_bytes: Arc<AtomicU64>,
     /// The backend service, by index in the state (else the tunnel's own).
     service: Option<usize>,
+    /// The backend service's port, when the route or the tunnel names one.
+    service_port: Option<u16>,
     upstream: Option<SocketAddr>,
     route: String,
     /// The AUDIT policy that matched.
@@ -205,6 +207,8 @@ struct Record {
     /// When the request arrived, for the access log.
     start_wall: std::time::SystemTime,
     forwarded_for: String,
+    /// The request's span (its context is what the request carries upstream).
+    span: Option<crate::spans::Span>,
 }
 
 impl Record {
@@ -221,6 +225,12 @@ impl Record {
                 HeaderValue::from_str(&request_id()).expect("hex"),
             );
         }
+        let span = tunnel
+            .ctx
+            .waypoint
+            .tracer
+            .as_ref()
+            .map(|t| t.begin(&mut parts.headers));
         let host = parts
             .headers
             .get(header::HOST)
@@ -249,12 +259,14 @@ impl Record {
                 .destination
                 .service()
                 .and_then(|s| state.service_position(s)),
+            service_port: None,
             upstream: None,
             route: "-".into(),
             audit: None,
             flags: Flags::NONE,
             start_wall: std::time::SystemTime::now(),
             forwarded_for: header_text(&parts.headers, "x-forwarded-for"),
+            span,
         };
         (record, host)
     }
@@ -395,6 +407,10 @@ async fn handle(tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Respons
     if let Some(s) = target.service {
         record.service = state.service_position(s);
     }
+    record.service_port = target
+        .backend
+        .and_then(|b| b.port)
+        .or(service_port.map(|p| p.port));
 
     // The request as the endpoint gets it.
     let h2 = parts.version == http::Version::HTTP_2;
@@ -918,6 +934,12 @@ fn record_request(
         flags,
         grpc_status: if record.grpc { grpc_status } else { None },
     };
+    if let (Some(tracer), Some(span)) = (&wp.tracer, &record.span)
+        && span.sampled
+    {
+        let sizes = (request_bytes, response_bytes);
+        finish_span(tracer, span, &record, &key, flags, sizes);
+    }
     let handles = {
         let mut cache = record.tunnel.handles.lock().expect("handles lock");
         match cache.get(&key) {
@@ -944,11 +966,7 @@ fn record_request(
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_default();
-    let upstream_cluster = record
-        .service
-        .and_then(|i| record.state.services.get(i))
-        .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
-        .unwrap_or_default();
+    let upstream_cluster = upstream_host(&record);
     wp.access_log.log(&access_log::Entry {
         start: record.start_wall,
         method: &record.method,
@@ -976,6 +994,67 @@ fn record_request(
         downstream_peer_identity: &identity,
         audit: record.audit.as_deref(),
     });
+}
+
+/// The backend service's host name (`name.namespace.svc.cluster.local`), or empty.
+fn upstream_host(record: &Record) -> String {
+    record
+        .service
+        .and_then(|i| record.state.services.get(i))
+        .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+        .unwrap_or_default()
+}
+
+/// Exports the request's span with Envoy's tags, and the workloads on both sides as the
+/// metrics label them.
+fn finish_span(
+    tracer: &crate::spans::Tracer,
+    span: &crate::spans::Span,
+    record: &Record,
+    key: &HandleKey,
+    flags: Flags,
+    (request_bytes, response_bytes): (u64, u64),
+) {
+    let status = key.code;
+    let upstream = upstream_host(record);
+    let l = labels(record, key);
+    let port = record
+        .service_port
+        .or(record.upstream.map(|u| u.port()))
+        .unwrap_or(record.tunnel.target.port());
+    let name = if upstream.is_empty() {
+        format!("{}/*", record.authority)
+    } else {
+        format!("{upstream}:{port}/*")
+    };
+    let cluster = format!("outbound|{port}||{upstream}");
+    let tags = [
+        ("guid:x-request-id", record.request_id.clone()),
+        (
+            "http.url",
+            format!("http://{}{}", record.authority, record.path),
+        ),
+        ("http.method", record.method.clone()),
+        ("http.protocol", protocol_name(record.version).to_owned()),
+        ("http.status_code", status.to_string()),
+        ("response_flags", flags.as_str().to_owned()),
+        ("request_size", request_bytes.to_string()),
+        ("response_size", response_bytes.to_string()),
+        ("user_agent", record.user_agent.clone()),
+        ("peer.address", record.tunnel.ctx.peer.ip().to_string()),
+        ("upstream_cluster", cluster.clone()),
+        ("upstream_cluster.name", cluster),
+        (
+            "upstream.address",
+            record.upstream.map_or("-".into(), |u| u.to_string()),
+        ),
+        ("source_workload", l.source_workload),
+        ("source_namespace", l.source_workload_namespace),
+        ("destination_workload", l.destination_workload),
+        ("destination_namespace", l.destination_workload_namespace),
+        ("destination_service", l.destination_service),
+    ];
+    tracer.finish(span, &name, status >= 500, &tags);
 }
 
 /// `%PROTOCOL%` as Envoy writes it.
