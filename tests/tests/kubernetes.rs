@@ -53,8 +53,18 @@ fn pod_object(pod: &Pod, node: &str) -> serde_json::Value {
         "metadata": {"name": pod.name(), "namespace": pod.namespace(), "uid": pod.uid(), "labels": pod.labels()},
         "spec": {"nodeName": node, "serviceAccountName": pod.service_account(), "containers": [{"name": "app", "image": "app"}]},
         "status": {"phase": "Running", "podIP": pod.ipv4().to_string(),
-                   "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}]},
+                   "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}],
+                   "hostIP": pod.host_ips().0.to_string()},
     })
+}
+
+/// `mesh-agent status --kubeconfig` in the node's namespace (where the API server listens):
+/// whether every proxy is SYNCED, and its output.
+fn status(node: &tests::cluster::Node, kubeconfig: &Path) -> (bool, String) {
+    let out = node.mesh_agent(&["status", "--kubeconfig", kubeconfig.to_str().unwrap()]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
 }
 
 fn namespace_object(name: &str, ambient: bool) -> serde_json::Value {
@@ -110,6 +120,27 @@ fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_p
         captured(&r) && r.server_saw_peer.map(|p| p.ip()) == Some(a.ipv6().into()),
         "{r:?}"
     );
+    // `status` from the API server: the agent's view (by resourceVersion) is the server's,
+    // its two pods enrolled; and again after a change it had to take.
+    let mut last = String::new();
+    let synced = eventually(Duration::from_secs(5), || {
+        let (ok, text) = status(node, &kubeconfig);
+        last = text;
+        ok && last
+            .lines()
+            .any(|l| l.starts_with(node.name()) && l.contains("SYNCED") && l.contains("2/2"))
+    });
+    assert!(synced, "status against the API server:\n{last}");
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.77.7", "selector": {"app": "web"}, "ports": [{"port": 80}]}}))
+        .unwrap();
+    let synced = eventually(Duration::from_secs(5), || {
+        let (ok, text) = status(node, &kubeconfig);
+        last = text;
+        ok
+    });
+    assert!(synced, "status after a new Service:\n{last}");
     assert!(
         eventually(Duration::from_secs(3), || api.patches().iter().any(|p| p
             .name
