@@ -592,6 +592,27 @@ fn daemonset_args_supply_every_flag_run_requires() {
 fn daemonset_runs_on_every_node_in_the_host_namespaces_it_needs() {
     let m = load();
     let ds = one(&m.daemonsets, "DaemonSet");
+    // Kiali (and Istio) tell a node proxy's pods by `app: ztunnel`; the selector does not
+    // use it.
+    let template = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap();
+    let labels = template.labels.as_ref().expect("pod labels");
+    assert_eq!(labels.get("app").map(String::as_str), Some("ztunnel"));
+    let selector = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .match_labels
+        .as_ref()
+        .unwrap();
+    assert!(!selector.contains_key("app"), "{selector:?}");
     let spec = pod_spec(ds);
     assert_eq!(spec.host_network, Some(true), "hostNetwork");
     assert_eq!(
@@ -2502,6 +2523,10 @@ fn the_waypoint_manifests_agree_with_the_binary_the_gateway_and_each_other() {
     assert_eq!(
         labels["istio.io/dataplane-mode"], "none",
         "a waypoint is never captured"
+    );
+    assert_eq!(
+        labels["gateway.istio.io/managed"], "istio.io-mesh-controller",
+        "what Kiali recognises a waypoint by"
     );
     assert_eq!(
         spec.service_account_name.as_deref(),
