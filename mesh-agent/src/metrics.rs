@@ -373,6 +373,23 @@ impl Default for Metrics {
     }
 }
 
+/// One connection's byte counters (`istio_tcp_received_bytes_total`: request bytes, from
+/// source to destination; `istio_tcp_sent_bytes_total`: response bytes), shared with its
+/// series.
+#[derive(Debug, Clone, Default)]
+pub struct ByteCounters {
+    pub received: Counter,
+    pub sent: Counter,
+}
+
+impl ByteCounters {
+    /// Adds bytes that were not counted as they moved.
+    pub fn add(&self, received: u64, sent: u64) {
+        self.received.inc_by(received);
+        self.sent.inc_by(sent);
+    }
+}
+
 impl Metrics {
     /// A waypoint's metrics: the node agent's, and the series only a waypoint has.
     pub fn waypoint() -> Self {
@@ -395,15 +412,20 @@ impl Metrics {
         m
     }
 
-    pub fn connection_opened(&self, labels: &ConnectionLabels) {
+    /// Counts an opened connection; the counters its bytes go to, taken now so that they are
+    /// added as they move (a scrape sees a long connection's throughput, as ztunnel
+    /// reports it, not only its total once it closed).
+    pub fn connection_opened(&self, labels: &ConnectionLabels) -> ByteCounters {
         self.opened.get_or_create(labels).inc();
+        ByteCounters {
+            received: self.received.get_or_create(labels).clone(),
+            sent: self.sent.get_or_create(labels).clone(),
+        }
     }
 
-    /// Records a closed connection with its request (`received`) and response (`sent`) bytes.
-    pub fn connection_closed(&self, labels: &ConnectionLabels, received: u64, sent: u64) {
+    /// Counts a closed connection (its bytes went to its [`ByteCounters`]).
+    pub fn connection_closed(&self, labels: &ConnectionLabels) {
         self.closed.get_or_create(labels).inc();
-        self.received.get_or_create(labels).inc_by(received);
-        self.sent.get_or_create(labels).inc_by(sent);
     }
 
     /// A connection refused before any byte reached the application, with the reason.
@@ -511,8 +533,12 @@ mod tests {
     fn counters_accumulate_per_label_set_in_the_text_exposition() {
         let m = Metrics::default();
         m.connection_opened(&labels());
-        m.connection_opened(&labels());
-        m.connection_closed(&labels(), 100, 7);
+        let bytes = m.connection_opened(&labels());
+        bytes.add(60, 7);
+        // Counted while the connection is open.
+        assert!(m.render().contains(" 60\n"), "{}", m.render());
+        bytes.received.inc_by(40);
+        m.connection_closed(&labels());
         let text = m.render();
         let l = concat!(
             r#"{reporter="source",source_workload="client",source_workload_namespace="shop","#,

@@ -354,13 +354,15 @@ fn service_port_targets(p: &crate::state::ServicePort, port: u16) -> bool {
     }
 }
 
-/// A connection in flight: counted as opened when created; counted as closed, with its
-/// bytes, and access-logged once when dropped, whichever way its task ends: finished,
-/// aborted (the pod was released) or panicked. Only [`finish`](Self::finish) knows the
-/// bytes and the error; a record dropped without it says so in the log.
+/// A connection in flight: counted as opened when created, its bytes counted as they move
+/// (through [`meters`]), counted as closed and access-logged once when dropped, whichever
+/// way its task ends: finished, aborted (the pod was released) or panicked. Only
+/// [`finish`](Self::finish) knows the totals and the error; a record dropped without it
+/// says so in the log.
 struct Tracked<'a> {
     metrics: &'a Metrics,
     labels: ConnectionLabels,
+    bytes: crate::metrics::ByteCounters,
     direction: &'static str,
     src: SocketAddr,
     dst: SocketAddr,
@@ -377,10 +379,11 @@ impl<'a> Tracked<'a> {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
-        metrics.connection_opened(&labels);
+        let bytes = metrics.connection_opened(&labels);
         Tracked {
             metrics,
             labels,
+            bytes,
             direction,
             src,
             dst,
@@ -389,9 +392,25 @@ impl<'a> Tracked<'a> {
         }
     }
 
-    /// Ends the record: `request` bytes went from source to destination, `response` back.
+    /// Ends the record: `request` bytes went from source to destination, `response` back,
+    /// counted as they moved.
     fn finish(mut self, request: u64, response: u64, error: Option<&std::io::Error>) {
         self.outcome = Some((request, response, error.map(ToString::to_string)));
+    }
+
+    /// [`finish`](Self::finish) for bytes that were not counted as they moved (the kernel
+    /// redirected them): they are added now.
+    fn finish_adding(self, request: u64, response: u64, error: Option<&std::io::Error>) {
+        self.bytes.add(request, response);
+        self.finish(request, response, error);
+    }
+}
+
+/// The meters of a pump whose downstream is the connection's source, for `records`.
+fn meters(records: &[&Tracked<'_>]) -> copy::Meters {
+    copy::Meters {
+        downstream_to_upstream: records.iter().map(|r| r.bytes.received.clone()).collect(),
+        upstream_to_downstream: records.iter().map(|r| r.bytes.sent.clone()).collect(),
     }
 }
 
@@ -401,8 +420,7 @@ impl Drop for Tracked<'_> {
             let why = "ended before the proxy finished it (task aborted or panicked)";
             (0, 0, Some(why.to_owned()))
         });
-        self.metrics
-            .connection_closed(&self.labels, request, response);
+        self.metrics.connection_closed(&self.labels);
         let l = &self.labels;
         tracing::info!(
             target: "access",
@@ -524,17 +542,24 @@ mod tests {
     fn a_connection_is_recorded_once_whether_finished_dropped_or_panicked() {
         let metrics = Metrics::default();
         let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        Tracked::open(&metrics, labels(), "outbound", addr, addr).finish(5, 0, None);
-        assert_eq!(closed(&metrics), ["1", "5"]);
+        // Its bytes went through the pump's meters as they moved.
+        let record = Tracked::open(&metrics, labels(), "outbound", addr, addr);
+        meters(&[&record]).downstream_to_upstream[0].inc_by(3);
+        assert_eq!(closed(&metrics), ["3"], "counted while open");
+        record.finish(3, 0, None);
+        assert_eq!(closed(&metrics), ["1", "3"]);
+        // Moved by the kernel: added when it ends.
+        Tracked::open(&metrics, labels(), "outbound", addr, addr).finish_adding(2, 0, None);
+        assert_eq!(closed(&metrics), ["2", "5"]);
         // Dropped unfinished (its task aborted).
         drop(Tracked::open(&metrics, labels(), "outbound", addr, addr));
-        assert_eq!(closed(&metrics), ["2", "5"]);
+        assert_eq!(closed(&metrics), ["3", "5"]);
         // Its task panicked.
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _record = Tracked::open(&metrics, labels(), "outbound", addr, addr);
             panic!("a pump bug");
         }));
         assert!(panicked.is_err());
-        assert_eq!(closed(&metrics), ["3", "5"]);
+        assert_eq!(closed(&metrics), ["4", "5"]);
     }
 }

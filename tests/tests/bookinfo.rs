@@ -70,9 +70,7 @@ fn bookinfo_through_the_ingress_gateway_follows_istios_tasks() {
 
     // The node agents' TCP series, with the labels Kiali's TCP graph groups by: every
     // Bookinfo service received connections (from the waypoint or the gateway), each series
-    // filled from the pods' app/version labels. (Opened connections: the byte counters of
-    // a connection are only added when it closes, and the waypoint's pooled connections
-    // to productpage and details stay open.)
+    // filled from the pods' app/version labels.
     let tcp = w
         .query("istio_tcp_connections_opened_total{reporter=\"destination\"}")
         .unwrap();
@@ -84,6 +82,21 @@ fn bookinfo_through_the_ingress_gateway_follows_istios_tasks() {
         assert!(
             services.contains(service),
             "no TCP series for {service}: {services:?}"
+        );
+    }
+    // And bytes, which Kiali draws TCP edges by: counted as they move, so the waypoint's
+    // pooled connections to productpage and details, open all along, show theirs too.
+    let bytes = w
+        .query("sum by (destination_service_name) (istio_tcp_received_bytes_total{reporter=\"destination\"})")
+        .unwrap();
+    for service in ["productpage", "details", "reviews", "ratings"] {
+        let received = bytes
+            .iter()
+            .find(|(l, _)| l.get("destination_service_name").map(String::as_str) == Some(service))
+            .map_or(0.0, |(_, v)| *v);
+        assert!(
+            received > 0.0,
+            "no request bytes to {service} yet: {bytes:?}"
         );
     }
     for (labels, _) in tcp.iter().filter(|(l, _)| {

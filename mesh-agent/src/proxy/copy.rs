@@ -14,6 +14,8 @@ use tokio::{
     net::{TcpStream, tcp},
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::hbone::{self, Stream};
 
 /// Bytes one socket read into a tunnel may take, from the smallest to the largest read.
@@ -23,6 +25,34 @@ use super::hbone::{self, Stream};
 /// and responses stay in small allocations).
 const TUNNEL_READ_MIN: usize = 16 * 1024;
 const TUNNEL_READ_MAX: usize = 256 * 1024;
+
+/// Counters a connection's bytes are added to as they move, per direction: its metric
+/// series (one per record of the connection: a same-node connection is reported by its
+/// source and its destination).
+#[derive(Debug, Default)]
+pub struct Meters {
+    pub downstream_to_upstream: Vec<Counter>,
+    pub upstream_to_downstream: Vec<Counter>,
+}
+
+/// One direction's bytes: its total, and the counters they are added to as they move.
+struct Tally<'a> {
+    total: u64,
+    live: &'a [Counter],
+}
+
+impl<'a> Tally<'a> {
+    fn new(live: &'a [Counter]) -> Self {
+        Tally { total: 0, live }
+    }
+
+    fn add(&mut self, n: usize) {
+        self.total += n as u64;
+        for c in self.live {
+            c.inc_by(n as u64);
+        }
+    }
+}
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,15 +72,21 @@ pub struct Transferred {
 pub async fn tcp(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
+    meters: &Meters,
     cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>) {
-    let mut t = Transferred::default();
+    let mut down = Tally::new(&meters.downstream_to_upstream);
+    let mut up = Tally::new(&meters.upstream_to_downstream);
     let error = until_both(
-        spliced_one_way(downstream, upstream, &mut t.downstream_to_upstream),
-        spliced_one_way(upstream, downstream, &mut t.upstream_to_downstream),
+        spliced_one_way(downstream, upstream, &mut down),
+        spliced_one_way(upstream, downstream, &mut up),
         cancel,
     )
     .await;
+    let t = Transferred {
+        downstream_to_upstream: down.total,
+        upstream_to_downstream: up.total,
+    };
     if error.is_some() {
         reset(downstream);
         reset(upstream);
@@ -71,17 +107,23 @@ pub async fn tcp(
 pub async fn tcp_to_tunnel(
     downstream: &mut TcpStream,
     tunnel: &mut Stream,
+    meters: &Meters,
     cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>) {
-    let mut t = Transferred::default();
+    let mut down = Tally::new(&meters.downstream_to_upstream);
+    let mut up = Tally::new(&meters.upstream_to_downstream);
     let error = {
         let (mut read, mut write) = downstream.split();
         until_both(
-            into_tunnel(&mut read, &mut tunnel.send, &mut t.downstream_to_upstream),
-            out_of_tunnel(&mut tunnel.recv, &mut write, &mut t.upstream_to_downstream),
+            into_tunnel(&mut read, &mut tunnel.send, &mut down),
+            out_of_tunnel(&mut tunnel.recv, &mut write, &mut up),
             cancel,
         )
         .await
+    };
+    let t = Transferred {
+        downstream_to_upstream: down.total,
+        upstream_to_downstream: up.total,
     };
     if error.is_some() {
         reset(downstream);
@@ -137,7 +179,11 @@ pub async fn until_both(
 /// One direction of [`tcp`]: socket → pipe → socket until end of stream, then FIN. The
 /// pipe is taken from this thread's pool only once bytes are waiting and goes back as soon
 /// as it is empty again, so an idle connection holds its two sockets and nothing else.
-async fn spliced_one_way(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
+async fn spliced_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &mut Tally<'_>,
+) -> io::Result<()> {
     loop {
         from.readable().await?;
         let pipe = Pipe::take()?;
@@ -164,7 +210,7 @@ async fn spliced_one_way(from: &TcpStream, to: &TcpStream, total: &mut u64) -> i
             }
         }
         pipe.give_back();
-        *total += n as u64;
+        total.add(n);
     }
     half_close(to)
 }
@@ -225,7 +271,7 @@ const PIPE_BYTES: usize = 256 * 1024;
 async fn into_tunnel(
     from: &mut tcp::ReadHalf<'_>,
     to: &mut h2::SendStream<Bytes>,
-    total: &mut u64,
+    total: &mut Tally<'_>,
 ) -> io::Result<()> {
     let mut size = TUNNEL_READ_MIN;
     loop {
@@ -244,7 +290,7 @@ async fn into_tunnel(
             to.send_data(data.split_to(window.min(data.len())), false)
                 .map_err(hbone::io_error)?;
         }
-        *total += n as u64;
+        total.add(n);
     }
     to.send_data(Bytes::new(), true).map_err(hbone::io_error)
 }
@@ -282,14 +328,14 @@ async fn send_window(to: &mut h2::SendStream<Bytes>, wanted: usize) -> io::Resul
 async fn out_of_tunnel(
     from: &mut h2::RecvStream,
     to: &mut tcp::WriteHalf<'_>,
-    total: &mut u64,
+    total: &mut Tally<'_>,
 ) -> io::Result<()> {
     while let Some(data) = from.data().await {
         let data = data.map_err(hbone::io_error)?;
         to.write_all(&data).await?;
         // Fails only when the stream is already gone, which the next read reports.
         let _ = from.flow_control().release_capacity(data.len());
-        *total += data.len() as u64;
+        total.add(data.len());
     }
     half_close(to.as_ref())
 }
@@ -306,6 +352,9 @@ pub(super) fn half_close(to: &TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use super::Meters;
+    use prometheus_client::metrics::counter::Counter;
 
     use bytes::Bytes;
     use tokio::{
@@ -414,9 +463,14 @@ mod tests {
             let (client_app, mut downstream) = tcp_pair().await;
             let (server_app, mut upstream) = tcp_pair().await;
             let (up, down) = (payload((2 << 20) + 3, 0x11), payload(700_001, 0x22));
+            // Two series per direction, as a same-node connection has.
+            let meters = Meters {
+                downstream_to_upstream: vec![Counter::default(), Counter::default()],
+                upstream_to_downstream: vec![Counter::default()],
+            };
             let all = async {
                 tokio::join!(
-                    super::tcp(&mut downstream, &mut upstream, never()),
+                    super::tcp(&mut downstream, &mut upstream, &meters, never()),
                     exchange(server_app, down.clone()),
                     exchange(client_app, up.clone()),
                 )
@@ -436,6 +490,11 @@ mod tests {
                     upstream_to_downstream: down.len() as u64,
                 }
             );
+            // Every series got every byte, as it moved.
+            for c in &meters.downstream_to_upstream {
+                assert_eq!(c.get(), up.len() as u64);
+            }
+            assert_eq!(meters.upstream_to_downstream[0].get(), down.len() as u64);
             // Both directions gave their pipe back (this test runs on one thread).
             let kept = super::PIPES.with_borrow(Vec::len);
             assert!((1..=2).contains(&kept), "round {round}: {kept} pipes kept");
@@ -448,10 +507,11 @@ mod tests {
         let (server_app, mut server_agent) = tcp_pair().await;
         let (mut client_tunnel, mut server_tunnel) = h2_stream().await;
         let (up, down) = (payload(3 << 20, 0x5a), payload((1 << 20) + 17, 0xa5));
+        let no_meters = Meters::default();
         let all = async {
             tokio::join!(
-                tcp_to_tunnel(&mut client_agent, &mut client_tunnel, never()),
-                tcp_to_tunnel(&mut server_agent, &mut server_tunnel, never()),
+                tcp_to_tunnel(&mut client_agent, &mut client_tunnel, &no_meters, never()),
+                tcp_to_tunnel(&mut server_agent, &mut server_tunnel, &no_meters, never()),
                 exchange(server_app, down.clone()),
                 exchange(client_app, up.clone()),
             )
@@ -488,10 +548,22 @@ mod tests {
         let (server_app, mut server_agent) = tcp_pair().await;
         let (mut client_tunnel, mut server_tunnel) = h2_stream().await;
         let server = tokio::spawn(async move {
-            tcp_to_tunnel(&mut server_agent, &mut server_tunnel, never()).await
+            tcp_to_tunnel(
+                &mut server_agent,
+                &mut server_tunnel,
+                &Meters::default(),
+                never(),
+            )
+            .await
         });
         let client = tokio::spawn(async move {
-            tcp_to_tunnel(&mut client_agent, &mut client_tunnel, never()).await
+            tcp_to_tunnel(
+                &mut client_agent,
+                &mut client_tunnel,
+                &Meters::default(),
+                never(),
+            )
+            .await
         });
         client_app.write_all(b"hello").await.unwrap();
         // The server application resets its connection.

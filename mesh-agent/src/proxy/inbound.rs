@@ -79,7 +79,8 @@ async fn handle(
     let labels = labels(Reporter::Destination, &state, &info);
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
     let revoked = revoked(config, pod.clone(), authz_peer);
-    let (t, error) = copy::tcp(&mut downstream, &mut upstream, revoked).await;
+    let meters = super::meters(&[&tracked]);
+    let (t, error) = copy::tcp(&mut downstream, &mut upstream, &meters, revoked).await;
     tracked.finish(
         t.downstream_to_upstream,
         t.upstream_to_downstream,

@@ -168,25 +168,34 @@ impl Call<'_> {
             src,
             target,
         );
-        let (t, error) = match prepared {
+        match prepared {
+            // The kernel moves most bytes: counted when the connection ends.
             Some(prepared) => {
                 let redirected = prepared.start(&upstream).await;
                 let outcome = redirected.run(&self.downstream, &upstream, revoked).await;
                 proxy.metrics.redirect_forwarded(outcome.forwarded_by_agent);
-                (outcome.transferred, outcome.error)
+                let (t, error) = (outcome.transferred, outcome.error);
+                for record in [as_source, as_destination] {
+                    record.finish_adding(
+                        t.downstream_to_upstream,
+                        t.upstream_to_downstream,
+                        error.as_ref(),
+                    );
+                }
             }
-            None => copy::tcp(&mut self.downstream, &mut upstream, revoked).await,
-        };
-        as_source.finish(
-            t.downstream_to_upstream,
-            t.upstream_to_downstream,
-            error.as_ref(),
-        );
-        as_destination.finish(
-            t.downstream_to_upstream,
-            t.upstream_to_downstream,
-            error.as_ref(),
-        );
+            None => {
+                let meters = super::meters(&[&as_source, &as_destination]);
+                let (t, error) =
+                    copy::tcp(&mut self.downstream, &mut upstream, &meters, revoked).await;
+                for record in [as_source, as_destination] {
+                    record.finish(
+                        t.downstream_to_upstream,
+                        t.upstream_to_downstream,
+                        error.as_ref(),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -222,8 +231,14 @@ impl Call<'_> {
             self.client,
             plan.authority,
         );
-        let (t, error) =
-            copy::tcp_to_tunnel(&mut self.downstream, &mut tunnel.stream, copy::never()).await;
+        let meters = super::meters(&[&tracked]);
+        let (t, error) = copy::tcp_to_tunnel(
+            &mut self.downstream,
+            &mut tunnel.stream,
+            &meters,
+            copy::never(),
+        )
+        .await;
         tracked.finish(
             t.downstream_to_upstream,
             t.upstream_to_downstream,
@@ -263,7 +278,9 @@ impl Call<'_> {
             src,
             target,
         );
-        let (t, error) = copy::tcp(&mut self.downstream, &mut upstream, copy::never()).await;
+        let meters = super::meters(&[&tracked]);
+        let (t, error) =
+            copy::tcp(&mut self.downstream, &mut upstream, &meters, copy::never()).await;
         tracked.finish(
             t.downstream_to_upstream,
             t.upstream_to_downstream,

@@ -163,7 +163,7 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
         ),
         true,
     );
-    wp.metrics.connection_opened(&labels);
+    let bytes = wp.metrics.connection_opened(&labels);
     let _active = wp.upstreams.start(endpoint);
     let (mut sent, mut received) = (0, 0);
     let hop = super::upstream::Peer::direct(endpoint, peer.clone());
@@ -174,7 +174,8 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
         },
         Err(e) => tracing::info!(%endpoint, error = %e, "waypoint: cannot reach the endpoint"),
     }
-    wp.metrics.connection_closed(&labels, received, sent);
+    bytes.add(received, sent);
+    wp.metrics.connection_closed(&labels);
 }
 
 fn service_host(s: &Service) -> String {

@@ -301,7 +301,12 @@ async fn handle(
     let labels = labels(Reporter::Destination, &state, &info);
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, target);
     // Downstream here is the application: what it sends is the response.
-    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, revoked).await;
+    let request_first = crate::proxy::meters(&[&tracked]);
+    let meters = copy::Meters {
+        downstream_to_upstream: request_first.upstream_to_downstream,
+        upstream_to_downstream: request_first.downstream_to_upstream,
+    };
+    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, &meters, revoked).await;
     tracked.finish(
         t.upstream_to_downstream,
         t.downstream_to_upstream,
