@@ -841,6 +841,16 @@ impl Cluster {
     /// Pod objects), atomically: a temporary file renamed over `path`.
     pub fn write_config(&self, path: &Path, opts: &ConfigOptions) -> Result<()> {
         let yaml = self.config_yaml(opts)?;
+        if !opts.deliberate_errors {
+            let errors = crate::config::analyze_errors(&yaml);
+            if !errors.is_empty() {
+                bail!(
+                    "mesh-agent analyze finds errors in a configuration meant to be valid \
+                     (ConfigOptions::with_deliberate_errors if they are the point):\n{}",
+                    errors.join("\n")
+                );
+            }
+        }
         write_atomically(path, yaml.as_bytes())
     }
 

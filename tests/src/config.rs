@@ -24,6 +24,10 @@ pub struct ConfigOptions {
     pub pod_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// YAML documents appended verbatim (Services, policies...), without `---`.
     pub extra_documents: Vec<String>,
+    /// The configuration is meant to hold mistakes (`mesh-agent analyze` reports errors on
+    /// it): written anyway. Without it, a configuration `analyze` finds an error in is
+    /// refused, so every suite's valid configurations keep the analyzer honest.
+    pub deliberate_errors: bool,
 }
 
 impl ConfigOptions {
@@ -66,6 +70,30 @@ impl ConfigOptions {
         self.extra_documents.push(yaml.into());
         self
     }
+
+    /// See [`ConfigOptions::deliberate_errors`].
+    pub fn with_deliberate_errors(mut self) -> Self {
+        self.deliberate_errors = true;
+        self
+    }
+}
+
+/// The errors `mesh-agent analyze` (its library, the same checks) finds in `yaml`.
+pub fn analyze_errors(yaml: &str) -> Vec<String> {
+    use mesh_agent::analyze::{self, Level};
+    let settings = mesh_agent::config::Settings::default();
+    let (objects, mut findings) = match mesh_agent::config::file::load_lenient(yaml, "config") {
+        Ok((objects, _)) => (objects, Vec::new()),
+        Err(e) => return vec![e.to_string()],
+    };
+    let (state, refused) = analyze::translate_leniently(objects, &settings);
+    findings.extend(refused);
+    findings.extend(analyze::analyze(&state, &settings.trust_domain));
+    findings
+        .iter()
+        .filter(|f| f.level == Level::Error)
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// Namespaces first, then pods in creation order, then the extra documents.

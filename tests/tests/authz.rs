@@ -65,9 +65,20 @@ fn policy(name: &str, namespace: &str, body: &str) -> String {
 
 /// Applies `policies` and waits until the agents run with them (a probe flips).
 fn apply(cluster: &Cluster, policies: &[String]) {
-    let opts = policies
-        .iter()
-        .fold(ConfigOptions::default(), |o, p| o.document(p.clone()));
+    apply_options(cluster, policies, ConfigOptions::default());
+}
+
+/// [`apply`] for policies that are wrong on purpose (`analyze` reports them).
+fn apply_broken(cluster: &Cluster, policies: &[String]) {
+    apply_options(
+        cluster,
+        policies,
+        ConfigOptions::default().with_deliberate_errors(),
+    );
+}
+
+fn apply_options(cluster: &Cluster, policies: &[String], opts: ConfigOptions) {
+    let opts = policies.iter().fold(opts, |o, p| o.document(p.clone()));
     cluster.write_config(&cluster.config_path(), &opts).unwrap();
     // The watcher polls every 250 ms; give every agent time to apply.
     std::thread::sleep(Duration::from_millis(1200));
@@ -321,7 +332,7 @@ fn an_invalid_policy_is_rejected_by_name_and_fails_closed_for_its_workloads() {
         "shop",
         "spec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {ipBlocks: [\"10.0.0.0/99\"]}\n",
     );
-    apply(&cluster, &[broken]);
+    apply_broken(&cluster, &[broken]);
     expect(
         &cluster,
         &[
@@ -342,7 +353,7 @@ fn an_invalid_policy_is_rejected_by_name_and_fails_closed_for_its_workloads() {
         "shop",
         "spec:\n  selector: {matchLabels: {app: web}}\n  action: MAYBE\n",
     );
-    apply(&cluster, &[unknown_action]);
+    apply_broken(&cluster, &[unknown_action]);
     expect(&cluster, &[("a", c.addr_v4(APP), false)]);
     assert!(cluster.node(1).agent_log().contains("MAYBE"));
 }

@@ -146,6 +146,16 @@ fn apply(cluster: &Cluster, extra: &[String]) {
         .unwrap();
 }
 
+/// [`apply`] for documents that are wrong on purpose (`analyze` reports them).
+fn apply_broken(cluster: &Cluster, extra: &[String]) {
+    cluster
+        .write_config(
+            &cluster.config_path(),
+            &documents(extra).with_deliberate_errors(),
+        )
+        .unwrap();
+}
+
 fn get(path: &str) -> Call {
     Call {
         method: "GET".into(),
@@ -724,7 +734,8 @@ fn a_waypoint_routes_authorizes_and_reports_like_istio() {
     assert!(after.sum("istio_request_duration_milliseconds_count", &filter) >= 10.0);
 
     // A waypoint without a ready pod: traffic goes direct (as Istio's), and it is said.
-    let mut without = documents(&[]);
+    // (`analyze` reports that binding: on purpose here.)
+    let mut without = documents(&[]).with_deliberate_errors();
     without.exclude_pods.insert("wp".into());
     cluster
         .write_config(&cluster.config_path(), &without)
@@ -1367,7 +1378,8 @@ fn resilience(cluster: &Cluster) {
     let mirror = format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: mirror, namespace: {NS}}}\nspec:\n  hosts: [echo-v1]\n  http:\n  - route: [{{destination: {{host: echo-v1}}}}]\n    mirrors:\n    - {{destination: {{host: echo-v2}}, percentage: {{value: 100}}}}\n    - {{destination: {{host: nowhere}}}}\n"
     );
-    apply(cluster, &[mirror]);
+    // (A mirror to a host that does not exist is what `analyze` reports, on purpose here.)
+    apply_broken(cluster, &[mirror]);
     let v2 = SocketAddr::new(cluster.pod("echo-v2").ipv4().into(), APP);
     let seen = |path: &str| -> Vec<(String, String, u64)> {
         let r = one(cluster, v2, get("/seen"));
