@@ -859,6 +859,25 @@ impl Cluster {
         crate::config::render(&self.namespaces, &self.pods(), opts)
     }
 
+    /// Waits until `mesh-agent status` (run on the first node, over this cluster's config
+    /// file) finds every proxy running the file as it is now: a condition to wait on after
+    /// rewriting the configuration, rather than a sleep.
+    pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        let config = self.config_path();
+        let config = config.to_str().context("a UTF-8 path")?;
+        let mut last = String::new();
+        let synced = crate::eventually(timeout, || {
+            let out = self.nodes[0].mesh_agent(&["status", "-f", config]);
+            last = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            out.status.success()
+        });
+        if !synced {
+            bail!("the proxies did not all take the configuration within {timeout:?}:\n{last}");
+        }
+        Ok(())
+    }
+
     /// Starts every node's agent with `config` and waits until all are ready.
     pub fn start_agents(&self, config: &Path) -> Result<()> {
         self.start_agents_with(config, &[])

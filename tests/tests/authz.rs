@@ -80,8 +80,7 @@ fn apply_broken(cluster: &Cluster, policies: &[String]) {
 fn apply_options(cluster: &Cluster, policies: &[String], opts: ConfigOptions) {
     let opts = policies.iter().fold(opts, |o, p| o.document(p.clone()));
     cluster.write_config(&cluster.config_path(), &opts).unwrap();
-    // The watcher polls every 250 ms; give every agent time to apply.
-    std::thread::sleep(Duration::from_millis(1200));
+    cluster.wait_synced(Duration::from_secs(5)).unwrap();
 }
 
 fn allowed(client: &Pod, to: SocketAddr) -> bool {
