@@ -370,7 +370,9 @@ async fn post(target: &Target, body: String) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("{} resolves to no address", target.host))?;
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    // The connection's task ends with the export's deadline too: a receiver that never
+    // answers does not keep a socket per batch.
+    tokio::spawn(tokio::time::timeout(EXPORT_TIMEOUT, conn));
     let request = http::Request::post(&target.path)
         .header(
             http::header::HOST,

@@ -27,8 +27,10 @@ use crate::{
     state::{GATEWAY_NAME_LABEL, MeshState},
 };
 
-/// How long a proxy has to answer `/status`.
+/// How long a proxy has to answer `/status` (or `/config_dump`), whole.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest answer read (a config dump of a large cluster is tens of MiB).
+const MAX_RESPONSE: usize = 256 << 20;
 
 /// The kind of proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -287,12 +289,30 @@ pub fn fetch(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, 
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left)).map_err(fail)?;
     stream.set_write_timeout(Some(left)).map_err(fail)?;
     let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).map_err(fail)?;
+    // Read against the deadline and a size bound, not per read: an endpoint that trickles
+    // bytes, or never stops, does not hold the command.
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(fail)?;
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "{addr}{path}: no complete answer within {timeout:?}"
+            ));
+        }
+        stream.set_read_timeout(Some(left)).map_err(fail)?;
+        let n = stream.read(&mut chunk).map_err(fail)?;
+        if n == 0 {
+            break;
+        }
+        if response.len() + n > MAX_RESPONSE {
+            return Err(format!("{addr}{path}: answer over {MAX_RESPONSE} bytes"));
+        }
+        response.extend_from_slice(&chunk[..n]);
+    }
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -586,5 +606,31 @@ mod tests {
         // Nothing listens any more.
         let e = fetch(addr, "/status", TIMEOUT).unwrap_err();
         assert!(e.starts_with(&addr.to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_trickling_answer_is_cut_at_the_deadline() {
+        use std::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            // A byte every 50 ms: each read succeeds, the whole never ends.
+            for _ in 0..40 {
+                if s.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let e = fetch(addr, "/status", Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("no complete answer"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        server.join().unwrap();
     }
 }

@@ -592,27 +592,6 @@ fn daemonset_args_supply_every_flag_run_requires() {
 fn daemonset_runs_on_every_node_in_the_host_namespaces_it_needs() {
     let m = load();
     let ds = one(&m.daemonsets, "DaemonSet");
-    // Kiali (and Istio) tell a node proxy's pods by `app: ztunnel`; the selector does not
-    // use it.
-    let template = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap();
-    let labels = template.labels.as_ref().expect("pod labels");
-    assert_eq!(labels.get("app").map(String::as_str), Some("ztunnel"));
-    let selector = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .selector
-        .match_labels
-        .as_ref()
-        .unwrap();
-    assert!(!selector.contains_key("app"), "{selector:?}");
     let spec = pod_spec(ds);
     assert_eq!(spec.host_network, Some(true), "hostNetwork");
     assert_eq!(
@@ -674,6 +653,10 @@ fn daemonset_runs_on_every_node_in_the_host_namespaces_it_needs() {
         selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
         "selector {selector:?} vs labels {labels:?}"
     );
+    // Kiali (and Istio) tell a node proxy's pods by `app: ztunnel`; the selector does not
+    // use it.
+    assert_eq!(labels.get("app").map(String::as_str), Some("ztunnel"));
+    assert!(!selector.contains_key("app"), "{selector:?}");
 
     let c = agent_container(ds);
     let resources = c.resources.as_ref().expect("resources");
