@@ -129,11 +129,7 @@ async fn serve_with(
         .map_err(|source| AdminError { addr, source })?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                // Out of descriptors: do not spin.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
+            let (stream, _) = crate::accept::next(&listener, || format!("admin {bound}")).await;
             let handler = handler.clone();
             let service = service_fn(move |request| {
                 let handler = handler.clone();

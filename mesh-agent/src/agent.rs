@@ -20,7 +20,7 @@ use crate::{
     },
     ebpf::{self, AttachType, Datapath},
     enroll::{EnrollOptions, EnrolledDump, Enroller, netns},
-    identity::{FileCa, SecretManager},
+    identity::SecretManager,
     metrics::Metrics,
     proxy::{Proxy, ProxyParts},
     state::MeshState,
@@ -28,8 +28,6 @@ use crate::{
 
 /// How often failed enrollments are retried (e.g. a namespace that does not exist yet).
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the CA directory is checked for a rotated root.
-const CA_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The configuration source: a watched file, or the Kubernetes API.
 #[derive(Debug, Clone)]
@@ -108,8 +106,8 @@ pub struct RunConfig {
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub settings: Settings,
-    /// Root certificate and key of the file certificate authority.
-    pub ca_dir: PathBuf,
+    /// Where workload certificates come from.
+    pub ca: crate::ca_service::CaSource,
     /// Lifetime of workload certificates (renewed at half-life).
     pub cert_lifetime: Duration,
     /// Same-node connections through the `sk_msg` redirect instead of splice(2)
@@ -130,7 +128,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             "mesh-agent run must run as root (it loads eBPF programs and enters pod network namespaces)"
         );
     }
-    raise_fd_limit();
+    crate::accept::raise_fd_limit();
     netns::init_host().context("opening the agent's own network namespace")?;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.clone(),
@@ -158,8 +156,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .set_probers(&probers)?;
 
     crate::memory::spawn_trimmer(crate::memory::TRIM_INTERVAL);
-    let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;
-    ca.watch(CA_POLL_INTERVAL);
+    let ca = cfg.ca.open().context("opening the certificate authority")?;
     let certs = SecretManager::new(ca, cfg.cert_lifetime);
     let metrics = Arc::new(Metrics::default());
     let (orig_dst, sockmap) = {
@@ -252,28 +249,6 @@ fn kubelet_cgroups(cfg: &RunConfig, cgroup: &Path) -> anyhow::Result<Vec<u64>> {
             Ok(id)
         })
         .collect()
-}
-
-/// Descriptor exhaustion under connection storms is a known failure of node proxies. The
-/// agent holds two descriptors for every connection of every pod of its node that it
-/// proxies, so a limit sized for one application does not fit it: it raises its limit to
-/// the kernel's ceiling (`fs.nr_open`) when it may (CAP_SYS_RESOURCE), else to its hard
-/// limit.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|n| n.trim().parse::<u64>().ok());
-    if let Some(ceiling) = ceiling
-        && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok()
-    {
-        return;
-    }
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE");
-    }
 }
 
 /// The cgroup v2 mount point, from /proc/mounts (it moves between distributions).

@@ -21,7 +21,6 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use rustls::{
@@ -153,14 +152,8 @@ async fn accept_loop(
         None => (None, None),
     };
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(port, error = %e, "ingress gateway: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) =
+            crate::accept::next(&listener, || format!("ingress gateway port {port}")).await;
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
         let tunnel = Arc::new(request::Tunnel {

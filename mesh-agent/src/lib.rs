@@ -2,11 +2,13 @@
 //! Istio's ambient mode. README.md says how to use it; docs/ records the design.
 #![deny(unsafe_code)]
 
+pub mod accept;
 pub mod admin;
 pub mod admission;
 pub mod agent;
 pub mod analyze;
 pub mod authz_check;
+pub mod ca_service;
 pub mod config;
 pub mod dump;
 pub mod ebpf;

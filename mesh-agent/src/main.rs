@@ -23,6 +23,130 @@ enum CaCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Serve Istio's certificate API (CreateCertificate over gRPC and mutual TLS): the only
+    /// process that holds the CA's key. Node agents get the identities of the captured pods
+    /// on their node, any other caller its own.
+    Serve(Box<CaServeArgs>),
+    /// Write a credential with which a proxy authenticates to `ca serve` in file mode:
+    /// `cert.pem` (with its chain), `key.pem` and the mesh's `root-cert.pem`.
+    Credential(Box<CaCredentialArgs>),
+}
+
+/// `mesh-agent ca serve`.
+#[derive(Args)]
+struct CaServeArgs {
+    /// The CA's files: root-cert.pem + root-key.pem, or Istio's plug-in ca-cert.pem,
+    /// ca-key.pem, cert-chain.pem, root-cert.pem.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// DNS names of the service's certificate (repeatable).
+    #[arg(long = "server-name", default_values_t = [String::from(DEFAULT_CA_SERVER_NAME)])]
+    server_names: Vec<String>,
+    /// Multi-document YAML of Kubernetes objects (which pods run on which node) instead of
+    /// the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Lifetime of a certificate whose request names none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    /// The longest lifetime granted (Istio's MAX_WORKLOAD_CERT_TTL).
+    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    max_cert_lifetime: Duration,
+    /// A service account, NAMESPACE/NAME, whose tokens authenticate node agents (Kubernetes
+    /// mode; repeatable), as istiod's CA_TRUSTED_NODE_ACCOUNTS.
+    #[arg(long = "trusted-node-account", default_values_t = [String::from("istio-system/ztunnel")])]
+    trusted_node_accounts: Vec<String>,
+    /// Client connections held at once (handshaking or open); one beyond is closed.
+    #[arg(long, default_value = "4096")]
+    max_connections: std::num::NonZeroUsize,
+}
+
+/// `mesh-agent ca credential`.
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("subject").required(true).args(["node", "identity"])))]
+struct CaCredentialArgs {
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// A node agent's credential: the node's name.
+    #[arg(long)]
+    node: Option<String>,
+    /// A waypoint's or gateway's credential: its SPIFFE identity.
+    #[arg(long)]
+    identity: Option<String>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    lifetime: Duration,
+}
+
+/// The name `ca serve` presents and proxies expect by default: istiod's.
+const DEFAULT_CA_SERVER_NAME: &str = "istiod.istio-system.svc";
+
+/// Where a proxy's certificates come from: a CA directory on this machine, or a CA service.
+#[derive(Args)]
+struct CaArgs {
+    /// Directory with the CA's files (`mesh-agent ca init` writes one; Istio's plug-in
+    /// layout works too): sign here, with the key on this machine.
+    #[arg(
+        long,
+        required_unless_present = "ca_address",
+        conflicts_with = "ca_address"
+    )]
+    ca_dir: Option<PathBuf>,
+    /// A CA service (`mesh-agent ca serve`, or istiod), HOST:PORT: the key stays there.
+    #[arg(long, requires = "ca_root_cert")]
+    ca_address: Option<String>,
+    /// The name the CA service's certificate must carry.
+    #[arg(long, default_value = DEFAULT_CA_SERVER_NAME)]
+    ca_server_name: String,
+    /// The mesh's roots (PEM): they verify the CA service and every peer.
+    #[arg(long)]
+    ca_root_cert: Option<PathBuf>,
+    /// Directory with this proxy's credential for the CA service, cert.pem and key.pem
+    /// (`mesh-agent ca credential`).
+    #[arg(long, conflicts_with = "ca_token_file")]
+    ca_credential: Option<PathBuf>,
+    /// A service-account token for the CA service (Kubernetes mode), re-read per request.
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+}
+
+impl CaArgs {
+    fn source(self) -> anyhow::Result<mesh_agent::ca_service::CaSource> {
+        use mesh_agent::ca_service::{CaSource, Credential, RemoteCaConfig};
+        let (Some(address), Some(roots)) = (self.ca_address, self.ca_root_cert) else {
+            return Ok(CaSource::Files(
+                self.ca_dir
+                    .expect("clap requires --ca-dir without --ca-address"),
+            ));
+        };
+        let credential = match (self.ca_credential, self.ca_token_file) {
+            (Some(dir), _) => Credential::Certificate {
+                cert: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+            },
+            (None, Some(token)) => Credential::Token(token),
+            (None, None) => anyhow::bail!(
+                "--ca-address needs --ca-credential (file mode) or --ca-token-file (Kubernetes mode)"
+            ),
+        };
+        Ok(CaSource::Remote(RemoteCaConfig {
+            address,
+            server_name: self.ca_server_name,
+            roots,
+            credential,
+        }))
+    }
 }
 
 /// `90s`, `30m`, `24h`, or plain seconds.
@@ -74,10 +198,8 @@ struct RunArgs {
     /// Istio root namespace (mesh-wide policies).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
-    /// Directory with the root `root-cert.pem` and `root-key.pem` that sign workload
-    /// certificates (`mesh-agent ca init` writes one).
-    #[arg(long)]
-    ca_dir: PathBuf,
+    #[command(flatten)]
+    ca: CaArgs,
     /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
@@ -128,9 +250,8 @@ struct WaypointArgs {
     trust_domain: String,
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
-    /// Directory with the root certificate and key (as for `run`).
-    #[arg(long)]
-    ca_dir: PathBuf,
+    #[command(flatten)]
+    ca: CaArgs,
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
     /// HBONE listen addresses (repeatable; default [::]:15008 and 0.0.0.0:15008).
@@ -353,7 +474,7 @@ fn main() -> anyhow::Result<()> {
                 bpffs_dir,
                 trust_domain,
                 root_namespace,
-                ca_dir,
+                ca,
                 cert_lifetime,
                 sockmap,
                 worker_threads,
@@ -368,15 +489,12 @@ fn main() -> anyhow::Result<()> {
             };
             let cfg = agent::RunConfig {
                 node,
-                source: match config {
-                    Some(path) => agent::ConfigSource::File(path),
-                    None => agent::ConfigSource::Kube { kubeconfig },
-                },
+                source: config_source(config, kubeconfig),
                 proc_root,
                 cgroup,
                 pin_dir: bpffs_dir,
                 settings,
-                ca_dir,
+                ca: ca.source()?,
                 cert_lifetime,
                 sockmap,
                 limits: mesh_agent::proxy::Limits {
@@ -441,6 +559,12 @@ fn main() -> anyhow::Result<()> {
         Command::Ca {
             command: CaCommand::Init { out },
         } => agent::ca_init(&out),
+        Command::Ca {
+            command: CaCommand::Serve(args),
+        } => ca_serve(*args),
+        Command::Ca {
+            command: CaCommand::Credential(args),
+        } => ca_credential(*args),
     }
 }
 
@@ -609,23 +733,81 @@ fn config_dump(
     Ok(())
 }
 
+/// A proxy's `--config FILE`, else the API server of `--kubeconfig` (or in-cluster).
+fn config_source(config: Option<PathBuf>, kubeconfig: Option<PathBuf>) -> agent::ConfigSource {
+    match config {
+        Some(path) => agent::ConfigSource::File(path),
+        None => agent::ConfigSource::Kube { kubeconfig },
+    }
+}
+
+fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
+    let trusted_node_accounts = args
+        .trusted_node_accounts
+        .iter()
+        .map(|account| {
+            account
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--trusted-node-account {account:?}: expected NAMESPACE/NAME")
+                })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let cfg = mesh_agent::ca_service::server::ServeConfig {
+        ca_dir: args.ca_dir,
+        listen: args.listen,
+        source: config_source(args.config, args.kubeconfig),
+        settings: Settings {
+            trust_domain: args.trust_domain,
+            root_namespace: args.root_namespace,
+        },
+        policy: mesh_agent::ca_service::server::Policy {
+            server_names: args.server_names,
+            default_lifetime: args.cert_lifetime.min(args.max_cert_lifetime),
+            max_lifetime: args.max_cert_lifetime,
+            trusted_node_accounts,
+            max_connections: args.max_connections.get(),
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(mesh_agent::ca_service::server::run(cfg))
+}
+
+fn ca_credential(args: CaCredentialArgs) -> anyhow::Result<()> {
+    let subject = match (args.node, args.identity) {
+        (Some(node), _) => mesh_agent::ca_service::credential::Subject::Node(node),
+        (None, Some(identity)) => mesh_agent::ca_service::credential::Subject::Workload(
+            identity
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--identity: {e}"))?,
+        ),
+        (None, None) => unreachable!("clap requires --node or --identity"),
+    };
+    mesh_agent::ca_service::credential::write(
+        &args.ca_dir,
+        &subject,
+        &args.trust_domain,
+        args.lifetime,
+        &args.out,
+    )
+}
+
 /// Runs the L7 engine as a waypoint or an ingress gateway.
 fn run_l7(args: WaypointArgs, role: mesh_agent::waypoint::Role) -> anyhow::Result<()> {
     let cfg = mesh_agent::waypoint::WaypointConfig {
         service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
         name: args.name,
         namespace: args.namespace,
-        source: match args.config {
-            Some(path) => agent::ConfigSource::File(path),
-            None => agent::ConfigSource::Kube {
-                kubeconfig: args.kubeconfig,
-            },
-        },
+        source: config_source(args.config, args.kubeconfig),
         settings: Settings {
             trust_domain: args.trust_domain,
             root_namespace: args.root_namespace,
         },
-        ca_dir: args.ca_dir,
+        ca: args.ca.source()?,
         cert_lifetime: args.cert_lifetime,
         limits: {
             let mut limits = mesh_agent::proxy::Limits::default();

@@ -492,25 +492,6 @@ fn deny(
     );
 }
 
-/// Accept errors that concern one connection only (keep accepting).
-fn transient_accept_error(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
-    )
-}
-
-/// Backs off when the process is out of descriptors instead of spinning.
-async fn accept_backoff(pod: &PodContext, listener: &str, e: std::io::Error) {
-    if !transient_accept_error(&e) {
-        if let Some(suppressed) = crate::log_limit::once_per_interval!() {
-            tracing::warn!(pod = %pod.display_name(), listener, error = %e, suppressed, "accept failed");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Logs a failed connection of `pod` (rate-limited: any peer can cause these at will).
 fn connection_failed(pod: &PodContext, direction: &'static str, error: &dyn std::fmt::Display) {
     if let Some(suppressed) = crate::log_limit::once_per_interval!() {

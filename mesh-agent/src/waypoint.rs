@@ -36,7 +36,6 @@ pub mod upstream;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -44,7 +43,7 @@ use std::{
 use anyhow::Context as _;
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use http::{Method, Response, StatusCode};
+use http::{Response, StatusCode};
 use mesh_common::HBONE_PORT;
 use tokio::{net::TcpListener, sync::watch};
 
@@ -54,7 +53,7 @@ use crate::{
     config::Settings,
     ebpf::canonical,
     enroll::netns::Netns,
-    identity::{FileCa, Identity, SecretManager, tls},
+    identity::{Identity, SecretManager, tls},
     metrics::Metrics,
     proxy::{
         Limits, PodContext,
@@ -78,7 +77,8 @@ pub struct WaypointConfig {
     pub service_account: String,
     pub source: ConfigSource,
     pub settings: Settings,
-    pub ca_dir: PathBuf,
+    /// Where workload certificates come from.
+    pub ca: crate::ca_service::CaSource,
     pub cert_lifetime: Duration,
     pub limits: Limits,
     /// Where the HBONE listener binds (default: every address, port 15008).
@@ -128,14 +128,14 @@ pub struct Waypoint {
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
+    crate::accept::raise_fd_limit();
     let node = format!("waypoint:{}/{}", cfg.namespace, cfg.name);
     // An ingress gateway's certificates: the Secrets of its own namespace.
     let secrets_in = matches!(cfg.role, Role::Gateway { .. }).then_some(cfg.namespace.as_str());
     let crate::agent::Started { state, sync, .. } =
         cfg.source.start(&node, &cfg.settings, secrets_in).await?;
     crate::memory::spawn_trimmer(crate::memory::TRIM_INTERVAL);
-    let ca = FileCa::open(&cfg.ca_dir).context("opening the certificate authority (--ca-dir)")?;
-    ca.watch(Duration::from_secs(1));
+    let ca = cfg.ca.open().context("opening the certificate authority")?;
     let certs = SecretManager::new(ca, cfg.cert_lifetime);
     let identity = Identity {
         trust_domain: cfg.settings.trust_domain.clone(),
@@ -341,14 +341,7 @@ async fn accept_loop(
     tls: Arc<rustls::ServerConfig>,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "waypoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::accept::next(&listener, || "waypoint HBONE".into()).await;
         let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
         let slot = match waypoint
             .handshakes
@@ -439,14 +432,9 @@ pub struct TunnelContext {
 
 impl TunnelContext {
     async fn handle(self, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
-        let target = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let (Method::CONNECT, Some(target)) = (req.method().clone(), target) else {
+        let Some(target) = server::connect_target(req.method(), req.uri()) else {
             return server::refuse(respond, StatusCode::BAD_REQUEST);
         };
-        let target = SocketAddr::new(canonical(target.ip()), target.port());
         let state = self.waypoint.state.borrow().clone();
         let Some(destination) = self.waypoint.destination(&state, target) else {
             if let Some(suppressed) = crate::log_limit::once_per_interval!() {

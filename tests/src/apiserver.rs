@@ -32,6 +32,9 @@
 //!   [`ApiServer::set_available`]`(false)`; 400 for label/field selectors and streaming lists
 //!   (not implemented, so a test relying on them fails loudly).
 //!
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: a TokenReview, authenticated with the
+//!   user a test registered for the token ([`ApiServer::add_token`]), else not.
+//!
 //! Objects get `metadata.resourceVersion` from one global counter, and a `uid` and
 //! `creationTimestamp` when created (kept on update). Every request is recorded
 //! ([`ApiServer::requests`]).
@@ -223,6 +226,8 @@ struct Inner {
     available: bool,
     patches: Vec<RecordedPatch>,
     requests: Vec<RecordedRequest>,
+    /// Service-account tokens TokenReview accepts, with the `status.user` it answers.
+    tokens: BTreeMap<String, Value>,
 }
 
 struct Shared {
@@ -272,6 +277,7 @@ impl ApiServer {
                 available: true,
                 patches: Vec::new(),
                 requests: Vec::new(),
+                tokens: BTreeMap::new(),
             }),
             changes: broadcast::channel(1024).0,
             close: watch::Sender::new(0),
@@ -450,6 +456,12 @@ impl ApiServer {
     }
 
     /// The requests answered, in order.
+    /// Makes `token` valid for TokenReview: the review answers authenticated, with
+    /// `user` (`{"username": ..., "extra": {...}}`) and the audiences asked for.
+    pub fn add_token(&self, token: &str, user: Value) {
+        self.shared.lock().tokens.insert(token.to_owned(), user);
+    }
+
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.clone()
     }
@@ -649,6 +661,9 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body>
             "the test API server is unavailable",
         );
     }
+    if req.method() == Method::POST && req.uri().path() == TOKEN_REVIEWS {
+        return token_review(shared, req).await;
+    }
     let Some(target) = route(req.uri().path()) else {
         return status_response(
             StatusCode::NOT_FOUND,
@@ -690,6 +705,28 @@ async fn respond(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body>
             "the test API server serves GET (list, watch, get) and PATCH only",
         ),
     }
+}
+
+/// `POST` here: a TokenReview, answered from [`ApiServer::add_token`]'s tokens.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+async fn token_review(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let Ok(body) = req.into_body().collect().await else {
+        return status_response(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let Ok(mut review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return status_response(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+    };
+    let token = review["spec"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let audiences = review["spec"]["audiences"].clone();
+    review["status"] = match shared.lock().tokens.get(&token) {
+        Some(user) => json!({"authenticated": true, "user": user, "audiences": audiences}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    json_response(StatusCode::CREATED, &review)
 }
 
 fn key(target: &Target, name: &str) -> Key {

@@ -442,6 +442,14 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
     parse_vm_rss_kib(&text).with_context(|| format!("no VmRSS line in {path}"))
 }
 
+/// Open file descriptors of a process (entries of `/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&path)
+        .with_context(|| format!("reading {path}"))?
+        .count() as u64)
+}
+
 /// The `VmRSS:   1234 kB` line of `/proc/<pid>/status`, in KiB.
 pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
     status

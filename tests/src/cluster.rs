@@ -1094,6 +1094,20 @@ impl Node {
         mesh_agent_output(|all| self.command(all), args)
     }
 
+    /// Starts `mesh-agent ARGS` as a long-lived process in the node's namespace (a host
+    /// process, as istiod would be), logged as `<node>-<label>`; stopped with the cluster.
+    pub fn spawn_mesh_agent(&self, label: &str, args: &[&str]) -> Result<Process> {
+        let agent = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
+        let agent = agent.to_str().context("a UTF-8 path")?;
+        let mut all = vec!["exec", "--", agent];
+        all.extend_from_slice(args);
+        let cmd =
+            self.shared
+                .mesh_pod(&self.netns_path, Some(&self.cgroup.join(HOST_CGROUP)), &all);
+        self.shared
+            .spawn(&self.name, cmd, &format!("{}-{label}", self.name), false)
+    }
+
     /// Starts a host-network echo server (see [`workload::serve`]) on the node.
     pub fn spawn_server(&self, ports: &[u16]) -> Result<Process> {
         let cmd = self.shared.mesh_pod(
@@ -1177,7 +1191,7 @@ impl Node {
         let agent_bin = locate_binary("mesh-agent", AGENT_BIN_ENV)?;
         // Every agent of the cluster shares one development root unless told otherwise.
         let ca_dir = self.shared.workdir.join("ca");
-        let own_ca = extra.contains(&"--ca-dir");
+        let own_ca = extra.contains(&"--ca-dir") || extra.contains(&"--ca-address");
         if !own_ca {
             init_ca(&agent_bin, &ca_dir)?;
         }

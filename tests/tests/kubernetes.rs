@@ -67,6 +67,38 @@ fn status(node: &tests::cluster::Node, kubeconfig: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// One node; namespace `shop` (labelled ambient or not) with `a` (app client, sa client)
+/// and `b` (app web, sa web, serving [`APP`]); the API server in the node's namespace
+/// holding the namespace and both pods.
+fn shop_on_one_node(ambient: bool) -> (Cluster, ApiServer) {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .namespace("shop", [("team", "shop")])
+        .pod(
+            PodSpec::new("a", "shop", 0)
+                .label("app", "client")
+                .service_account("client"),
+        )
+        .pod(
+            PodSpec::new("b", "shop", 0)
+                .label("app", "web")
+                .service_account("web"),
+        )
+        .build()
+        .expect("building the test cluster");
+    let (a, b) = (cluster.pod("a"), cluster.pod("b"));
+    b.spawn_server(&[APP]).unwrap();
+    // Every pod needs a process for /proc discovery, as a sandbox's pause process would be.
+    a.spawn_server(&[9999]).unwrap();
+    let node = cluster.node(0);
+    let api = apiserver_in(node.netns_path());
+    api.apply(namespace_object("shop", ambient)).unwrap();
+    for pod in [&a, &b] {
+        api.apply(pod_object(pod, node.name())).unwrap();
+    }
+    (cluster, api)
+}
+
 fn namespace_object(name: &str, ambient: bool) -> serde_json::Value {
     let labels = if ambient {
         json!({"istio.io/dataplane-mode": "ambient"})
@@ -81,23 +113,9 @@ fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_p
     if !require_root() {
         return;
     }
-    let cluster = Cluster::builder()
-        .nodes(1)
-        .namespace("shop", [("team", "shop")])
-        .pod(PodSpec::new("a", "shop", 0).label("app", "client"))
-        .pod(PodSpec::new("b", "shop", 0).label("app", "web"))
-        .build()
-        .expect("building the test cluster");
+    let (cluster, api) = shop_on_one_node(false);
     let (a, b) = (cluster.pod("a"), cluster.pod("b"));
-    b.spawn_server(&[APP]).unwrap();
-    // Every pod needs a process for /proc discovery, as a sandbox's pause process would be.
-    a.spawn_server(&[9999]).unwrap();
     let node = cluster.node(0);
-    let api = apiserver_in(node.netns_path());
-    api.apply(namespace_object("shop", false)).unwrap();
-    for pod in [&a, &b] {
-        api.apply(pod_object(pod, node.name())).unwrap();
-    }
     let kubeconfig = kubeconfig(cluster.workdir(), &api.url());
     node.spawn_agent_kube(&kubeconfig, &[]).unwrap();
     node.wait_agent_ready(Duration::from_secs(30)).unwrap();
@@ -316,5 +334,96 @@ fn service_cluster_ip_traffic_reaches_only_ready_endpoints_spread_across_them() 
         !r.ok && start.elapsed() < Duration::from_secs(2),
         "{r:?} after {:?}",
         start.elapsed()
+    );
+}
+
+/// Issue 18, Kubernetes mode: the agent has no CA key, only the mesh's root and a token of
+/// the node account (istio-system/ztunnel) bound to its pod on node1; `ca serve` checks the
+/// token with a TokenReview against the API server, finds the node from the bound pod, and
+/// signs the identities of the captured pods there. A token it does not know gets nothing.
+#[test]
+fn in_kubernetes_mode_a_node_agent_proves_its_node_with_a_token_checked_by_tokenreview() {
+    if !require_root() {
+        return;
+    }
+    let (cluster, api) = shop_on_one_node(true);
+    let (a, b) = (cluster.pod("a"), cluster.pod("b"));
+    let node = cluster.node(0);
+    api.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ztunnel-x1", "namespace": "istio-system", "uid": "zt-1"},
+        "spec": {"nodeName": node.name(), "serviceAccountName": "ztunnel",
+                 "containers": [{"name": "agent", "image": "mesh-agent"}]},
+        "status": {"phase": "Running", "hostIP": node.ipv4().to_string()}}))
+        .unwrap();
+    api.add_token(
+        "node1-token",
+        json!({"username": "system:serviceaccount:istio-system:ztunnel",
+               "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x1"],
+                         "authentication.kubernetes.io/node-name": [node.name()]}}),
+    );
+    let kubeconfig = kubeconfig(cluster.workdir(), &api.url());
+    let ca_dir = cluster.workdir().join("ca-service");
+    tests::cluster::init_ca(
+        &tests::locate_binary("mesh-agent", "MESH_AGENT_BIN").unwrap(),
+        &ca_dir,
+    )
+    .unwrap();
+    let service = node
+        .spawn_mesh_agent(
+            "ca",
+            &[
+                "ca",
+                "serve",
+                "--ca-dir",
+                ca_dir.to_str().unwrap(),
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:15012",
+            ],
+        )
+        .unwrap();
+    let token = cluster.workdir().join("istio-token");
+    std::fs::write(&token, "unknown-token\n").unwrap();
+    let root = ca_dir.join("root-cert.pem");
+    let args = [
+        "--ca-address",
+        "127.0.0.1:15012",
+        "--ca-root-cert",
+        root.to_str().unwrap(),
+        "--ca-token-file",
+        token.to_str().unwrap(),
+    ];
+    node.spawn_agent_kube(&kubeconfig, &args).unwrap();
+    // An unknown token: the pods cannot be enrolled (no certificate), the agent says why.
+    assert!(
+        eventually(Duration::from_secs(15), || node
+            .agent_log()
+            .contains("invalid bearer token")),
+        "agent:\n{}\nca:\n{}",
+        node.agent_log(),
+        service.log_text()
+    );
+    // The node's token (re-read per request): certificates, pods enrolled, traffic flows.
+    std::fs::write(&token, "node1-token\n").unwrap();
+    node.wait_agent_ready(Duration::from_secs(30)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || a
+            .connect(b.addr_v4(APP), 1024)
+            .is_ok_and(|r| captured(&r))),
+        "pods not captured:\n{}\nca:\n{}",
+        node.agent_log(),
+        service.log_text()
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.ends_with("/tokenreviews")),
+        "no TokenReview reached the API server"
+    );
+    let log = tests::cluster::strip_ansi(&service.log_text());
+    assert!(
+        log.contains("certificate signed") && log.contains("caller=node node1"),
+        "{log}"
     );
 }

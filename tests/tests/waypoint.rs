@@ -1056,9 +1056,12 @@ fn operability(cluster: &Cluster) {
     let stale = eventually(Duration::from_secs(5), || {
         let (ok, rows) = status(cluster);
         last = rows;
+        // STALE shows as soon as node2 runs another digest than the file's; its refusal's
+        // reason once it has read the file and refused it.
         !ok && sync_of(&last, node2) == "STALE"
             && sync_of(&last, node1) == "SYNCED"
             && sync_of(&last, &waypoint_pod) == "SYNCED"
+            && !last[node2]["report"]["config"]["error"].is_null()
     });
     assert!(
         stale,

@@ -1,11 +1,18 @@
-//! Certificate authorities that sign workload certificates, behind one trait. The first one,
-//! [`FileCa`], signs with a root key and certificate read from a directory (`--ca-dir`) and
-//! picks up a rotated root without a restart; [`init_ca`] writes a development root there.
+//! Certificate authorities that sign workload certificates, behind one trait. [`FileCa`]
+//! signs with a key and certificate read from a directory (`--ca-dir`): a self-signed root of
+//! our own ([`init_ca`] writes one), or Istio's plug-in layout (an intermediate with its
+//! chain and the root above it; RSA or ECDSA), and picks up a rotation without a restart.
+//! [`crate::ca_service::RemoteCa`] asks a `mesh-agent ca serve` (or istiod) instead.
+
+mod keys;
 
 use std::{
-    fs, io,
+    fs,
+    future::Future,
+    io,
     os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -16,7 +23,7 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
     string::{Ia5String, PrintableString},
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::task::JoinHandle;
 use x509_parser::{
     asn1_rs::{Oid, Tag},
@@ -30,10 +37,19 @@ use x509_parser::{
 
 use super::{Identity, crypto_provider, random_bytes};
 
-/// The root certificate in a CA directory (PEM, exactly one certificate).
+/// The root certificate(s) in a CA directory (PEM). With [`ROOT_KEY_FILE`] beside it: the
+/// one self-signed root that signs leaves; with [`CA_KEY_FILE`]: the roots leaves verify
+/// against (Istio's plug-in layout, several during a root rotation).
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
-/// The root's private key in a CA directory (PEM; PKCS#8 or SEC1, ECDSA P-256).
+/// The root's private key in our own layout (PEM; PKCS#8, SEC1 or PKCS#1).
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// Istio's plug-in layout: the certificate that signs leaves (an intermediate, or the root).
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
+/// Istio's plug-in layout: the key of [`CA_CERT_FILE`] (ECDSA P-256/P-384 or RSA).
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// Istio's plug-in layout: [`CA_CERT_FILE`] and the intermediates above it, up to (and
+/// optionally including) the root; leaves carry it after themselves, without the root.
+pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
 /// How far in the past a certificate's notBefore is set, so that a peer whose clock is
 /// behind ours still accepts it. notAfter does not move with it: it is always
 /// issue time + lifetime.
@@ -53,8 +69,20 @@ pub enum CaError {
     Write { path: PathBuf, source: io::Error },
     #[error("{} already exists; refusing to overwrite an existing root", path.display())]
     AlreadyExists { path: PathBuf },
-    #[error("root CA in {}: {reason}", path.display())]
+    #[error("certificate authority files in {}: {reason}", path.display())]
     InvalidRoot { path: PathBuf, reason: String },
+    #[error("the certificate authority at {address} refused {identity}: {reason}")]
+    Refused {
+        address: String,
+        identity: String,
+        reason: String,
+    },
+    #[error("asking the certificate authority at {address} for {identity}: {reason}")]
+    Remote {
+        address: String,
+        identity: String,
+        reason: String,
+    },
     #[error("certificate signing request for {identity}: {reason}")]
     InvalidCsr { identity: String, reason: String },
     #[error("signing a certificate for {identity}: {reason}")]
@@ -63,34 +91,47 @@ pub enum CaError {
     Generate { reason: String },
 }
 
+/// What [`CertificateAuthority::sign`] returns: the leaf first, then any intermediates (never
+/// the root).
+pub type SignResult = Result<Vec<CertificateDer<'static>>, CaError>;
+/// A signature in progress (local CAs answer at once, remote ones over the network).
+pub type SignFuture<'a> = Pin<Box<dyn Future<Output = SignResult> + Send + 'a>>;
+
 /// Something that signs workload certificates and says which roots to trust.
 pub trait CertificateAuthority: Send + Sync + 'static {
-    /// Signs a CSR (DER) for `identity`, returning the leaf first then any intermediates.
+    /// Signs a CSR (DER) for `identity`.
     ///
     /// The CSR only proves possession of the key: the certificate names `identity`, whatever
     /// the CSR asks for.
-    fn sign(
-        &self,
-        csr_der: &[u8],
-        identity: &Identity,
+    fn sign<'a>(
+        &'a self,
+        csr_der: &'a [u8],
+        identity: &'a Identity,
         lifetime: Duration,
-    ) -> Result<Vec<CertificateDer<'static>>, CaError>;
+    ) -> SignFuture<'a>;
 
     /// The roots to trust now (during a root rotation: old and new).
     fn trust_bundle(&self) -> Vec<CertificateDer<'static>>;
 }
 
-/// A CA whose root key and certificate are files in one directory ([`ROOT_CERT_FILE`],
-/// [`ROOT_KEY_FILE`]; ECDSA P-256).
+/// A CA whose key and certificates are files in one directory, in either of two layouts:
 ///
-/// Leaves are ECDSA P-256 with exactly one URI SAN (the identity), an empty subject (so no
+/// - ours: a self-signed root ([`ROOT_CERT_FILE`], [`ROOT_KEY_FILE`]) signs the leaves;
+/// - Istio's plug-in CA (when [`CA_KEY_FILE`] exists): [`CA_CERT_FILE`] and [`CA_KEY_FILE`]
+///   sign, [`CERT_CHAIN_FILE`] is the chain from it up towards the root (default: the signing
+///   certificate alone, or nothing when it is itself a root) and [`ROOT_CERT_FILE`] holds the
+///   roots peers trust.
+///
+/// Signing keys may be ECDSA P-256, ECDSA P-384 or RSA (signing with SHA-256). Leaves are for
+/// ECDSA P-256 keys, with exactly one URI SAN (the identity), an empty subject (so no
 /// common name) and the SAN marked critical, no DNS SAN, key usage digitalSignature +
 /// keyEncipherment, EKU serverAuth + clientAuth, basicConstraints CA:false, notBefore
 /// [`CLOCK_SKEW`] in the past, notAfter = now + lifetime (rounded up to the second, capped at
-/// the root's notAfter) and a random 126-bit serial. The chain returned is the leaf alone.
+/// the signing certificate's notAfter) and a random 126-bit serial. The chain returned is the
+/// leaf and the intermediates; the trust bundle is the roots.
 ///
-/// **Root rotation** ([`FileCa::watch`]): when the files change and hold a valid new root,
-/// new leaves are signed by it at once, and the replaced root stays in the trust bundle
+/// **Root rotation** ([`FileCa::watch`]): when the files change and hold a valid new CA,
+/// new leaves are signed by it at once, and each replaced root stays in the trust bundle
 /// until the latest of
 /// - the rotation time + twice the longest lifetime this CA has signed,
 /// - the rotation time + the minimum overlap (default [`DEFAULT_MIN_ROOT_OVERLAP`]),
@@ -110,7 +151,7 @@ pub struct FileCa {
 }
 
 struct State {
-    current: Arc<Root>,
+    current: Arc<Signer>,
     retired: Vec<Retired>,
     /// What the files looked like when `current` was read from them.
     loaded: Option<Fingerprint>,
@@ -124,9 +165,9 @@ struct Retired {
     until: SystemTime,
 }
 
-/// What both files look like (`None`: the file could not be stat'ed).
+/// What the CA's files look like (`None`: the file could not be stat'ed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Fingerprint([Option<FileStamp>; 2]);
+struct Fingerprint([Option<FileStamp>; 5]);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileStamp {
@@ -149,7 +190,7 @@ impl FileCa {
         min_overlap: Duration,
     ) -> Result<Arc<FileCa>, CaError> {
         let fingerprint = Fingerprint::of(dir);
-        let root = Root::load(dir)?;
+        let root = Signer::load(dir)?;
         Ok(Arc::new(FileCa {
             dir: Some(dir.to_owned()),
             min_overlap,
@@ -167,7 +208,7 @@ impl FileCa {
     #[cfg(any(test, feature = "testing"))]
     pub fn ephemeral() -> Arc<FileCa> {
         let (cert, key) = generate_root().expect("generating an in-memory root");
-        let root = Root::new(cert.der().clone(), key, Path::new("(memory)"))
+        let root = Signer::self_signed(cert.der().clone(), key, Path::new("(memory)"))
             .expect("a freshly generated root is valid");
         Arc::new(FileCa {
             dir: None,
@@ -182,9 +223,82 @@ impl FileCa {
         })
     }
 
-    /// The root new leaves are signed by.
+    /// The root new leaves chain to (the first of them, when there are several).
     pub fn current_root(&self) -> CertificateDer<'static> {
-        self.read().current.cert.clone()
+        self.read().current.roots[0].clone()
+    }
+
+    /// The certificates that follow a leaf this CA signs now (empty when the root signs).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.read().current.chain.clone()
+    }
+
+    /// Signs a CSR for `identity` (see [`CertificateAuthority::sign`]), at once.
+    pub fn sign_now(&self, csr_der: &[u8], identity: &Identity, lifetime: Duration) -> SignResult {
+        if lifetime < MIN_LEAF_LIFETIME {
+            return Err(CaError::Sign {
+                identity: identity.to_string(),
+                reason: format!("lifetime {lifetime:?} is shorter than {MIN_LEAF_LIFETIME:?}"),
+            });
+        }
+        let key = csr_public_key(csr_der).map_err(|reason| CaError::InvalidCsr {
+            identity: identity.to_string(),
+            reason,
+        })?;
+        {
+            let mut longest = self
+                .longest_lifetime
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            *longest = (*longest).max(lifetime);
+        }
+        let signer = self.read().current.clone();
+        let leaf = signer.issue(&key, identity, lifetime)?;
+        Ok(std::iter::once(leaf)
+            .chain(signer.chain.iter().cloned())
+            .collect())
+    }
+
+    /// A certificate and a key generated here for `names`: what `ca serve` presents to its
+    /// clients (DNS names), and the credentials proxies authenticate to it with (a URI).
+    /// Returns the chain (leaf first) and the key.
+    pub fn sign_new_key(
+        &self,
+        names: &[SubjectName],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, KeyPair), CaError> {
+        let described: Vec<String> = names.iter().map(ToString::to_string).collect();
+        let fail = |reason: String| CaError::Sign {
+            identity: described.join(","),
+            reason,
+        };
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+        let signer = self.read().current.clone();
+        let mut params = signer.leaf_params(lifetime).map_err(fail)?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| {
+                let (text, make): (&str, fn(Ia5String) -> SanType) = match name {
+                    SubjectName::Dns(n) => (n, SanType::DnsName),
+                    SubjectName::Uri(u) => (u, SanType::URI),
+                };
+                Ia5String::try_from(text)
+                    .map(make)
+                    .map_err(|e| fail(format!("{text:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &signer.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+        let chain = std::iter::once(cert.der().clone())
+            .chain(signer.chain.iter().cloned())
+            .collect();
+        Ok((chain, key))
     }
 
     /// Re-reads the files if they changed since the last look. `Ok(true)` when a new root
@@ -202,7 +316,7 @@ impl FileCa {
                 return Ok(false);
             }
         }
-        match Root::load(dir) {
+        match Signer::load(dir) {
             Ok(root) => Ok(self.install(root, fingerprint)),
             Err(e) => {
                 self.write().rejected = Some(fingerprint);
@@ -236,7 +350,7 @@ impl FileCa {
         })
     }
 
-    fn install(&self, root: Root, fingerprint: Fingerprint) -> bool {
+    fn install(&self, signer: Signer, fingerprint: Fingerprint) -> bool {
         let longest = *self
             .longest_lifetime
             .lock()
@@ -244,26 +358,36 @@ impl FileCa {
         let mut state = self.write();
         state.loaded = Some(fingerprint);
         state.rejected = None;
-        if root.cert == state.current.cert {
+        if signer.cert == state.current.cert
+            && signer.chain == state.current.chain
+            && signer.roots == state.current.roots
+        {
             return false;
         }
         let now = SystemTime::now();
-        let old = std::mem::replace(&mut state.current, Arc::new(root));
+        let old = std::mem::replace(&mut state.current, Arc::new(signer));
         let until = (now + self.min_overlap.max(longest * 2)).max(old.last_leaf_not_after());
-        let new_cert = state.current.cert.clone();
-        state
-            .retired
-            .retain(|r| r.cert != new_cert && r.cert != old.cert && r.until > now);
-        state.retired.push(Retired {
-            cert: old.cert.clone(),
-            until,
+        let current = state.current.clone();
+        let dropped: Vec<_> = old
+            .roots
+            .iter()
+            .filter(|r| !current.roots.contains(r))
+            .cloned()
+            .collect();
+        state.retired.retain(|r| {
+            !current.roots.contains(&r.cert) && !dropped.contains(&r.cert) && r.until > now
         });
+        state.retired.extend(dropped.iter().map(|cert| Retired {
+            cert: cert.clone(),
+            until,
+        }));
         tracing::info!(
             dir = %self.dir.as_deref().unwrap_or(Path::new("(memory)")).display(),
-            new_root = %state.current.subject,
-            old_root = %old.subject,
-            old_root_trusted_for_s = until.duration_since(now).unwrap_or_default().as_secs(),
-            "root CA rotated; the old root stays trusted during the overlap"
+            new_signer = %current.subject,
+            old_signer = %old.subject,
+            replaced_roots = dropped.len(),
+            old_roots_trusted_for_s = until.duration_since(now).unwrap_or_default().as_secs(),
+            "certificate authority rotated; replaced roots stay trusted during the overlap"
         );
         true
     }
@@ -278,38 +402,25 @@ impl FileCa {
 }
 
 impl CertificateAuthority for FileCa {
-    fn sign(
-        &self,
-        csr_der: &[u8],
-        identity: &Identity,
+    fn sign<'a>(
+        &'a self,
+        csr_der: &'a [u8],
+        identity: &'a Identity,
         lifetime: Duration,
-    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        if lifetime < MIN_LEAF_LIFETIME {
-            return Err(CaError::Sign {
-                identity: identity.to_string(),
-                reason: format!("lifetime {lifetime:?} is shorter than {MIN_LEAF_LIFETIME:?}"),
-            });
-        }
-        let key = csr_public_key(csr_der).map_err(|reason| CaError::InvalidCsr {
-            identity: identity.to_string(),
-            reason,
-        })?;
-        {
-            let mut longest = self
-                .longest_lifetime
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            *longest = (*longest).max(lifetime);
-        }
-        let root = self.read().current.clone();
-        let leaf = root.issue(&key, identity, lifetime)?;
-        Ok(vec![leaf])
+    ) -> SignFuture<'a> {
+        Box::pin(std::future::ready(
+            self.sign_now(csr_der, identity, lifetime),
+        ))
     }
 
     fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
         let state = self.read();
         let now = SystemTime::now();
-        std::iter::once(state.current.cert.clone())
+        state
+            .current
+            .roots
+            .iter()
+            .cloned()
             .chain(
                 state
                     .retired
@@ -318,6 +429,21 @@ impl CertificateAuthority for FileCa {
                     .map(|r| r.cert.clone()),
             )
             .collect()
+    }
+}
+
+/// A subject alternative name of a certificate made by [`FileCa::sign_new_key`].
+#[derive(Clone, Debug)]
+pub enum SubjectName {
+    Dns(String),
+    Uri(String),
+}
+
+impl std::fmt::Display for SubjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubjectName::Dns(n) | SubjectName::Uri(n) => f.write_str(n),
+        }
     }
 }
 
@@ -346,7 +472,7 @@ pub fn init_ca(out: &Path) -> Result<(), CaError> {
 }
 
 /// Creates `path` (never replacing a file) with `mode` and writes `contents`.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::io::Write;
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -405,78 +531,119 @@ pub(crate) fn generate_root() -> Result<(rcgen::Certificate, KeyPair), CaError> 
     Ok((cert, key))
 }
 
-/// A root that signs leaves.
-struct Root {
+/// A certificate and key that sign leaves, with what leaves carry and verify against.
+struct Signer {
+    /// The certificate that signs leaves: the root itself, or an intermediate.
     cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
-    /// Whether the root has a subjectKeyIdentifier (then leaves carry it as their
-    /// authorityKeyIdentifier).
+    /// Whether the signing certificate has a subjectKeyIdentifier (then leaves carry it as
+    /// their authorityKeyIdentifier).
     has_ski: bool,
     subject: String,
     not_after: SystemTime,
-    /// notAfter of the last leaf this root signed.
+    /// What follows a leaf on the wire: the signing certificate when it is not a root, and
+    /// the intermediates above it (never a root).
+    chain: Vec<CertificateDer<'static>>,
+    /// The roots leaves verify against: the trust bundle.
+    roots: Vec<CertificateDer<'static>>,
+    /// notAfter of the last leaf this signer signed.
     last_leaf_not_after: Mutex<SystemTime>,
 }
 
-impl Root {
-    /// Reads and validates the root in `dir`.
-    fn load(dir: &Path) -> Result<Root, CaError> {
+impl Signer {
+    /// Reads and validates the CA in `dir`, in whichever layout it is (see [`FileCa`]).
+    fn load(dir: &Path) -> Result<Signer, CaError> {
+        if dir.join(CA_KEY_FILE).symlink_metadata().is_ok() {
+            return Self::load_plugin(dir);
+        }
         let cert_path = dir.join(ROOT_CERT_FILE);
-        let key_path = dir.join(ROOT_KEY_FILE);
-        let read = |path: &Path| {
-            fs::read(path).map_err(|source| CaError::Read {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        let cert_pem = read(&cert_path)?;
-        let key_pem = read(&key_path)?;
-        let invalid = |path: &Path, reason: String| CaError::InvalidRoot {
-            path: path.to_owned(),
-            reason,
-        };
-
-        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(&cert_path, format!("not PEM: {e}")))?;
-        let [cert] = <[_; 1]>::try_from(certs).map_err(|certs| {
-            invalid(
-                &cert_path,
-                format!("expected exactly one certificate, found {}", certs.len()),
-            )
-        })?;
-        let key = match rustls_pemfile::private_key(&mut key_pem.as_slice()) {
-            Ok(Some(PrivateKeyDer::Pkcs8(k))) => k.secret_pkcs8_der().to_vec(),
-            Ok(Some(PrivateKeyDer::Sec1(k))) => sec1_p256_to_pkcs8(k.secret_sec1_der()),
-            Ok(Some(_)) => {
-                return Err(invalid(
-                    &key_path,
-                    "not an EC key (the root must be ECDSA P-256)".into(),
-                ));
-            }
-            Ok(None) => return Err(invalid(&key_path, "no private key in the file".into())),
-            Err(e) => return Err(invalid(&key_path, format!("not PEM: {e}"))),
-        };
-        let key = KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(key),
-            &PKCS_ECDSA_P256_SHA256,
-        )
-        .map_err(|e| invalid(&key_path, format!("not an ECDSA P-256 private key: {e}")))?;
-        Root::new(cert, key, dir)
+        let cert = one_certificate(&cert_path, &read_file(&cert_path)?)?;
+        let key = read_key(&dir.join(ROOT_KEY_FILE))?;
+        Signer::self_signed(cert, key, dir)
     }
 
-    /// Validates a root certificate and its key, and proves that leaves it signs verify.
-    fn new(cert: CertificateDer<'static>, key: KeyPair, dir: &Path) -> Result<Root, CaError> {
-        let invalid = |reason: String| CaError::InvalidRoot {
-            path: dir.to_owned(),
-            reason,
+    /// Istio's plug-in layout: ca-cert.pem and ca-key.pem sign, cert-chain.pem follows the
+    /// leaves, root-cert.pem is trusted.
+    fn load_plugin(dir: &Path) -> Result<Signer, CaError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let cert = one_certificate(&cert_path, &read_file(&cert_path)?)?;
+        let key = read_key(&dir.join(CA_KEY_FILE))?;
+        let roots_path = dir.join(ROOT_CERT_FILE);
+        let roots = certificates(&roots_path, &read_file(&roots_path)?)?;
+        if roots.is_empty() {
+            return Err(invalid(&roots_path, "no certificate in the file".into()));
+        }
+        let chain_path = dir.join(CERT_CHAIN_FILE);
+        let chain = match fs::read(&chain_path) {
+            Ok(pem) => {
+                let listed = certificates(&chain_path, &pem)?;
+                if listed.first() != Some(&cert) && !roots.contains(&cert) {
+                    return Err(invalid(
+                        &chain_path,
+                        format!(
+                            "the chain must begin with {CA_CERT_FILE}, the certificate that signs"
+                        ),
+                    ));
+                }
+                listed.into_iter().filter(|c| !roots.contains(c)).collect()
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if roots.contains(&cert) {
+                    Vec::new()
+                } else {
+                    vec![cert.clone()]
+                }
+            }
+            Err(source) => {
+                return Err(CaError::Read {
+                    path: chain_path,
+                    source,
+                });
+            }
         };
+        Signer::new(cert, key, chain, roots, dir)
+    }
+
+    /// A self-signed root that signs leaves itself.
+    fn self_signed(
+        cert: CertificateDer<'static>,
+        key: KeyPair,
+        dir: &Path,
+    ) -> Result<Signer, CaError> {
+        Signer::new(cert.clone(), key, Vec::new(), vec![cert], dir)
+    }
+
+    /// Validates the signing certificate, its key and the roots, and proves that leaves it
+    /// signs verify against the roots through the chain.
+    fn new(
+        cert: CertificateDer<'static>,
+        key: KeyPair,
+        chain: Vec<CertificateDer<'static>>,
+        roots: Vec<CertificateDer<'static>>,
+        dir: &Path,
+    ) -> Result<Signer, CaError> {
+        let invalid = |reason: String| invalid(dir, reason);
+        let now = SystemTime::now();
+        for root in &roots {
+            let (_, parsed) = X509Certificate::from_der(root)
+                .map_err(|e| invalid(format!("a root in {ROOT_CERT_FILE} does not parse: {e}")))?;
+            let subject = parsed.subject().to_string();
+            if !matches!(parsed.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+                return Err(invalid(format!(
+                    "root {subject:?} is not a CA (basicConstraints CA:true missing)"
+                )));
+            }
+            if to_system_time(parsed.validity().not_after.timestamp()) <= now {
+                return Err(invalid(format!("root {subject:?} has expired")));
+            }
+        }
         let (_, parsed) = X509Certificate::from_der(&cert)
-            .map_err(|e| invalid(format!("{ROOT_CERT_FILE} does not parse: {e}")))?;
+            .map_err(|e| invalid(format!("the signing certificate does not parse: {e}")))?;
         let subject = parsed.subject().to_string();
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(invalid(format!(
-                "{ROOT_KEY_FILE} is not the key of the certificate {subject:?}"
+                "the {} key is not the key of the certificate {subject:?}",
+                keys::describe(&key)
             )));
         }
         if !matches!(parsed.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
@@ -485,7 +652,7 @@ impl Root {
             )));
         }
         let not_after = to_system_time(parsed.validity().not_after.timestamp());
-        if not_after <= SystemTime::now() {
+        if not_after <= now {
             return Err(invalid(format!("certificate {subject:?} has expired")));
         }
         let distinguished_name = rcgen_name(parsed.subject())
@@ -503,37 +670,44 @@ impl Root {
         if let Some(ski) = ski {
             params.key_identifier_method = KeyIdMethod::PreSpecified(ski);
         }
-        let root = Root {
+        let signer = Signer {
             issuer: Issuer::new(params, key),
             has_ski,
             subject,
             not_after,
+            chain,
+            roots,
             last_leaf_not_after: Mutex::new(UNIX_EPOCH),
             cert,
         };
-        root.probe().map_err(|e| {
+        signer.probe().map_err(|e| {
             invalid(format!(
-                "leaves signed by {:?} do not verify against it: {e}",
-                root.subject
+                "leaves signed by {:?} do not verify against {ROOT_CERT_FILE}: {e}",
+                signer.subject
             ))
         })?;
-        Ok(root)
+        Ok(signer)
     }
 
-    /// Signs a throwaway leaf and verifies it against this root alone, catching a subject
-    /// that cannot be reproduced byte for byte as the leaves' issuer.
+    /// Signs a throwaway leaf and verifies it, with the chain, against the roots alone:
+    /// catches a subject that cannot be reproduced byte for byte as the leaves' issuer, a
+    /// chain that does not lead to a root, and a root that is not the chain's.
     fn probe(&self) -> Result<(), String> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let probe_id = Identity::new("probe.invalid", "probe", "probe");
         let leaf = self
             .sign_leaf(&key, &probe_id, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
-        let anchor = webpki::anchor_from_trusted_cert(&self.cert).map_err(|e| e.to_string())?;
+        let anchors = self
+            .roots
+            .iter()
+            .map(|root| webpki::anchor_from_trusted_cert(root).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
         let leaf = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
         leaf.verify_for_usage(
             crypto_provider().signature_verification_algorithms.all,
-            &[anchor],
-            &[],
+            &anchors,
+            &self.chain,
             UnixTime::now(),
             webpki::KeyUsage::client_auth(),
             None,
@@ -560,6 +734,24 @@ impl Root {
         Ok(leaf)
     }
 
+    /// What every leaf of this signer has: no subject, CA:false, digitalSignature +
+    /// keyEncipherment, the validity window and a random serial.
+    fn leaf_params(&self, lifetime: Duration) -> Result<CertificateParams, String> {
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = leaf_not_after(now, lifetime, self.not_after).into();
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = self.has_ski;
+        Ok(params)
+    }
+
     fn sign_leaf(
         &self,
         key: &impl PublicKeyData,
@@ -571,23 +763,12 @@ impl Root {
             reason,
         };
         let uri = Ia5String::try_from(identity.to_string()).map_err(|e| fail(e.to_string()))?;
-        let now = SystemTime::now();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
+        let mut params = self.leaf_params(lifetime).map_err(fail)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = leaf_not_after(now, lifetime, self.not_after).into();
-        params.serial_number = Some(random_serial().map_err(fail)?);
-        params.use_authority_key_identifier_extension = self.has_ski;
         let cert = params
             .signed_by(key, &self.issuer)
             .map_err(|e| fail(e.to_string()))?;
@@ -600,6 +781,43 @@ impl Root {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+fn invalid(path: &Path, reason: String) -> CaError {
+    CaError::InvalidRoot {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, CaError> {
+    fs::read(path).map_err(|source| CaError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, CaError> {
+    keys::load_signing_key(&read_file(path)?).map_err(|reason| invalid(path, reason))
+}
+
+/// Every certificate in a PEM file.
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, format!("not PEM: {e}")))
+}
+
+/// Exactly one certificate in a PEM file.
+fn one_certificate(path: &Path, pem: &[u8]) -> Result<CertificateDer<'static>, CaError> {
+    let certs = certificates(path, pem)?;
+    let [cert] = <[_; 1]>::try_from(certs).map_err(|certs| {
+        invalid(
+            path,
+            format!("expected exactly one certificate, found {}", certs.len()),
+        )
+    })?;
+    Ok(cert)
 }
 
 /// now + lifetime, rounded up to the second (certificate times have no fractions, and a
@@ -708,37 +926,6 @@ fn rcgen_name(name: &X509Name<'_>) -> Result<DistinguishedName, String> {
     Ok(dn)
 }
 
-/// Wraps a SEC1 `ECPrivateKey` (PEM "EC PRIVATE KEY", as openssl writes) for P-256 into
-/// PKCS#8, the only form ring loads. A key of another curve fails when loaded.
-fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
-    // AlgorithmIdentifier { id-ecPublicKey, prime256v1 }
-    const ALGORITHM: &[u8] = &[
-        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
-        0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
-    ];
-    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = body.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let bytes: Vec<u8> = len
-                .to_be_bytes()
-                .into_iter()
-                .skip_while(|b| *b == 0)
-                .collect();
-            out.push(0x80 | bytes.len() as u8);
-            out.extend(bytes);
-        }
-        out.extend_from_slice(body);
-        out
-    }
-    let mut body = vec![0x02, 0x01, 0x00]; // version 0
-    body.extend_from_slice(ALGORITHM);
-    body.extend(tlv(0x04, sec1));
-    tlv(0x30, &body)
-}
-
 impl Fingerprint {
     fn of(dir: &Path) -> Fingerprint {
         let stamp = |name| {
@@ -750,7 +937,13 @@ impl Fingerprint {
                 device: m.dev(),
             })
         };
-        Fingerprint([stamp(ROOT_CERT_FILE), stamp(ROOT_KEY_FILE)])
+        Fingerprint([
+            stamp(ROOT_CERT_FILE),
+            stamp(ROOT_KEY_FILE),
+            stamp(CA_CERT_FILE),
+            stamp(CA_KEY_FILE),
+            stamp(CERT_CHAIN_FILE),
+        ])
     }
 }
 
@@ -799,7 +992,7 @@ mod tests {
         let (key, csr) = csr_for(&id);
         let lifetime = Duration::from_secs(3600);
         let before = SystemTime::now();
-        let chain = ca.sign(&csr, &id, lifetime).unwrap();
+        let chain = ca.sign_now(&csr, &id, lifetime).unwrap();
         assert_eq!(chain.len(), 1, "the leaf alone, signed by the root");
         let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
 
@@ -853,7 +1046,7 @@ mod tests {
         let (_, csr) = csr_for(&id);
         let serials: std::collections::HashSet<Vec<u8>> = (0..8)
             .map(|_| {
-                let chain = ca.sign(&csr, &id, Duration::from_secs(60)).unwrap();
+                let chain = ca.sign_now(&csr, &id, Duration::from_secs(60)).unwrap();
                 X509Certificate::from_der(&chain[0])
                     .unwrap()
                     .1
@@ -896,7 +1089,7 @@ mod tests {
             ("garbage", b"not a csr", Some("not a DER PKCS#10")),
         ];
         for (name, csr, want) in cases {
-            match (ca.sign(csr, &id, Duration::from_secs(60)), want) {
+            match (ca.sign_now(csr, &id, Duration::from_secs(60)), want) {
                 (Ok(_), None) => {}
                 (Err(e), Some(want)) => {
                     let msg = e.to_string();
@@ -958,7 +1151,7 @@ mod tests {
             let id = Identity::new("cluster.local", "default", "x");
             let (leaf_key, csr) = csr_for(&id);
             let der = ca
-                .sign(&csr, &id, Duration::from_secs(60))
+                .sign_now(&csr, &id, Duration::from_secs(60))
                 .unwrap()
                 .remove(0);
             (pem("CERTIFICATE", &der), leaf_key)
@@ -1017,7 +1210,7 @@ mod tests {
         let id = Identity::new("cluster.local", "default", "x");
         let (_, csr) = csr_for(&id);
         let old_leaf = ca
-            .sign(&csr, &id, Duration::from_secs(1))
+            .sign_now(&csr, &id, Duration::from_secs(1))
             .unwrap()
             .remove(0);
         let old_root = ca.current_root();
@@ -1054,18 +1247,161 @@ mod tests {
         let id = Identity::new("cluster.local", "default", "x");
         let (_, csr) = csr_for(&id);
         let leaf = ca
-            .sign(&csr, &id, Duration::from_secs(60))
+            .sign_now(&csr, &id, Duration::from_secs(60))
             .unwrap()
             .remove(0);
         verifies(&leaf, &[root]).unwrap();
     }
 
+    /// Verifies a chain as a peer does: the leaf, the intermediates it came with, the roots.
+    fn verifies_chain(
+        chain: &[CertificateDer<'static>],
+        bundle: &[CertificateDer<'static>],
+    ) -> Result<(), String> {
+        crate::identity::tls::verify_chain(
+            &crypto_provider(),
+            bundle,
+            &chain[0],
+            &chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+    }
+
+    #[test]
+    fn istio_plug_in_files_sign_leaves_that_carry_the_chain_and_verify_against_the_root() {
+        use crate::identity::testing::{KeyKind, write_plugin_ca};
+        use x509_parser::oid_registry::OID_PKCS1_SHA256WITHRSA;
+        let cases = [
+            // The issue's case: an RSA root (PKCS#1 key) above an ECDSA intermediate (SEC1).
+            (KeyKind::Rsa, KeyKind::EcP256, OID_SIG_ECDSA_WITH_SHA256),
+            // Istio's sample: the intermediate's own key is RSA.
+            (KeyKind::EcP384, KeyKind::Rsa, OID_PKCS1_SHA256WITHRSA),
+            (
+                KeyKind::Rsa,
+                KeyKind::EcP384,
+                x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA384,
+            ),
+        ];
+        for (root, intermediate, leaf_signature) in cases {
+            let dir = TempDir::new("plugin");
+            write_plugin_ca(dir.path(), root, intermediate).unwrap();
+            let ca = FileCa::open(dir.path())
+                .unwrap_or_else(|e| panic!("{root:?} root, {intermediate:?} intermediate: {e}"));
+            let id = Identity::new("cluster.local", "default", "reviews");
+            let (_, csr) = csr_for(&id);
+            let chain = ca.sign_now(&csr, &id, Duration::from_secs(3600)).unwrap();
+            let ca_cert = certificates(
+                Path::new(CA_CERT_FILE),
+                &fs::read(dir.path().join(CA_CERT_FILE)).unwrap(),
+            )
+            .unwrap();
+            let root_cert = fs::read(dir.path().join(ROOT_CERT_FILE)).unwrap();
+            let roots = certificates(Path::new(ROOT_CERT_FILE), &root_cert).unwrap();
+            assert_eq!(chain.len(), 2, "leaf and intermediate, no root");
+            assert_eq!(chain[1], ca_cert[0]);
+            assert_eq!(ca.trust_bundle(), roots, "the bundle is the root alone");
+            verifies_chain(&chain, &roots).unwrap();
+            assert!(
+                verifies_chain(&chain[..1], &roots).is_err(),
+                "without the intermediate the leaf does not verify"
+            );
+            let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+            assert_eq!(leaf.signature_algorithm.algorithm, leaf_signature);
+            let (_, issuer) = X509Certificate::from_der(&chain[1]).unwrap();
+            assert_eq!(leaf.issuer(), issuer.subject());
+        }
+    }
+
+    #[test]
+    fn plug_in_files_that_do_not_fit_together_are_refused_with_the_file_and_reason() {
+        use crate::identity::testing::{KeyKind, write_plugin_ca};
+        let good = TempDir::new("plugin-good");
+        write_plugin_ca(good.path(), KeyKind::EcP256, KeyKind::EcP256).unwrap();
+        let other = TempDir::new("plugin-other");
+        write_plugin_ca(other.path(), KeyKind::EcP256, KeyKind::EcP256).unwrap();
+        let copy = |from: &Path, to: &Path| {
+            for f in [CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE] {
+                fs::copy(from.join(f), to.join(f)).unwrap();
+            }
+        };
+        type Mutate = fn(&Path, &Path);
+        let cases: [(&str, Mutate, &str); 4] = [
+            (
+                "root of another CA",
+                |dir, other| {
+                    fs::copy(other.join(ROOT_CERT_FILE), dir.join(ROOT_CERT_FILE)).unwrap();
+                },
+                "do not verify against root-cert.pem",
+            ),
+            (
+                "key of another CA",
+                |dir, other| {
+                    fs::copy(other.join(CA_KEY_FILE), dir.join(CA_KEY_FILE)).unwrap();
+                },
+                "is not the key of the certificate",
+            ),
+            (
+                "chain of another CA",
+                |dir, other| {
+                    fs::copy(other.join(CERT_CHAIN_FILE), dir.join(CERT_CHAIN_FILE)).unwrap();
+                },
+                "must begin with ca-cert.pem",
+            ),
+            (
+                "the root's key as the signing key",
+                |dir, _| {
+                    fs::copy(dir.join("root-ca-key.pem"), dir.join(CA_KEY_FILE)).unwrap();
+                },
+                "is not the key of the certificate",
+            ),
+        ];
+        for (name, mutate, want) in cases {
+            let dir = TempDir::new("plugin-bad");
+            copy(good.path(), dir.path());
+            fs::copy(
+                good.path().join("root-ca-key.pem"),
+                dir.path().join("root-ca-key.pem"),
+            )
+            .unwrap();
+            mutate(dir.path(), other.path());
+            let err = FileCa::open(dir.path())
+                .err()
+                .unwrap_or_else(|| panic!("{name}: accepted"));
+            assert!(err.to_string().contains(want), "{name}: {err}");
+        }
+        // Without cert-chain.pem the chain is the intermediate alone.
+        let dir = TempDir::new("plugin-no-chain");
+        copy(good.path(), dir.path());
+        fs::remove_file(dir.path().join(CERT_CHAIN_FILE)).unwrap();
+        let ca = FileCa::open(dir.path()).unwrap();
+        assert_eq!(ca.chain().len(), 1);
+    }
+
+    #[test]
+    fn a_plug_in_rotation_keeps_the_replaced_root_trusted() {
+        use crate::identity::testing::{KeyKind, write_plugin_ca};
+        let dir = TempDir::new("plugin-rotate");
+        write_plugin_ca(dir.path(), KeyKind::Rsa, KeyKind::EcP256).unwrap();
+        let ca = FileCa::open(dir.path()).unwrap();
+        let old_roots = ca.trust_bundle();
+        let next = TempDir::new("plugin-next");
+        write_plugin_ca(next.path(), KeyKind::EcP256, KeyKind::EcP256).unwrap();
+        // Key first, as a rotation by rename would; the half-done state is refused.
+        fs::copy(next.path().join(CA_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
+        assert!(ca.reload().is_err());
+        for f in [CA_CERT_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE] {
+            fs::copy(next.path().join(f), dir.path().join(f)).unwrap();
+        }
+        assert!(ca.reload().unwrap(), "the new CA is installed");
+        let bundle = ca.trust_bundle();
+        assert_eq!(bundle.len(), 2, "new root and the replaced one");
+        assert_eq!(bundle[1], old_roots[0]);
+    }
+
     /// The SEC1 `ECPrivateKey` inside ring's PKCS#8 encoding of `key`, as PEM.
     fn sec1_pem_of(key: &KeyPair) -> String {
-        const ALGORITHM: &[u8] = &[
-            0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-            0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
-        ];
+        const ALGORITHM: &[u8] = keys::P256_ALGORITHM;
         let der = key.serialize_der();
         let end = der
             .windows(ALGORITHM.len())
@@ -1080,7 +1416,7 @@ mod tests {
         };
         let sec1 = &der[end + header..];
         assert_eq!(
-            sec1_p256_to_pkcs8(sec1),
+            keys::wrap_pkcs8(keys::P256_ALGORITHM, sec1),
             der,
             "wrapping undoes the extraction"
         );

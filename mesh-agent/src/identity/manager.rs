@@ -45,8 +45,6 @@ pub enum IdentityError {
     InvalidCertificate { identity: String, reason: String },
     #[error("certificate for {identity}: released while it was being fetched")]
     Released { identity: String },
-    #[error("certificate for {identity}: signing task failed: {reason}")]
-    Task { identity: String, reason: String },
 }
 
 /// A workload certificate with its key, ready for rustls.
@@ -347,30 +345,29 @@ async fn keep_fresh(
     }
 }
 
-/// One key, CSR and signature (on a blocking thread: the CA may block). Returns the
-/// certificate and when to renew it: half of its remaining validity.
+/// One key, CSR and signature. Returns the certificate and when to renew it: half of its
+/// remaining validity.
 async fn fetch(
     ca: &Arc<dyn CertificateAuthority>,
     id: &Identity,
     lifetime: Duration,
 ) -> Result<(Arc<WorkloadCert>, Duration), IdentityError> {
     let issued = SystemTime::now();
-    let (ca, owned_id) = (ca.clone(), id.clone());
-    let cert = tokio::task::spawn_blocking(move || issue(&*ca, &owned_id, lifetime))
+    let (key, csr) = key_and_csr(id)?;
+    let chain = ca
+        .sign(&csr, id, lifetime)
         .await
-        .map_err(|e| IdentityError::Task {
+        .map_err(|e| IdentityError::Ca {
             identity: id.to_string(),
-            reason: e.to_string(),
-        })??;
+            source: Arc::new(e),
+        })?;
+    let cert = WorkloadCert::new(id, chain, &key)?;
     let renew_in = cert.not_after.duration_since(issued).unwrap_or_default() / 2;
     Ok((Arc::new(cert), renew_in))
 }
 
-fn issue(
-    ca: &dyn CertificateAuthority,
-    id: &Identity,
-    lifetime: Duration,
-) -> Result<WorkloadCert, IdentityError> {
+/// A fresh ECDSA P-256 key and a CSR (DER) naming `id`, as ztunnel sends them.
+fn key_and_csr(id: &Identity) -> Result<(KeyPair, Vec<u8>), IdentityError> {
     let key_error = |e: rcgen::Error| IdentityError::Key {
         identity: id.to_string(),
         reason: e.to_string(),
@@ -382,13 +379,7 @@ fn issue(
         Ia5String::try_from(id.to_string()).map_err(key_error)?,
     )];
     let csr = params.serialize_request(&key).map_err(key_error)?;
-    let chain = ca
-        .sign(csr.der(), id, lifetime)
-        .map_err(|e| IdentityError::Ca {
-            identity: id.to_string(),
-            source: Arc::new(e),
-        })?;
-    WorkloadCert::new(id, chain, &key)
+    Ok((key, csr.der().to_vec()))
 }
 
 /// Delay before retry number `attempt` (1-based): 1 s doubling up to 60 s, scaled by
@@ -441,21 +432,23 @@ mod tests {
     }
 
     impl CertificateAuthority for ScriptedCa {
-        fn sign(
-            &self,
-            csr_der: &[u8],
-            identity: &Identity,
+        fn sign<'a>(
+            &'a self,
+            csr_der: &'a [u8],
+            identity: &'a Identity,
             lifetime: Duration,
-        ) -> Result<Vec<CertificateDer<'static>>, CaError> {
-            std::thread::sleep(self.delay);
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            if self.fail.contains(&n) {
-                return Err(CaError::Sign {
-                    identity: identity.to_string(),
-                    reason: format!("scripted failure of call {n}"),
-                });
-            }
-            self.inner.sign(csr_der, identity, lifetime)
+        ) -> crate::identity::ca::SignFuture<'a> {
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.fail.contains(&n) {
+                    return Err(CaError::Sign {
+                        identity: identity.to_string(),
+                        reason: format!("scripted failure of call {n}"),
+                    });
+                }
+                self.inner.sign_now(csr_der, identity, lifetime)
+            })
         }
 
         fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {

@@ -87,3 +87,132 @@ pub fn replace_root(dir: &Path) {
     }
     let _ = std::fs::remove_dir_all(&staging);
 }
+
+/// A key kind for [`write_plugin_ca`].
+#[derive(Clone, Copy, Debug)]
+pub enum KeyKind {
+    /// RSA 2048, PKCS#1 PEM (`RSA PRIVATE KEY`), as Istio's sample plug-in CA.
+    Rsa,
+    /// ECDSA P-256, SEC1 PEM (`EC PRIVATE KEY`), as `openssl ecparam -genkey` writes.
+    EcP256,
+    /// ECDSA P-384, PKCS#8 PEM.
+    EcP384,
+}
+
+/// Writes Istio's plug-in CA layout into `dir` the way operators make it (Istio's
+/// `Makefile.selfsigned.mk`, with openssl; ring cannot generate RSA keys): a root of kind
+/// `root` (root-cert.pem, and its key in `root-ca-key.pem`, which the CA never reads), an
+/// intermediate of kind `intermediate` signed by it (ca-cert.pem, ca-key.pem, with
+/// basicConstraints CA:true, pathlen 0), and cert-chain.pem = intermediate + root.
+pub fn write_plugin_ca(dir: &Path, root: KeyKind, intermediate: KeyKind) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let openssl = |args: &[&str]| -> io::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+    };
+    let genkey = |kind: KeyKind, file: &str| match kind {
+        KeyKind::Rsa => openssl(&["genrsa", "-traditional", "-out", file, "2048"]),
+        KeyKind::EcP256 => openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            file,
+        ]),
+        KeyKind::EcP384 => openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-out",
+            file,
+        ]),
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "[root]\nbasicConstraints = critical, CA:true\nkeyUsage = critical, keyCertSign, cRLSign, digitalSignature\nsubjectKeyIdentifier = hash\n\n\
+         [intermediate]\nbasicConstraints = critical, CA:true, pathlen:0\nkeyUsage = critical, digitalSignature, nonRepudiation, keyEncipherment, keyCertSign\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid:always\nsubjectAltName = DNS:istiod.istio-system.svc\n",
+    )?;
+    genkey(root, "root-ca-key.pem")?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        "root-ca-key.pem",
+        "-subj",
+        "/O=Istio/CN=Root CA",
+        "-out",
+        "root.csr",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-sha256",
+        "-days",
+        "3650",
+        "-in",
+        "root.csr",
+        "-signkey",
+        "root-ca-key.pem",
+        "-extfile",
+        "ext.cnf",
+        "-extensions",
+        "root",
+        "-out",
+        "root-cert.pem",
+    ])?;
+    genkey(intermediate, "ca-key.pem")?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        "ca-key.pem",
+        "-subj",
+        "/O=Istio/CN=Intermediate CA/L=cluster1",
+        "-out",
+        "ca.csr",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-sha256",
+        "-days",
+        "730",
+        "-in",
+        "ca.csr",
+        "-CA",
+        "root-cert.pem",
+        "-CAkey",
+        "root-ca-key.pem",
+        "-CAcreateserial",
+        "-extfile",
+        "ext.cnf",
+        "-extensions",
+        "intermediate",
+        "-out",
+        "ca-cert.pem",
+    ])?;
+    let chain = [
+        std::fs::read(dir.join("ca-cert.pem"))?,
+        std::fs::read(dir.join("root-cert.pem"))?,
+    ]
+    .concat();
+    std::fs::write(dir.join("cert-chain.pem"), chain)?;
+    for scratch in ["ext.cnf", "root.csr", "ca.csr", "root-cert.srl"] {
+        let _ = std::fs::remove_file(dir.join(scratch));
+    }
+    Ok(())
+}

@@ -59,7 +59,11 @@ pub fn server_config(manager: &Arc<SecretManager>, id: &Identity) -> Arc<ServerC
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the ring provider supports TLS 1.3")
         .with_client_cert_verifier(Arc::new(ClientVerifier {
-            manager: manager.clone(),
+            bundle: {
+                let manager = manager.clone();
+                Box::new(move || manager.trust_bundle())
+            },
+            mandatory: true,
             provider,
         }))
         .with_cert_resolver(Arc::new(WorkloadCertResolver {
@@ -69,6 +73,28 @@ pub fn server_config(manager: &Arc<SecretManager>, id: &Identity) -> Arc<ServerC
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    Arc::new(config)
+}
+
+/// The server side of the certificate authority's API: TLS 1.3, ALPN `h2`, the server's
+/// certificate from `certificate`, and a client certificate optional (a caller may instead
+/// send a token) but, when presented, verified against `bundle()` read at handshake time.
+/// Which caller a certificate names is for the service to decide.
+pub fn ca_server_config(
+    bundle: impl Fn() -> Vec<CertificateDer<'static>> + Send + Sync + 'static,
+    certificate: Arc<dyn ResolvesServerCert>,
+) -> Arc<ServerConfig> {
+    let provider = crypto_provider();
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the ring provider supports TLS 1.3")
+        .with_client_cert_verifier(Arc::new(ClientVerifier {
+            bundle: Box::new(bundle),
+            mandatory: false,
+            provider,
+        }))
+        .with_cert_resolver(certificate);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Arc::new(config)
 }
 
@@ -235,7 +261,11 @@ impl ServerCertVerifier for ServerVerifier {
 /// Server side: a client certificate is required, must chain to the bundle and carry a
 /// SPIFFE identity (which one is for authorization to decide).
 struct ClientVerifier {
-    manager: Arc<SecretManager>,
+    /// The roots as they are now.
+    bundle: Box<dyn Fn() -> Vec<CertificateDer<'static>> + Send + Sync>,
+    /// HBONE: a certificate with a SPIFFE identity is required. Otherwise (the CA's API) a
+    /// client may present none.
+    mandatory: bool,
     provider: Arc<CryptoProvider>,
 }
 
@@ -251,7 +281,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     /// No hints: the bundle changes, and clients present their one certificate anyway.
@@ -274,14 +304,14 @@ impl ClientCertVerifier for ClientVerifier {
         };
         verify_chain(
             &self.provider,
-            &self.manager.trust_bundle(),
+            &(self.bundle)(),
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
         )
         .map_err(reject)?;
-        if presented.is_empty() {
+        if self.mandatory && presented.is_empty() {
             return Err(reject("no SPIFFE identity in the URI SANs".into()));
         }
         Ok(ClientCertVerified::assertion())
@@ -324,7 +354,7 @@ impl ClientCertVerifier for ClientVerifier {
 
 /// Path validation with rustls-webpki against `bundle` (signatures, validity at `now`, CA
 /// constraints, EKU `usage`). Names are not checked here: the callers check SPIFFE IDs.
-fn verify_chain(
+pub(crate) fn verify_chain(
     provider: &CryptoProvider,
     bundle: &[CertificateDer<'static>],
     end_entity: &CertificateDer<'_>,
@@ -394,7 +424,7 @@ mod tests {
 
     use super::*;
     use crate::identity::{
-        CaError, CertificateAuthority, FileCa,
+        CertificateAuthority, FileCa,
         testing::{TempDir, handshake, replace_root},
     };
 
@@ -420,12 +450,12 @@ mod tests {
     }
 
     impl CertificateAuthority for FixedTrustCa {
-        fn sign(
-            &self,
-            csr_der: &[u8],
-            identity: &Identity,
+        fn sign<'a>(
+            &'a self,
+            csr_der: &'a [u8],
+            identity: &'a Identity,
             lifetime: Duration,
-        ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        ) -> crate::identity::ca::SignFuture<'a> {
             self.signer.sign(csr_der, identity, lifetime)
         }
 

@@ -11,27 +11,24 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, deny, labels,
-    pod_socket, revocation::revoked,
+    ConnInfo, PodContext, Proxy, ProxyError, Tracked, connect, copy, deny, labels, pod_socket,
+    revocation::revoked,
 };
 use crate::admission::Peer;
 use crate::{ebpf::canonical, metrics::Reporter};
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Until the connection ends cleanly, closing it (or the agent dying) resets it.
-                copy::reset(&stream);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = handle(&proxy, &pod, stream, peer).await {
-                        super::connection_failed(&pod, "inbound", &e);
-                    }
-                });
+        let (stream, peer) =
+            crate::accept::next(&listener, || format!("{} inbound", pod.display_name())).await;
+        // Until the connection ends cleanly, closing it (or the agent dying) resets it.
+        copy::reset(&stream);
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(&proxy, &pod, stream, peer).await {
+                super::connection_failed(&pod, "inbound", &e);
             }
-            Err(e) => accept_backoff(&pod, "inbound", e).await,
-        }
+        });
     }
 }
 

@@ -12,8 +12,7 @@ use tokio::{
 };
 
 use super::{
-    ConnInfo, PodContext, Proxy, ProxyError, Tracked, accept_backoff, connect, copy, deny, inbound,
-    labels,
+    ConnInfo, PodContext, Proxy, ProxyError, Tracked, connect, copy, deny, inbound, labels,
     plan::{self, Hbone, Plan},
     pod_socket,
     revocation::revoked,
@@ -27,19 +26,16 @@ use crate::{
 
 pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Until the connection ends cleanly, closing it (or the agent dying) resets it.
-                copy::reset(&stream);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = handle(&proxy, &pod, stream, peer).await {
-                        super::connection_failed(&pod, "outbound", &e);
-                    }
-                });
+        let (stream, peer) =
+            crate::accept::next(&listener, || format!("{} outbound", pod.display_name())).await;
+        // Until the connection ends cleanly, closing it (or the agent dying) resets it.
+        copy::reset(&stream);
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(&proxy, &pod, stream, peer).await {
+                super::connection_failed(&pod, "outbound", &e);
             }
-            Err(e) => accept_backoff(&pod, "outbound", e).await,
-        }
+        });
     }
 }
 

@@ -586,10 +586,19 @@ impl Table {
         let n = plan.idle_connections;
         let batch = plan.enroll_batch;
         #[rustfmt::skip]
-        let single: [(&str, String, &'static str, usize, Option<Target>); 7] = [
+        let single: [(&str, String, &'static str, usize, Option<Target>); 16] = [
             ("conn/same", format!("agent RSS per idle conn ({n} held), same-node"), "KiB", 2, Some(AtMost(8.0))),
             ("conn/cross-src", format!("agent RSS per idle conn ({n} held), cross: src agent"), "KiB", 2, Some(AtMost(8.0))),
             ("conn/cross-dst", format!("agent RSS per idle conn ({n} held), cross: dst agent"), "KiB", 2, Some(AtMost(8.0))),
+            ("conn-fds/same", format!("agent descriptors per idle conn ({n} held), same-node"), "fds", 2, None),
+            ("conn-fds/cross-src", format!("agent descriptors per idle conn ({n} held), cross: src agent"), "fds", 2, None),
+            ("conn-fds/cross-dst", format!("agent descriptors per idle conn ({n} held), cross: dst agent"), "fds", 2, None),
+            ("conn-rss-left/same", format!("agent RSS above before, after the {n} closed, same-node"), "MiB", 1, None),
+            ("conn-rss-left/cross-src", format!("agent RSS above before, after the {n} closed, cross: src agent"), "MiB", 1, None),
+            ("conn-rss-left/cross-dst", format!("agent RSS above before, after the {n} closed, cross: dst agent"), "MiB", 1, None),
+            ("conn-fds-left/same", format!("agent descriptors above before, after the {n} closed, same-node"), "fds", 0, Some(AtMost(0.0))),
+            ("conn-fds-left/cross-src", format!("agent descriptors above before, after the {n} closed, cross: src agent"), "fds", 0, None),
+            ("conn-fds-left/cross-dst", format!("agent descriptors above before, after the {n} closed, cross: dst agent"), "fds", 0, None),
             ("rss-0", "agent RSS idle, 0 enrolled pods".into(), "MiB", 1, None),
             ("rss-batch", format!("agent RSS idle, {batch} enrolled pods"), "MiB", 1, Some(AtMost(20.0))),
             ("enroll-1", "enrollment of 1 pod: config written to captured".into(), "ms", 0, None),
@@ -1118,8 +1127,10 @@ fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> 
     bulk(plan, table, &cluster, &paths);
     keep_alive(plan, table, &cluster, &paths);
     fixed_rate(plan, table, &paths, exe_s);
-    churn(plan, table, &cluster, &paths);
+    // Before the churn: its TIME_WAIT sockets hold the client pod's ports to the server for
+    // a minute, and thousands of held connections need ports from the same range.
     idle_connections(plan, table, &cluster, &paths, exe_s, &config);
+    churn(plan, table, &cluster, &paths);
     cluster
         .teardown()
         .context("tearing the traffic cluster down")
@@ -2096,8 +2107,8 @@ fn idle_connections(
 ) {
     let n = plan.idle_connections;
     println!(
-        "\n-- memory per idle connection: {n} connections held open through the mesh, agent \
-         RSS before and after{}, {} round(s) --",
+        "\n-- idle connections: {n} held open through the mesh; each agent's RSS and \
+         descriptors before, while held and after they closed{}, {} round(s) --",
         if plan.restart_for_memory {
             " (agents restarted first)"
         } else {
@@ -2107,33 +2118,43 @@ fn idle_connections(
     );
     for rep in 0..plan.reps {
         for path in paths.iter().filter(|p| p.key != "nomesh") {
-            let keys: Vec<String> = if path.key == "same" {
-                vec!["conn/same".into()]
+            let agents: &[&str] = if path.key == "same" {
+                &["same"]
             } else {
-                vec!["conn/cross-src".into(), "conn/cross-dst".into()]
+                &["cross-src", "cross-dst"]
             };
+            let figures = ["conn", "conn-fds", "conn-rss-left", "conn-fds-left"];
             match idle_connections_once(plan, cluster, path, exe, config) {
-                Ok(per_conn) => {
-                    let shown: Vec<String> =
-                        per_conn.iter().map(|k| format!("{k:.2} KiB")).collect();
-                    println!(
-                        "  round {} {:<26} per connection: {}",
-                        rep + 1,
-                        path.label,
-                        shown.join(" (src node), ")
-                            + if per_conn.len() > 1 {
-                                " (dst node)"
-                            } else {
-                                ""
-                            }
-                    );
-                    for (key, value) in keys.iter().zip(per_conn) {
-                        table.add(key, value);
+                Ok(held) => {
+                    for (agent, h) in agents.iter().zip(&held) {
+                        let n = plan.idle_connections as f64;
+                        println!(
+                            "  round {} {:<26} {agent:<9} RSS {:.1} -> {:.1} -> {:.1} MiB, descriptors {} -> {} -> {} (before -> held -> closed)",
+                            rep + 1,
+                            path.label,
+                            h.rss_kib[0] as f64 / 1024.0,
+                            h.rss_kib[1] as f64 / 1024.0,
+                            h.rss_kib[2] as f64 / 1024.0,
+                            h.fds[0],
+                            h.fds[1],
+                            h.fds[2],
+                        );
+                        let values = [
+                            (h.rss_kib[1] as f64 - h.rss_kib[0] as f64) / n,
+                            (h.fds[1] as f64 - h.fds[0] as f64) / n,
+                            (h.rss_kib[2] as f64 - h.rss_kib[0] as f64) / 1024.0,
+                            h.fds[2] as f64 - h.fds[0] as f64,
+                        ];
+                        for (figure, value) in figures.iter().zip(values) {
+                            table.add(&format!("{figure}/{agent}"), value);
+                        }
                     }
                 }
                 Err(e) => {
-                    for key in &keys {
-                        table.fail(key, &e);
+                    for agent in agents {
+                        for figure in figures {
+                            table.fail(&format!("{figure}/{agent}"), &e);
+                        }
                     }
                 }
             }
@@ -2141,14 +2162,29 @@ fn idle_connections(
     }
 }
 
-/// KiB of agent RSS per held connection, one value per agent of the path.
+/// One agent's RSS and open descriptors before the connections, while they are held, and
+/// after they closed.
+struct Held {
+    rss_kib: [u64; 3],
+    fds: [u64; 3],
+}
+
+/// Reads every agent of `pids`.
+fn agent_readings(pids: &[u32]) -> Result<Vec<(u64, u64)>> {
+    pids.iter()
+        .map(|&p| Ok((bench::rss_kib(p)?, bench::fd_count(p)?)))
+        .collect()
+}
+
+/// Each agent of the path: RSS and descriptors before, during and after holding
+/// `plan.idle_connections` connections.
 fn idle_connections_once(
     plan: &Plan,
     cluster: &Cluster,
     path: &PathCase,
     exe: &str,
     config: &Path,
-) -> Result<Vec<f64>> {
+) -> Result<Vec<Held>> {
     if plan.restart_for_memory {
         restart_agents(plan, cluster, &path.agents, config)?;
     }
@@ -2161,10 +2197,16 @@ fn idle_connections_once(
         .iter()
         .map(|&n| agent_pid(cluster.node(n)))
         .collect::<Result<_>>()?;
-    let before: Vec<u64> = pids
-        .iter()
-        .map(|&p| bench::rss_kib(p))
-        .collect::<Result<_>>()?;
+    let before = agent_readings(&pids)?;
+    for &pid in &pids {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+        if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+            println!(
+                "    agent {pid}: {}",
+                line.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
     let count = plan.idle_connections.to_string();
     let holder = path.client.spawn(&[
         exe,
@@ -2177,18 +2219,36 @@ fn idle_connections_once(
         "600",
     ])?;
     let measured = (|| {
-        wait_log(&holder, "READY", Duration::from_secs(120))?;
+        wait_log(&holder, "READY", Duration::from_secs(300))?;
         std::thread::sleep(plan.settle);
-        pids.iter()
-            .map(|&p| bench::rss_kib(p))
-            .collect::<Result<Vec<u64>>>()
+        agent_readings(&pids)
     })();
     let _ = holder.stop();
-    let after = measured?;
+    let during = measured?;
+    // The agents close their sides once the client's are gone; the HBONE connections the
+    // pool opened for them go after --hbone-pool-idle-timeout (60 s). Wait for the
+    // descriptors to come back (at most 90 s), then give memory two of the agent's heap
+    // trims (every 5 s) to go back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut after = agent_readings(&pids)?;
+    while std::time::Instant::now() < deadline && after.iter().zip(&before).any(|(a, b)| a.1 > b.1)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        after = agent_readings(&pids)?;
+    }
+    // (A smoke run's figures mean nothing: it does not wait for the trims.)
+    if !plan.smoke {
+        std::thread::sleep(plan.settle.max(2 * mesh_agent::memory::TRIM_INTERVAL));
+    }
+    let after = agent_readings(&pids)?;
     Ok(before
         .iter()
+        .zip(&during)
         .zip(&after)
-        .map(|(&b, &a)| (a as f64 - b as f64) / plan.idle_connections as f64)
+        .map(|((b, d), a)| Held {
+            rss_kib: [b.0, d.0, a.0],
+            fds: [b.1, d.1, a.1],
+        })
         .collect())
 }
 

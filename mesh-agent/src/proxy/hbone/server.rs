@@ -32,41 +32,38 @@ use crate::{
     identity::{Identity, tls},
     metrics::Reporter,
     proxy::{
-        ConnInfo, PodContext, Proxy, Tracked, accept_backoff, copy, handshakes, inbound, labels,
+        ConnInfo, PodContext, Proxy, Tracked, copy, handshakes, inbound, labels,
         revocation::revoked,
     },
 };
 
 pub(crate) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listener: TcpListener) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
-                let slot = match proxy
-                    .handshakes
-                    .start(canonical(peer.ip()), canonical(local))
-                {
-                    Ok(slot) => slot,
-                    Err(refused) => {
-                        // Closed unanswered: the peer holds nothing of ours.
-                        proxy.metrics.handshake_refused();
-                        if let Some(suppressed) = crate::log_limit::once_per_interval!() {
-                            tracing::warn!(pod = %pod.display_name(), %peer, suppressed, "HBONE connection closed before its handshake: {refused}");
-                        }
-                        continue;
-                    }
-                };
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = serve_connection(proxy, pod.clone(), stream, peer, slot).await
-                        && let Some(suppressed) = crate::log_limit::once_per_interval!()
-                    {
-                        tracing::warn!(pod = %pod.display_name(), %peer, error = %e, suppressed, "HBONE connection failed");
-                    }
-                });
+        let (stream, peer) =
+            crate::accept::next(&listener, || format!("{} hbone", pod.display_name())).await;
+        let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
+        let slot = match proxy
+            .handshakes
+            .start(canonical(peer.ip()), canonical(local))
+        {
+            Ok(slot) => slot,
+            Err(refused) => {
+                // Closed unanswered: the peer holds nothing of ours.
+                proxy.metrics.handshake_refused();
+                if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+                    tracing::warn!(pod = %pod.display_name(), %peer, suppressed, "HBONE connection closed before its handshake: {refused}");
+                }
+                continue;
             }
-            Err(e) => accept_backoff(&pod, "hbone", e).await,
-        }
+        };
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(proxy, pod.clone(), stream, peer, slot).await
+                && let Some(suppressed) = crate::log_limit::once_per_interval!()
+            {
+                tracing::warn!(pod = %pod.display_name(), %peer, error = %e, suppressed, "HBONE connection failed");
+            }
+        });
     }
 }
 
@@ -88,20 +85,56 @@ pub(crate) async fn handshake(
     let handshake = async {
         let tls = acceptor.accept(stream).await?;
         let client = tls::peer_identity(tls.get_ref().1);
-        let connection = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(SERVER_MAX_STREAMS)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+        let connection = h2_server().handshake::<_, Bytes>(tls).await?;
         Ok::<_, BoxError>((client, connection))
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(done) => done,
         Err(_) => Err("handshake timed out".into()),
     }
+}
+
+/// HTTP/2 as the HBONE server speaks it: its windows, frame size, streams and header list.
+pub fn h2_server() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST);
+    builder
+}
+
+/// The target of an HBONE request: a `CONNECT` to an IP address and port (a host name is
+/// not a target), canonical (IPv4-mapped IPv6 as IPv4).
+pub fn connect_target(method: &Method, uri: &http::Uri) -> Option<SocketAddr> {
+    if method != Method::CONNECT {
+        return None;
+    }
+    let target = uri.authority()?.as_str().parse::<SocketAddr>().ok()?;
+    Some(SocketAddr::new(canonical(target.ip()), target.port()))
+}
+
+/// What a node proxy's HBONE server makes of a request to the pod with `pod_ips`: the
+/// target, or the status it is refused with and why.
+pub fn pod_target(
+    method: &Method,
+    uri: &http::Uri,
+    pod_ips: &[std::net::IpAddr],
+) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    let target =
+        connect_target(method, uri).ok_or((StatusCode::BAD_REQUEST, "malformed request"))?;
+    if !pod_ips.contains(&target.ip()) {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "target is not this pod's"));
+    }
+    if mesh_common::is_agent_pod_port(target.port()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "target is an agent port (self call)",
+        ));
+    }
+    Ok(target)
 }
 
 async fn serve_connection(
@@ -135,12 +168,13 @@ async fn serve_connection(
 /// until the peer ends the connection or it carries no stream for `idle_timeout`, when it
 /// is closed (GOAWAY). Accepting drives the connection: every stream's frames move while
 /// this runs.
-pub(crate) async fn serve_streams<F, Fut>(
-    mut connection: Connection,
+pub async fn serve_streams<T, F, Fut>(
+    mut connection: h2::server::Connection<T, Bytes>,
     idle_timeout: std::time::Duration,
     mut open: F,
 ) -> Result<(), h2::Error>
 where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     F: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -212,7 +246,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Answers a `CONNECT` with `code` and ends the stream.
-pub(crate) fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+pub fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = code;
     // Fails only if the client already reset the stream: nothing left to tell.
@@ -227,23 +261,13 @@ async fn handle(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    let target = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let (Method::CONNECT, Some(target)) = (req.method().clone(), target) else {
-        tracing::info!(pod = %pod.display_name(), %peer, method = %req.method(), uri = %req.uri(), "HBONE: malformed request");
-        return refuse(respond, StatusCode::BAD_REQUEST);
+    let target = match pod_target(req.method(), req.uri(), &pod.workload.ips) {
+        Ok(target) => target,
+        Err((code, why)) => {
+            tracing::info!(pod = %pod.display_name(), %peer, method = %req.method(), uri = %req.uri(), "HBONE: {why}");
+            return refuse(respond, code);
+        }
     };
-    let target = SocketAddr::new(canonical(target.ip()), target.port());
-    if !pod.workload.ips.contains(&target.ip()) {
-        tracing::info!(pod = %pod.display_name(), %peer, %target, "HBONE: target is not this pod's");
-        return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
-    }
-    if mesh_common::is_agent_pod_port(target.port()) {
-        tracing::info!(pod = %pod.display_name(), %peer, %target, "HBONE: target is an agent port (self call)");
-        return refuse(respond, StatusCode::BAD_REQUEST);
-    }
     // The application sees the client pod's address: the tunnel's own source.
     let source = SocketAddr::new(canonical(peer.ip()), peer.port());
     let (state, config) = proxy.config();
@@ -312,4 +336,47 @@ async fn handle(
         t.downstream_to_upstream,
         error.as_ref(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_proxy_serves_connects_to_its_pod_and_refuses_the_rest_with_a_reason() {
+        let pod: [std::net::IpAddr; 2] = ["10.1.0.7".parse().unwrap(), "fd00::7".parse().unwrap()];
+        let uri = |s: &str| s.parse::<http::Uri>().unwrap();
+        let ok = |m: Method, u: &str| pod_target(&m, &uri(u), &pod);
+        assert_eq!(
+            ok(Method::CONNECT, "10.1.0.7:8080"),
+            Ok("10.1.0.7:8080".parse().unwrap())
+        );
+        assert_eq!(
+            ok(Method::CONNECT, "[fd00::7]:80"),
+            Ok("[fd00::7]:80".parse().unwrap())
+        );
+        assert_eq!(
+            ok(Method::CONNECT, "[::ffff:10.1.0.7]:8080"),
+            Ok("10.1.0.7:8080".parse().unwrap()),
+            "IPv4-mapped is the IPv4 address"
+        );
+        let refused = [
+            (Method::GET, "10.1.0.7:8080", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "web.shop:8080", StatusCode::BAD_REQUEST),
+            (
+                Method::CONNECT,
+                "10.1.0.8:8080",
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (Method::CONNECT, "10.1.0.7:15008", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "10.1.0.7:15001", StatusCode::BAD_REQUEST),
+        ];
+        for (method, target, code) in refused {
+            assert_eq!(
+                ok(method.clone(), target).map_err(|(c, _)| c),
+                Err(code),
+                "{method} {target}"
+            );
+        }
+    }
 }
