@@ -2,6 +2,7 @@
 //! setup, building, the full lint + kernel test run used by CI, and the demo.
 #![forbid(unsafe_code)]
 
+mod fuzz;
 mod manifests;
 mod process;
 mod setup;
@@ -189,14 +190,21 @@ fn test(env: &Env, test_args: &[String]) -> Result<ExitCode> {
             .arg("--smoke"),
     )
     .is_ok();
-    let status_ok = status.success() && bench_ok;
+    // Every fuzz target briefly on its corpus: a crash fails the suite.
+    let fuzz = fuzz::run_all(env);
+    if let Err(e) = &fuzz {
+        eprintln!("xtask: fuzzing failed: {e:#}");
+    }
+    let fuzz_ok = fuzz.is_ok();
+    let status_ok = status.success() && bench_ok && fuzz_ok;
 
     let secs = started.elapsed().as_secs();
     let verdict = if status_ok { "ok" } else { "FAILED" };
     println!(
-        "xtask test: {verdict}: fmt ok, clippy ok, build ok, bench smoke {}, tests {} passed, \
-         {} failed, {} ignored in {} binaries ({}m{:02}s)",
+        "xtask test: {verdict}: fmt ok, clippy ok, build ok, bench smoke {}, fuzz {}, tests {} \
+         passed, {} failed, {} ignored in {} binaries ({}m{:02}s)",
         if bench_ok { "ok" } else { "FAILED" },
+        if fuzz_ok { "ok" } else { "FAILED" },
         totals.passed,
         totals.failed,
         totals.ignored,

@@ -38,6 +38,11 @@ impl Env {
         Ok(Self { root, cargo, path })
     }
 
+    /// The workspace root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// A command run from the workspace root with our PATH.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new(program);

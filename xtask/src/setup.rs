@@ -10,14 +10,17 @@ use crate::process::{self, Env};
 /// Where Debian's llvm-22 packages put LLVM; bpf-linker is built against it.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz, which builds and runs the targets under fuzz/ in `cargo xtask test`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Components of the nightly toolchain: rust-src for `-Z build-std=core` (the eBPF
 /// build), clippy for the eBPF crate's own lint run in `cargo xtask test`.
 const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 /// Components of the toolchain that runs xtask, used by `cargo xtask test`.
 const STABLE_COMPONENTS: [&str; 2] = ["clippy", "rustfmt"];
 /// Programs the suite and `mesh-bench` run inside pods (program, Debian package): load
-/// generators, a reverse proxy, Prometheus and Graphviz; and kubectl for the manifests test.
-const BENCH_TOOLS: [(&str, &str); 7] = [
+/// generators, a reverse proxy, Prometheus and Graphviz; kubectl for the manifests test; and
+/// openssl, with which the CA tests make Istio's plug-in CA files as operators do.
+const BENCH_TOOLS: [(&str, &str); 8] = [
     ("iperf3", "iperf3"),
     ("wrk", "wrk"),
     // The reverse proxy the waypoint is measured against.
@@ -30,6 +33,7 @@ const BENCH_TOOLS: [(&str, &str); 7] = [
     ("dot", "graphviz"),
     // `kubectl kustomize` builds every kustomization under deploy/ in the manifests test.
     ("kubectl", "kubernetes-client"),
+    ("openssl", "openssl"),
 ];
 
 /// Debian's "do not start services from package scripts" hook: the benchmark runs its
@@ -82,6 +86,16 @@ pub fn setup(env: &Env) -> Result<()> {
                  {wanted:?}: is another bpf-linker earlier in PATH?"
             ),
         }
+    }
+
+    let fuzz_ok = process::stdout_of(env.command("cargo-fuzz").arg("--version")).is_some();
+    report(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}"), fuzz_ok);
+    if !fuzz_ok {
+        process::run(env.cargo().current_dir(std::env::temp_dir()).args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]))?;
     }
     Ok(())
 }
