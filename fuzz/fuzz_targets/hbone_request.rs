@@ -33,14 +33,20 @@ fuzz_target!(|data: &[u8]| {
                 return;
             };
             let pod_ips = ["10.1.0.7".parse().unwrap()];
-            let _ = server::serve_streams(connection, Duration::from_millis(50), |req, respond| {
-                let code = match server::pod_target(req.method(), req.uri(), &pod_ips) {
-                    Ok(_) => http::StatusCode::SERVICE_UNAVAILABLE,
-                    Err((code, _)) => code,
-                };
-                server::refuse(respond, code);
-                std::future::ready(())
-            })
+            let never = mesh_agent::drain::Drain::default();
+            let _ = server::serve_streams(
+                connection,
+                Duration::from_millis(50),
+                never.signal(),
+                |req, respond| {
+                    let code = match server::pod_target(req.method(), req.uri(), &pod_ips) {
+                        Ok(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+                        Err((code, _)) => code,
+                    };
+                    server::refuse(respond, code);
+                    std::future::ready(())
+                },
+            )
             .await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), serve).await;

@@ -12,6 +12,8 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::handoff::{ListenerKey, Listeners};
+
 /// How long a client has to send a request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,9 +58,15 @@ pub struct AdminError {
     pub source: std::io::Error,
 }
 
-/// Binds `addr` now (so a taken port is a start-up error) and serves it in the background.
-pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<SocketAddr, AdminError> {
-    serve_with(addr, handler, HEADER_TIMEOUT).await
+/// Binds `addr` now (so a taken port is a start-up error), or takes it from what a
+/// predecessor passed (ADR 014), and serves it in the background until a successor takes
+/// it over.
+pub async fn serve(
+    addr: SocketAddr,
+    handler: Arc<dyn Handler>,
+    listeners: &Arc<Listeners>,
+) -> Result<SocketAddr, AdminError> {
+    serve_with(addr, handler, HEADER_TIMEOUT, listeners).await
 }
 
 /// Serves a proxy's three admin ports as Istio's proxies do: the config dump (15000) on
@@ -68,12 +76,16 @@ pub async fn serve(addr: SocketAddr, handler: Arc<dyn Handler>) -> Result<Socket
 /// show already).
 /// Each port answers only its own paths: the config dump and `/debug/*` never leave
 /// loopback.
-pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
+pub async fn serve_ports(
+    handler: Arc<dyn Handler>,
+    listeners: &Arc<Listeners>,
+) -> Result<(), AdminError> {
     use mesh_common::{ADMIN_PORT, METRICS_PORT, READINESS_PORT};
     use std::net::{Ipv4Addr, Ipv6Addr};
     serve(
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
         handler.clone(),
+        listeners,
     )
     .await?;
     for (port, paths) in [
@@ -87,7 +99,12 @@ pub async fn serve_ports(handler: Arc<dyn Handler>) -> Result<(), AdminError> {
             paths,
             inner: handler.clone(),
         });
-        serve(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), only).await?;
+        serve(
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+            only,
+            listeners,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -120,16 +137,23 @@ async fn serve_with(
     addr: SocketAddr,
     handler: Arc<dyn Handler>,
     header_timeout: Duration,
+    listeners: &Arc<Listeners>,
 ) -> Result<SocketAddr, AdminError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| AdminError { addr, source })?;
+    let error = |source| AdminError { addr, source };
+    let netns = crate::sys::current_netns_cookie().map_err(error)?;
+    let listening = listeners
+        .listen(ListenerKey { netns, addr }, || bind(addr))
+        .map_err(error)?;
+    let listener = TcpListener::from_std(listening.socket.into()).map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    let (listeners, offered) = (listeners.clone(), listening.registration);
     tokio::spawn(async move {
+        let _offered = offered;
         loop {
-            let (stream, _) = crate::accept::next(&listener, || format!("admin {bound}")).await;
+            let (stream, _) = tokio::select! {
+                accepted = crate::accept::next(&listener, || format!("admin {bound}")) => accepted,
+                () = listeners.handed_over() => return,
+            };
             let handler = handler.clone();
             let service = service_fn(move |request| {
                 let handler = handler.clone();
@@ -145,6 +169,16 @@ async fn serve_with(
         }
     });
     Ok(bound)
+}
+
+/// A listening socket at `addr`, as `TcpListener::bind` makes it.
+fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
 }
 
 fn answer(request: &Request<Incoming>, handler: &dyn Handler) -> http::Response<Full<Bytes>> {
@@ -215,9 +249,14 @@ mod tests {
     #[tokio::test]
     async fn answers_get_refuses_other_methods_and_drops_a_stalled_head() {
         let local = "127.0.0.1:0".parse().unwrap();
-        let addr = serve_with(local, Arc::new(Paths), Duration::from_millis(200))
-            .await
-            .unwrap();
+        let addr = serve_with(
+            local,
+            Arc::new(Paths),
+            Duration::from_millis(200),
+            &Listeners::new(),
+        )
+        .await
+        .unwrap();
         let ok = exchange(addr, b"GET /healthz/ready?x=1 HTTP/1.1\r\nhost: a\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(

@@ -20,6 +20,7 @@ use crate::{
     },
     ebpf::{self, AttachType, Datapath},
     enroll::{EnrollOptions, EnrolledDump, Enroller, netns},
+    handoff::{self, Listeners},
     identity::SecretManager,
     metrics::Metrics,
     proxy::{Proxy, ProxyParts},
@@ -118,10 +119,15 @@ pub struct RunConfig {
     /// The kubelet's cgroups (its probes reach pods without the proxy); empty: the
     /// cgroups, under `cgroup`, of a process named `kubelet`.
     pub kubelet_cgroups: Vec<PathBuf>,
+    /// Where a running agent offers its listeners to its successor (ADR 014).
+    pub handoff_socket: PathBuf,
+    /// How long an agent that handed over waits for its connections to end.
+    pub drain_period: Duration,
 }
 
-/// Runs until SIGTERM or SIGINT. On the way out nothing is released: pods stay captured
-/// and fail closed until an agent comes back and adopts the pinned programs.
+/// Runs until SIGTERM or SIGINT, or until a new agent took its listeners over and the
+/// connections it carries ended (ADR 014). On the way out nothing is released: pods stay
+/// captured, and fail closed until an agent comes back and adopts the pinned programs.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -130,6 +136,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     crate::accept::raise_fd_limit();
     netns::init_host().context("opening the agent's own network namespace")?;
+    // Before anything is bound: the listeners of an agent still running here, if one is.
+    let (listeners, mut predecessor) = take_over(&cfg.handoff_socket).await?;
     let cgroup = match &cfg.cgroup {
         Some(c) => c.clone(),
         None => cgroup2_root()?,
@@ -180,7 +188,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         proc_root: cfg.proc_root.clone(),
         kube,
     };
-    let mut enroller = Enroller::new(cfg.node.clone(), options, datapath, proxy.clone());
+    let mut enroller = Enroller::new(
+        cfg.node.clone(),
+        options,
+        datapath,
+        proxy.clone(),
+        listeners.clone(),
+    );
 
     let view = Arc::new(AdminView {
         node: cfg.node.clone(),
@@ -196,14 +210,34 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     });
     // Metrics and readiness on the node's addresses too, where Prometheus scrapes them
     // (as ztunnel serves 15020 and 15021); the config dump on loopback.
-    admin::serve_ports(view.clone()).await?;
+    admin::serve_ports(view.clone(), &listeners).await?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut successor = match predecessor {
+        None => offer(&cfg.handoff_socket, &listeners),
+        Some(_) => None,
+    };
+    let mut handed_over = false;
     let mut rx = state;
     loop {
         let current = rx.borrow_and_update().clone();
         enroller.reconcile(&current).await;
+        // Serving now: the predecessor may stop accepting.
+        if let Some(old) = predecessor.take() {
+            let unclaimed = listeners.close_unclaimed();
+            if !unclaimed.is_empty() {
+                tracing::info!(
+                    count = unclaimed.len(),
+                    "closed inherited listeners no pod here needs"
+                );
+            }
+            match old.release() {
+                Ok(()) => tracing::info!("took over from the previous agent; it drains"),
+                Err(e) => tracing::warn!(error = %e, "could not tell the previous agent to drain"),
+            }
+            successor = offer(&cfg.handoff_socket, &listeners);
+        }
         *view.status.lock().expect("status lock") = Status {
             ready: enroller.ready(),
             enrolled: enroller.dump(),
@@ -216,13 +250,60 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = tokio::time::sleep(RETRY_INTERVAL), if retry => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+            taken = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
+                if taken.is_ok() {
+                    handed_over = true;
+                    break;
+                }
+                successor = None;
+            }
         }
     }
+    // Stops the accept loops; the datapath is the successor's from now on.
     enroller.shutdown();
+    if handed_over {
+        let live = proxy.drain.live();
+        tracing::info!(connections = live, period = ?cfg.drain_period, "handed over to the new agent; draining");
+        tokio::select! {
+            left = proxy.drain.drain(cfg.drain_period) => match left {
+                0 => tracing::info!("drained: every connection ended"),
+                left => tracing::warn!(connections = left, "drain period over; closing the connections left"),
+            },
+            _ = term.recv() => tracing::warn!(connections = proxy.drain.live(), "told to stop while draining"),
+            _ = int.recv() => tracing::warn!(connections = proxy.drain.live(), "told to stop while draining"),
+        }
+        return Ok(());
+    }
     tracing::info!(
         "agent stopping; enrolled pods stay captured and fail closed until an agent returns"
     );
     Ok(())
+}
+
+/// The listeners of the agent offering them at `path`, and that agent (to release once
+/// this one serves); nothing inherited when no agent offers there.
+async fn take_over(path: &Path) -> anyhow::Result<(Arc<Listeners>, Option<handoff::Predecessor>)> {
+    let at = path.to_owned();
+    let taken = tokio::task::spawn_blocking(move || handoff::take_over(&at))
+        .await?
+        .with_context(|| format!("taking over the listeners offered at {}", path.display()))?;
+    Ok(match taken {
+        Some((predecessor, sockets)) => {
+            tracing::info!(listeners = sockets.len(), socket = %path.display(), "an agent is running here: taking over its listeners");
+            (Listeners::inheriting(sockets), Some(predecessor))
+        }
+        None => (Listeners::new(), None),
+    })
+}
+
+/// Offers `listeners` to a successor at `path`; a restart is not hitless if that fails,
+/// which is said, not fatal.
+fn offer(path: &Path, listeners: &Arc<Listeners>) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    handoff::offer(path, listeners.clone())
+        .inspect_err(|e| {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot offer the listeners to a successor: a restart will refuse connections until it is up")
+        })
+        .ok()
 }
 
 /// The cgroup ids of the node's kubelet: the ones given, or those found under `cgroup`.

@@ -24,6 +24,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use self::netns::Netns;
 use crate::{
     ebpf::{Datapath, EbpfError},
+    handoff::{ListenerKey, Listeners, Registration},
     identity::{Identity, tls},
     proxy::{PodContext, PodListeners, Proxy},
     state::{MeshState, Workload},
@@ -102,6 +103,8 @@ impl EnrollError {
 struct Enrolled {
     pod: Arc<PodContext>,
     tasks: Vec<JoinHandle<()>>,
+    /// Its listeners, offered to a successor while the pod is enrolled.
+    _offered: Vec<Registration>,
 }
 
 /// What `/config_dump` shows of an enrolled pod.
@@ -131,6 +134,9 @@ pub struct Enroller {
     options: EnrollOptions,
     datapath: Arc<Mutex<Datapath>>,
     proxy: Arc<Proxy>,
+    /// Where pods' listening sockets come from (a predecessor's, else bound) and are
+    /// offered to a successor.
+    listeners: Arc<Listeners>,
     pods: BTreeMap<String, Enrolled>,
     /// Pods that should be captured but could not be, with the reason.
     failed: BTreeMap<String, String>,
@@ -146,12 +152,14 @@ impl Enroller {
         options: EnrollOptions,
         datapath: Arc<Mutex<Datapath>>,
         proxy: Arc<Proxy>,
+        listeners: Arc<Listeners>,
     ) -> Self {
         Enroller {
             node,
             options,
             datapath,
             proxy,
+            listeners,
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -306,9 +314,9 @@ impl Enroller {
                 for (name, what) in POD_SYSCTLS {
                     std::fs::write(sysctl.join(name), "1").map_err(setup(what))?;
                 }
-                let listeners = bind_listeners(&pod, w)?;
-                let cookie = crate::sys::netns_cookie(&listeners.outbound[0])
+                let cookie = crate::sys::current_netns_cookie()
                     .map_err(setup("reading the netns cookie"))?;
+                let listeners = bind_listeners(&pod, w, &self.listeners, cookie)?;
                 let netlink = rtnetlink::new_connection().map_err(setup("opening netlink"))?;
                 Ok((listeners, cookie, netlink))
             })
@@ -325,7 +333,7 @@ impl Enroller {
         connection.abort();
         routes?;
 
-        let listeners = to_tokio(&pod, listeners)?;
+        let (listeners, offered) = to_tokio(&pod, listeners)?;
         {
             let dp_err = |source| EnrollError::Datapath {
                 pod: pod.clone(),
@@ -352,7 +360,11 @@ impl Enroller {
             hbone_tls,
         });
         let tasks = self.proxy.serve_pod(ctx.clone(), listeners);
-        Ok(Enrolled { pod: ctx, tasks })
+        Ok(Enrolled {
+            pod: ctx,
+            tasks,
+            _offered: offered,
+        })
     }
 
     fn release(&self, e: Enrolled) {
@@ -472,22 +484,37 @@ fn listener_addrs(w: &Workload) -> Vec<String> {
     out
 }
 
-/// Listeners as std sockets, bound in the current (pod) namespace.
+/// Listeners as std sockets, in the current (pod) namespace.
 struct StdListeners {
     outbound: Vec<Socket>,
     inbound: Vec<Socket>,
     hbone: Vec<Socket>,
+    offered: Vec<Registration>,
 }
 
-fn bind_listeners(pod: &str, w: &Workload) -> Result<StdListeners, EnrollError> {
+/// The pod's listeners, in its namespace (cookie `netns`), the current one: those a
+/// predecessor passed where it passed them, else bound now.
+fn bind_listeners(
+    pod: &str,
+    w: &Workload,
+    listeners: &Arc<Listeners>,
+    netns: u64,
+) -> Result<StdListeners, EnrollError> {
     let v4 = w.ips.iter().any(IpAddr::is_ipv4);
     let v6 = w.ips.iter().any(IpAddr::is_ipv6);
-    let bind = |addr: SocketAddr| {
-        bind_one(addr).map_err(|source| EnrollError::Bind {
-            pod: pod.to_owned(),
-            addr,
-            source,
-        })
+    let mut offered = Vec::new();
+    let mut bind = |addr: SocketAddr| {
+        let key = ListenerKey { netns, addr };
+        let listening =
+            listeners
+                .listen(key, || bind_one(addr))
+                .map_err(|source| EnrollError::Bind {
+                    pod: pod.to_owned(),
+                    addr,
+                    source,
+                })?;
+        offered.push(listening.registration);
+        Ok::<_, EnrollError>(listening.socket)
     };
     let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
@@ -495,6 +522,7 @@ fn bind_listeners(pod: &str, w: &Workload) -> Result<StdListeners, EnrollError> 
         outbound: Vec::new(),
         inbound: Vec::new(),
         hbone: Vec::new(),
+        offered: Vec::new(),
     };
     // Outbound on loopback of both families: connect4/6 rewrite to 127.0.0.1 / ::1.
     l.outbound.push(bind(SocketAddr::new(
@@ -511,6 +539,7 @@ fn bind_listeners(pod: &str, w: &Workload) -> Result<StdListeners, EnrollError> 
             l.hbone.push(bind(SocketAddr::new(any, HBONE_PORT))?);
         }
     }
+    l.offered = offered;
     Ok(l)
 }
 
@@ -531,7 +560,7 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
-fn to_tokio(pod: &str, l: StdListeners) -> Result<PodListeners, EnrollError> {
+fn to_tokio(pod: &str, l: StdListeners) -> Result<(PodListeners, Vec<Registration>), EnrollError> {
     let conv = |v: Vec<Socket>| -> Result<Vec<TcpListener>, EnrollError> {
         v.into_iter()
             .map(|s| {
@@ -543,11 +572,12 @@ fn to_tokio(pod: &str, l: StdListeners) -> Result<PodListeners, EnrollError> {
             })
             .collect()
     };
-    Ok(PodListeners {
+    let listeners = PodListeners {
         outbound: conv(l.outbound)?,
         inbound: conv(l.inbound)?,
         hbone: conv(l.hbone)?,
-    })
+    };
+    Ok((listeners, l.offered))
 }
 
 /// `ip rule add pref 100 fwmark DELIVERY_MARK lookup 133`, `ip route add local default dev lo

@@ -225,6 +225,15 @@ struct RunArgs {
     /// --cgroup).
     #[arg(long)]
     kubelet_cgroup: Vec<PathBuf>,
+    /// Unix socket where the running agent offers its listeners to the next one, which
+    /// takes them over instead of binding (a restart refuses no connection); default:
+    /// /var/run/mesh-agent/<bpffs dir name>.handoff.sock.
+    #[arg(long)]
+    handoff_socket: Option<PathBuf>,
+    /// After handing its listeners over, how long the old agent waits for the connections
+    /// it carries to end before it exits.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_period: Duration,
 }
 
 /// `mesh-agent waypoint`.
@@ -482,6 +491,8 @@ fn main() -> anyhow::Result<()> {
                 hbone_idle_timeout,
                 hbone_pool_idle_timeout,
                 kubelet_cgroup,
+                handoff_socket,
+                drain_period,
             } = *args;
             let settings = Settings {
                 trust_domain,
@@ -492,7 +503,6 @@ fn main() -> anyhow::Result<()> {
                 source: config_source(config, kubeconfig),
                 proc_root,
                 cgroup,
-                pin_dir: bpffs_dir,
                 settings,
                 ca: ca.source()?,
                 cert_lifetime,
@@ -504,6 +514,10 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 kubelet_cgroups: kubelet_cgroup,
+                handoff_socket: handoff_socket
+                    .unwrap_or_else(|| mesh_agent::handoff::default_path(&bpffs_dir)),
+                pin_dir: bpffs_dir,
+                drain_period,
             };
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = worker_threads {

@@ -131,6 +131,8 @@ pub struct Proxy {
     /// The enrolled pods of this node by address (the same-node path): read by every
     /// connection without a lock, replaced whole when a pod comes or goes.
     local_pods: ArcSwap<HashMap<IpAddr, Arc<PodContext>>>,
+    /// The connections carried, for a drain after a handover (ADR 014).
+    pub drain: crate::drain::Drain,
     /// Round-robin position for service endpoints.
     picks: std::sync::atomic::AtomicUsize,
 }
@@ -193,6 +195,7 @@ impl Proxy {
             picks: std::sync::atomic::AtomicUsize::new(0),
             sockmap,
             local_pods: ArcSwap::default(),
+            drain: crate::drain::Drain::default(),
         }
     }
 

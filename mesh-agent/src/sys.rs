@@ -2,7 +2,8 @@
 //! the crate where `unsafe` is allowed: the `bpf(2)` commands aya does not expose (link
 //! create/update/detach on arbitrary targets, pinning by fd, attachment queries,
 //! lock-free map operations), socket cookies, pipes and `splice(2)` for the same-node
-//! pump, and `malloc_trim`. Each `unsafe` block carries its SAFETY argument.
+//! pump, `malloc_trim`, and receiving descriptors over a Unix socket (the hitless
+//! restart's handoff). Each `unsafe` block carries its SAFETY argument.
 #![allow(unsafe_code)]
 
 use std::{
@@ -277,4 +278,56 @@ pub fn malloc_trim() -> bool {
     // SAFETY: malloc_trim takes no pointer and only walks the allocator's own state,
     // under its locks; any thread may call it at any time.
     unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Takes ownership of a descriptor a system call just returned (`accept(2)`).
+pub fn own_fd(fd: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: the caller passes a descriptor it was just given and nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE` of a socket
+/// made for the purpose).
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let probe = std::os::unix::net::UnixDatagram::unbound()?;
+    netns_cookie(&probe)
+}
+
+/// Receives one record on `sock` into `buf` with at most `max_fds` descriptors, made
+/// close-on-exec: the record's length (0: the peer closed) and the descriptors. A record
+/// whose descriptors did not all fit is an error (those that came are closed).
+pub fn recv_with_fds(
+    sock: &impl AsFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let fd_bytes = u32::try_from(max_fds * std::mem::size_of::<std::os::fd::RawFd>())
+        .map_err(io::Error::other)?;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut control),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: SCM_RIGHTS descriptors are new in this process and owned by no one.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other(
+            "descriptors were cut off (too many in one record)",
+        ));
+    }
+    Ok((msg.bytes, fds))
 }

@@ -246,7 +246,7 @@ pub async fn run(cfg: WaypointConfig) -> anyhow::Result<()> {
     });
     // Readiness and metrics on the pod's addresses, where the kubelet probes and
     // Prometheus scrapes (as Istio's waypoints serve 15021 and 15020).
-    admin::serve_ports(view.clone()).await?;
+    admin::serve_ports(view.clone(), &crate::handoff::Listeners::new()).await?;
     match cfg.role {
         Role::Waypoint => {
             tracing::info!(waypoint = %format!("{}/{}", cfg.namespace, cfg.name), identity = %waypoint.identity, listen = ?cfg.listen, "waypoint ready")
@@ -363,9 +363,12 @@ async fn accept_loop(
                 let (client, connection) =
                     server::handshake(stream, tls, waypoint.limits.handshake_timeout).await?;
                 drop(slot);
+                // Waypoints are replaced by a rollout, not by a handover: never drained.
+                let never = tokio_util::sync::CancellationToken::new();
                 server::serve_streams(
                     connection,
                     waypoint.limits.hbone_idle_timeout,
+                    &never,
                     |req, respond| {
                         let tunnel = TunnelContext {
                             waypoint: waypoint.clone(),

@@ -48,6 +48,8 @@ pub const METRICS_PORT: u16 = 15020;
 pub const READINESS_PORT: u16 = 15021;
 /// How long `start_agent` waits for `/healthz/ready`.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// What an agent logs when a successor took its listeners over.
+const HANDED_OVER: &str = "a new agent took over the listeners";
 
 const BPFFS: &str = "/sys/fs/bpf";
 /// Sub-cgroups of a node's cgroup for what is not a pod (leading `_`: never a pod name).
@@ -1210,6 +1212,10 @@ impl Node {
         if !own_ca {
             cmd.arg("--ca-dir").arg(&ca_dir);
         }
+        // The node's own handoff socket (the default is one per machine).
+        if !extra.contains(&"--handoff-socket") {
+            cmd.arg("--handoff-socket").arg(self.handoff_socket());
+        }
         // Plain log lines: field matching (`src.addr=`) must not meet colour codes.
         cmd.env("NO_COLOR", "1");
         self.had_agent.store(true, Ordering::Relaxed);
@@ -1219,6 +1225,38 @@ impl Node {
                     .spawn(&self.name, cmd, &format!("{}-agent", self.name), false)?,
             );
         Ok(())
+    }
+
+    /// Where this node's agent offers its listeners to a successor.
+    pub fn handoff_socket(&self) -> PathBuf {
+        self.shared
+            .workdir
+            .join(format!("{}-handoff.sock", self.name))
+    }
+
+    /// Starts a new agent (`config`, `extra`) beside the running one, as an in-place
+    /// upgrade does: it takes the running agent's listeners over the handoff socket. Waits
+    /// until the old agent says it handed them over (the new one then serves) and returns
+    /// the old process, which drains and exits by itself.
+    pub fn take_over_agent(&self, config: &Path, extra: &[&str]) -> Result<Process> {
+        let old = lock(&self.agent)
+            .take()
+            .with_context(|| format!("{}: no agent to take over from", self.name))?;
+        self.spawn_agent(config, extra)?;
+        let new = self.agent().context("the new agent")?;
+        let handed_over = crate::eventually(AGENT_READY_TIMEOUT, || {
+            old.log_text().contains(HANDED_OVER) || new.try_wait().is_some()
+        });
+        if !handed_over || new.try_wait().is_some() {
+            bail!(
+                "{}: the new agent did not take over within {AGENT_READY_TIMEOUT:?}; old agent's log:\n{}\nnew agent's log:\n{}",
+                self.name,
+                tail(&old.log_text(), 30),
+                tail(&new.log_text(), 60)
+            );
+        }
+        self.wait_agent_ready(AGENT_READY_TIMEOUT)?;
+        Ok(old)
     }
 
     /// Waits until the agent answers 200 on `/healthz/ready`; fails early if it exits.

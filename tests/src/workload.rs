@@ -455,6 +455,107 @@ pub fn hold(to: SocketAddr, duration: Duration) -> Result<()> {
     Ok(())
 }
 
+/// What [`churn`] counted.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ChurnReport {
+    /// Connections attempted, and those that carried their exchange to the end.
+    pub attempts: u64,
+    pub ok: u64,
+    /// Failures by kind: refused (nothing listened), reset, timed out, anything else.
+    pub refused: u64,
+    pub reset: u64,
+    pub timeout: u64,
+    pub other: u64,
+    /// The first failures, as text.
+    pub errors: Vec<String>,
+}
+
+impl ChurnReport {
+    pub fn failures(&self) -> u64 {
+        self.refused + self.reset + self.timeout + self.other
+    }
+
+    fn add(&mut self, other: ChurnReport) {
+        self.attempts += other.attempts;
+        self.ok += other.ok;
+        self.refused += other.refused;
+        self.reset += other.reset;
+        self.timeout += other.timeout;
+        self.other += other.other;
+        self.errors.extend(other.errors);
+        self.errors.truncate(10);
+    }
+}
+
+/// New connections to each echo server in `to`, one after another per target (a thread
+/// each) for `duration`: connect, read the PEER line, send a few bytes, read them back,
+/// close. Every failure is counted by its kind.
+pub fn churn(to: &[SocketAddr], duration: Duration) -> ChurnReport {
+    let threads: Vec<_> = to
+        .iter()
+        .map(|&to| std::thread::spawn(move || churn_one(to, duration)))
+        .collect();
+    let mut report = ChurnReport::default();
+    for t in threads {
+        report.add(t.join().unwrap_or_default());
+    }
+    report
+}
+
+fn churn_one(to: SocketAddr, duration: Duration) -> ChurnReport {
+    let start = Instant::now();
+    let mut report = ChurnReport::default();
+    while start.elapsed() < duration {
+        report.attempts += 1;
+        match exchange_once(to) {
+            Ok(()) => report.ok += 1,
+            Err(e) => {
+                match e.kind() {
+                    io::ErrorKind::ConnectionRefused => report.refused += 1,
+                    io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof => report.reset += 1,
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => report.timeout += 1,
+                    _ => report.other += 1,
+                }
+                if report.errors.len() < 10 {
+                    report.errors.push(format!(
+                        "{to} after {} ms: {e}",
+                        start.elapsed().as_millis()
+                    ));
+                }
+            }
+        }
+    }
+    report
+}
+
+/// One short connection to an echo server.
+fn exchange_once(to: SocketAddr) -> io::Result<()> {
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let ping = *b"churn-ping-0123";
+    stream.write_all(&ping)?;
+    let mut back = [0u8; 15];
+    reader.read_exact(&mut back)?;
+    if back != ping {
+        return Err(io::Error::other("the echo differs"));
+    }
+    stream.shutdown(Shutdown::Write)?;
+    // The server's close: the whole exchange ended cleanly.
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest)?;
+    Ok(())
+}
+
 /// Opens `count` connections to an echo server at `to`, exchanges one byte on each (so
 /// every direction carried data), prints `READY <count>` and keeps them open and idle for
 /// `duration`.

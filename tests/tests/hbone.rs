@@ -1053,3 +1053,112 @@ fn a_ca_service_holds_the_plug_in_key_and_signs_only_what_each_proxy_may_have() 
     let log = service.log_text();
     assert!(log.contains("certificate refused"), "{log}");
 }
+
+/// A restart under load, first of the destination node's agent, then of the source node's:
+/// each new agent takes the old one's listeners over its handoff socket, the old one drains.
+/// New connections, one after another to a same-node and a cross-node server for the whole
+/// time, are neither refused nor reset, and long-lived connections made before the
+/// restarts last through both.
+#[test]
+fn a_new_agent_takes_over_the_listeners_and_the_old_one_drains_without_a_refusal_or_reset() {
+    if !require_root() {
+        return;
+    }
+    let cluster = cluster_with([PodSpec::new("b", "shop", 0)
+        .label("app", "web")
+        .service_account("web")]);
+    cluster.pod("b").spawn_server(&[APP]).unwrap();
+    let config = cluster.config_path();
+    let drain = ["--drain-period", "30s"];
+    cluster.start_agents_with(&config, &drain).unwrap();
+    let a = cluster.pod("a");
+    let (same, cross) = (
+        cluster.pod("b").addr_v4(APP).to_string(),
+        cluster.pod("c").addr_v4(APP).to_string(),
+    );
+    // Both paths work before anything starts.
+    for to in [&same, &cross] {
+        let report = a.connect(to.parse().unwrap(), 1024).unwrap();
+        assert!(ok(&report), "{to}: {report:?}");
+    }
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").unwrap();
+    let pod_bin = pod_bin.to_str().unwrap();
+    let opened_before = metrics(&cluster, 0).sum(OPENED, &[]);
+    let holds = [&same, &cross].map(|to| {
+        a.spawn(&[pod_bin, "hold", "--to", to, "--seconds", "8"])
+            .unwrap()
+    });
+    // Counted at accept: both long-lived connections are carried by the first agents.
+    assert!(
+        eventually(Duration::from_secs(5), || metrics(&cluster, 0)
+            .sum(OPENED, &[])
+            >= opened_before + 2.0),
+        "the long-lived connections did not open"
+    );
+    let churn = a
+        .spawn(&[
+            pod_bin,
+            "churn",
+            "--to",
+            &same,
+            "--to",
+            &cross,
+            "--seconds",
+            "12",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut old = Vec::new();
+    for node in [1, 0] {
+        let started = Instant::now();
+        old.push(cluster.node(node).take_over_agent(&config, &drain).unwrap());
+        eprintln!("node {node}: taken over in {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The old agents drain: each exits once the connections it carries end (the
+    // long-lived ones, after 8 s), well before its 30 s drain period.
+    for (process, node) in old.iter().zip([1, 0]) {
+        assert!(
+            eventually(Duration::from_secs(20), || process.try_wait().is_some()),
+            "node {node}: the old agent did not exit after its connections ended:\n{}",
+            process.log_text()
+        );
+        assert!(process.try_wait().unwrap().success());
+        let log = process.log_text();
+        assert!(log.contains("draining"), "node {node}:\n{log}");
+        assert!(log.contains("drained"), "node {node}:\n{log}");
+    }
+    for (hold, to) in holds.iter().zip([&same, &cross]) {
+        assert!(
+            eventually(Duration::from_secs(20), || hold.try_wait().is_some()),
+            "hold to {to} did not end"
+        );
+        assert!(
+            hold.try_wait().unwrap().success(),
+            "the long-lived connection to {to} broke: {}",
+            hold.log_text()
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || churn.try_wait().is_some()),
+        "churn did not end"
+    );
+    let text = churn.log_text();
+    let report: tests::workload::ChurnReport = serde_json::from_str(
+        text.lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("churn output {text:?}: {e}"));
+    eprintln!("churn across both restarts: {report:?}");
+    assert_eq!(report.failures(), 0, "{report:?}");
+    assert!(
+        report.ok >= 100,
+        "too few connections to prove anything: {report:?}"
+    );
+    // The new agents carry new connections on their own.
+    for to in [&same, &cross] {
+        let report = a.connect(to.parse().unwrap(), 1024).unwrap();
+        assert!(ok(&report), "{to} after the restarts: {report:?}");
+    }
+}

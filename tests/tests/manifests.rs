@@ -743,6 +743,14 @@ fn daemonset_mounts_bpffs_cgroup_proc_netns_and_the_ca() {
     );
     let (netns, _) = host_mount(spec, c, "/run/netns");
     assert_eq!(netns, "/run/netns");
+    // The handoff socket lies in a host directory: a new agent's pod finds the old one's.
+    let handoff = flag_value(args, "--handoff-socket").expect("--handoff-socket");
+    let (run, _) = host_mount(spec, c, "/var/run/mesh-agent");
+    assert_eq!(
+        Path::new(handoff).parent(),
+        Some(Path::new(run)),
+        "--handoff-socket {handoff} outside the host directory mounted at {run}"
+    );
 
     // The CA: the Secret's two keys, where --ca-dir points.
     let ca_dir = flag_value(args, "--ca-dir").expect("--ca-dir");

@@ -30,9 +30,9 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
             crate::accept::next(&listener, || format!("{} outbound", pod.display_name())).await;
         // Until the connection ends cleanly, closing it (or the agent dying) resets it.
         copy::reset(&stream);
-        let (proxy, pod) = (proxy.clone(), pod.clone());
-        tokio::spawn(async move {
-            if let Err(e) = handle(&proxy, &pod, stream, peer).await {
+        let (p, pod) = (proxy.clone(), pod.clone());
+        proxy.drain.spawn(async move {
+            if let Err(e) = handle(&p, &pod, stream, peer).await {
                 super::connection_failed(&pod, "outbound", &e);
             }
         });

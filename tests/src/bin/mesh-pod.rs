@@ -55,6 +55,15 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// New connections to each echo server TO (repeatable), one after another per server,
+    /// for SECONDS; prints one JSON line counting them and their failures by kind, and
+    /// exits 0 iff none failed.
+    Churn {
+        #[arg(long = "to", required = true)]
+        to: Vec<SocketAddr>,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Open COUNT connections to an echo server, exchange a byte on each, print
     /// `READY <count>`, then keep them idle for SECONDS.
     HoldIdle {
@@ -301,6 +310,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Churn { to, seconds } => {
+            let report = workload::churn(&to, Duration::from_secs(seconds));
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            if report.failures() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Cmd::HoldIdle { to, count, seconds } => {
             match workload::hold_idle(to, count, Duration::from_secs(seconds)) {
                 Ok(()) => ExitCode::SUCCESS,

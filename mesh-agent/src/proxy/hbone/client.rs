@@ -175,22 +175,27 @@ impl Pool {
             dst: dst.clone(),
             addr: hbone,
         };
-        let conn = self.connection(pod, key).await?;
-        let slot = StreamSlot(conn.clone());
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header("forwarded", format!("for=\"{client}\""))
-            .header("traceparent", traceparent())
-            .body(())
-            .expect("valid CONNECT request");
         let http = |source| HboneError::Http {
             addr: hbone,
             source,
         };
-        let mut sender = conn.sender.clone().ready().await.map_err(http)?;
-        let (response, send) = sender.send_request(request, false).map_err(http)?;
-        let response = response.await.map_err(http)?;
+        // A peer that is draining (a restart hands its listeners over, ADR 014) refuses the
+        // streams it did not process: those never reached the application and are opened
+        // again, once, on a new connection.
+        let mut retried = false;
+        let (response, send, slot) = loop {
+            let conn = self.connection(pod, key.clone()).await?;
+            let slot = StreamSlot(conn.clone());
+            match open_stream(&conn, target, client).await {
+                Ok((response, send)) => break (response, send, slot),
+                Err(e) if !retried && unprocessed(&e) => {
+                    tracing::debug!(%hbone, error = %e, "HBONE peer going away; opening the stream on a new connection");
+                    conn.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(e) => return Err(http(e)),
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status {
                 addr: hbone,
@@ -326,6 +331,31 @@ impl Pool {
             .push(pooled.clone());
         Ok(pooled)
     }
+}
+
+/// Opens a `CONNECT` stream to `target` on `conn`: the response and the request's body.
+async fn open_stream(
+    conn: &Pooled,
+    target: SocketAddr,
+    client: SocketAddr,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for=\"{client}\""))
+        .header("traceparent", traceparent())
+        .body(())
+        .expect("valid CONNECT request");
+    let mut sender = conn.sender.clone().ready().await?;
+    let (response, send) = sender.send_request(request, false)?;
+    Ok((response.await?, send))
+}
+
+/// Whether the peer refused a stream without processing it: it is going away (GOAWAY, the
+/// stream above its last processed one, or the connection no longer takes streams), or it
+/// refused the stream outright (`REFUSED_STREAM`). Safe to open again elsewhere.
+fn unprocessed(e: &h2::Error) -> bool {
+    (e.is_go_away() && e.is_remote()) || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// Pings every [`PING_INTERVAL`] while the connection carries no stream; returns when a

@@ -56,9 +56,9 @@ pub(crate) async fn accept_loop(proxy: Arc<Proxy>, pod: Arc<PodContext>, listene
                 continue;
             }
         };
-        let (proxy, pod) = (proxy.clone(), pod.clone());
-        tokio::spawn(async move {
-            if let Err(e) = serve_connection(proxy, pod.clone(), stream, peer, slot).await
+        let (p, pod) = (proxy.clone(), pod.clone());
+        proxy.drain.spawn(async move {
+            if let Err(e) = serve_connection(p, pod.clone(), stream, peer, slot).await
                 && let Some(suppressed) = crate::log_limit::once_per_interval!()
             {
                 tracing::warn!(pod = %pod.display_name(), %peer, error = %e, suppressed, "HBONE connection failed");
@@ -152,9 +152,11 @@ async fn serve_connection(
     )
     .await?;
     drop(slot);
+    let drain = proxy.drain.signal().clone();
     serve_streams(
         connection,
         proxy.limits.hbone_idle_timeout,
+        &drain,
         |request, respond| {
             let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
             handle(proxy, pod, peer, client, request, respond)
@@ -166,11 +168,14 @@ async fn serve_connection(
 
 /// Accepts the connection's streams, each handled by the future `open` returns (spawned),
 /// until the peer ends the connection or it carries no stream for `idle_timeout`, when it
-/// is closed (GOAWAY). Accepting drives the connection: every stream's frames move while
-/// this runs.
+/// is closed (GOAWAY). Once `drain` is cancelled (the process hands over to a successor)
+/// the peer is told to open no more streams here (GOAWAY); the streams it opened before it
+/// heard are served, and the connection ends with the last of them. Accepting drives the
+/// connection: every stream's frames move while this runs.
 pub async fn serve_streams<T, F, Fut>(
     mut connection: h2::server::Connection<T, Bytes>,
     idle_timeout: std::time::Duration,
+    drain: &tokio_util::sync::CancellationToken,
     mut open: F,
 ) -> Result<(), h2::Error>
 where
@@ -180,8 +185,12 @@ where
 {
     let streams = Arc::new(Streams::default());
     let mut idle_since = Some(tokio::time::Instant::now());
+    let mut draining = false;
     loop {
-        let idle_deadline = idle_since.map(|since| since + idle_timeout);
+        // A draining connection ends with its streams, not on the idle timer.
+        let idle_deadline = idle_since
+            .filter(|_| !draining)
+            .map(|since| since + idle_timeout);
         tokio::select! {
             request = connection.accept() => {
                 let Some(request) = request else { break };
@@ -192,6 +201,10 @@ where
                 // and awaited there is stored twice, which doubled each tunnel's memory.
                 let task = open(request, respond).map(move |()| drop(guard));
                 tokio::spawn(task);
+            }
+            () = drain.cancelled(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
             }
             () = streams.idle.notified(), if idle_since.is_none() => {
                 if streams.open.load(Ordering::Acquire) == 0 {
