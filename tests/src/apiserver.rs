@@ -291,6 +291,43 @@ impl ApiServer {
         })
     }
 
+    /// Starts a server listening on 127.0.0.1 inside the network namespace at `netns` (where
+    /// the agent under test runs), served by a thread of its own.
+    pub fn start_in(netns: &std::path::Path) -> anyhow::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let netns = netns.to_owned();
+        std::thread::spawn(move || {
+            let started = (|| {
+                crate::workload::enter_netns(&netns)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                Ok::<_, anyhow::Error>(rt)
+            })();
+            match started {
+                Ok(rt) => rt.block_on(async move {
+                    let _ = tx.send(ApiServer::start().await);
+                    std::future::pending::<()>().await
+                }),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        rx.recv().context("the API server's thread ended")?
+    }
+
+    /// Writes `DIR/kubeconfig` pointing at this server (no credentials); its path.
+    pub fn write_kubeconfig(&self, dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+        let path = dir.join("kubeconfig");
+        let url = self.url();
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+        );
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

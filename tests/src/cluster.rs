@@ -1446,6 +1446,18 @@ impl Pod {
         &self.spec.name
     }
 
+    /// The pod as the API server holds it: running on its node with its addresses.
+    pub fn kube_object(&self) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": self.name(), "namespace": self.namespace(), "uid": self.uid(), "labels": self.labels()},
+            "spec": {"nodeName": self.node_name(), "serviceAccountName": self.service_account(), "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running", "podIP": self.ipv4().to_string(),
+                       "podIPs": [{"ip": self.ipv4().to_string()}, {"ip": self.ipv6().to_string()}],
+                       "hostIP": self.host_ips().0.to_string()},
+        })
+    }
+
     /// Kubernetes namespace.
     pub fn namespace(&self) -> &str {
         &self.spec.namespace

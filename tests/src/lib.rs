@@ -22,6 +22,7 @@ pub mod http_workload;
 pub mod metrics;
 pub mod otlp;
 pub mod prometheus;
+pub mod scale;
 pub mod walkthrough;
 pub mod workload;
 

@@ -507,7 +507,7 @@ fn churn_one(to: SocketAddr, duration: Duration) -> ChurnReport {
     let mut report = ChurnReport::default();
     while start.elapsed() < duration {
         report.attempts += 1;
-        match exchange_once(to) {
+        match short_exchange(to, Duration::from_secs(5)) {
             Ok(()) => report.ok += 1,
             Err(e) => {
                 match e.kind() {
@@ -531,9 +531,9 @@ fn churn_one(to: SocketAddr, duration: Duration) -> ChurnReport {
     report
 }
 
-/// One short connection to an echo server.
-fn exchange_once(to: SocketAddr) -> io::Result<()> {
-    let timeout = Duration::from_secs(5);
+/// One short connection to an echo server: connect, read the PEER line, send a few bytes,
+/// read them back, close; `timeout` for the connect and for each read and write.
+pub fn short_exchange(to: SocketAddr, timeout: Duration) -> io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&to, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

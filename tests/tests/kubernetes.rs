@@ -4,7 +4,7 @@
 //! ClusterIP traffic reaches only ready endpoints, spread across them.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -17,45 +17,6 @@ const OPENED: &str = "istio_tcp_connections_opened_total";
 
 fn captured(r: &ConnectReport) -> bool {
     r.ok && r.local.is_some_and(|a| a.ip().is_loopback())
-}
-
-/// The API server, listening on 127.0.0.1 inside `netns` (where the agent runs).
-fn apiserver_in(netns: &Path) -> ApiServer {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let netns = netns.to_owned();
-    std::thread::spawn(move || {
-        tests::workload::enter_netns(&netns).expect("entering the node namespace");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            tx.send(ApiServer::start().await.expect("starting the API server"))
-                .unwrap();
-            std::future::pending::<()>().await
-        });
-    });
-    rx.recv().expect("API server started")
-}
-
-fn kubeconfig(dir: &Path, url: &str) -> PathBuf {
-    let path = dir.join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn pod_object(pod: &Pod, node: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.name(), "namespace": pod.namespace(), "uid": pod.uid(), "labels": pod.labels()},
-        "spec": {"nodeName": node, "serviceAccountName": pod.service_account(), "containers": [{"name": "app", "image": "app"}]},
-        "status": {"phase": "Running", "podIP": pod.ipv4().to_string(),
-                   "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}],
-                   "hostIP": pod.host_ips().0.to_string()},
-    })
 }
 
 /// `mesh-agent status --kubeconfig` in the node's namespace (where the API server listens):
@@ -91,10 +52,10 @@ fn shop_on_one_node(ambient: bool) -> (Cluster, ApiServer) {
     // Every pod needs a process for /proc discovery, as a sandbox's pause process would be.
     a.spawn_server(&[9999]).unwrap();
     let node = cluster.node(0);
-    let api = apiserver_in(node.netns_path());
+    let api = ApiServer::start_in(node.netns_path()).unwrap();
     api.apply(namespace_object("shop", ambient)).unwrap();
     for pod in [&a, &b] {
-        api.apply(pod_object(pod, node.name())).unwrap();
+        api.apply(pod.kube_object()).unwrap();
     }
     (cluster, api)
 }
@@ -116,7 +77,7 @@ fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_p
     let (cluster, api) = shop_on_one_node(false);
     let (a, b) = (cluster.pod("a"), cluster.pod("b"));
     let node = cluster.node(0);
-    let kubeconfig = kubeconfig(cluster.workdir(), &api.url());
+    let kubeconfig = api.write_kubeconfig(cluster.workdir()).unwrap();
     node.spawn_agent_kube(&kubeconfig, &[]).unwrap();
     node.wait_agent_ready(Duration::from_secs(30)).unwrap();
 
@@ -191,7 +152,7 @@ fn a_namespace_label_flip_through_the_kube_source_enrolls_and_releases_running_p
         .add_pod(PodSpec::new("late", "shop", 0).label("app", "late"))
         .unwrap();
     late.spawn_server(&[9999]).unwrap();
-    api.apply(pod_object(&late, node.name())).unwrap();
+    api.apply(late.kube_object()).unwrap();
     assert!(
         eventually(Duration::from_secs(5), || late
             .connect(b.addr_v4(APP), 1024)
@@ -361,7 +322,7 @@ fn in_kubernetes_mode_a_node_agent_proves_its_node_with_a_token_checked_by_token
                "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x1"],
                          "authentication.kubernetes.io/node-name": [node.name()]}}),
     );
-    let kubeconfig = kubeconfig(cluster.workdir(), &api.url());
+    let kubeconfig = api.write_kubeconfig(cluster.workdir()).unwrap();
     let ca_dir = cluster.workdir().join("ca-service");
     tests::cluster::init_ca(
         &tests::locate_binary("mesh-agent", "MESH_AGENT_BIN").unwrap(),

@@ -60,6 +60,12 @@ struct Args {
     /// Storm only these paths (repeatable: nomesh, same, cross; default: all).
     #[arg(long)]
     storm_path: Vec<String>,
+    /// Pods and services of the scale stage's cluster (default: 50,000 and 10,000; smoke
+    /// 500 and 100).
+    #[arg(long)]
+    scale_pods: Option<usize>,
+    #[arg(long)]
+    scale_services: Option<usize>,
     #[command(subcommand)]
     pod: Option<PodCommand>,
 }
@@ -114,6 +120,18 @@ enum PodCommand {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Exchanges a few bytes with the echo server TO every INTERVAL; once an exchange went
+    /// the other way, exits 0 at the first that is UNTIL: `denied` (it fails) or `allowed`.
+    ProbePolicy {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_parser = ["denied", "allowed"])]
+        until: String,
+        #[arg(long, default_value_t = 1000)]
+        interval_us: u64,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
     /// Connects every INTERVAL until the connection is captured (local address on
     /// loopback); exits 0 then.
     ProbeCapture {
@@ -163,6 +181,17 @@ fn run_pod_command(command: PodCommand) -> Result<()> {
             println!("{}", bench::check_path(to)?);
             Ok(())
         }
+        PodCommand::ProbePolicy {
+            to,
+            until,
+            interval_us,
+            timeout_ms,
+        } => tests::scale::probe_policy(
+            to,
+            until == "denied",
+            Duration::from_micros(interval_us),
+            Duration::from_millis(timeout_ms),
+        ),
         PodCommand::ProbeCapture {
             to,
             interval_us,
@@ -199,6 +228,12 @@ fn main() -> Result<()> {
         plan.agent_threads = n;
     }
     plan.sockmap = args.sockmap;
+    if let Some(n) = args.scale_pods {
+        plan.scale.pods = n.max(1);
+    }
+    if let Some(n) = args.scale_services {
+        plan.scale.services = n.max(1);
+    }
     plan.storm_paths = args.storm_path.clone();
     let mut table = Table::new(&plan);
     println!("mesh-bench{}", if plan.smoke { " --smoke" } else { "" });
@@ -215,13 +250,14 @@ fn main() -> Result<()> {
     if wanted(Stage::Micro) {
         micro_benchmarks(&plan, &mut table)?;
     }
-    let (traffic, enrollment, storm, waypoint) = (
+    let (traffic, enrollment, storm, waypoint, scale) = (
         wanted(Stage::Traffic),
         wanted(Stage::Enrollment),
         wanted(Stage::Storm),
         wanted(Stage::Waypoint),
+        wanted(Stage::Scale),
     );
-    if (traffic || enrollment || storm || waypoint) && require_root() {
+    if (traffic || enrollment || storm || waypoint || scale) && require_root() {
         bench::raise_nofile_limit();
         for tool in ["iperf3", "wrk", "ss", "nginx", "h2load"] {
             if !on_path(tool) {
@@ -243,6 +279,9 @@ fn main() -> Result<()> {
         }
         if waypoint && let Err(e) = waypoint_benchmarks(&plan, &mut table, &exe) {
             println!("\nwaypoint benchmarks FAILED: {e:#}");
+        }
+        if scale && let Err(e) = scale_benchmarks(&plan, &mut table, &exe) {
+            println!("\nscale benchmarks FAILED: {e:#}");
         }
         println!(
             "\ncluster benchmarks took {:.0?}",
@@ -312,6 +351,8 @@ struct Plan {
     storm_paths: Vec<String>,
     /// How long the agents settle after a path's storms before their RSS is read.
     storm_settle: Duration,
+    /// The scale stage's cluster.
+    scale: tests::scale::Size,
 }
 
 impl Plan {
@@ -342,6 +383,13 @@ impl Plan {
                 storm_hold: Duration::from_millis(200),
                 storm_paths: vec![],
                 storm_settle: Duration::from_millis(500),
+                scale: tests::scale::Size {
+                    pods: 500,
+                    services: 100,
+                    nodes: 10,
+                    namespaces: 10,
+                    changes: 1,
+                },
             }
         } else {
             Plan {
@@ -369,6 +417,13 @@ impl Plan {
                 storm_hold: Duration::from_secs(5),
                 storm_paths: vec![],
                 storm_settle: Duration::from_secs(10),
+                scale: tests::scale::Size {
+                    pods: 50_000,
+                    services: 10_000,
+                    nodes: 500,
+                    namespaces: 100,
+                    changes: 5,
+                },
             }
         }
     }
@@ -487,6 +542,9 @@ enum Stage {
     Storm,
     /// L7: the waypoint against the L4 mesh and against nginx as a reverse proxy.
     Waypoint,
+    /// A node agent in Kubernetes mode against a large cluster: memory, first sync, and
+    /// the time from a policy change to its enforcement.
+    Scale,
 }
 
 struct Table {
@@ -771,6 +829,21 @@ impl Table {
         row.baseline = Baseline::Row("l7-cpu/waypoint".into());
         if !plan.smoke {
             row.target = Some(RatioAtMost(1.05));
+        }
+        let (pods, services) = (plan.scale.pods, plan.scale.services);
+        #[rustfmt::skip]
+        let scale: [(&str, String, &'static str, usize, Option<Target>); 4] = [
+            ("scale-rss-small", "agent RSS, Kubernetes mode, 2 pods in the cluster".into(), "MiB", 1, None),
+            ("scale-rss", format!("agent RSS, {pods} pods + {services} services in the cluster"), "MiB", 1, Some(AtMost(200.0))),
+            ("scale-sync", format!("agent start to synced, {pods} pods + {services} services"), "ms", 0, None),
+            ("scale-enforce", format!("policy change at the API server to enforced, {pods} pods"), "ms", 1, Some(AtMost(1000.0))),
+        ];
+        for (key, what, unit, decimals, target) in scale {
+            let row = t.row(key, &what, unit, decimals);
+            row.stage = Stage::Scale;
+            if !plan.smoke {
+                row.target = target;
+            }
         }
         for (prefix, what, unit, decimals, target) in storm {
             for (key, label) in PATHS {
@@ -2253,6 +2326,40 @@ fn idle_connections_once(
 }
 
 // ---------------------------------------------------------------------------------
+// A node agent against a large cluster.
+
+fn scale_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
+    let size = plan.scale;
+    println!(
+        "\n== scale: 1 node's agent (Kubernetes mode), {} pods on {} nodes, {} services ==",
+        size.pods, size.nodes, size.services
+    );
+    println!("agent: {}", plan.agent_flags_shown());
+    let flags = plan.agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let report = tests::scale::run(size, &flags, &[exe_str(exe)?], plan.settle)?;
+    println!(
+        "  agent RSS {:.1} MiB with 2 pods, {:.1} MiB with the whole cluster; synced {:.0?} after start",
+        report.rss_small_mib, report.rss_mib, report.synced_after
+    );
+    table.add("scale-rss-small", report.rss_small_mib);
+    table.add("scale-rss", report.rss_mib);
+    table.add("scale-sync", report.synced_after.as_secs_f64() * 1e3);
+    for (k, took) in report.enforced_after.iter().enumerate() {
+        let what = if k % 2 == 0 {
+            "DENY applied"
+        } else {
+            "DENY removed"
+        };
+        println!(
+            "  {what}: enforced after {:.1} ms",
+            took.as_secs_f64() * 1e3
+        );
+        table.add("scale-enforce", took.as_secs_f64() * 1e3);
+    }
+    Ok(())
+}
+
 // Enrollment and idle memory with many pods.
 
 const ENROLL_NS: &str = "enroll";
