@@ -46,12 +46,15 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+pub use self::pod::Pod;
+
 pub mod file;
 pub mod kube;
+pub mod pod;
 pub mod sync;
 pub mod translate;
 

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     ConfigError, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, FieldError,
-    Kind, NETNS_ANNOTATION, ObjectKey, Objects, SIDECAR_STATUS_ANNOTATION, Settings,
+    Kind, NETNS_ANNOTATION, ObjectKey, Objects, Pod, SIDECAR_STATUS_ANNOTATION, Settings,
 };
 use crate::state::{
     GATEWAY_NAME_LABEL, MeshState, RawObjects, Service, ServicePort, TargetPort, Waypoint,
@@ -148,7 +148,7 @@ pub fn translate(
 /// The nodes pods are scheduled on, with the addresses the pods report for them
 /// (`status.hostIPs`, else `status.hostIP`; what cannot be parsed is skipped: nothing is
 /// routed by it).
-fn nodes(pods: &[k8s::Pod]) -> BTreeMap<String, Vec<IpAddr>> {
+fn nodes(pods: &[Pod]) -> BTreeMap<String, Vec<IpAddr>> {
     let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for pod in pods {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
@@ -282,7 +282,7 @@ fn waypoints(objects: &Objects) -> Result<Vec<Waypoint>, ConfigError> {
             }
         };
         let namespace = key.namespace.clone().unwrap_or_default();
-        let pods: Vec<&k8s::Pod> = objects
+        let pods: Vec<&Pod> = objects
             .pods
             .iter()
             .filter(|p| {
@@ -322,7 +322,7 @@ fn waypoints(objects: &Objects) -> Result<Vec<Waypoint>, ConfigError> {
 
 /// Whether a pod can take traffic: not finished, not being deleted, and `Ready` unless its
 /// status says nothing about readiness (a file configuration).
-fn is_ready(pod: &k8s::Pod) -> bool {
+fn is_ready(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     let finished = matches!(
         status.and_then(|s| s.phase.as_deref()),
@@ -345,7 +345,7 @@ fn is_ready(pod: &k8s::Pod) -> bool {
 /// Pods of this namespace are never enrolled, whatever their labels.
 pub const SYSTEM_NAMESPACE: &str = "kube-system";
 
-pub fn is_captured(pod: &k8s::Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
+pub fn is_captured(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
     fn mode(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
         labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)
     }
@@ -380,7 +380,7 @@ pub fn is_captured(pod: &k8s::Pod, namespace_labels: Option<&BTreeMap<String, St
 
 /// Converts one pod; `namespace_labels` decides the ambient opt-in.
 pub(crate) fn workload(
-    pod: &k8s::Pod,
+    pod: &Pod,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> Result<Workload, FieldError> {
     let meta = &pod.metadata;
@@ -515,7 +515,7 @@ fn key(kind: Kind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Object
     }
 }
 
-fn pod_key(pod: &k8s::Pod) -> ObjectKey {
+fn pod_key(pod: &Pod) -> ObjectKey {
     key(Kind::Pod, &pod.metadata)
 }
 
@@ -529,7 +529,7 @@ fn required_name(
 }
 
 /// `status.podIPs` (all of them) if present, else `status.podIP`.
-fn pod_ips(pod: &k8s::Pod) -> Result<Vec<IpAddr>, FieldError> {
+fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, FieldError> {
     let Some(status) = &pod.status else {
         return Ok(Vec::new());
     };
@@ -547,7 +547,7 @@ fn pod_ips(pod: &k8s::Pod) -> Result<Vec<IpAddr>, FieldError> {
 }
 
 /// The `mesh-agent.io/netns` annotation, which must be an absolute path.
-fn netns(pod: &k8s::Pod) -> Result<Option<PathBuf>, FieldError> {
+fn netns(pod: &Pod) -> Result<Option<PathBuf>, FieldError> {
     let Some(value) = pod
         .metadata
         .annotations
@@ -997,10 +997,10 @@ spec:
 
     #[test]
     fn translate_reports_invalid_ip_of_unvalidated_objects_by_object() {
-        let mut pod = k8s::Pod::default();
+        let mut pod = Pod::default();
         pod.metadata.name = Some("web-1".into());
         pod.metadata.namespace = Some("default".into());
-        pod.status = Some(k8s::PodStatus {
+        pod.status = Some(crate::config::pod::PodStatus {
             pod_ip: Some("10.0.0.300".into()),
             ..Default::default()
         });
@@ -1024,7 +1024,7 @@ spec:
 
     #[test]
     fn kube_system_pods_are_never_captured() {
-        let mut pod: k8s::Pod = serde_json::from_value(serde_json::json!({
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "coredns", "namespace": "kube-system",
                          "labels": {"istio.io/dataplane-mode": "ambient"}},
             "spec": {"containers": [{"name": "c"}]},
