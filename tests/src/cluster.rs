@@ -524,6 +524,55 @@ impl Process {
         lock(&self.child).try_wait().ok().flatten()
     }
 
+    /// Waits until the process has printed `needle` (its log, polled every 5 ms); fails if it
+    /// exits first or `timeout` passes.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.try_wait() {
+                bail!(
+                    "{} exited ({status}) before printing {needle:?}: {}",
+                    self.owner,
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: no {needle:?} after {timeout:?}: {}",
+                    self.owner,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// When the process exited (polled every millisecond), which it must have done with
+    /// success after printing `needle`; killed if `timeout` passes first.
+    pub fn wait_exit_after(&self, needle: &str, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                let at = Instant::now();
+                if !status.success() || !self.log_text().contains(needle) {
+                    bail!("{} failed ({status}): {}", self.owner, self.log_text());
+                }
+                return Ok(at);
+            }
+            if Instant::now() > deadline {
+                let _ = self.stop();
+                bail!(
+                    "{}: no {needle:?} and no exit after {timeout:?}",
+                    self.owner
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn stop(&self) -> Result<ExitStatus> {
         self.signal_and_wait(Signal::SIGKILL, Duration::from_secs(10))

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::apiserver::ApiServer;
-use crate::cluster::{Cluster, Node, PodSpec, Process};
+use crate::cluster::{Cluster, Node, PodSpec};
 
 /// The server's port in the pod `web`.
 const APP: u16 = 8080;
@@ -110,7 +110,7 @@ pub fn run(size: Size, agent_flags: &[&str], probe: &[&str], settle: Duration) -
             let until = if deny { "denied" } else { "allowed" };
             let args = [probe, &["probe-policy", "--to", &to, "--until", until][..]].concat();
             let prober = a.spawn(&args)?;
-            wait_line(&prober, WATCHING, Duration::from_secs(30))?;
+            prober.wait_for_line(WATCHING, Duration::from_secs(30))?;
             let t0 = Instant::now();
             if deny {
                 api.apply(deny_shop())?;
@@ -121,7 +121,7 @@ pub fn run(size: Size, agent_flags: &[&str], probe: &[&str], settle: Duration) -
                     "deny-shop",
                 )?;
             }
-            let at = wait_changed(&prober, Duration::from_secs(60))?;
+            let at = prober.wait_exit_after(CHANGED, Duration::from_secs(60))?;
             report.enforced_after.push(at - t0);
         }
     }
@@ -228,40 +228,6 @@ fn wait_synced(node: &Node, kubeconfig: &std::path::Path, timeout: Duration) -> 
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_line(process: &Process, needle: &str, timeout: Duration) -> Result<()> {
-    if crate::eventually(timeout, || {
-        process.log_text().contains(needle) || process.try_wait().is_some()
-    }) && process.log_text().contains(needle)
-    {
-        return Ok(());
-    }
-    let _ = process.stop();
-    bail!(
-        "{}: no {needle} within {timeout:?}: {}",
-        process.owner(),
-        process.log_text()
-    )
-}
-
-/// When the prober exited having seen the change (polled every millisecond).
-fn wait_changed(prober: &Process, timeout: Duration) -> Result<Instant> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = prober.try_wait() {
-            let at = Instant::now();
-            if !status.success() || !prober.log_text().contains(CHANGED) {
-                bail!("the policy prober failed ({status}): {}", prober.log_text());
-            }
-            return Ok(at);
-        }
-        if Instant::now() > deadline {
-            let _ = prober.stop();
-            bail!("the policy change was not enforced within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -1172,7 +1172,7 @@ fn traffic_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> 
     for name in ["m-local", "m-remote", "p-server"] {
         let pod = cluster.pod(name);
         let http = pod.spawn(&[exe_s, "serve-http", "--port", &port])?;
-        wait_log(&http, "READY", Duration::from_secs(10))?;
+        http.wait_for_line("READY", Duration::from_secs(10))?;
         pod.spawn(&["iperf3", "-s", "-p", &iperf_port])?;
         wait_listening(&pod, IPERF_PORT, Duration::from_secs(10))?;
     }
@@ -1323,7 +1323,7 @@ fn waypoint_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()>
         let http = cluster
             .pod(name)
             .spawn(&[exe_s, "serve-http", "--port", &port])?;
-        wait_log(&http, "READY", Duration::from_secs(10))?;
+        http.wait_for_line("READY", Duration::from_secs(10))?;
     }
     let service = |name: &str, vip: &str, bound: bool| {
         let labels = if bound {
@@ -1630,30 +1630,6 @@ fn widen_port_range(pod: &Pod) -> Result<()> {
 }
 
 /// Polls a process's log (its stdout) for `needle`; fails if it exits first.
-fn wait_log(process: &Process, needle: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if process.log_text().contains(needle) {
-            return Ok(());
-        }
-        if let Some(status) = process.try_wait() {
-            bail!(
-                "{} exited ({status}) before printing {needle:?}: {}",
-                process.owner(),
-                process.log_text()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{}: no {needle:?} after {timeout:?}: {}",
-                process.owner(),
-                process.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Waits until something listens on TCP `port` in the pod (`ss`).
 fn wait_listening(pod: &Pod, port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -2032,7 +2008,7 @@ fn storm_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
         let http = cluster
             .pod(name)
             .spawn(&[exe_s, "serve-http", "--port", &port])?;
-        wait_log(&http, "READY", Duration::from_secs(10))?;
+        http.wait_for_line("READY", Duration::from_secs(10))?;
     }
     let config = cluster.config_path();
     cluster.write_config(&config, &ConfigOptions::default())?;
@@ -2292,7 +2268,7 @@ fn idle_connections_once(
         "600",
     ])?;
     let measured = (|| {
-        wait_log(&holder, "READY", Duration::from_secs(300))?;
+        holder.wait_for_line("READY", Duration::from_secs(300))?;
         std::thread::sleep(plan.settle);
         agent_readings(&pids)
     })();
@@ -2420,7 +2396,7 @@ fn enrollment_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<(
             let prober = spawn_prober(&cluster.pod(SINGLE), exe, sink)?;
             let t0 = Instant::now();
             write(&options(true, false))?;
-            let captured = wait_exit(&prober, Duration::from_secs(60))?;
+            let captured = prober.wait_exit_after(CAPTURED, Duration::from_secs(60))?;
             let ms = (captured - t0).as_secs_f64() * 1e3;
             write(&options(false, false))?;
             wait_enrolled(node, 0, Duration::from_secs(60))?;
@@ -2443,7 +2419,7 @@ fn enrollment_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<(
             let t0 = Instant::now();
             write(&options(false, true))?;
             let listed = wait_enrolled(node, n, Duration::from_secs(120))?;
-            let captured = wait_exit(&prober, Duration::from_secs(60))?;
+            let captured = prober.wait_exit_after(CAPTURED, Duration::from_secs(60))?;
             let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
             Ok((ms(listed), ms(captured)))
         })();
@@ -2487,7 +2463,7 @@ fn enrollment_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<(
 fn spawn_prober(pod: &Pod, exe: &str, to: SocketAddr) -> Result<Process> {
     let to = to.to_string();
     let prober = pod.spawn(&[exe, "probe-capture", "--to", &to, "--interval-us", "1000"])?;
-    if let Err(e) = wait_log(&prober, PROBING, Duration::from_secs(10)) {
+    if let Err(e) = prober.wait_for_line(PROBING, Duration::from_secs(10)) {
         let _ = prober.stop();
         return Err(e.context(format!(
             "{} was captured before it was enrolled",
@@ -2495,29 +2471,6 @@ fn spawn_prober(pod: &Pod, exe: &str, to: SocketAddr) -> Result<Process> {
         )));
     }
     Ok(prober)
-}
-
-/// When the prober exited (polled every millisecond); it must have seen the capture.
-fn wait_exit(prober: &Process, timeout: Duration) -> Result<Instant> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = prober.try_wait() {
-            let at = Instant::now();
-            if !status.success() || !prober.log_text().contains(CAPTURED) {
-                bail!(
-                    "{}: the capture prober failed ({status}): {}",
-                    prober.owner(),
-                    prober.log_text()
-                );
-            }
-            return Ok(at);
-        }
-        if Instant::now() > deadline {
-            let _ = prober.stop();
-            bail!("{}: not captured after {timeout:?}", prober.owner());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Polls `/config_dump` until exactly `count` pods are listed as enrolled.
