@@ -14,7 +14,7 @@
 
 use std::{
     fmt::Write as _,
-    io::{Read as _, Write as _},
+    io::{ErrorKind, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     time::{Duration, Instant, SystemTime},
 };
@@ -157,7 +157,7 @@ pub fn targets(state: &MeshState) -> Vec<Target> {
                 w.namespace.clone(),
                 w.labels
                     .get(GATEWAY_NAME_LABEL)
-                    .cloned()
+                    .map(str::to_owned)
                     .unwrap_or_default(),
             );
             if !gateways.iter().any(|g| g.runs_on(&w.labels, &own)) {
@@ -296,15 +296,22 @@ pub fn fetch(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, 
     // bytes, or never stops, does not hold the command.
     let mut response = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
+    let late = || format!("{addr}{path}: no complete answer within {timeout:?}");
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!(
-                "{addr}{path}: no complete answer within {timeout:?}"
-            ));
+            return Err(late());
         }
         stream.set_read_timeout(Some(left)).map_err(fail)?;
-        let n = stream.read(&mut chunk).map_err(fail)?;
+        // A read that waits out the rest of the deadline is the same failure as a deadline
+        // passed between reads.
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(late());
+            }
+            Err(e) => return Err(fail(e)),
+        };
         if n == 0 {
             break;
         }
