@@ -240,7 +240,6 @@ impl fmt::Display for Denial {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use serde_json::json;
 
@@ -254,7 +253,7 @@ mod tests {
             node: Some("n1".into()),
             service_account: "web".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
-            labels: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+            labels: [("app", "web")].into(),
             workload_name: "web".into(),
             netns: None,
             captured: true,

@@ -45,18 +45,35 @@
 //! `config.yaml: document 3 (Pod default/web-1): spec.containers: invalid type: ...`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+pub use self::endpoint_slice::EndpointSlice;
 pub use self::pod::Pod;
 
+pub mod endpoint_slice;
 pub mod file;
 pub mod kube;
 pub mod pod;
 pub mod sync;
 pub mod translate;
+
+/// What the agent keeps of an object's metadata besides its labels: its identity (name,
+/// namespace, uid, resourceVersion) and whether it is being deleted. Managed fields, owner
+/// references, annotations (often kubectl's copy of the whole object) are dropped as the
+/// slim kinds ([`Pod`], [`EndpointSlice`]) are read.
+fn identity(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..ObjectMeta::default()
+    }
+}
 
 /// Annotation naming a file-mode pod's network namespace (`/run/netns/NAME`).
 pub const NETNS_ANNOTATION: &str = "mesh-agent.io/netns";
@@ -89,15 +106,18 @@ impl Default for Settings {
 
 /// The Kubernetes objects the agent consumes, as read from a source (in source order).
 ///
-/// Kinds that later features interpret are kept raw (`serde_json::Value`) so that they can be
-/// typed when needed without changing the sources.
+/// Typed objects are shared (`Arc`): the kube source's stores already hold them so, and a
+/// snapshot of a large cluster, taken at every change, then copies pointers rather than the
+/// objects; the state keeps the EndpointSlices it indexes the same way. Kinds that later
+/// features interpret are kept raw (`serde_json::Value`) so that they can be typed when
+/// needed without changing the sources.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Objects {
-    pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<Service>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
     /// `discovery.k8s.io/v1` EndpointSlice.
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// `security.istio.io/v1` AuthorizationPolicy.
     pub authorization_policies: Vec<serde_json::Value>,
     /// `security.istio.io/v1` PeerAuthentication.
@@ -115,7 +135,7 @@ pub struct Objects {
     /// `networking.istio.io/v1` Gateway (ingress gateways).
     pub istio_gateways: Vec<serde_json::Value>,
     /// `v1` Secret of type `kubernetes.io/tls` (ingress gateways' certificates; file mode).
-    pub secrets: Vec<k8s_openapi::api::core::v1::Secret>,
+    pub secrets: Vec<Arc<k8s_openapi::api::core::v1::Secret>>,
 }
 
 impl Objects {

@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::config::EndpointSlice;
 
 use crate::state::{Service, ServicePort, TargetPort, Workload};
 
@@ -24,19 +25,14 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub fn index(
     services: &[Service],
     workloads: &[Workload],
-    slices: &[EndpointSlice],
+    slices: &[Arc<EndpointSlice>],
 ) -> HashMap<(usize, u16), Vec<SocketAddr>> {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-        if let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
+        if let Some(service) = slice.labels.get(SERVICE_NAME_LABEL) {
             by_service
-                .entry((namespace, service.as_str()))
+                .entry((namespace, service))
                 .or_default()
                 .push(slice);
         }
@@ -118,7 +114,7 @@ fn pick_by<T: Copy>(items: &[T], dst: IpAddr, n: usize, v4: impl Fn(&T) -> bool)
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use crate::labels::Labels;
 
     use super::*;
 
@@ -130,7 +126,7 @@ mod tests {
             node: Some("n1".into()),
             service_account: "default".into(),
             ips: vec![ip.parse().unwrap()],
-            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            labels: [("app", app)].into(),
             workload_name: name.into(),
             netns: None,
             captured: true,
@@ -151,7 +147,7 @@ mod tests {
                 protocol: "TCP".into(),
                 app_protocol: None,
             }],
-            selector: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            selector: Labels::from([("app", "web")]),
             waypoint: None,
             ingress_use_waypoint: false,
         }
@@ -184,7 +180,8 @@ mod tests {
     }
 
     fn ready(svc: Service, slices: &[EndpointSlice]) -> Vec<SocketAddr> {
-        index(&[svc], &workloads(), slices)
+        let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
+        index(&[svc], &workloads(), &slices)
             .remove(&(0, 80))
             .unwrap_or_default()
     }
@@ -209,7 +206,7 @@ mod tests {
     #[test]
     fn slices_of_other_services_are_ignored() {
         let mut svc = service("other", TargetPort::Number(8080));
-        svc.selector.clear();
+        svc.selector = Labels::new();
         assert!(ready(svc, &[slice(&[("10.0.0.1", Some(true))])]).is_empty());
     }
 

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod handoff;
 pub mod identity;
 pub mod l7;
+pub mod labels;
 pub mod lb;
 pub mod log_limit;
 pub mod manifest;

@@ -117,8 +117,8 @@ pub fn canonical_service(w: &crate::state::Workload) -> String {
         "app",
     ]
     .iter()
-    .find_map(|k| w.labels.get(*k))
-    .cloned()
+    .find_map(|k| w.labels.get(k))
+    .map(str::to_owned)
     .unwrap_or_else(|| w.workload_name.clone())
 }
 
@@ -131,8 +131,8 @@ pub fn canonical_revision(w: &crate::state::Workload) -> String {
         "version",
     ]
     .iter()
-    .find_map(|k| w.labels.get(*k))
-    .cloned()
+    .find_map(|k| w.labels.get(k))
+    .map(str::to_owned)
     .unwrap_or_else(|| "latest".to_owned())
 }
 
@@ -194,7 +194,7 @@ impl ConnectionLabels {
     ) -> Self {
         let unknown = || "unknown".to_owned();
         let label = |w: Option<&crate::state::Workload>, key: &str| {
-            w.and_then(|w| w.labels.get(key).cloned())
+            w.and_then(|w| w.labels.get(key).map(str::to_owned))
                 .unwrap_or_else(unknown)
         };
         let (service_name, service_namespace) = service

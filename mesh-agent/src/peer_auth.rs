@@ -214,7 +214,7 @@ impl PeerAuthentications {
                 local.iter().find(|p| p.selector.is_empty()),
                 local
                     .iter()
-                    .find(|p| !p.selector.is_empty() && selects(&p.selector, &workload.labels)),
+                    .find(|p| !p.selector.is_empty() && workload.labels.matches(&p.selector)),
             )
         };
         let mut mode = MtlsMode::Permissive;
@@ -238,17 +238,10 @@ impl Reach {
             Reach::Selector { namespace, labels } => {
                 namespace != root_namespace
                     && *namespace == workload.namespace
-                    && selects(labels, &workload.labels)
+                    && workload.labels.matches(labels)
             }
         }
     }
-}
-
-/// Kubernetes `matchLabels`: every selector label is on the pod with the same value.
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector
-        .iter()
-        .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
 /// What an invalid policy could select, read leniently (see the module docs).

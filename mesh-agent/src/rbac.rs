@@ -82,7 +82,7 @@
 //! piecewise without formatting it.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -90,6 +90,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::identity::Identity;
+use crate::labels::Labels;
 use crate::policy_json::{
     Envelope, FieldError, as_list, as_object, describe, envelope, kind_of, known_fields, string,
 };
@@ -712,10 +713,7 @@ impl Policies {
 }
 
 impl NamespacePolicies {
-    fn applying<'a>(
-        &'a self,
-        labels: &'a BTreeMap<String, String>,
-    ) -> impl Iterator<Item = &'a Policy> + 'a {
+    fn applying<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = &'a Policy> + 'a {
         let selected = (!self.selected.is_empty()).then_some(&self.selected);
         let by_label = selected.into_iter().flat_map(move |index| {
             labels.iter().flat_map(move |(key, value)| {
@@ -724,19 +722,12 @@ impl NamespacePolicies {
                     .and_then(|values| values.get(value))
                     .into_iter()
                     .flatten()
-                    .filter(move |s| selects(&s.labels, labels))
+                    .filter(move |s| labels.matches(s.labels.iter().map(|(k, v)| (k, v))))
                     .map(|s| &s.policy)
             })
         });
         self.wide.iter().chain(by_label)
     }
-}
-
-/// Kubernetes `matchLabels`: every selector label is on the pod with the same value.
-fn selects(selector: &[(String, String)], labels: &BTreeMap<String, String>) -> bool {
-    selector
-        .iter()
-        .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
 impl Policy {

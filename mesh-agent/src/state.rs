@@ -8,11 +8,12 @@ use std::path::PathBuf;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::config::EndpointSlice;
 use serde::Serialize;
 
 use crate::admission::PolicySet;
 use crate::l7::routes::Routes;
+use crate::labels::Labels;
 
 /// Everything the agent knows about the mesh at one point in time.
 ///
@@ -71,7 +72,7 @@ impl PartialEq for MeshState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RawObjects {
     /// `discovery.k8s.io/v1` EndpointSlice (indexed into ready endpoints by `MeshState::new`).
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// `security.istio.io/v1` AuthorizationPolicy.
     pub authorization_policies: Vec<serde_json::Value>,
     /// `security.istio.io/v1` PeerAuthentication.
@@ -124,7 +125,7 @@ pub struct Workload {
     pub service_account: String,
     /// `status.podIPs` (all), else `status.podIP`; canonical form.
     pub ips: Vec<IpAddr>,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Canonical workload name: label `app.kubernetes.io/name`, else `app`, else the pod name.
     pub workload_name: String,
     /// Annotation `mesh-agent.io/netns` (file mode).
@@ -145,7 +146,7 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Empty: the service selects no pods (endpoints are managed elsewhere).
-    pub selector: BTreeMap<String, String>,
+    pub selector: Labels,
     /// The waypoint its traffic goes through, if it names one.
     pub waypoint: Option<WaypointRef>,
     /// Ingress gateways send its traffic through its waypoint too (label
@@ -520,12 +521,8 @@ impl MeshState {
 impl Service {
     /// Whether this service's selector matches a pod with `labels`; an empty selector matches
     /// nothing (such services get their endpoints from elsewhere).
-    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        !self.selector.is_empty()
-            && self
-                .selector
-                .iter()
-                .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    pub fn selects(&self, labels: &Labels) -> bool {
+        !self.selector.is_empty() && labels.matches(&self.selector)
     }
 }
 
@@ -550,7 +547,7 @@ mod tests {
             node: Some("node-a".into()),
             service_account: "default".into(),
             ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-            labels: BTreeMap::new(),
+            labels: Labels::new(),
             workload_name: name.into(),
             netns: None,
             captured: true,
@@ -574,13 +571,13 @@ mod tests {
                     app_protocol: None,
                 })
                 .collect(),
-            selector: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            selector: Labels::from([("app", name)]),
             waypoint: None,
             ingress_use_waypoint: false,
         }
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -729,7 +726,7 @@ mod tests {
         let mut wrong_version = service("default", "web-v2", &[], &[]);
         wrong_version.selector = labels(&[("app", "web"), ("version", "v2")]);
         let mut no_selector = service("default", "manual", &[], &[]);
-        no_selector.selector.clear();
+        no_selector.selector = Labels::new();
         let s = MeshState::new(
             vec![w.clone()],
             vec![

@@ -5,7 +5,7 @@
 //! HTTP/2) and the second proxy's HBONE server to an echo application. The sockets come
 //! from a loopback [`PodSockets`]; the original destinations from a table the test fills.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -113,7 +113,7 @@ fn workload(name: &str, sa: &str, ip: IpAddr, node: &str) -> Workload {
         node: Some(node.into()),
         service_account: sa.into(),
         ips: vec![ip],
-        labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+        labels: [("app", name)].into(),
         workload_name: name.into(),
         netns: None,
         captured: true,

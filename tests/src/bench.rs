@@ -437,9 +437,18 @@ pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// Resident set size of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The most resident a process has been since it started, in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vm_rss_kib(&text).with_context(|| format!("no VmRSS line in {path}"))
+    parse_status_kib(&text, field).with_context(|| format!("no {field} line in {path}"))
 }
 
 /// Open file descriptors of a process (entries of `/proc/<pid>/fd`).
@@ -451,10 +460,10 @@ pub fn fd_count(pid: u32) -> Result<u64> {
 }
 
 /// The `VmRSS:   1234 kB` line of `/proc/<pid>/status`, in KiB.
-pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .split_whitespace()
         .next()?
         .parse()
@@ -781,9 +790,12 @@ mod tests {
 
     #[test]
     fn vm_rss_is_read_in_kib() {
-        let status = "Name:\tmesh-agent\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t9\n";
-        assert_eq!(parse_vm_rss_kib(status), Some(12345));
-        assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let status = "Name:\tmesh-agent\nVmPeak:\t  99999 kB\nVmHWM:\t   22222 kB\nVmRSS:\t   12345 kB\nThreads:\t9\n";
+        assert_eq!(parse_status_kib(status, "VmRSS"), Some(12345));
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(22222));
+        assert_eq!(parse_status_kib(status, "VmRS"), None);
+        let own = std::process::id();
+        assert!(peak_rss_kib(own).unwrap() >= rss_kib(own).unwrap());
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct Report {
     /// The agent's RSS with only the two real pods, and with the whole cluster, in MiB.
     pub rss_small_mib: f64,
     pub rss_mib: f64,
+    /// The agent's highest RSS over the whole run with the cluster (its initial lists, the
+    /// policy changes), in MiB.
+    pub rss_peak_mib: f64,
     /// From the agent's start to its readiness: the initial lists applied, the node's pods
     /// enrolled.
     pub synced_after: Duration,
@@ -125,6 +128,8 @@ pub fn run(size: Size, agent_flags: &[&str], probe: &[&str], settle: Duration) -
             report.enforced_after.push(at - t0);
         }
     }
+    let agent = node.agent().context("no agent")?;
+    report.rss_peak_mib = crate::bench::peak_rss_kib(agent.pid())? as f64 / 1024.0;
     cluster
         .teardown()
         .context("tearing the scale cluster down")?;
@@ -136,15 +141,21 @@ pub fn run(size: Size, agent_flags: &[&str], probe: &[&str], settle: Duration) -
 /// pods, and pods `p-I` on nodes `scale-N` (10.128.0.0/9), labelled for service I mod
 /// services.
 fn populate(api: &ApiServer, size: Size) -> Result<()> {
-    for k in 0..size.namespaces {
-        api.apply(namespace(&format!("ns-{k}"), k % 2 == 0))?;
+    for object in cluster_objects(size) {
+        api.apply(object)?;
     }
+    Ok(())
+}
+
+/// The synthetic cluster's objects, as [`populate`] writes them.
+fn cluster_objects(size: Size) -> impl Iterator<Item = Value> {
     let pod_ip = |i: usize| Ipv4Addr::from(0x0a80_0000u32 + i as u32);
-    for i in 0..size.pods {
+    let namespaces = (0..size.namespaces).map(|k| namespace(&format!("ns-{k}"), k % 2 == 0));
+    let pods = (0..size.pods).map(move |i| {
         let svc = i % size.services;
         let ns = svc % size.namespaces;
         let ip = pod_ip(i).to_string();
-        api.apply(json!({
+        json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("p-{i}"), "namespace": format!("ns-{ns}"),
                          "labels": {"app": format!("svc-{svc}"), "version": "v1"}},
@@ -153,18 +164,12 @@ fn populate(api: &ApiServer, size: Size) -> Result<()> {
                      "containers": [{"name": "app", "image": "app"}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                        "conditions": [{"type": "Ready", "status": "True"}]},
-        }))?;
-    }
-    for j in 0..size.services {
+        })
+    });
+    let services = (0..size.services).flat_map(move |j| {
         let ns = format!("ns-{}", j % size.namespaces);
         let name = format!("svc-{j}");
         let ip = Ipv4Addr::from(0x0a60_0000u32 + j as u32);
-        api.apply(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"clusterIP": ip.to_string(), "selector": {"app": name},
-                     "ports": [{"name": "http", "port": 80, "targetPort": APP}]},
-        }))?;
         let endpoints: Vec<Value> = (j..size.pods)
             .step_by(size.services)
             .map(|i| {
@@ -172,16 +177,89 @@ fn populate(api: &ApiServer, size: Size) -> Result<()> {
                        "nodeName": format!("scale-{}", i % size.nodes)})
             })
             .collect();
-        api.apply(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-abc"), "namespace": ns,
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": APP}],
-            "endpoints": endpoints,
-        }))?;
+        [
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": ip.to_string(), "selector": {"app": name},
+                         "ports": [{"name": "http", "port": 80, "targetPort": APP}]},
+            }),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{name}-abc"), "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": APP}],
+                "endpoints": endpoints,
+            }),
+        ]
+    });
+    namespaces.chain(pods).chain(services)
+}
+
+/// What the synthetic cluster costs on the heap, counted in this process with the agent's
+/// own types and translation (needs [`crate::heap::Counting`] installed).
+#[derive(Debug, Default)]
+pub struct Heap {
+    /// The objects as the sources keep them.
+    pub objects_mib: f64,
+    /// The state translated from them, beside the objects.
+    pub state_mib: f64,
+    /// The most live during the translation, above the objects.
+    pub translate_peak_mib: f64,
+}
+
+/// Counts what the synthetic cluster's objects, and the state translated from them for a node
+/// without any of their pods, cost on the heap.
+pub fn heap(size: Size) -> Result<Heap> {
+    use crate::heap;
+    use k8s_openapi::api::core::v1 as core;
+    use mesh_agent::config::{EndpointSlice, Objects, Pod, Settings, translate};
+    if !heap::installed() {
+        bail!("no counting allocator installed: heap figures would read 0");
     }
-    Ok(())
+    const MIB: f64 = 1024.0 * 1024.0;
+    let base = heap::live();
+    let mut objects = Objects::default();
+    for object in cluster_objects(size) {
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        match kind.as_str() {
+            "Namespace" => objects
+                .namespaces
+                .push(serde_json::from_value::<core::Namespace>(object)?.into()),
+            "Pod" => objects
+                .pods
+                .push(serde_json::from_value::<Pod>(object)?.into()),
+            "Service" => objects
+                .services
+                .push(serde_json::from_value::<core::Service>(object)?.into()),
+            "EndpointSlice" => objects
+                .endpoint_slices
+                .push(serde_json::from_value::<EndpointSlice>(object)?.into()),
+            other => bail!("the scale cluster has no {other}"),
+        }
+    }
+    let with_objects = heap::live();
+    heap::reset_peak();
+    let state = translate::translate(
+        &objects,
+        "heap-count",
+        translate::NetnsSource::Discovered,
+        &Settings::default(),
+    )?;
+    let (with_state, peak) = (heap::live(), heap::peak());
+    let workloads = state.workloads.len();
+    drop((state, objects));
+    anyhow::ensure!(
+        workloads == size.pods,
+        "{workloads} workloads of {} pods",
+        size.pods
+    );
+    Ok(Heap {
+        objects_mib: (with_objects - base) as f64 / MIB,
+        state_mib: (with_state - with_objects) as f64 / MIB,
+        translate_peak_mib: (peak - with_objects) as f64 / MIB,
+    })
 }
 
 fn namespace(name: &str, ambient: bool) -> Value {

@@ -136,7 +136,7 @@ fn runs_a_gateway(w: &Workload) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use crate::labels::Labels;
 
     use super::*;
     use crate::state::RawObjects;
@@ -149,7 +149,7 @@ mod tests {
             node: Some(node.into()),
             service_account: sa.into(),
             ips: vec![],
-            labels: BTreeMap::new(),
+            labels: Labels::new(),
             workload_name: name.into(),
             netns: None,
             captured,
@@ -160,9 +160,7 @@ mod tests {
 
     fn state() -> MeshState {
         let mut waypoint = pod("waypoint-0", "shop", "waypoint", "n1", true);
-        waypoint
-            .labels
-            .insert(GATEWAY_NAME_LABEL.into(), "waypoint".into());
+        waypoint.labels.insert(GATEWAY_NAME_LABEL, "waypoint");
         MeshState::new(
             vec![
                 pod("reviews-0", "shop", "reviews", "n1", true),

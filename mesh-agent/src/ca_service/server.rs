@@ -444,7 +444,7 @@ impl ResolvesServerCert for ServerCertificate {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use crate::labels::Labels;
 
     use super::*;
     use crate::{
@@ -464,7 +464,7 @@ mod tests {
             node: Some(node.into()),
             service_account: sa.into(),
             ips: vec![],
-            labels: BTreeMap::new(),
+            labels: Labels::new(),
             workload_name: name.into(),
             netns: None,
             captured: true,

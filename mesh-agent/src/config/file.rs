@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::EndpointSlice;
 use k8s_openapi::Metadata;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tokio::sync::watch;
@@ -801,27 +803,27 @@ impl Parser<'_> {
     fn object(&mut self, kind: Kind, at: DocRef, source: Source<'_>) -> Result<(), ConfigError> {
         match kind {
             Kind::Namespace => {
-                let ns = self.typed(kind, &at, &source)?;
-                self.parsed.objects.namespaces.push(ns);
+                let ns: Namespace = self.typed(kind, &at, &source)?;
+                self.parsed.objects.namespaces.push(ns.into());
             }
             Kind::Pod => {
                 let pod = self.typed(kind, &at, &source)?;
                 translate::workload(&pod, None).map_err(|e| self.error(&at, e.to_string()))?;
-                self.parsed.objects.pods.push(pod);
+                self.parsed.objects.pods.push(pod.into());
             }
             Kind::Service => {
                 let svc = self.typed(kind, &at, &source)?;
                 translate::service(&svc).map_err(|e| self.error(&at, e.to_string()))?;
-                self.parsed.objects.services.push(svc);
+                self.parsed.objects.services.push(svc.into());
             }
             Kind::Secret => {
                 let secret: k8s_openapi::api::core::v1::Secret = self.typed(kind, &at, &source)?;
                 translate::tls_secret(&secret).map_err(|e| self.error(&at, e.to_string()))?;
-                self.parsed.objects.secrets.push(secret);
+                self.parsed.objects.secrets.push(secret.into());
             }
             Kind::EndpointSlice => {
-                let slice = self.typed(kind, &at, &source)?;
-                self.parsed.objects.endpoint_slices.push(slice);
+                let slice: EndpointSlice = self.typed(kind, &at, &source)?;
+                self.parsed.objects.endpoint_slices.push(slice.into());
             }
             Kind::AuthorizationPolicy => {
                 let policy = self.raw(kind, &at, &source)?;

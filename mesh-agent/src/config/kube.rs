@@ -38,8 +38,9 @@
 //! the published state, keep their last contents.
 //!
 //! - Pods are all watched (the address → identity index needs every pod, not only this node's)
-//!   and trimmed to what the agent reads ([`trim_pod`]); `managedFields` are dropped from
-//!   every object.
+//!   and read as [`Pod`], which keeps only what the agent reads (EndpointSlices likewise);
+//!   `managedFields` are dropped from every other object, and from Namespaces, Services and
+//!   Secrets kubectl's last-applied copy of the object too ([`strip_bulk`]).
 //! - The Istio kinds are watched as [`DynamicObject`]s and converted to JSON in the shape the
 //!   file source keeps (`apiVersion`, `kind`, `metadata`, `spec`...). A kind whose CRD is not
 //!   installed (404 on list) is logged once and treated as empty; if the CRD appears later its
@@ -71,6 +72,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::config::EndpointSlice;
 use ::kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use ::kube::config::{
     InClusterError, InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError,
@@ -80,7 +82,6 @@ use ::kube::runtime::{WatchStreamExt, watcher};
 use ::kube::{Client, Resource};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -360,7 +361,7 @@ impl KubeSource {
             Kind::Namespace,
             false,
             progress,
-            |ns: &mut Namespace| strip_managed_fields(&mut ns.metadata),
+            |ns: &mut Namespace| strip_bulk(&mut ns.metadata),
         );
         tasks.push(task);
         let (pods, task) = watch_kind(
@@ -369,7 +370,8 @@ impl KubeSource {
             Kind::Pod,
             false,
             progress,
-            trim_pod,
+            // `Pod` keeps nothing else as it is read.
+            |_: &mut Pod| {},
         );
         tasks.push(task);
         let (services, task) = watch_kind(
@@ -378,7 +380,7 @@ impl KubeSource {
             Kind::Service,
             false,
             progress,
-            |svc: &mut Service| strip_managed_fields(&mut svc.metadata),
+            |svc: &mut Service| strip_bulk(&mut svc.metadata),
         );
         tasks.push(task);
         let (endpoint_slices, task) = watch_kind(
@@ -387,7 +389,8 @@ impl KubeSource {
             Kind::EndpointSlice,
             false,
             progress,
-            |slice: &mut EndpointSlice| strip_managed_fields(&mut slice.metadata),
+            // `EndpointSlice` keeps nothing else as it is read.
+            |_: &mut EndpointSlice| {},
         );
         tasks.push(task);
         let authz = authorization_policy_resource();
@@ -397,7 +400,7 @@ impl KubeSource {
             Kind::AuthorizationPolicy,
             true,
             progress,
-            |o: &mut DynamicObject| strip_managed_fields(&mut o.metadata),
+            strip_managed_fields,
         );
         tasks.push(task);
         let peer = peer_authentication_resource();
@@ -407,7 +410,7 @@ impl KubeSource {
             Kind::PeerAuthentication,
             true,
             progress,
-            |o: &mut DynamicObject| strip_managed_fields(&mut o.metadata),
+            strip_managed_fields,
         );
         tasks.push(task);
         let routing = routing_resources().map(|(kind, resource)| {
@@ -417,7 +420,7 @@ impl KubeSource {
                 kind,
                 true,
                 progress,
-                |o: &mut DynamicObject| strip_managed_fields(&mut o.metadata),
+                strip_managed_fields,
             );
             tasks.push(task);
             (store, resource)
@@ -483,25 +486,11 @@ impl KubeSource {
     }
 }
 
-/// Drops what a pod's metadata carries that the agent never reads (managed fields, the
-/// last-applied annotation...); its spec and status hold only what is read already
-/// ([`super::pod`]). The unit test `trimmed_pod_translates_like_the_full_pod` checks that the
-/// translation sees no difference.
-pub fn trim_pod(pod: &mut Pod) {
-    let meta = &mut pod.metadata;
-    strip_managed_fields(meta);
-    meta.generate_name = None;
-    meta.finalizers = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.remove(LAST_APPLIED_ANNOTATION);
-    }
-}
-
 /// Keeps of a Secret what the gateway reads: the data of a `kubernetes.io/tls` one; of any
 /// other type only its name. Annotations go in every case: `kubectl apply` copies the whole
 /// object, data included, into one.
 pub fn trim_secret(secret: &mut Secret) {
-    strip_managed_fields(&mut secret.metadata);
+    strip_bulk(&mut secret.metadata);
     secret.metadata.annotations = None;
     if secret.type_.as_deref() != Some(translate::TLS_SECRET_TYPE) {
         secret.data = None;
@@ -509,8 +498,22 @@ pub fn trim_secret(secret: &mut Secret) {
     }
 }
 
-fn strip_managed_fields(meta: &mut ObjectMeta) {
+/// An Istio object keeps its annotations (its JSON is the state's, and `/config_dump`'s, as
+/// the file source keeps it; few such objects exist); only its managed fields go.
+fn strip_managed_fields(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+}
+
+/// Drops the bulk of an object's metadata that the agent never reads: managed fields, and
+/// the copy of the whole object `kubectl apply` keeps in an annotation.
+pub fn strip_bulk(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
 }
 
 /// An Istio object as the file source keeps it: the object's JSON, with `apiVersion` and
@@ -795,11 +798,11 @@ struct Stores {
 impl Stores {
     /// A snapshot of the stores, as the file source would have parsed them.
     fn objects(&self) -> Objects {
-        fn typed<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<K>
+        fn typed<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<Arc<K>>
         where
             K::DynamicType: Eq + Hash + Clone,
         {
-            store.state().iter().map(|o| (**o).clone()).collect()
+            store.state()
         }
         fn raw((store, resource): &(Store<DynamicObject>, ApiResource)) -> Vec<serde_json::Value> {
             store
@@ -928,7 +931,9 @@ async fn rebuild_on_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::NETNS_ANNOTATION;
     use crate::config::file::load_str;
+    use crate::labels::Labels;
 
     const FULL_POD: &str = r#"
 apiVersion: v1
@@ -977,8 +982,8 @@ status:
             ns.metadata.labels = Some([("istio.io/dataplane-mode".into(), mode.into())].into());
         }
         let objects = Objects {
-            namespaces: vec![ns],
-            pods: vec![pod],
+            namespaces: vec![ns.into()],
+            pods: vec![pod.into()],
             ..Default::default()
         };
         translate::translate(
@@ -991,33 +996,28 @@ status:
     }
 
     #[test]
-    fn trimmed_pod_translates_like_the_full_pod() {
-        let full = load_str(FULL_POD, "pod.yaml").unwrap().pods.remove(0);
+    fn a_pod_is_read_from_its_full_object_with_what_translation_needs() {
+        let full = Pod::clone(&load_str(FULL_POD, "pod.yaml").unwrap().pods[0]);
         // Sidecar annotation on and off, ambient namespace or not, host network or not.
-        let variants: Vec<Pod> = {
-            let mut no_sidecar = full.clone();
-            no_sidecar
-                .metadata
-                .annotations
-                .as_mut()
-                .unwrap()
-                .remove("sidecar.istio.io/status");
-            let mut host = no_sidecar.clone();
-            host.spec.as_mut().unwrap().host_network = Some(true);
-            let mut finished = no_sidecar.clone();
-            finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
-            vec![full.clone(), no_sidecar, host, finished]
-        };
-        for pod in variants {
-            for ns in [None, Some("ambient")] {
-                let mut trimmed = pod.clone();
-                trim_pod(&mut trimmed);
-                assert_eq!(
-                    translate_one(trimmed, ns),
-                    translate_one(pod.clone(), ns),
-                    "{:?}",
-                    pod.metadata.annotations
-                );
+        let mut no_sidecar = full.clone();
+        no_sidecar.annotations = Labels::from([(NETNS_ANNOTATION, "/run/netns/web-1")]);
+        let mut host = no_sidecar.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let mut finished = no_sidecar.clone();
+        finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let cases = [
+            (&full, [false, false]),
+            (&no_sidecar, [true, true]),
+            (&host, [false, false]),
+            (&finished, [false, false]),
+        ];
+        for (pod, captured) in cases {
+            for (ns, captured) in [None, Some("ambient")].into_iter().zip(captured) {
+                let state = translate_one(pod.clone(), ns);
+                let w = &state.workloads[0];
+                assert_eq!(w.captured, captured, "{pod:?} in {ns:?}");
+                assert_eq!(w.labels.get("app"), Some("web"));
+                assert_eq!(w.netns.as_deref(), Some(Path::new("/run/netns/web-1")));
             }
         }
     }
@@ -1057,18 +1057,13 @@ status:
     }
 
     #[test]
-    fn trimmed_pod_drops_bulk_keeps_ports_and_conditions() {
-        let mut pod = load_str(FULL_POD, "pod.yaml").unwrap().pods.remove(0);
-        trim_pod(&mut pod);
-        assert!(pod.metadata.managed_fields.is_none());
-        assert!(
-            !pod.metadata
-                .annotations
-                .as_ref()
-                .unwrap()
-                .contains_key(LAST_APPLIED_ANNOTATION)
-        );
-        assert_eq!(pod.metadata.owner_references.as_ref().unwrap().len(), 1);
+    fn a_pod_keeps_ports_and_conditions_and_drops_bulk() {
+        let pod = Pod::clone(&load_str(FULL_POD, "pod.yaml").unwrap().pods[0]);
+        let meta = &pod.metadata;
+        assert!(meta.managed_fields.is_none() && meta.owner_references.is_none());
+        assert!(meta.finalizers.is_none() && meta.generate_name.is_none());
+        assert!(!pod.annotations.contains_key(LAST_APPLIED_ANNOTATION));
+        assert_eq!(pod.annotations.len(), 2, "{:?}", pod.annotations);
         // Images, environment, volumes, container statuses: not in the type at all.
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(
@@ -1124,14 +1119,14 @@ spec: {clusterIP: 10.96.0.1}
 ";
         let mut objects = load_str(yaml, "x.yaml").unwrap();
         // Objects from an API server are not validated by the file parser.
-        let mut bad = objects.pods[0].clone();
+        let mut bad = Pod::clone(&objects.pods[0]);
         bad.metadata.name = Some("bad".into());
         bad.status.as_mut().unwrap().pod_ip = Some("10.0.0.300".into());
-        objects.pods.push(bad);
-        let mut bad_svc = objects.services[0].clone();
+        objects.pods.push(bad.into());
+        let mut bad_svc = Service::clone(&objects.services[0]);
         bad_svc.metadata.name = Some("bad-svc".into());
         bad_svc.spec.as_mut().unwrap().cluster_ip = Some("nope".into());
-        objects.services.push(bad_svc);
+        objects.services.push(bad_svc.into());
 
         let mut builder = Builder {
             node: "node-a".into(),
@@ -1151,7 +1146,11 @@ spec: {clusterIP: 10.96.0.1}
         assert_eq!(record.rejected, rejected);
 
         // Fixed: accepted again.
-        objects.pods[1].status.as_mut().unwrap().pod_ip = Some("10.0.0.3".into());
+        Arc::make_mut(&mut objects.pods[1])
+            .status
+            .as_mut()
+            .unwrap()
+            .pod_ip = Some("10.0.0.3".into());
         let state = builder.build(objects).unwrap();
         assert_eq!(state.workloads.len(), 2);
         assert_eq!(builder.rejected.len(), 1);

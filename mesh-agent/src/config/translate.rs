@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -12,6 +13,7 @@ use super::{
     ConfigError, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, FieldError,
     Kind, NETNS_ANNOTATION, ObjectKey, Objects, Pod, SIDECAR_STATUS_ANNOTATION, Settings,
 };
+use crate::labels::Labels;
 use crate::state::{
     GATEWAY_NAME_LABEL, MeshState, RawObjects, Service, ServicePort, TargetPort, Waypoint,
     WaypointFor, WaypointRef, Workload,
@@ -48,24 +50,27 @@ pub fn translate(
     netns: NetnsSource,
     settings: &Settings,
 ) -> Result<MeshState, ConfigError> {
-    let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = objects
+    let namespace_labels: HashMap<&str, Labels> = objects
         .namespaces
         .iter()
-        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
+        .filter_map(|ns| {
+            let labels = ns.metadata.labels.as_ref()?;
+            Some((ns.metadata.name.as_deref()?, Labels::from(labels)))
+        })
         .collect();
 
     let waypoints = waypoints(objects)?;
     let mut workloads = Vec::with_capacity(objects.pods.len());
     for pod in &objects.pods {
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let ns_labels = namespace_labels.get(ns).copied();
+        let ns_labels = namespace_labels.get(ns);
         let mut w = workload(pod, ns_labels).map_err(|e| ConfigError::Object {
             object: pod_key(pod),
             message: e.to_string(),
         })?;
         // A waypoint's own pods are never sent to a waypoint.
         if !w.labels.contains_key(GATEWAY_NAME_LABEL) {
-            w.waypoint = use_waypoint(pod.metadata.labels.as_ref(), ns_labels, &w.namespace);
+            w.waypoint = use_waypoint(Some(&pod.labels), ns_labels, &w.namespace);
         }
         if netns == NetnsSource::Annotation
             && w.captured
@@ -88,9 +93,10 @@ pub fn translate(
                 object: key(Kind::Service, &svc.metadata),
                 message: e.to_string(),
             })?;
-            let ns_labels = namespace_labels.get(s.namespace.as_str()).copied();
-            s.waypoint = use_waypoint(svc.metadata.labels.as_ref(), ns_labels, &s.namespace);
-            s.ingress_use_waypoint = ingress_use_waypoint(svc.metadata.labels.as_ref(), ns_labels);
+            let ns_labels = namespace_labels.get(s.namespace.as_str());
+            let labels = svc.metadata.labels.as_ref().map(Labels::from);
+            s.waypoint = use_waypoint(labels.as_ref(), ns_labels, &s.namespace);
+            s.ingress_use_waypoint = ingress_use_waypoint(labels.as_ref(), ns_labels);
             Ok(s)
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -148,7 +154,7 @@ pub fn translate(
 /// The nodes pods are scheduled on, with the addresses the pods report for them
 /// (`status.hostIPs`, else `status.hostIP`; what cannot be parsed is skipped: nothing is
 /// routed by it).
-fn nodes(pods: &[Pod]) -> BTreeMap<String, Vec<IpAddr>> {
+fn nodes(pods: &[Arc<Pod>]) -> BTreeMap<String, Vec<IpAddr>> {
     let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for pod in pods {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
@@ -185,15 +191,14 @@ fn raw_key(kind: Kind, object: &serde_json::Value) -> ObjectKey {
 /// The waypoint an object binds to: its own `istio.io/use-waypoint` label, else its
 /// namespace's; `none` (on the object) opts out of the namespace's.
 fn use_waypoint(
-    labels: Option<&BTreeMap<String, String>>,
-    namespace_labels: Option<&BTreeMap<String, String>>,
+    labels: Option<&Labels>,
+    namespace_labels: Option<&Labels>,
     namespace: &str,
 ) -> Option<WaypointRef> {
-    let carrier = [labels, namespace_labels]
+    let (carrier, name) = [labels, namespace_labels]
         .into_iter()
         .flatten()
-        .find(|l| l.contains_key(USE_WAYPOINT_LABEL))?;
-    let name = carrier[USE_WAYPOINT_LABEL].as_str();
+        .find_map(|l| Some((l, l.get(USE_WAYPOINT_LABEL)?)))?;
     if name.is_empty() || name == "none" {
         return None;
     }
@@ -201,8 +206,8 @@ fn use_waypoint(
         namespace: carrier
             .get(USE_WAYPOINT_NAMESPACE_LABEL)
             .filter(|n| !n.is_empty())
-            .cloned()
-            .unwrap_or_else(|| namespace.to_owned()),
+            .unwrap_or(namespace)
+            .to_owned(),
         name: name.to_owned(),
     })
 }
@@ -242,10 +247,7 @@ pub(crate) fn tls_secret(
 
 /// Whether ingress gateways go through the service's waypoint: Istio's label on the
 /// service, else on its namespace.
-fn ingress_use_waypoint(
-    labels: Option<&BTreeMap<String, String>>,
-    namespace_labels: Option<&BTreeMap<String, String>>,
-) -> bool {
+fn ingress_use_waypoint(labels: Option<&Labels>, namespace_labels: Option<&Labels>) -> bool {
     [labels, namespace_labels]
         .into_iter()
         .flatten()
@@ -285,13 +287,12 @@ fn waypoints(objects: &Objects) -> Result<Vec<Waypoint>, ConfigError> {
         let pods: Vec<&Pod> = objects
             .pods
             .iter()
+            .map(|p| &**p)
             .filter(|p| {
                 p.metadata.namespace.as_deref().unwrap_or("default") == namespace
-                    && p.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(GATEWAY_NAME_LABEL))
-                        .is_some_and(|n| *n == key.name)
+                    && p.labels
+                        .get(GATEWAY_NAME_LABEL)
+                        .is_some_and(|n| n == key.name)
                     && is_ready(p)
             })
             .collect();
@@ -345,21 +346,14 @@ fn is_ready(pod: &Pod) -> bool {
 /// Pods of this namespace are never enrolled, whatever their labels.
 pub const SYSTEM_NAMESPACE: &str = "kube-system";
 
-pub fn is_captured(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
-    fn mode(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
-        labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)
-    }
-    let pod_mode = mode(pod.metadata.labels.as_ref());
+pub fn is_captured(pod: &Pod, namespace_labels: Option<&Labels>) -> bool {
+    let pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL);
     let host_network = pod
         .spec
         .as_ref()
         .and_then(|s| s.host_network)
         .unwrap_or(false);
-    let has_sidecar = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION));
+    let has_sidecar = pod.annotations.contains_key(SIDECAR_STATUS_ANNOTATION);
     let finished = matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
@@ -375,13 +369,14 @@ pub fn is_captured(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>
         && !deleting
         && pod_mode != Some(DATAPLANE_MODE_NONE)
         && (pod_mode == Some(DATAPLANE_MODE_AMBIENT)
-            || mode(namespace_labels) == Some(DATAPLANE_MODE_AMBIENT))
+            || namespace_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+                == Some(DATAPLANE_MODE_AMBIENT))
 }
 
 /// Converts one pod; `namespace_labels` decides the ambient opt-in.
 pub(crate) fn workload(
     pod: &Pod,
-    namespace_labels: Option<&BTreeMap<String, String>>,
+    namespace_labels: Option<&Labels>,
 ) -> Result<Workload, FieldError> {
     let meta = &pod.metadata;
     let name = required_name(meta)?;
@@ -390,11 +385,11 @@ pub(crate) fn workload(
         .clone()
         .unwrap_or_else(|| "default".to_owned());
     let spec = pod.spec.as_ref();
-    let labels = meta.labels.clone().unwrap_or_default();
+    let labels = pod.labels.clone();
     let workload_name = labels
         .get("app.kubernetes.io/name")
         .or_else(|| labels.get("app"))
-        .cloned()
+        .map(str::to_owned)
         .unwrap_or_else(|| name.clone());
     Ok(Workload {
         uid: meta
@@ -486,7 +481,10 @@ pub(crate) fn service(svc: &k8s::Service) -> Result<Service, FieldError> {
         namespace,
         vips,
         ports,
-        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+        selector: spec
+            .and_then(|s| s.selector.as_ref())
+            .map(Labels::from)
+            .unwrap_or_default(),
         waypoint: None,
         ingress_use_waypoint: false,
     })
@@ -548,12 +546,7 @@ fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, FieldError> {
 
 /// The `mesh-agent.io/netns` annotation, which must be an absolute path.
 fn netns(pod: &Pod) -> Result<Option<PathBuf>, FieldError> {
-    let Some(value) = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(NETNS_ANNOTATION))
-    else {
+    let Some(value) = pod.annotations.get(NETNS_ANNOTATION) else {
         return Ok(None);
     };
     if !Path::new(value).is_absolute() {
@@ -591,12 +584,7 @@ mod tests {
 
     #[test]
     fn ingress_use_waypoint_is_read_from_the_service_then_its_namespace() {
-        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
-        };
+        let labels = |pairs: &[(&str, &str)]| -> Labels { pairs.iter().copied().collect() };
         let yes = labels(&[(INGRESS_USE_WAYPOINT_LABEL, "true")]);
         let no = labels(&[(INGRESS_USE_WAYPOINT_LABEL, "false")]);
         assert!(ingress_use_waypoint(Some(&yes), None));
@@ -928,7 +916,7 @@ spec:
                 (Some("dns"), 53, TargetPort::Number(53), "UDP"),
             ]
         );
-        assert_eq!(svc.selector.get("app").map(String::as_str), Some("web"));
+        assert_eq!(svc.selector.get("app"), Some("web"));
     }
 
     #[test]
@@ -1005,7 +993,7 @@ spec:
             ..Default::default()
         });
         let objects = Objects {
-            pods: vec![pod],
+            pods: vec![pod.into()],
             ..Default::default()
         };
         let err = translate(
@@ -1030,10 +1018,7 @@ spec:
             "spec": {"containers": [{"name": "c"}]},
         }))
         .unwrap();
-        let ambient = BTreeMap::from([(
-            DATAPLANE_MODE_LABEL.to_string(),
-            DATAPLANE_MODE_AMBIENT.to_string(),
-        )]);
+        let ambient = Labels::from([(DATAPLANE_MODE_LABEL, DATAPLANE_MODE_AMBIENT)]);
         assert!(!is_captured(&pod, Some(&ambient)));
         pod.metadata.namespace = Some("shop".into());
         assert!(is_captured(&pod, Some(&ambient)));

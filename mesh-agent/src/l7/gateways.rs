@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::config::RouteError;
+use crate::labels::Labels;
 
 /// The GatewayClass of ingress gateways this binary serves.
 pub const INGRESS_CLASS: &str = "istio";
@@ -35,11 +36,9 @@ pub struct IngressGateway {
 
 impl IngressGateway {
     /// Whether a gateway pod with `labels`, serving Gateway API gateway `own`, runs this one.
-    pub fn runs_on(&self, labels: &BTreeMap<String, String>, own: &GatewayKey) -> bool {
+    pub fn runs_on(&self, labels: &Labels, own: &GatewayKey) -> bool {
         match &self.selector {
-            Some(selector) => {
-                !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            }
+            Some(selector) => !selector.is_empty() && labels.matches(selector),
             None => &self.key == own,
         }
     }
@@ -325,13 +324,9 @@ mod tests {
                 name: "cert".into()
             })
         );
-        let labels: BTreeMap<String, String> = [
-            ("istio".to_owned(), "ingressgateway".to_owned()),
-            ("app".to_owned(), "x".to_owned()),
-        ]
-        .into();
+        let labels = Labels::from([("istio", "ingressgateway"), ("app", "x")]);
         assert!(g.runs_on(&labels, &("x".into(), "y".into())));
-        assert!(!g.runs_on(&BTreeMap::new(), &g.key));
+        assert!(!g.runs_on(&Labels::new(), &g.key));
         let mut bad = gw.clone();
         bad["spec"]["servers"][0]["port"]["protocol"] = "SPDY".into();
         let e = parse_istio_gateway(&bad).unwrap_err().to_string();
@@ -355,7 +350,7 @@ mod tests {
             ]}
         });
         let g = parse_gateway_api(&gw).unwrap().unwrap();
-        assert!(g.runs_on(&BTreeMap::new(), &g.key));
+        assert!(g.runs_on(&Labels::new(), &g.key));
         assert!(g.listeners[0].admits("bookinfo.example.com"));
         assert!(!g.listeners[0].admits("bookinfo.other"));
         let mut waypoint = gw;

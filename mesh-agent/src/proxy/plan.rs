@@ -193,7 +193,7 @@ fn through<'a>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use crate::labels::Labels;
     use std::net::IpAddr;
 
     use super::*;
@@ -209,7 +209,7 @@ mod tests {
             node: node.map(Into::into),
             service_account: format!("sa-{name}"),
             ips: vec![ip.parse().unwrap()],
-            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            labels: [("app", name)].into(),
             workload_name: name.into(),
             netns: None,
             captured,
@@ -228,8 +228,7 @@ mod tests {
 
     fn waypoint_pod(waypoint: &str, ip: &str) -> Workload {
         let mut w = pod(&format!("{waypoint}-0"), ip, Some("n2"), false);
-        w.labels
-            .insert(GATEWAY_NAME_LABEL.to_owned(), waypoint.to_owned());
+        w.labels.insert(GATEWAY_NAME_LABEL, waypoint);
         w
     }
 
@@ -245,7 +244,7 @@ mod tests {
                 protocol: "TCP".into(),
                 app_protocol: None,
             }],
-            selector: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+            selector: Labels::from([("app", app)]),
             waypoint: waypoint.map(|name| WaypointRef {
                 namespace: "shop".into(),
                 name: name.into(),
@@ -447,12 +446,12 @@ mod tests {
         let state = state();
         let mut services = state.services.clone();
         for s in services.iter_mut().filter(|s| s.name == "web") {
-            s.selector = BTreeMap::from([("tier".to_owned(), "web".to_owned())]);
+            s.selector = Labels::from([("tier", "web")]);
         }
         let mut workloads = state.workloads.clone();
         workloads.push(pod("local-2", "10.1.0.3", Some("n1"), true));
         for w in workloads.iter_mut().filter(|w| w.name.starts_with("local")) {
-            w.labels.insert("tier".into(), "web".into());
+            w.labels.insert("tier", "web");
         }
         let waypoints = vec![waypoint(
             "wp-svc",

@@ -1075,7 +1075,7 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
     let state = &record.state;
     let tunnel = &record.tunnel;
     let label = |w: Option<&Workload>, key: &str| {
-        w.and_then(|w| w.labels.get(key).cloned())
+        w.and_then(|w| w.labels.get(key).map(str::to_owned))
             .unwrap_or_else(unknown)
     };
     let gateway = matches!(tunnel.destination, Destination::Gateway { .. });

@@ -25,6 +25,10 @@ use mesh_agent::rbac::{BenchCase, Connection, Policies, bench_policies};
 use tests::bench::{self, CAPTURED, HTTP_BODY_BYTES, PROBING, RateReport, Summary, WRK_SCRIPT};
 use tests::{Cluster, ConfigOptions, Node, Pod, PodSpec, Process, require_root};
 
+/// Counts this process's heap: the scale stage's breakdown of the agent's memory.
+#[global_allocator]
+static HEAP: tests::heap::Counting = tests::heap::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "mesh-bench",
@@ -250,6 +254,9 @@ fn main() -> Result<()> {
     if wanted(Stage::Micro) {
         micro_benchmarks(&plan, &mut table)?;
     }
+    if wanted(Stage::Heap) {
+        heap_benchmarks(&plan, &mut table)?;
+    }
     let (traffic, enrollment, storm, waypoint, scale) = (
         wanted(Stage::Traffic),
         wanted(Stage::Enrollment),
@@ -290,7 +297,7 @@ fn main() -> Result<()> {
     } else {
         // Without root only the micro-benchmarks can run (under CI=true, require_root
         // fails instead).
-        ran.retain(|s| *s == Stage::Micro);
+        ran.retain(|s| matches!(s, Stage::Micro | Stage::Heap));
     }
     table.print(&ran);
     if plan.smoke {
@@ -533,6 +540,9 @@ struct Row {
 enum Stage {
     /// In-process micro-benchmarks (no root needed).
     Micro,
+    /// What the scale stage's cluster costs on the heap with the agent's own types and
+    /// translation, counted in-process (no root needed): where the scale stage's RSS goes.
+    Heap,
     /// Traffic on the two-node cluster: throughput, requests, churn, CPU, memory per
     /// connection.
     Traffic,
@@ -832,9 +842,10 @@ impl Table {
         }
         let (pods, services) = (plan.scale.pods, plan.scale.services);
         #[rustfmt::skip]
-        let scale: [(&str, String, &'static str, usize, Option<Target>); 4] = [
+        let scale: [(&str, String, &'static str, usize, Option<Target>); 5] = [
             ("scale-rss-small", "agent RSS, Kubernetes mode, 2 pods in the cluster".into(), "MiB", 1, None),
             ("scale-rss", format!("agent RSS, {pods} pods + {services} services in the cluster"), "MiB", 1, Some(AtMost(200.0))),
+            ("scale-rss-peak", "agent RSS at its highest: the initial lists and the policy changes".into(), "MiB", 1, None),
             ("scale-sync", format!("agent start to synced, {pods} pods + {services} services"), "ms", 0, None),
             ("scale-enforce", format!("policy change at the API server to enforced, {pods} pods"), "ms", 1, Some(AtMost(1000.0))),
         ];
@@ -844,6 +855,15 @@ impl Table {
             if !plan.smoke {
                 row.target = target;
             }
+        }
+        #[rustfmt::skip]
+        let heap = [
+            ("heap-objects", format!("heap: {pods} pods + {services} services as the sources keep them")),
+            ("heap-state", "heap: the state translated from them".into()),
+            ("heap-peak", "heap: most live during a translation, above the objects".into()),
+        ];
+        for (key, what) in heap {
+            t.row(key, &what, "MiB", 1).stage = Stage::Heap;
         }
         for (prefix, what, unit, decimals, target) in storm {
             for (key, label) in PATHS {
@@ -2304,6 +2324,23 @@ fn idle_connections_once(
 // ---------------------------------------------------------------------------------
 // A node agent against a large cluster.
 
+fn heap_benchmarks(plan: &Plan, table: &mut Table) -> Result<()> {
+    let size = plan.scale;
+    println!(
+        "\n== heap: the scale stage's cluster ({} pods, {} services) in the agent's types ==",
+        size.pods, size.services
+    );
+    let heap = tests::scale::heap(size)?;
+    println!(
+        "  objects {:.1} MiB, state {:.1} MiB, translation peak +{:.1} MiB",
+        heap.objects_mib, heap.state_mib, heap.translate_peak_mib
+    );
+    table.add("heap-objects", heap.objects_mib);
+    table.add("heap-state", heap.state_mib);
+    table.add("heap-peak", heap.translate_peak_mib);
+    Ok(())
+}
+
 fn scale_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
     let size = plan.scale;
     println!(
@@ -2315,11 +2352,12 @@ fn scale_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let report = tests::scale::run(size, &flags, &[exe_str(exe)?], plan.settle)?;
     println!(
-        "  agent RSS {:.1} MiB with 2 pods, {:.1} MiB with the whole cluster; synced {:.0?} after start",
-        report.rss_small_mib, report.rss_mib, report.synced_after
+        "  agent RSS {:.1} MiB with 2 pods, {:.1} MiB with the whole cluster (at most {:.1} MiB); synced {:.0?} after start",
+        report.rss_small_mib, report.rss_mib, report.rss_peak_mib, report.synced_after
     );
     table.add("scale-rss-small", report.rss_small_mib);
     table.add("scale-rss", report.rss_mib);
+    table.add("scale-rss-peak", report.rss_peak_mib);
     table.add("scale-sync", report.synced_after.as_secs_f64() * 1e3);
     for (k, took) in report.enforced_after.iter().enumerate() {
         let what = if k % 2 == 0 {
