@@ -126,8 +126,9 @@ pub struct RunConfig {
 }
 
 /// Runs until SIGTERM or SIGINT, or until a new agent took its listeners over and the
-/// connections it carries ended (ADR 014). On the way out nothing is released: pods stay
-/// captured, and fail closed until an agent comes back and adopts the pinned programs.
+/// connections it carries ended (ADR 014; a SIGTERM while draining lets the drain run on).
+/// On the way out nothing is released: pods stay captured, and fail closed until an agent
+/// comes back and adopts the pinned programs.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -264,13 +265,34 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if handed_over {
         let live = proxy.drain.live();
         tracing::info!(connections = live, period = ?cfg.drain_period, "handed over to the new agent; draining");
-        tokio::select! {
-            left = proxy.drain.drain(cfg.drain_period) => match left {
-                0 => tracing::info!("drained: every connection ended"),
-                left => tracing::warn!(connections = left, "drain period over; closing the connections left"),
-            },
-            _ = term.recv() => tracing::warn!(connections = proxy.drain.live(), "told to stop while draining"),
-            _ = int.recv() => tracing::warn!(connections = proxy.drain.live(), "told to stop while draining"),
+        // A surge rollout deletes the old pod once the new one is ready: the first SIGTERM
+        // lets the drain run on (the pod's grace period outlasts it); a second, or SIGINT
+        // (an operator), ends it now.
+        let drained = proxy.drain.drain(cfg.drain_period);
+        tokio::pin!(drained);
+        let mut terminated = false;
+        loop {
+            tokio::select! {
+                left = &mut drained => {
+                    match left {
+                        0 => tracing::info!("drained: every connection ended"),
+                        left => tracing::warn!(connections = left, "drain period over; closing the connections left"),
+                    }
+                    break;
+                }
+                _ = term.recv() => {
+                    if terminated {
+                        tracing::warn!(connections = proxy.drain.live(), "told to stop while draining");
+                        break;
+                    }
+                    terminated = true;
+                    tracing::info!(connections = proxy.drain.live(), "SIGTERM while draining: draining on (another ends it now)");
+                }
+                _ = int.recv() => {
+                    tracing::warn!(connections = proxy.drain.live(), "told to stop while draining");
+                    break;
+                }
+            }
         }
         return Ok(());
     }

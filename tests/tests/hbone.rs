@@ -1058,7 +1058,8 @@ fn a_ca_service_holds_the_plug_in_key_and_signs_only_what_each_proxy_may_have() 
 /// each new agent takes the old one's listeners over its handoff socket, the old one drains.
 /// New connections, one after another to a same-node and a cross-node server for the whole
 /// time, are neither refused nor reset, and long-lived connections made before the
-/// restarts last through both.
+/// restarts last through both. Each old agent gets a SIGTERM while it drains (as a surge
+/// rollout's old pod does) and drains on.
 #[test]
 fn a_new_agent_takes_over_the_listeners_and_the_old_one_drains_without_a_refusal_or_reset() {
     if !require_root() {
@@ -1111,8 +1112,16 @@ fn a_new_agent_takes_over_the_listeners_and_the_old_one_drains_without_a_refusal
     let mut old = Vec::new();
     for node in [1, 0] {
         let started = Instant::now();
-        old.push(cluster.node(node).take_over_agent(&config, &drain).unwrap());
+        let process = cluster.node(node).take_over_agent(&config, &drain).unwrap();
         eprintln!("node {node}: taken over in {:?}", started.elapsed());
+        // As a surge rollout's kubelet does once the new pod is ready: the old pod is
+        // deleted, its agent gets a SIGTERM while it drains, and drains on.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(process.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        old.push(process);
         std::thread::sleep(Duration::from_millis(500));
     }
     // The old agents drain: each exits once the connections it carries end (the
@@ -1126,6 +1135,10 @@ fn a_new_agent_takes_over_the_listeners_and_the_old_one_drains_without_a_refusal
         assert!(process.try_wait().unwrap().success());
         let log = process.log_text();
         assert!(log.contains("draining"), "node {node}:\n{log}");
+        assert!(
+            log.contains("draining on"),
+            "node {node}: SIGTERM not seen:\n{log}"
+        );
         assert!(log.contains("drained"), "node {node}:\n{log}");
     }
     for (hold, to) in holds.iter().zip([&same, &cross]) {

@@ -420,23 +420,14 @@ fn daemonset_probes_and_ports_are_the_agents() {
     );
     assert_eq!(host.as_deref(), Some("127.0.0.1"), "liveness probe host");
 
-    let ports = c.ports.as_deref().unwrap_or_default();
-    let metrics = ports
-        .iter()
-        .find(|p| p.container_port == i32::from(METRICS_PORT))
-        .expect("the metrics port is declared");
-    assert_eq!(metrics.name.as_deref(), Some("metrics"));
-    let known = [ADMIN_PORT, METRICS_PORT, READINESS_PORT].map(i32::from);
-    let mut names = BTreeSet::new();
-    for p in ports {
-        assert!(
-            known.contains(&p.container_port),
-            "port {} is not the agent's",
-            p.container_port
-        );
-        let name = p.name.as_deref().expect("every port is named");
-        assert!(name.len() <= 15 && names.insert(name), "port name {name:?}");
-    }
+    // A declared port of a host-network pod is a host port: the surge pod of a rollout
+    // could not be placed beside the old one.
+    assert!(
+        c.ports.as_deref().unwrap_or_default().is_empty()
+            && pod_spec(ds).host_network == Some(true),
+        "the host-network agent declares ports: {:?}",
+        c.ports
+    );
 }
 
 /// `mesh-agent <subcommand> --help`, from the built binary.
@@ -622,13 +613,29 @@ fn daemonset_runs_on_every_node_in_the_host_namespaces_it_needs() {
         .as_ref()
         .expect("updateStrategy");
     assert_eq!(update.type_.as_deref(), Some("RollingUpdate"));
-    assert_eq!(
-        update
-            .rolling_update
-            .as_ref()
-            .and_then(|r| r.max_unavailable.clone()),
-        Some(IntOrString::Int(1))
-    );
+    // The new agent starts beside the old one and takes its listeners over (ADR 014).
+    let rolling = update.rolling_update.as_ref().expect("rollingUpdate");
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    // The old agent drains on through the pod's SIGTERM: the grace period outlasts it.
+    let args = args(agent_container(ds));
+    // What the DaemonSet passes, else the agent's default (in seconds, e.g. `30s`).
+    let help = help_of("run");
+    let default = help
+        .split_once("--drain-period")
+        .and_then(|(_, rest)| rest.split_once("[default: "))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(value, _)| value.to_owned())
+        .expect("--drain-period's default in `mesh-agent run --help`");
+    let drain: i64 = flag_value(args, "--drain-period")
+        .unwrap_or(&default)
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .expect("--drain-period in seconds");
+    let grace = pod_spec(ds)
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    assert!(grace > drain, "grace period {grace} s, drain {drain} s");
 
     // The selector selects the template.
     let selector = ds
