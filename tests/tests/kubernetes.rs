@@ -60,6 +60,23 @@ fn shop_on_one_node(ambient: bool) -> (Cluster, ApiServer) {
     (cluster, api)
 }
 
+/// Makes `token` the token of the node agent's account (`istio-system/ztunnel`, the CA's
+/// trusted node account) bound to an agent pod on `node`, as TokenReview answers it.
+fn node_agent_token(api: &ApiServer, node: &tests::cluster::Node, token: &str) {
+    api.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ztunnel-x1", "namespace": "istio-system", "uid": "zt-1"},
+        "spec": {"nodeName": node.name(), "serviceAccountName": "ztunnel",
+                 "containers": [{"name": "agent", "image": "mesh-agent"}]},
+        "status": {"phase": "Running", "hostIP": node.ipv4().to_string()}}))
+        .unwrap();
+    api.add_token(
+        token,
+        json!({"username": "system:serviceaccount:istio-system:ztunnel",
+               "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x1"],
+                         "authentication.kubernetes.io/node-name": [node.name()]}}),
+    );
+}
+
 fn namespace_object(name: &str, ambient: bool) -> serde_json::Value {
     let labels = if ambient {
         json!({"istio.io/dataplane-mode": "ambient"})
@@ -310,18 +327,7 @@ fn in_kubernetes_mode_a_node_agent_proves_its_node_with_a_token_checked_by_token
     let (cluster, api) = shop_on_one_node(true);
     let (a, b) = (cluster.pod("a"), cluster.pod("b"));
     let node = cluster.node(0);
-    api.apply(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "ztunnel-x1", "namespace": "istio-system", "uid": "zt-1"},
-        "spec": {"nodeName": node.name(), "serviceAccountName": "ztunnel",
-                 "containers": [{"name": "agent", "image": "mesh-agent"}]},
-        "status": {"phase": "Running", "hostIP": node.ipv4().to_string()}}))
-        .unwrap();
-    api.add_token(
-        "node1-token",
-        json!({"username": "system:serviceaccount:istio-system:ztunnel",
-               "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x1"],
-                         "authentication.kubernetes.io/node-name": [node.name()]}}),
-    );
+    node_agent_token(&api, node, "node1-token");
     let kubeconfig = api.write_kubeconfig(cluster.workdir()).unwrap();
     let ca_dir = cluster.workdir().join("ca-service");
     tests::cluster::init_ca(
@@ -436,18 +442,7 @@ fn ztunnel_and_the_agent_carry_each_others_traffic_under_a_plug_in_ca() {
     for pod in [&a, &z] {
         api.apply(pod.kube_object()).unwrap();
     }
-    api.apply(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "ztunnel-x1", "namespace": "istio-system", "uid": "zt-1"},
-        "spec": {"nodeName": node1.name(), "serviceAccountName": "ztunnel",
-                 "containers": [{"name": "agent", "image": "mesh-agent"}]},
-        "status": {"phase": "Running", "hostIP": node1.ipv4().to_string()}}))
-        .unwrap();
-    api.add_token(
-        "node1-token",
-        json!({"username": "system:serviceaccount:istio-system:ztunnel",
-               "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x1"],
-                         "authentication.kubernetes.io/node-name": [node1.name()]}}),
-    );
+    node_agent_token(&api, node1, "node1-token");
     api.add_token(
         "z-token",
         json!({"username": "system:serviceaccount:shop:zt",
