@@ -142,7 +142,7 @@ async fn serve_with(
     let error = |source| AdminError { addr, source };
     let netns = crate::sys::current_netns_cookie().map_err(error)?;
     let listening = listeners
-        .listen(ListenerKey { netns, addr }, || bind(addr))
+        .listen(ListenerKey::tcp(netns, addr), || bind(addr))
         .map_err(error)?;
     let listener = TcpListener::from_std(listening.socket.into()).map_err(error)?;
     let bound = listener.local_addr().map_err(error)?;

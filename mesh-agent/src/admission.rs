@@ -258,6 +258,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            dns_capture: None,
             waypoint: None,
         }
     }

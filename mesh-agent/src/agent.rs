@@ -18,7 +18,7 @@ use crate::{
         kube::{self, KubeSource},
         sync::SyncStatus,
     },
-    ebpf::{self, AttachType, Datapath},
+    ebpf::{self, Datapath},
     enroll::{EnrollOptions, EnrolledDump, Enroller, netns},
     handoff::{self, Listeners},
     identity::SecretManager,
@@ -114,6 +114,9 @@ pub struct RunConfig {
     /// Same-node connections through the `sk_msg` redirect instead of splice(2)
     /// (ADR 006).
     pub sockmap: bool,
+    /// Enrolled pods' DNS to the resolver in their namespace, unless a pod's annotation
+    /// says otherwise (ADR 015).
+    pub dns_capture: bool,
     /// What peers may hold of the proxy (handshakes, idle connections).
     pub limits: crate::proxy::Limits,
     /// The kubelet's cgroups (its probes reach pods without the proxy); empty: the
@@ -168,9 +171,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let ca = cfg.ca.open().context("opening the certificate authority")?;
     let certs = SecretManager::new(ca, cfg.cert_lifetime);
     let metrics = Arc::new(Metrics::default());
-    let (orig_dst, sockmap) = {
+    let (orig_dst, sockmap, dns_servers) = {
         let dp = datapath.lock().expect("datapath lock");
-        (dp.orig_dst(), dp.sockmap())
+        (dp.orig_dst(), dp.sockmap(), dp.dns_servers())
     };
     let proxy = Arc::new(Proxy::new(
         cfg.node.clone(),
@@ -188,6 +191,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let options = EnrollOptions {
         proc_root: cfg.proc_root.clone(),
         kube,
+        dns_capture: cfg.dns_capture,
+        resolver: crate::dns::Resolver::new(state.clone(), dns_servers),
     };
     let mut enroller = Enroller::new(
         cfg.node.clone(),
@@ -405,13 +410,13 @@ impl AdminView {
             "datapath": {
                 "cgroup": self.cgroup,
                 "pin_dir": self.pin_dir,
-                "attached": {
-                    "connect4": attached(AttachType::Connect4),
-                    "connect6": attached(AttachType::Connect6),
-                    "getpeername4": attached(AttachType::GetPeerName4),
-                    "getpeername6": attached(AttachType::GetPeerName6),
-                    "sockops": attached(AttachType::SockOps),
-                },
+                "attached": crate::ebpf::CGROUP_PROGRAMS
+                    .iter()
+                    .map(|(name, ty)| {
+                        let count = attached(*ty);
+                        (name.trim_start_matches("mesh_").to_owned(), serde_json::json!(count))
+                    })
+                    .collect::<serde_json::Map<_, _>>(),
             },
             "certificates": crate::dump::certificates(&self.certs),
             "hbone_pool_connections": self.proxy.pool.connections(),

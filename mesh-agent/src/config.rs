@@ -85,6 +85,9 @@ pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
 /// Annotation set on pods that carry an Istio sidecar; such pods are never captured.
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+/// Istio's pod annotation turning the capture of a pod's DNS on (`"true"`) or off
+/// (`"false"`) whatever the agent's default (`--dns-capture`).
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 /// Static settings of the agent, fixed for the life of the process.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -23,7 +23,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, SockHash},
     programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
-use mesh_common::{AF_INET, AF_INET6, AddrKey, EnrolledNetns, OrigDst, OrigKey, maps, programs};
+use mesh_common::{
+    AF_INET, AF_INET6, AddrKey, DnsSlot, EnrolledNetns, OrigDst, OrigKey, maps, programs,
+};
 pub use sockmap::Sockmap;
 
 /// The eBPF object built by `build.rs` from `mesh-ebpf`.
@@ -35,11 +37,15 @@ const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Cgroup programs and the kernel attach point of each.
-const CGROUP_PROGRAMS: [(&str, AttachType); 5] = [
+pub const CGROUP_PROGRAMS: [(&str, AttachType); 9] = [
     (programs::CONNECT4, AttachType::Connect4),
     (programs::CONNECT6, AttachType::Connect6),
     (programs::GETPEERNAME4, AttachType::GetPeerName4),
     (programs::GETPEERNAME6, AttachType::GetPeerName6),
+    (programs::SENDMSG4, AttachType::UdpSendmsg4),
+    (programs::SENDMSG6, AttachType::UdpSendmsg6),
+    (programs::RECVMSG4, AttachType::UdpRecvmsg4),
+    (programs::RECVMSG6, AttachType::UdpRecvmsg6),
     (programs::SOCKOPS, AttachType::SockOps),
 ];
 
@@ -84,6 +90,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     enrolled: BpfHashMap<MapData, u64, EnrolledNetns>,
     orig_dst: Arc<OrigDstMap>,
+    dns_servers: Arc<DnsServers>,
     listeners: SockHash<MapData, AddrKey>,
     enrolled_addrs: BpfHashMap<MapData, AddrKey, u32>,
     /// cgroup ids of the node's kubelet: its probes to enrolled pods bypass the proxy.
@@ -149,6 +156,7 @@ impl Datapath {
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
         let orig_dst = Arc::new(OrigDstMap(take_map_data(&mut ebpf, maps::ORIG_DST)?));
+        let dns_servers = Arc::new(DnsServers(take_map_data(&mut ebpf, maps::DNS_UPSTREAM)?));
         let listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let enrolled_addrs = take_map(&mut ebpf, maps::ENROLLED_ADDRS)?;
         let probers = take_map(&mut ebpf, maps::PROBERS)?;
@@ -168,6 +176,7 @@ impl Datapath {
             ebpf,
             enrolled,
             orig_dst,
+            dns_servers,
             listeners,
             enrolled_addrs,
             probers,
@@ -322,10 +331,11 @@ impl Datapath {
         Ok(())
     }
 
-    /// Starts capturing the outbound connections of a namespace.
-    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+    /// Starts capturing the outbound connections of a namespace, and its DNS if `dns`.
+    pub fn enroll(&mut self, netns_cookie: u64, dns: bool) -> Result<(), EbpfError> {
+        let flags = EnrolledNetns::CAPTURED | if dns { EnrolledNetns::DNS } else { 0 };
         self.enrolled
-            .insert(netns_cookie, EnrolledNetns { flags: 1, _pad: 0 }, 0)
+            .insert(netns_cookie, EnrolledNetns { flags, _pad: 0 }, 0)
             .map_err(|source| EbpfError::Map {
                 name: maps::ENROLLED,
                 source,
@@ -340,6 +350,41 @@ impl Datapath {
     /// The map of original destinations, for the proxy to read without this object's lock.
     pub fn orig_dst(&self) -> Arc<OrigDstMap> {
         self.orig_dst.clone()
+    }
+
+    /// The DNS servers behind the resolver's slots, for the resolver to read.
+    pub fn dns_servers(&self) -> Arc<DnsServers> {
+        self.dns_servers.clone()
+    }
+}
+
+/// The DNS servers enrolled namespaces asked, by the slot (`127.<slot>:15053`) the kernel
+/// sent their queries to instead ([`DnsSlot`]).
+pub struct DnsServers(MapData);
+
+impl DnsServers {
+    /// The server a query of namespace `netns_cookie` that arrived on `local` was sent to.
+    pub fn server(&self, netns_cookie: u64, local: Ipv4Addr) -> Option<SocketAddr> {
+        let slot = DnsSlot::of_ip4(u32::from_ne_bytes(local.octets()))?;
+        let key = DnsSlot {
+            netns_cookie,
+            slot,
+            _pad: 0,
+        };
+        let mut server = OrigDst::default();
+        sys::map_lookup(
+            self.0.fd().as_fd(),
+            sys::bytes_of(&key),
+            sys::bytes_of_mut(&mut server),
+        )
+        .ok()?;
+        Some(SocketAddr::new(
+            key_addr(&AddrKey {
+                addr: server.addr,
+                family: u32::from(server.family),
+            })?,
+            u16::from_be(server.port),
+        ))
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use self::netns::Netns;
 use crate::{
+    dns::PodResolver,
     ebpf::{Datapath, EbpfError},
     handoff::{ListenerKey, Listeners, Registration},
     identity::{Identity, tls},
@@ -102,6 +103,8 @@ impl EnrollError {
 /// A pod the agent captures.
 struct Enrolled {
     pod: Arc<PodContext>,
+    /// Its DNS goes to the resolver in its namespace.
+    dns: bool,
     tasks: Vec<JoinHandle<()>>,
     /// Its listeners, offered to a successor while the pod is enrolled.
     _offered: Vec<Registration>,
@@ -126,6 +129,10 @@ pub struct EnrollOptions {
     pub proc_root: PathBuf,
     /// In Kubernetes mode: annotates captured pods with `ambient.istio.io/redirection`.
     pub kube: Option<::kube::Client>,
+    /// Capture pods' DNS unless a pod's annotation says otherwise.
+    pub dns_capture: bool,
+    /// Serves the DNS of the pods whose DNS is captured.
+    pub resolver: Arc<crate::dns::Resolver>,
 }
 
 /// Owns every enrollment of this node.
@@ -207,6 +214,7 @@ impl Enroller {
                     netns_changed
                         || w.ips != e.pod.workload.ips
                         || w.service_account != e.pod.workload.service_account
+                        || self.dns_for(w) != e.dns
                 })
             })
             .map(|(uid, _)| uid.clone())
@@ -255,6 +263,11 @@ impl Enroller {
         self.reconciled = true;
     }
 
+    /// Whether `w`'s DNS is captured: its annotation's choice, else the agent's default.
+    fn dns_for(&self, w: &Workload) -> bool {
+        w.dns_capture.unwrap_or(self.options.dns_capture)
+    }
+
     async fn enroll(&self, w: &Workload) -> Result<Enrolled, EnrollError> {
         let pod = format!("{}/{}", w.namespace, w.name);
         // The pod's certificate exists before anything of it is captured.
@@ -281,6 +294,7 @@ impl Enroller {
         identity: Identity,
     ) -> Result<Enrolled, EnrollError> {
         let pod = pod.to_owned();
+        let dns = self.dns_for(w);
         let hbone_tls = tls::server_config(&self.proxy.certs, &identity);
         // File mode names the namespace; Kubernetes mode finds it from the pod's processes.
         let path = match &w.netns {
@@ -316,7 +330,7 @@ impl Enroller {
                 }
                 let cookie = crate::sys::current_netns_cookie()
                     .map_err(setup("reading the netns cookie"))?;
-                let listeners = bind_listeners(&pod, w, &self.listeners, cookie)?;
+                let listeners = bind_listeners(&pod, w, dns, &self.listeners, cookie)?;
                 let netlink = rtnetlink::new_connection().map_err(setup("opening netlink"))?;
                 Ok((listeners, cookie, netlink))
             })
@@ -333,7 +347,7 @@ impl Enroller {
         connection.abort();
         routes?;
 
-        let (listeners, offered) = to_tokio(&pod, listeners)?;
+        let (listeners, resolver, offered) = to_tokio(&pod, listeners)?;
         {
             let dp_err = |source| EnrollError::Datapath {
                 pod: pod.clone(),
@@ -350,7 +364,7 @@ impl Enroller {
                 }
             }
             dp.attach_sk_lookup(&ns, cookie).map_err(dp_err)?;
-            dp.enroll(cookie).map_err(dp_err)?;
+            dp.enroll(cookie, dns).map_err(dp_err)?;
         }
         let ctx = Arc::new(PodContext {
             workload: w.clone(),
@@ -359,9 +373,13 @@ impl Enroller {
             netns_cookie: cookie,
             hbone_tls,
         });
-        let tasks = self.proxy.serve_pod(ctx.clone(), listeners);
+        let mut tasks = self.proxy.serve_pod(ctx.clone(), listeners);
+        if let Some(sockets) = resolver {
+            tasks.extend(self.options.resolver.serve_pod(ctx.clone(), sockets));
+        }
         Ok(Enrolled {
             pod: ctx,
+            dns,
             tasks,
             _offered: offered,
         })
@@ -455,7 +473,7 @@ impl Enroller {
                 netns: e.pod.netns.path().to_owned(),
                 netns_cookie: e.pod.netns_cookie,
                 ips: e.pod.workload.ips.clone(),
-                listeners: listener_addrs(&e.pod.workload),
+                listeners: listener_addrs(&e.pod.workload, e.dns),
             })
             .collect()
     }
@@ -472,11 +490,14 @@ impl Enroller {
     }
 }
 
-fn listener_addrs(w: &Workload) -> Vec<String> {
+fn listener_addrs(w: &Workload, dns: bool) -> Vec<String> {
     let mut out = vec![
         format!("127.0.0.1:{OUTBOUND_PORT}"),
         format!("[::1]:{OUTBOUND_PORT}"),
     ];
+    if dns {
+        out.push(format!("{} (DNS, UDP and TCP)", crate::dns::LISTEN));
+    }
     for ip in &w.ips {
         out.push(SocketAddr::new(*ip, INBOUND_PORT).to_string());
         out.push(SocketAddr::new(*ip, HBONE_PORT).to_string());
@@ -489,6 +510,8 @@ struct StdListeners {
     outbound: Vec<Socket>,
     inbound: Vec<Socket>,
     hbone: Vec<Socket>,
+    /// The resolver's UDP and TCP sockets, when the pod's DNS is captured.
+    dns: Option<(Socket, Socket)>,
     offered: Vec<Registration>,
 }
 
@@ -497,31 +520,32 @@ struct StdListeners {
 fn bind_listeners(
     pod: &str,
     w: &Workload,
+    dns: bool,
     listeners: &Arc<Listeners>,
     netns: u64,
 ) -> Result<StdListeners, EnrollError> {
     let v4 = w.ips.iter().any(IpAddr::is_ipv4);
     let v6 = w.ips.iter().any(IpAddr::is_ipv6);
     let mut offered = Vec::new();
-    let mut bind = |addr: SocketAddr| {
-        let key = ListenerKey { netns, addr };
-        let listening =
-            listeners
-                .listen(key, || bind_one(addr))
-                .map_err(|source| EnrollError::Bind {
-                    pod: pod.to_owned(),
-                    addr,
-                    source,
-                })?;
+    let mut listen = |key: ListenerKey, bind: &dyn Fn() -> std::io::Result<Socket>| {
+        let listening = listeners
+            .listen(key, bind)
+            .map_err(|source| EnrollError::Bind {
+                pod: pod.to_owned(),
+                addr: key.addr,
+                source,
+            })?;
         offered.push(listening.registration);
         Ok::<_, EnrollError>(listening.socket)
     };
+    let mut bind = |addr: SocketAddr| listen(ListenerKey::tcp(netns, addr), &|| bind_one(addr));
     let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
     let mut l = StdListeners {
         outbound: Vec::new(),
         inbound: Vec::new(),
         hbone: Vec::new(),
+        dns: None,
         offered: Vec::new(),
     };
     // Outbound on loopback of both families: connect4/6 rewrite to 127.0.0.1 / ::1.
@@ -538,6 +562,12 @@ fn bind_listeners(
             l.inbound.push(bind(SocketAddr::new(any, INBOUND_PORT))?);
             l.hbone.push(bind(SocketAddr::new(any, HBONE_PORT))?);
         }
+    }
+    if dns {
+        let at = crate::dns::LISTEN;
+        let udp = listen(ListenerKey::udp(netns, at), &crate::dns::bind_udp)?;
+        let tcp = listen(ListenerKey::tcp(netns, at), &crate::dns::bind_tcp)?;
+        l.dns = Some((udp, tcp));
     }
     l.offered = offered;
     Ok(l)
@@ -560,16 +590,17 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
-fn to_tokio(pod: &str, l: StdListeners) -> Result<(PodListeners, Vec<Registration>), EnrollError> {
+type TokioListeners = (PodListeners, Option<PodResolver>, Vec<Registration>);
+
+fn to_tokio(pod: &str, l: StdListeners) -> Result<TokioListeners, EnrollError> {
+    let setup = |source| EnrollError::Setup {
+        pod: pod.to_owned(),
+        what: "registering listener",
+        source,
+    };
     let conv = |v: Vec<Socket>| -> Result<Vec<TcpListener>, EnrollError> {
         v.into_iter()
-            .map(|s| {
-                TcpListener::from_std(s.into()).map_err(|source| EnrollError::Setup {
-                    pod: pod.to_owned(),
-                    what: "registering listener",
-                    source,
-                })
-            })
+            .map(|s| TcpListener::from_std(s.into()).map_err(setup))
             .collect()
     };
     let listeners = PodListeners {
@@ -577,7 +608,14 @@ fn to_tokio(pod: &str, l: StdListeners) -> Result<(PodListeners, Vec<Registratio
         inbound: conv(l.inbound)?,
         hbone: conv(l.hbone)?,
     };
-    Ok((listeners, l.offered))
+    let resolver = match l.dns {
+        Some((udp, tcp)) => Some(PodResolver {
+            udp: tokio::net::UdpSocket::from_std(udp.into()).map_err(setup)?,
+            tcp: TcpListener::from_std(tcp.into()).map_err(setup)?,
+        }),
+        None => None,
+    };
+    Ok((listeners, resolver, l.offered))
 }
 
 /// `ip rule add pref 100 fwmark DELIVERY_MARK lookup 133`, `ip route add local default dev lo

@@ -1,9 +1,10 @@
 //! Hitless restart: a new agent takes over the listening sockets of the agent it replaces
 //! (ADR 014).
 //!
-//! Every socket the agent listens on (each enrolled pod's 15001/15006/15008, the admin
-//! ports) is obtained through [`Listeners`], keyed by where it listens: its network
-//! namespace (the namespace's cookie) and its local address. A running agent offers them on
+//! Every socket the agent listens on (each enrolled pod's 15001/15006/15008, its resolver's
+//! 15053 over TCP and UDP, the admin ports) is obtained through [`Listeners`], keyed by where
+//! it listens: its network namespace (the namespace's cookie), its transport and its local
+//! address. A running agent offers them on
 //! a Unix socket ([`offer`]); a starting agent asks there first ([`take_over`]). The
 //! predecessor passes duplicates of its descriptors (`SCM_RIGHTS`), which are the same
 //! kernel sockets: a connection waiting in an accept queue is accepted by whichever process
@@ -40,28 +41,57 @@ use socket2::Socket;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Where a listening socket listens: its network namespace's cookie and its address.
+/// Where a listening socket listens: its network namespace's cookie, its transport and its
+/// address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
     pub netns: u64,
     pub addr: SocketAddr,
+    /// A UDP socket (bound, receiving) rather than a listening TCP one.
+    pub udp: bool,
 }
 
+impl ListenerKey {
+    pub fn tcp(netns: u64, addr: SocketAddr) -> Self {
+        ListenerKey {
+            netns,
+            addr,
+            udp: false,
+        }
+    }
+
+    pub fn udp(netns: u64, addr: SocketAddr) -> Self {
+        ListenerKey {
+            netns,
+            addr,
+            udp: true,
+        }
+    }
+}
+
+/// `<netns>/<addr>` for TCP (as agents before UDP listeners wrote every key), and
+/// `<netns>/udp/<addr>`.
 impl std::fmt::Display for ListenerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.netns, self.addr)
+        let transport = if self.udp { "udp/" } else { "" };
+        write!(f, "{}/{transport}{}", self.netns, self.addr)
     }
 }
 
 impl std::str::FromStr for ListenerKey {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (netns, addr) = s
+        let (netns, rest) = s
             .split_once('/')
             .ok_or_else(|| format!("no '/' in {s:?}"))?;
+        let (udp, addr) = match rest.strip_prefix("udp/") {
+            Some(addr) => (true, addr),
+            None => (false, rest),
+        };
         Ok(ListenerKey {
             netns: netns.parse().map_err(|e| format!("{s:?}: {e}"))?,
             addr: addr.parse().map_err(|e| format!("{s:?}: {e}"))?,
+            udp,
         })
     }
 }
@@ -130,7 +160,7 @@ impl Listeners {
             .expect("listeners lock")
             .remove(&key)
             .map(Socket::from)
-            .filter(|s| listens_at(s, key.addr));
+            .filter(|s| listens_at(s, key));
         let (socket, inherited) = match inherited {
             Some(s) => (s, true),
             None => (bind()?, false),
@@ -181,11 +211,15 @@ impl Listeners {
 }
 
 /// Whether `socket` is a TCP socket listening at `addr`.
-fn listens_at(socket: &Socket, addr: SocketAddr) -> bool {
-    let listening = socket.is_listener().unwrap_or(false);
+fn listens_at(socket: &Socket, key: ListenerKey) -> bool {
+    let listening = if key.udp {
+        socket.r#type().is_ok_and(|t| t == socket2::Type::DGRAM)
+    } else {
+        socket.is_listener().unwrap_or(false)
+    };
     let local = socket.local_addr().ok().and_then(|a| a.as_socket());
-    if !(listening && local == Some(addr)) {
-        tracing::warn!(%addr, ?local, listening, "an inherited socket does not listen where it was said to; binding a new one");
+    if !(listening && local == Some(key.addr)) {
+        tracing::warn!(%key, ?local, listening, "an inherited socket does not listen where it was said to; binding a new one");
         return false;
     }
     true
@@ -405,15 +439,12 @@ mod tests {
         let old = Listeners::new();
         let first = bind_loopback().unwrap();
         let addr = first.local_addr().unwrap().as_socket().unwrap();
-        let key = ListenerKey { netns: 7, addr };
+        let key = ListenerKey::tcp(7, addr);
         let held = old.listen(key, || Ok(first)).unwrap();
         // Released sockets are not offered.
         let gone = old
             .listen(
-                ListenerKey {
-                    netns: 7,
-                    addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
-                },
+                ListenerKey::tcp(7, SocketAddr::from((Ipv4Addr::LOCALHOST, 1))),
                 bind_loopback,
             )
             .unwrap();
@@ -468,7 +499,12 @@ mod tests {
 
     #[test]
     fn keys_round_trip() {
-        for s in ["1234/127.0.0.1:15001", "9/[::1]:15001", "5/[::]:15008"] {
+        for s in [
+            "1234/127.0.0.1:15001",
+            "9/[::1]:15001",
+            "5/[::]:15008",
+            "5/udp/0.0.0.0:15053",
+        ] {
             assert_eq!(s.parse::<ListenerKey>().unwrap().to_string(), s);
         }
         assert!("x/1.2.3.4:5".parse::<ListenerKey>().is_err());

@@ -131,6 +131,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            dns_capture: None,
             waypoint: None,
         }
     }

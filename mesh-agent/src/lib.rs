@@ -10,6 +10,7 @@ pub mod analyze;
 pub mod authz_check;
 pub mod ca_service;
 pub mod config;
+pub mod dns;
 pub mod drain;
 pub mod dump;
 pub mod ebpf;

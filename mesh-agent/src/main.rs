@@ -208,6 +208,11 @@ struct RunArgs {
     /// readers (docs/adr/006).
     #[arg(long)]
     sockmap: bool,
+    /// Answer enrolled pods' DNS from a resolver in each pod's namespace (port 15053, as
+    /// ambient does): mesh names from the mesh, the rest forwarded to the server the pod
+    /// asked. A pod's annotation `ambient.istio.io/dns-capture` overrides it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    dns_capture: bool,
     /// Threads that run the proxy (default: one per CPU this process may use).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
@@ -486,6 +491,7 @@ fn main() -> anyhow::Result<()> {
                 ca,
                 cert_lifetime,
                 sockmap,
+                dns_capture,
                 worker_threads,
                 handshake_timeout,
                 hbone_idle_timeout,
@@ -507,6 +513,7 @@ fn main() -> anyhow::Result<()> {
                 ca: ca.source()?,
                 cert_lifetime,
                 sockmap,
+                dns_capture,
                 limits: mesh_agent::proxy::Limits {
                     handshake_timeout,
                     hbone_idle_timeout,

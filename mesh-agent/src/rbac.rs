@@ -1848,6 +1848,7 @@ impl BenchCase {
                 netns: None,
                 captured: true,
                 host_network: false,
+                dns_capture: None,
                 waypoint: None,
             },
             identity: Identity::new("cluster.local", "client", "client"),
@@ -1900,6 +1901,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            dns_capture: None,
             waypoint: None,
         }
     }

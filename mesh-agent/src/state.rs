@@ -54,6 +54,9 @@ pub struct MeshState {
     /// exist or have no ready pod (that traffic bypasses L7 policy), routing objects not
     /// applied as written.
     pub warnings: Vec<String>,
+    /// The names the pods' resolver answers, built when first asked for.
+    #[serde(skip)]
+    names: std::sync::OnceLock<Arc<crate::dns::Names>>,
 }
 
 /// States are equal when what they were built from is: everything else is derived.
@@ -133,6 +136,9 @@ pub struct Workload {
     /// Whether the pod is enrolled in the mesh (Istio ambient opt-in rules).
     pub captured: bool,
     pub host_network: bool,
+    /// Annotation `ambient.istio.io/dns-capture`: the pod's own choice of DNS capture.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_capture: Option<bool>,
     /// The waypoint its traffic (as a workload) goes through, if it names one.
     pub waypoint: Option<WaypointRef>,
 }
@@ -346,6 +352,7 @@ impl MeshState {
             policies,
             routes,
             warnings: Vec::new(),
+            names: std::sync::OnceLock::new(),
         };
         state.warnings = state.compute_warnings();
         state
@@ -354,6 +361,12 @@ impl MeshState {
     /// The compiled routing objects.
     pub fn routes(&self) -> &Routes {
         &self.routes
+    }
+
+    /// The names the resolver answers from this state (built on first use, then shared).
+    pub fn names(&self) -> &crate::dns::Names {
+        self.names
+            .get_or_init(|| Arc::new(crate::dns::Names::build(self)))
     }
 
     /// Logs what an operator must know about this state (policies not enforced as written,
@@ -429,6 +442,20 @@ impl MeshState {
     pub fn with_nodes(mut self, nodes: BTreeMap<String, Vec<IpAddr>>) -> Self {
         self.nodes = nodes;
         self
+    }
+
+    /// The services with their ready endpoints (every port's), in order.
+    pub fn services_with_endpoints(
+        &self,
+    ) -> impl Iterator<Item = (&Service, impl Iterator<Item = &SocketAddr>)> {
+        self.services.iter().enumerate().map(move |(i, s)| {
+            let endpoints = s
+                .ports
+                .iter()
+                .filter_map(move |p| self.endpoints.get(&(i, p.port)))
+                .flatten();
+            (s, endpoints)
+        })
     }
 
     /// The waypoint `r` names, if it exists.
@@ -518,7 +545,15 @@ impl MeshState {
     }
 }
 
+/// The cluster's DNS domain: services are `<name>.<namespace>.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
 impl Service {
+    /// The service's host name: `<name>.<namespace>.svc.cluster.local`.
+    pub fn fqdn(&self) -> String {
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+    }
+
     /// Whether this service's selector matches a pod with `labels`; an empty selector matches
     /// nothing (such services get their endpoints from elsewhere).
     pub fn selects(&self, labels: &Labels) -> bool {
@@ -552,6 +587,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            dns_capture: None,
             waypoint: None,
         }
     }

@@ -317,6 +317,7 @@ fn own_workload(cfg: &WaypointConfig, ip: IpAddr) -> Workload {
         netns: None,
         captured: false,
         host_network: false,
+        dns_capture: None,
         waypoint: None,
     }
 }

@@ -118,6 +118,7 @@ fn workload(name: &str, sa: &str, ip: IpAddr, node: &str) -> Workload {
         netns: None,
         captured: true,
         host_network: false,
+        dns_capture: None,
         waypoint: None,
     }
 }

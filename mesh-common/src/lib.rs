@@ -20,6 +20,11 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// HBONE listener inside each enrolled pod; never steered by `sk_lookup`.
 pub const HBONE_PORT: u16 = 15008;
+/// The resolver's port in each enrolled pod's namespace (ztunnel's): captured DNS goes to
+/// `127.<slot>:15053` (see [`DnsSlot`]).
+pub const DNS_PORT: u16 = 15053;
+/// The port DNS queries are captured on.
+pub const DNS_SERVER_PORT: u16 = 53;
 /// The agent's listeners inside an enrolled pod. On a mesh address they are never the
 /// destination of a proxied connection: delivering there would hand the connection back to
 /// the agent (a loop for 15006), so every path refuses them (ztunnel's "self call").
@@ -72,6 +77,7 @@ pub mod maps {
     /// [`super::SockKey`] → [`super::RedirectRoute`]: where a socket's sends go, written by
     /// the agent only.
     pub const REDIRECT_ROUTE: &str = "MESH_RDR_ROUTE";
+    pub const DNS_UPSTREAM: &str = "MESH_DNS_UPSTRM";
 }
 
 /// Program names (the functions in `mesh-ebpf`).
@@ -83,17 +89,79 @@ pub mod programs {
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
     pub const REDIRECT: &str = "mesh_redirect";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
 }
 
 /// Value of the ENROLLED map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EnrolledNetns {
-    /// Reserved for per-pod flags (bit 0: capture outbound).
+    /// [`EnrolledNetns::CAPTURED`], [`EnrolledNetns::DNS`].
     pub flags: u32,
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<EnrolledNetns>() == 8);
+
+impl EnrolledNetns {
+    /// The namespace's outbound TCP is captured (every entry has it).
+    pub const CAPTURED: u32 = 1;
+    /// Its DNS (port 53, UDP and TCP) goes to the agent's resolver in the namespace.
+    pub const DNS: u32 = 2;
+}
+
+/// A DNS server an enrolled namespace asked, by the slot its queries were sent to instead:
+/// `127.<slot>:15053`, the slot's 24 bits in the address's last three bytes. The resolver
+/// reads the server from the address a query arrived on, and `recvmsg`/`getpeername` give the
+/// application the server back as the answer's source, so every datagram carries its own
+/// server without per-socket state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsSlot {
+    pub netns_cookie: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DnsSlot>() == 16);
+
+impl DnsSlot {
+    /// Slots 1 ..= 0xfffffe: never 127.0.0.0 nor 127.255.255.255 (broadcast on `lo`).
+    const RANGE: u32 = 0x00ff_fffe;
+    /// How many slots are tried for a server before its queries are refused.
+    pub const PROBES: u32 = 4;
+
+    /// The first slot tried for a server (address words and port as the kernel stores
+    /// them): a hash, so the same server gets the same slot in every namespace.
+    pub fn first(addr: &[u32; 4], port: u16) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for w in [addr[0], addr[1], addr[2], addr[3], u32::from(port)] {
+            h = (h ^ w).wrapping_mul(0x0100_0193);
+            h ^= h >> 15;
+        }
+        h % Self::RANGE + 1
+    }
+
+    /// The slot tried after `slot`.
+    pub fn next(slot: u32) -> u32 {
+        slot % Self::RANGE + 1
+    }
+
+    /// `127.<slot>` as the kernel stores an IPv4 address (network byte order).
+    pub fn ip4(slot: u32) -> u32 {
+        u32::from_ne_bytes([127, (slot >> 16) as u8, (slot >> 8) as u8, slot as u8])
+    }
+
+    /// The slot of a `127.x.y.z` address as the kernel stores it; `None` if not in 127/8.
+    pub fn of_ip4(ip: u32) -> Option<u32> {
+        let b = ip.to_ne_bytes();
+        if b[0] != 127 {
+            return None;
+        }
+        Some(u32::from(b[1]) << 16 | u32::from(b[2]) << 8 | u32::from(b[3]))
+    }
+}
 
 /// An original destination. `addr` holds the address in network byte order as the kernel
 /// presents it to BPF (IPv4 in `addr[0]`), `port` in network byte order.
@@ -239,4 +307,5 @@ mod user {
     unsafe impl aya::Pod for super::ProbeKey {}
     unsafe impl aya::Pod for super::RedirectState {}
     unsafe impl aya::Pod for super::RedirectRoute {}
+    unsafe impl aya::Pod for super::DnsSlot {}
 }

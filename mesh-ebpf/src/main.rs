@@ -1,7 +1,8 @@
 //! The kernel half of mesh-agent: outbound capture (`cgroup/connect4/6`), the original
 //! destination (`sockops`, `cgroup/getpeername4/6`), inbound steering (`sk_lookup`), the
 //! kubelet's health probes let past the proxy (`connect4/6` + `sockops` + `sk_lookup`), and
-//! the same-node redirect between application sockets (`sk_msg` verdict).
+//! the same-node redirect between application sockets (`sk_msg` verdict), and DNS sent to
+//! the pod's resolver (`connect4/6`, `sendmsg4/6`, `recvmsg4/6`, `getpeername4/6`).
 //! Each program is a thin wrapper around a `try_*` function; every path returns a verdict.
 #![no_std]
 #![no_main]
@@ -20,11 +21,13 @@ use aya_ebpf::{
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AF_INET, AF_INET6, AddrKey, EnrolledNetns, HBONE_PORT, OUTBOUND_PORT, OrigDst, OrigKey,
-    PROXY_MARK, PROXY_MARK_MASK, ProbeKey, RedirectRoute, RedirectState, SockKey,
+    AF_INET, AF_INET6, AddrKey, DNS_PORT, DNS_SERVER_PORT, DnsSlot, EnrolledNetns, HBONE_PORT,
+    OUTBOUND_PORT, OrigDst, OrigKey, PROXY_MARK, PROXY_MARK_MASK, ProbeKey, RedirectRoute,
+    RedirectState, SockKey,
 };
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = aya_ebpf::bindings::BPF_SOCK_OPS_TCP_CONNECT_CB;
 const TCP_CLOSE: u32 = 7;
 /// `lo` is always interface 1 in a network namespace.
@@ -54,6 +57,10 @@ static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(8192, 0);
 
 #[map(name = "MESH_ENR_ADDRS")]
 static ENROLLED_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(8192, 0);
+
+/// The DNS servers enrolled namespaces asked, by the slot their queries went to instead.
+#[map(name = "MESH_DNS_UPSTRM")]
+static DNS_UPSTREAM: LruHashMap<DnsSlot, OrigDst> = LruHashMap::pinned(16384, 0);
 
 #[map(name = "MESH_PROBERS")]
 static PROBERS: HashMap<u64, u32> = HashMap::pinned(64, 0);
@@ -88,10 +95,12 @@ fn is_loopback4(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
 }
 
-/// What `connect4/6` do with a socket.
+/// What `connect4/6` and `sendmsg4/6` do with a socket.
 enum Connect {
-    /// An enrolled pod's socket (not one of the agent's own): redirect to the proxy.
+    /// An enrolled pod's TCP socket (not one of the agent's own): redirect to the proxy.
     Capture,
+    /// An enrolled pod's DNS (port 53, UDP or TCP): redirect to its resolver.
+    Dns,
     /// A socket of the node's kubelet (outside the mesh): note it if it dials a pod.
     Probe,
     Leave,
@@ -101,23 +110,93 @@ fn classify(ctx: &SockAddrContext) -> Connect {
     // SAFETY: the kernel hands a valid context; fields are read as the verifier allows.
     unsafe {
         let sa = ctx.sock_addr;
-        if (*sa).protocol != IPPROTO_TCP {
+        let protocol = (*sa).protocol;
+        if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
             return Connect::Leave;
         }
         let netns = bpf_get_netns_cookie(sa as *mut c_void);
-        if ENROLLED.get(netns).is_none() {
-            return if PROBERS.get(bpf_get_current_cgroup_id()).is_some() {
+        let Some(enrolled) = ENROLLED.get(netns) else {
+            return if protocol == IPPROTO_TCP && PROBERS.get(bpf_get_current_cgroup_id()).is_some()
+            {
                 Connect::Probe
             } else {
                 Connect::Leave
             };
-        }
+        };
         let sk = (*sa).__bindgen_anon_1.sk;
         if sk.is_null() || (*sk).mark & PROXY_MARK_MASK == PROXY_MARK {
             return Connect::Leave;
         }
-        Connect::Capture
+        if enrolled.flags & EnrolledNetns::DNS != 0
+            && (*sa).user_port as u16 == DNS_SERVER_PORT.to_be()
+        {
+            return Connect::Dns;
+        }
+        if protocol == IPPROTO_TCP {
+            Connect::Capture
+        } else {
+            Connect::Leave
+        }
     }
+}
+
+/// The slot the namespace's queries to `orig` go to: the one that already holds `orig`,
+/// else the first free one (a few probed). Refuses when every probed slot holds another
+/// server: the query would otherwise leave the pod unseen.
+fn dns_slot(ctx: &SockAddrContext, orig: &OrigDst) -> Result<u32, i32> {
+    // SAFETY: valid context pointer from the kernel.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+    let mut slot = DnsSlot::first(&orig.addr, orig.port);
+    for _ in 0..DnsSlot::PROBES {
+        let key = DnsSlot {
+            netns_cookie,
+            slot,
+            _pad: 0,
+        };
+        // SAFETY: map lookup of a plain key; the value is copied out.
+        match unsafe { DNS_UPSTREAM.get(key) }.copied() {
+            Some(held) if held == *orig => return Ok(slot),
+            Some(_) => slot = DnsSlot::next(slot),
+            None => {
+                DNS_UPSTREAM.insert(key, orig, 0).map_err(|_| REJECT)?;
+                return Ok(slot);
+            }
+        }
+    }
+    Err(REJECT)
+}
+
+/// The server behind `127.<slot>:15053` for the socket's namespace (address and port as
+/// the kernel stores them), if it is one.
+fn dns_server(ctx: &SockAddrContext, ip4: u32, port: u32) -> Option<OrigDst> {
+    if port as u16 != DNS_PORT.to_be() {
+        return None;
+    }
+    let slot = DnsSlot::of_ip4(ip4)?;
+    let key = DnsSlot {
+        // SAFETY: valid context pointer from the kernel.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) },
+        slot,
+        _pad: 0,
+    };
+    // SAFETY: map lookup of a plain key; the value is copied out.
+    unsafe { DNS_UPSTREAM.get(key) }.copied()
+}
+
+/// Sends a DNS query of an IPv4 socket (or an IPv4-mapped one) to the resolver's slot for
+/// its server: rewrites `user_ip4`-style word `ip` and the port in place.
+fn redirect_dns4(ctx: &SockAddrContext, ip: u32, port: u32) -> Result<Option<u32>, i32> {
+    if ip == 0 || is_loopback4(ip) {
+        // A resolver of the pod's own (or none): not the mesh's to answer.
+        return Ok(None);
+    }
+    let orig = OrigDst {
+        addr: [ip, 0, 0, 0],
+        port: port as u16,
+        family: AF_INET,
+        _pad: 0,
+    };
+    Ok(Some(DnsSlot::ip4(dns_slot(ctx, &orig)?)))
 }
 
 /// A prober's socket dialing an enrolled pod address: remembered by cookie, so that
@@ -152,6 +231,16 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     match classify(ctx) {
         Connect::Capture => {}
         Connect::Leave => return Ok(ALLOW),
+        Connect::Dns => {
+            // SAFETY: valid context; user_ip4/user_port are readable and writable here.
+            unsafe {
+                if let Some(slot_ip) = redirect_dns4(ctx, (*sa).user_ip4, (*sa).user_port)? {
+                    (*sa).user_ip4 = slot_ip;
+                    (*sa).user_port = u32::from(DNS_PORT.to_be());
+                }
+            }
+            return Ok(ALLOW);
+        }
         Connect::Probe => {
             // SAFETY: valid context; user_ip4 is readable in connect4.
             let ip = unsafe { (*sa).user_ip4 };
@@ -208,6 +297,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         ];
         let port = (*sa).user_port as u16;
         let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_PREFIX;
+        if let Connect::Dns = action {
+            // Only a server of the IPv4 family has slots (127/8); an IPv6 server's queries
+            // are left alone (ADR 015).
+            if mapped && let Some(slot_ip) = redirect_dns4(ctx, ip[3], (*sa).user_port)? {
+                (*sa).user_ip6[3] = slot_ip;
+                (*sa).user_port = u32::from(DNS_PORT.to_be());
+            }
+            return Ok(ALLOW);
+        }
         if let Connect::Probe = action {
             let dst = if mapped {
                 AddrKey {
@@ -269,6 +367,9 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
         {
             (*sa).user_ip4 = orig.addr[0];
             (*sa).user_port = u32::from(orig.port);
+        } else if let Some(server) = dns_server(&ctx, (*sa).user_ip4, (*sa).user_port) {
+            (*sa).user_ip4 = server.addr[0];
+            (*sa).user_port = u32::from(server.port);
         }
     }
     ALLOW
@@ -293,8 +394,95 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
                 (*sa).user_ip6[3] = orig.addr[0];
             }
             (*sa).user_port = u32::from(orig.port);
+        } else {
+            unmap_dns_server(&ctx);
         }
     }
+    ALLOW
+}
+
+/// An IPv6 socket's peer or source `::ffff:127.<slot>:15053` becomes the DNS server it
+/// stands for.
+fn unmap_dns_server(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; user_ip6/user_port are readable and writable in the programs
+    // that call this (getpeername6, recvmsg6).
+    unsafe {
+        if (*sa).user_ip6[0] == 0
+            && (*sa).user_ip6[1] == 0
+            && (*sa).user_ip6[2] == MAPPED_PREFIX
+            && let Some(server) = dns_server(ctx, (*sa).user_ip6[3], (*sa).user_port)
+        {
+            (*sa).user_ip6[3] = server.addr[0];
+            (*sa).user_port = u32::from(server.port);
+        }
+    }
+}
+
+/// An unconnected UDP socket's query (`sendto`): to the resolver's slot, as `connect4`
+/// does for a connected one.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if let Connect::Dns = classify(&ctx) {
+        // SAFETY: valid context; user_ip4/user_port are readable and writable in sendmsg4.
+        unsafe {
+            match redirect_dns4(&ctx, (*sa).user_ip4, (*sa).user_port) {
+                Ok(Some(slot_ip)) => {
+                    (*sa).user_ip4 = slot_ip;
+                    (*sa).user_port = u32::from(DNS_PORT.to_be());
+                }
+                Ok(None) => {}
+                Err(verdict) => return verdict,
+            }
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if let Connect::Dns = classify(&ctx) {
+        // SAFETY: valid context; user_ip6/user_port are readable and writable in sendmsg6.
+        unsafe {
+            if (*sa).user_ip6[0] == 0
+                && (*sa).user_ip6[1] == 0
+                && (*sa).user_ip6[2] == MAPPED_PREFIX
+            {
+                match redirect_dns4(&ctx, (*sa).user_ip6[3], (*sa).user_port) {
+                    Ok(Some(slot_ip)) => {
+                        (*sa).user_ip6[3] = slot_ip;
+                        (*sa).user_port = u32::from(DNS_PORT.to_be());
+                    }
+                    Ok(None) => {}
+                    Err(verdict) => return verdict,
+                }
+            }
+        }
+    }
+    ALLOW
+}
+
+/// The resolver's answer, received from `127.<slot>:15053`, comes from the server the
+/// application asked (glibc drops answers from any other address).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; user_ip4/user_port are readable and writable in recvmsg4.
+    unsafe {
+        if let Some(server) = dns_server(&ctx, (*sa).user_ip4, (*sa).user_port) {
+            (*sa).user_ip4 = server.addr[0];
+            (*sa).user_port = u32::from(server.port);
+        }
+    }
+    // recvmsg programs may only allow.
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    unmap_dns_server(&ctx);
     ALLOW
 }
 

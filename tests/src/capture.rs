@@ -4,7 +4,7 @@
 //!
 //! # What is recorded
 //!
-//! Ethernet II frames (and loopback) carrying IPv4 or IPv6 TCP; VLAN-tagged frames,
+//! Ethernet II frames (and loopback) carrying IPv4 or IPv6 TCP or UDP; VLAN-tagged frames,
 //! fragments, other protocols and non-Ethernet devices are skipped. Frames are read whole up to
 //! [`MAX_FRAME`] bytes; on veth, TCP segments arrive GSO/GRO-merged (up to 64 KiB), so a
 //! [`Segment`] may carry far more than one MTU of payload.
@@ -68,13 +68,16 @@ const ETH_P_ALL: u16 = 0x0003;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
 
-/// One TCP segment as seen on the wire.
+/// One TCP segment (or UDP datagram) as seen on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segment {
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// A UDP datagram (`syn` false, `seq` 0), not a TCP segment.
+    pub udp: bool,
     /// The SYN flag is set (connection open or its answer).
     pub syn: bool,
     /// TCP sequence number (of the SYN itself when `syn`; the payload then starts at `seq + 1`).
@@ -322,20 +325,22 @@ fn ip_packet(frame: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Parses one Ethernet II frame into a TCP segment, `None` for anything else.
+/// Parses one Ethernet II frame into a TCP segment or UDP datagram, `None` for anything else.
 pub fn parse_frame(frame: &[u8]) -> Option<Segment> {
     parse_ip(ip_packet(frame)?)
 }
 
-/// Parses an IPv4 or IPv6 packet carrying TCP; trailing link padding is cut by the IP length.
+/// Parses an IPv4 or IPv6 packet carrying TCP or UDP; trailing link padding is cut by the IP
+/// length.
 fn parse_ip(ip: &[u8]) -> Option<Segment> {
-    let (src, dst, tcp) = match ip.first()? >> 4 {
+    let (src, dst, protocol, tcp) = match ip.first()? >> 4 {
         4 => {
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
             let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
             let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
             // More fragments, or not the first: not a whole segment.
-            if ihl < 20 || frag & 0x3fff != 0 || *ip.get(9)? != IPPROTO_TCP {
+            let protocol = *ip.get(9)?;
+            if ihl < 20 || frag & 0x3fff != 0 || !matches!(protocol, IPPROTO_TCP | IPPROTO_UDP) {
                 return None;
             }
             // GSO super-packets may carry 0 here; then the frame length is the packet length.
@@ -346,7 +351,12 @@ fn parse_ip(ip: &[u8]) -> Option<Segment> {
             };
             let src = Ipv4Addr::from(<[u8; 4]>::try_from(ip.get(12..16)?).ok()?);
             let dst = Ipv4Addr::from(<[u8; 4]>::try_from(ip.get(16..20)?).ok()?);
-            (IpAddr::from(src), IpAddr::from(dst), ip.get(ihl..end)?)
+            (
+                IpAddr::from(src),
+                IpAddr::from(dst),
+                protocol,
+                ip.get(ihl..end)?,
+            )
         }
         6 => {
             let payload_len = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
@@ -365,15 +375,25 @@ fn parse_ip(ip: &[u8]) -> Option<Segment> {
                 next = *ip.get(at)?;
                 at += (usize::from(*ip.get(at + 1)?) + 1) * 8;
             }
-            if next != IPPROTO_TCP {
+            if !matches!(next, IPPROTO_TCP | IPPROTO_UDP) {
                 return None;
             }
-            (IpAddr::from(src), IpAddr::from(dst), ip.get(at..end)?)
+            (IpAddr::from(src), IpAddr::from(dst), next, ip.get(at..end)?)
         }
         _ => return None,
     };
     let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
     let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
+    if protocol == IPPROTO_UDP {
+        return Some(Segment {
+            src: SocketAddr::new(src, sport),
+            dst: SocketAddr::new(dst, dport),
+            udp: true,
+            syn: false,
+            seq: 0,
+            payload: tcp.get(8..)?.to_vec(),
+        });
+    }
     let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
     let offset = usize::from(tcp.get(12)? >> 4) * 4;
     let flags = *tcp.get(13)?;
@@ -383,6 +403,7 @@ fn parse_ip(ip: &[u8]) -> Option<Segment> {
     Some(Segment {
         src: SocketAddr::new(src, sport),
         dst: SocketAddr::new(dst, dport),
+        udp: false,
         syn: flags & TCP_SYN != 0,
         seq,
         payload: tcp.get(offset..)?.to_vec(),
@@ -433,7 +454,7 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 pub fn stream(segments: &[Segment], src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let flow: Vec<&Segment> = segments
         .iter()
-        .filter(|s| s.src == src && s.dst == dst)
+        .filter(|s| !s.udp && s.src == src && s.dst == dst)
         .collect();
     let Some(first) = flow.first() else {
         return Vec::new();
@@ -474,7 +495,7 @@ pub fn stream(segments: &[Segment], src: SocketAddr, dst: SocketAddr) -> Vec<u8>
 pub fn tls_client_hello_to(segments: &[Segment], port: u16) -> bool {
     let mut flows: Vec<(SocketAddr, SocketAddr)> = segments
         .iter()
-        .filter(|s| s.dst.port() == port)
+        .filter(|s| !s.udp && s.dst.port() == port)
         .map(|s| (s.src, s.dst))
         .collect();
     flows.sort();
@@ -628,6 +649,7 @@ mod tests {
         Segment {
             src: addr(src),
             dst: addr(dst),
+            udp: false,
             syn: false,
             seq,
             payload: payload.to_vec(),

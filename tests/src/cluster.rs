@@ -1599,6 +1599,38 @@ impl Pod {
         )
     }
 
+    /// Starts the DNS server ([`crate::dns_workload::serve`]) on port 53 answering
+    /// `answers` (NXDOMAIN for other names, an empty truncated UDP answer for `truncate`),
+    /// and waits until it listens. Its log has a `QUERY` line for every query it got.
+    pub fn spawn_dns_server(
+        &self,
+        answers: &[(&str, IpAddr)],
+        truncate: &[&str],
+    ) -> Result<Process> {
+        let mut args: Vec<String> = vec!["serve-dns".into()];
+        for (name, ip) in answers {
+            args.extend(["--answer".into(), format!("{name}={ip}")]);
+        }
+        for name in truncate {
+            args.extend(["--truncate".into(), (*name).to_string()]);
+        }
+        let cmd = self.mesh_pod(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let process = self.shared.spawn(
+            &self.spec.name,
+            cmd,
+            &format!("{}-dns", self.spec.name),
+            false,
+        )?;
+        process.wait_for_line("READY", Duration::from_secs(10))?;
+        Ok(process)
+    }
+
+    /// Runs a `mesh-pod` command (not `exec`) in this pod; its stdout, or an error with its
+    /// output.
+    pub fn run_mesh_pod(&self, args: &[&str]) -> Result<String> {
+        self.shared.run(self.mesh_pod(args))
+    }
+
     /// Starts the HTTP echo server ([`crate::http_workload::serve_echo`]) on `port`,
     /// reporting this pod's name, and waits until it listens.
     pub fn spawn_echo(&self, port: u16) -> Result<Process> {

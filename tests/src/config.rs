@@ -22,6 +22,8 @@ pub struct ConfigOptions {
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Labels replacing a pod's labels.
     pub pod_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Annotations added to a pod's (its network namespace's).
+    pub pod_annotations: BTreeMap<String, BTreeMap<String, String>>,
     /// YAML documents appended verbatim (Services, policies...), without `---`.
     pub extra_documents: Vec<String>,
     /// The configuration is meant to hold mistakes (`mesh-agent analyze` reports errors on
@@ -59,6 +61,21 @@ impl ConfigOptions {
         self.pod_labels.insert(
             pod.into(),
             labels
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    pub fn pod_annotations<K: Into<String>, V: Into<String>>(
+        mut self,
+        pod: impl Into<String>,
+        annotations: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.pod_annotations.insert(
+            pod.into(),
+            annotations
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
@@ -120,7 +137,14 @@ pub(super) fn render(
         .filter(|p| !opts.exclude_pods.contains(p.name()))
     {
         let labels = opts.pod_labels.get(pod.name()).unwrap_or(pod.labels());
-        let object = k8s_pod(pod, labels);
+        let mut object = k8s_pod(pod, labels);
+        if let Some(extra) = opts.pod_annotations.get(pod.name()) {
+            object
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .extend(extra.clone());
+        }
         docs.push(
             serde_yaml_ng::to_string(&object)
                 .with_context(|| format!("serializing pod {}", pod.name()))?,

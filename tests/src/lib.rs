@@ -17,6 +17,7 @@ pub mod bookinfo;
 pub mod capture;
 pub mod cluster;
 mod config;
+pub mod dns_workload;
 pub mod grpc_workload;
 pub mod heap;
 mod host;

@@ -539,14 +539,7 @@ fn a_stopped_agent_fails_closed_a_restarted_one_adopts_its_pins_and_uninstall_re
     node.start_agent(&cluster.config_path()).unwrap();
     assert_carried(&a, c.addr_v4(APP), MIB);
     assert_carried(&c, a.addr_v6(APP), MIB);
-    let types = [
-        AttachType::Connect4,
-        AttachType::Connect6,
-        AttachType::GetPeerName4,
-        AttachType::GetPeerName6,
-        AttachType::SockOps,
-    ];
-    for ty in types {
+    for (_, ty) in mesh_agent::ebpf::CGROUP_PROGRAMS {
         assert_eq!(
             attached_count(node.cgroup(), ty).unwrap(),
             1,
@@ -561,7 +554,7 @@ fn a_stopped_agent_fails_closed_a_restarted_one_adopts_its_pins_and_uninstall_re
 
     node.stop_agent().unwrap();
     node.uninstall().unwrap();
-    for ty in types {
+    for (_, ty) in mesh_agent::ebpf::CGROUP_PROGRAMS {
         assert_eq!(
             attached_count(node.cgroup(), ty).unwrap(),
             0,

@@ -154,6 +154,7 @@ mod tests {
             netns: None,
             captured,
             host_network: false,
+            dns_capture: None,
             waypoint: None,
         }
     }

@@ -469,6 +469,7 @@ mod tests {
             netns: None,
             captured: true,
             host_network: false,
+            dns_capture: None,
             waypoint: None,
         }
     }

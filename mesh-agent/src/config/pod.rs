@@ -19,11 +19,15 @@ use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::{NETNS_ANNOTATION, SIDECAR_STATUS_ANNOTATION};
+use super::{DNS_CAPTURE_ANNOTATION, NETNS_ANNOTATION, SIDECAR_STATUS_ANNOTATION};
 use crate::labels::Labels;
 
 /// The pod annotations the agent reads; a pod keeps no other.
-pub const READ_ANNOTATIONS: &[&str] = &[SIDECAR_STATUS_ANNOTATION, NETNS_ANNOTATION];
+pub const READ_ANNOTATIONS: &[&str] = &[
+    SIDECAR_STATUS_ANNOTATION,
+    NETNS_ANNOTATION,
+    DNS_CAPTURE_ANNOTATION,
+];
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(from = "PodJson", into = "PodJson")]

@@ -10,8 +10,9 @@ use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ConfigError, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, FieldError,
-    Kind, NETNS_ANNOTATION, ObjectKey, Objects, Pod, SIDECAR_STATUS_ANNOTATION, Settings,
+    ConfigError, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE,
+    DNS_CAPTURE_ANNOTATION, FieldError, Kind, NETNS_ANNOTATION, ObjectKey, Objects, Pod,
+    SIDECAR_STATUS_ANNOTATION, Settings,
 };
 use crate::labels::Labels;
 use crate::state::{
@@ -408,6 +409,7 @@ pub(crate) fn workload(
         netns: netns(pod)?,
         captured: is_captured(pod, namespace_labels),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        dns_capture: dns_capture(pod),
         waypoint: None,
         workload_name,
         labels,
@@ -556,6 +558,14 @@ fn netns(pod: &Pod) -> Result<Option<PathBuf>, FieldError> {
         ));
     }
     Ok(Some(PathBuf::from(value)))
+}
+
+/// The pod's own choice of DNS capture, if it makes one. As istio-cni reads it: `true` or
+/// `false` (any case); another value is no choice.
+fn dns_capture(pod: &Pod) -> Option<bool> {
+    pod.annotations
+        .get(DNS_CAPTURE_ANNOTATION)
+        .and_then(|v| v.to_ascii_lowercase().parse().ok())
 }
 
 /// A cluster IP: `None` (headless) or empty gives no address.

@@ -1119,9 +1119,13 @@ fn agent_pid(node: &Node) -> Result<u32> {
     let agent = node
         .agent()
         .with_context(|| format!("{}: no agent", node.name()))?;
-    if !agent.is_running() {
+    if let Some(status) = agent.try_wait() {
+        // The run's directory goes with the cluster: what the agent said last goes here.
+        let log = agent.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n    ");
         bail!(
-            "{}: the agent is not running; log {}",
+            "{}: the agent exited ({status}); the end of its log {}:\n    {tail}",
             node.name(),
             agent.log_path().display()
         );

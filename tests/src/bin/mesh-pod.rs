@@ -156,6 +156,50 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// DNS server (UDP and TCP) on 0.0.0.0:PORT answering A records of each
+    /// `--answer NAME=IP`, NXDOMAIN for anything else, and an empty truncated UDP answer
+    /// for each `--truncate NAME`. Prints `READY <port>`, then `QUERY <udp|tcp> <name>
+    /// <type>` per query.
+    ServeDns {
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+        #[arg(long = "answer", value_parser = parse_answer)]
+        answers: Vec<(String, IpAddr)>,
+        #[arg(long)]
+        truncate: Vec<String>,
+    },
+    /// One DNS query of NAME (type `a` or `aaaa`) to SERVER over UDP (unconnected) or
+    /// `--tcp`; prints a JSON report: where the answer came from, rcode, records.
+    DnsQuery {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "a")]
+        qtype: String,
+        #[arg(long)]
+        tcp: bool,
+    },
+    /// getaddrinfo(NAME), with RESOLV_CONF bind-mounted over /etc/resolv.conf for this
+    /// process; prints the addresses as a JSON list.
+    Resolve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        resolv_conf: Option<PathBuf>,
+    },
+    /// RATE DNS queries/s of NAME (A) to SERVER over UDP for SECONDS; prints a JSON report
+    /// (sent, answered, answer times).
+    DnsLoad {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Replace this process with COMMAND (after entering the namespace and cgroup).
     Exec {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -170,6 +214,56 @@ fn main() -> ExitCode {
         return ExitCode::from(125);
     }
     match cli.command {
+        Cmd::ServeDns {
+            port,
+            answers,
+            truncate,
+        } => {
+            let config = tests::dns_workload::ServerConfig {
+                port,
+                answers: answers.into_iter().collect(),
+                truncate,
+            };
+            match tests::dns_workload::serve(config) {
+                Ok(never) => match never {},
+                Err(error) => {
+                    eprintln!("mesh-pod serve-dns: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::DnsQuery {
+            server,
+            name,
+            qtype,
+            tcp,
+        } => {
+            let qtype = match qtype.as_str() {
+                "a" => mesh_agent::dns::wire::TYPE_A,
+                "aaaa" => mesh_agent::dns::wire::TYPE_AAAA,
+                other => {
+                    eprintln!("mesh-pod dns-query: --qtype {other:?} is not a or aaaa");
+                    return ExitCode::FAILURE;
+                }
+            };
+            print_json(
+                "dns-query",
+                tests::dns_workload::query(server, &name, qtype, tcp),
+            )
+        }
+        Cmd::Resolve { name, resolv_conf } => print_json(
+            "resolve",
+            tests::dns_workload::getaddrinfo(&name, resolv_conf.as_deref()),
+        ),
+        Cmd::DnsLoad {
+            server,
+            name,
+            rate,
+            seconds,
+        } => print_json(
+            "dns-load",
+            tests::dns_workload::load(server, &name, rate, Duration::from_secs(seconds)),
+        ),
         Cmd::ServeBookinfo {
             service,
             version,
@@ -379,6 +473,28 @@ fn main() -> ExitCode {
 }
 
 /// `NAME=ADDR`.
+/// Prints `result` as one JSON line (exit 0), or its error (exit 1).
+fn print_json<T: serde::Serialize>(command: &str, result: anyhow::Result<T>) -> ExitCode {
+    match result {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("mesh-pod {command}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_answer(text: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=IP"))?;
+    let ip = ip.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    Ok((name.to_ascii_lowercase(), ip))
+}
+
 fn parse_backend(text: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = text
         .split_once('=')
