@@ -57,6 +57,7 @@ pub mod endpoint_slice;
 pub mod file;
 pub mod kube;
 pub mod pod;
+pub mod service_entry;
 pub mod sync;
 pub mod translate;
 
@@ -137,6 +138,8 @@ pub struct Objects {
     pub destination_rules: Vec<serde_json::Value>,
     /// `networking.istio.io/v1` Gateway (ingress gateways).
     pub istio_gateways: Vec<serde_json::Value>,
+    /// `networking.istio.io/v1` ServiceEntry.
+    pub service_entries: Vec<serde_json::Value>,
     /// `v1` Secret of type `kubernetes.io/tls` (ingress gateways' certificates; file mode).
     pub secrets: Vec<Arc<k8s_openapi::api::core::v1::Secret>>,
 }
@@ -156,6 +159,7 @@ impl Objects {
             && self.virtual_services.is_empty()
             && self.destination_rules.is_empty()
             && self.istio_gateways.is_empty()
+            && self.service_entries.is_empty()
             && self.secrets.is_empty()
     }
 
@@ -175,6 +179,7 @@ impl Objects {
         self.virtual_services.append(&mut other.virtual_services);
         self.destination_rules.append(&mut other.destination_rules);
         self.istio_gateways.append(&mut other.istio_gateways);
+        self.service_entries.append(&mut other.service_entries);
         self.secrets.append(&mut other.secrets);
     }
 
@@ -219,6 +224,7 @@ impl Objects {
                 retain(&mut objects.destination_rules, |o| !raw_matches(o, key))
             }
             Kind::IstioGateway => retain(&mut objects.istio_gateways, |o| !raw_matches(o, key)),
+            Kind::ServiceEntry => retain(&mut objects.service_entries, |o| !raw_matches(o, key)),
             Kind::Secret => retain(&mut objects.secrets, |o| !matches(&o.metadata, key)),
         }
     }
@@ -240,6 +246,7 @@ pub enum Kind {
     DestinationRule,
     /// Istio's `Gateway` (networking.istio.io), not the Gateway API's.
     IstioGateway,
+    ServiceEntry,
     /// A `kubernetes.io/tls` Secret.
     Secret,
 }
@@ -260,6 +267,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::IstioGateway => "Gateway",
+            Kind::ServiceEntry => "ServiceEntry",
             Kind::Secret => "Secret",
         }
     }

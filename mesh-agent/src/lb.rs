@@ -43,6 +43,7 @@ pub fn index(
         for port in service.ports.iter().filter(|p| p.protocol == "TCP") {
             let mut ready: Vec<SocketAddr> = match slices {
                 Some(slices) => slices.iter().flat_map(|s| from_slice(s, port)).collect(),
+                None if !service.static_endpoints.is_empty() => from_static(service, port),
                 None => from_selector(workloads, service, port),
             };
             ready.sort();
@@ -73,6 +74,27 @@ fn from_slice(slice: &EndpointSlice, port: &ServicePort) -> Vec<SocketAddr> {
         .flat_map(|e| &e.addresses)
         .filter_map(|a| a.parse::<IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip.to_canonical(), number))
+        .collect()
+}
+
+/// A ServiceEntry's endpoints by address: the endpoint's own number for the port's name,
+/// else the port's target.
+fn from_static(service: &Service, port: &ServicePort) -> Vec<SocketAddr> {
+    let TargetPort::Number(target) = port.target_port else {
+        return Vec::new();
+    };
+    service
+        .static_endpoints
+        .iter()
+        .map(|e| {
+            let number = port
+                .name
+                .as_ref()
+                .and_then(|n| e.ports.get(n))
+                .copied()
+                .unwrap_or(target);
+            SocketAddr::new(e.addr, number)
+        })
         .collect()
 }
 
@@ -151,6 +173,9 @@ mod tests {
             selector: Labels::from([("app", "web")]),
             waypoint: None,
             ingress_use_waypoint: false,
+            host: None,
+            static_endpoints: Vec::new(),
+            passthrough: false,
         }
     }
 

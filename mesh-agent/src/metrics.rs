@@ -181,14 +181,14 @@ pub const CLUSTER: &str = "Kubernetes";
 
 impl ConnectionLabels {
     /// The labels of a connection from `src` to `dst` (either may be outside the mesh:
-    /// `None`), to `service` (`name.namespace.svc.cluster.local`) when known, with the
+    /// `None`), to `service` when known (named by its host, its name and namespace), with the
     /// peers' identities when authenticated. The app, version and canonical names come from
     /// the pods' labels as Istio reads them.
     pub fn new(
         reporter: Reporter,
         src: Option<&crate::state::Workload>,
         dst: Option<&crate::state::Workload>,
-        service: Option<String>,
+        service: Option<&crate::state::Service>,
         principals: (Option<String>, Option<String>),
         mutual_tls: bool,
     ) -> Self {
@@ -197,13 +197,7 @@ impl ConnectionLabels {
             w.and_then(|w| w.labels.get(key).map(str::to_owned))
                 .unwrap_or_else(unknown)
         };
-        let (service_name, service_namespace) = service
-            .as_deref()
-            .and_then(|host| {
-                let mut parts = host.split('.');
-                Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
-            })
-            .unwrap_or_else(|| (unknown(), unknown()));
+
         ConnectionLabels {
             reporter,
             source_workload: src.map_or_else(unknown, |w| w.workload_name.clone()),
@@ -219,9 +213,9 @@ impl ConnectionLabels {
             destination_principal: principals.1.unwrap_or_else(unknown),
             destination_app: label(dst, "app"),
             destination_version: label(dst, "version"),
-            destination_service: service.unwrap_or_else(unknown),
-            destination_service_name: service_name,
-            destination_service_namespace: service_namespace,
+            destination_service: service.map_or_else(unknown, crate::state::Service::fqdn),
+            destination_service_name: service.map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: service.map_or_else(unknown, |s| s.namespace.clone()),
             destination_canonical_service: dst.map_or_else(unknown, canonical_service),
             destination_canonical_revision: dst.map_or_else(unknown, canonical_revision),
             destination_cluster: CLUSTER.to_owned(),
@@ -521,7 +515,11 @@ mod tests {
             Reporter::Source,
             Some(&workload("client", &[("app", "client")])),
             Some(&workload("web", &[("app", "web"), ("version", "v2")])),
-            Some("web.shop.svc.cluster.local".into()),
+            Some(&crate::state::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
             (
                 Some("spiffe://cluster.local/ns/shop/sa/client".into()),
                 None,

@@ -326,25 +326,23 @@ struct ConnInfo<'a> {
     dst_principal: Option<String>,
     mutual_tls: bool,
     /// The service dialed (by VIP); else derived from the destination workload.
-    service: Option<String>,
+    service: Option<&'a crate::state::Service>,
 }
 
 /// Labels of a connection (either end may be outside the mesh).
 fn labels(reporter: Reporter, state: &MeshState, c: &ConnInfo<'_>) -> ConnectionLabels {
     let derived = || {
-        c.dst
-            .and_then(|w| {
-                state
-                    .services_for_workload(w)
-                    .find(|s| s.ports.iter().any(|p| service_port_targets(p, c.dst_port)))
-            })
-            .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+        c.dst.and_then(|w| {
+            state
+                .services_for_workload(w)
+                .find(|s| s.ports.iter().any(|p| service_port_targets(p, c.dst_port)))
+        })
     };
     ConnectionLabels::new(
         reporter,
         c.src,
         c.dst,
-        c.service.clone().or_else(derived),
+        c.service.or_else(derived),
         (c.src_principal.clone(), c.dst_principal.clone()),
         c.mutual_tls,
     )

@@ -143,8 +143,8 @@ pub struct Workload {
     pub waypoint: Option<WaypointRef>,
 }
 
-/// One Kubernetes service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One Kubernetes service (or a ServiceEntry host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
@@ -160,6 +160,26 @@ pub struct Service {
     /// its endpoints.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ingress_use_waypoint: bool,
+    /// A ServiceEntry's host: the service's name everywhere (DNS, metrics) instead of
+    /// `<name>.<namespace>.svc.cluster.local`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// A ServiceEntry's endpoints by address (not pods selected by labels).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub static_endpoints: Vec<StaticEndpoint>,
+    /// Connections go where the client dialed when the service has no endpoint (a
+    /// ServiceEntry of resolution NONE, or DNS without addresses) instead of failing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
+}
+
+/// An endpoint given by address (a ServiceEntry's `endpoints`): its port numbers by service
+/// port name, where they differ from the service port's target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StaticEndpoint {
+    pub addr: IpAddr,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
 }
 
 /// A waypoint a service, workload or namespace names (`istio.io/use-waypoint`).
@@ -549,9 +569,13 @@ impl MeshState {
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 impl Service {
-    /// The service's host name: `<name>.<namespace>.svc.cluster.local`.
+    /// The service's host name: `<name>.<namespace>.svc.cluster.local`, or a
+    /// ServiceEntry's host.
     pub fn fqdn(&self) -> String {
-        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+        match &self.host {
+            Some(host) => host.clone(),
+            None => format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace),
+        }
     }
 
     /// Whether this service's selector matches a pod with `labels`; an empty selector matches
@@ -610,6 +634,9 @@ mod tests {
             selector: Labels::from([("app", name)]),
             waypoint: None,
             ingress_use_waypoint: false,
+            host: None,
+            static_endpoints: Vec::new(),
+            passthrough: false,
         }
     }
 

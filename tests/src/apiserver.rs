@@ -78,7 +78,7 @@ struct Type {
 }
 
 impl Type {
-    const ALL: [Type; 13] = [
+    const ALL: [Type; 14] = [
         Type::new(Kind::Namespace, "", "namespaces", true),
         Type::new(Kind::Pod, "", "pods", true),
         Type::new(Kind::Service, "", "services", true),
@@ -131,6 +131,12 @@ impl Type {
             false,
         ),
         Type::new(Kind::IstioGateway, "networking.istio.io", "gateways", false),
+        Type::new(
+            Kind::ServiceEntry,
+            "networking.istio.io",
+            "serviceentries",
+            false,
+        ),
         Type::new(Kind::Secret, "", "secrets", true),
     ];
 

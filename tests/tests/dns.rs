@@ -12,6 +12,9 @@ use tests::{Cluster, ConfigOptions, Pod, PodSpec, Process, require_root};
 
 const REVIEWS_VIP: &str = "10.96.0.20";
 const NS: &str = "bookinfo";
+/// A ServiceEntry host outside the mesh: the `outsider` pod, port 8080.
+const EXTERNAL: &str = "api.external.test";
+const APP: u16 = 8080;
 
 /// One node. `bookinfo` is ambient with `client`, `optout` (annotated out of DNS capture)
 /// and `reviews-v1`, selected by Service `reviews`; `dns` (not enrolled) runs the test's
@@ -32,12 +35,17 @@ fn mesh() -> Cluster {
     let service = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  clusterIP: {REVIEWS_VIP}\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080}}]\n"
     );
+    let outsider = cluster.pod("outsider").addr_v4(APP).ip();
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external-api, namespace: {NS}}}\nspec:\n  hosts: [{EXTERNAL}]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: {APP}, name: tcp-api, protocol: TCP}}]\n  endpoints: [{{address: {outsider}}}]\n"
+    );
     let options = ConfigOptions::default()
         .pod_annotations(
             "optout",
             [(mesh_agent::config::DNS_CAPTURE_ANNOTATION, "false")],
         )
-        .document(service);
+        .document(service)
+        .document(entry);
     let config = cluster.config_path();
     cluster
         .write_config(&config, &options)
@@ -200,6 +208,50 @@ fn mesh_names_are_answered_in_the_pod_and_the_rest_goes_to_the_server_asked() {
             pod.name()
         );
     }
+
+    // A ServiceEntry host: resolved to the address allocated for it, its traffic routed to
+    // its endpoint and counted under its name.
+    let Ok(found) = getaddrinfo(&client, EXTERNAL, &conf) else {
+        panic!("{EXTERNAL} did not resolve");
+    };
+    let [IpAddr::V4(allocated)] = found[..] else {
+        panic!("{EXTERNAL}: {found:?}");
+    };
+    assert_eq!(
+        allocated.octets()[..2],
+        [240, 240],
+        "Istio's range: {allocated}"
+    );
+    assert!(
+        asked(&server, EXTERNAL).is_empty(),
+        "a ServiceEntry host was forwarded"
+    );
+    cluster
+        .pod("outsider")
+        .spawn_server(&[APP])
+        .expect("starting the endpoint's server");
+    let report = client
+        .connect(SocketAddr::from((allocated, APP)), 4096)
+        .expect("running the client");
+    assert!(report.ok, "to {EXTERNAL} ({allocated}): {report:?}");
+    let text = cluster.nodes()[0].metrics().unwrap();
+    let metrics = tests::metrics::Metrics::parse(&text);
+    let opened = metrics.sum(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("destination_service", EXTERNAL),
+            ("destination_service_name", EXTERNAL),
+            ("destination_service_namespace", NS),
+        ],
+    );
+    assert!(
+        opened >= 1.0,
+        "no connection counted under {EXTERNAL}:\n{}",
+        text.lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // With the agent stopped the programs stay: the pod's DNS fails closed, like its TCP.
     cluster.nodes()[0].stop_agent().expect("stopping the agent");

@@ -470,6 +470,7 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
         "GRPCRoute" => Some((Kind::GrpcRoute, GATEWAY)),
         "VirtualService" => Some((Kind::VirtualService, NETWORKING)),
         "DestinationRule" => Some((Kind::DestinationRule, NETWORKING)),
+        "ServiceEntry" => Some((Kind::ServiceEntry, NETWORKING)),
         _ => None,
     };
     // Earlier versions of the same API that are served with the same schema.
@@ -491,8 +492,8 @@ fn resolve_kind(api_version: &str, kind: &str) -> Result<Kind, String> {
             "kind: unsupported kind {kind:?} (apiVersion {api_version:?}); a config file holds \
              only Namespace, Pod and Service ({CORE}), EndpointSlice ({DISCOVERY}), \
              AuthorizationPolicy and PeerAuthentication ({SECURITY}), Gateway, HTTPRoute and \
-             GRPCRoute ({GATEWAY}), VirtualService, DestinationRule and Gateway \
-             ({NETWORKING}), or a List of them (ServiceAccounts, ConfigMaps and apps/v1 \
+             GRPCRoute ({GATEWAY}), VirtualService, DestinationRule, Gateway and \
+             ServiceEntry ({NETWORKING}), or a List of them (ServiceAccounts, ConfigMaps and apps/v1 \
              workloads are skipped)"
         )),
     }
@@ -838,6 +839,12 @@ impl Parser<'_> {
                 crate::l7::config::validate(kind, &gateway)
                     .map_err(|e| self.error(&at, e.to_string()))?;
                 self.parsed.objects.gateways.push(gateway);
+            }
+            Kind::ServiceEntry => {
+                let entry = self.raw(kind, &at, &source)?;
+                crate::config::service_entry::parse(&entry)
+                    .map_err(|e| self.error(&at, e.to_string()))?;
+                self.parsed.objects.service_entries.push(entry);
             }
             Kind::HttpRoute
             | Kind::GrpcRoute

@@ -200,7 +200,7 @@ fn custom_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiR
 }
 
 /// The routing kinds: Gateway API (standard channel) and Istio networking.
-fn routing_resources() -> [(Kind, ApiResource); 6] {
+fn routing_resources() -> [(Kind, ApiResource); 7] {
     const GATEWAY: &str = "gateway.networking.k8s.io";
     const NETWORKING: &str = "networking.istio.io";
     [
@@ -227,6 +227,10 @@ fn routing_resources() -> [(Kind, ApiResource); 6] {
         (
             Kind::IstioGateway,
             custom_resource(NETWORKING, "v1", "Gateway", "gateways"),
+        ),
+        (
+            Kind::ServiceEntry,
+            custom_resource(NETWORKING, "v1", "ServiceEntry", "serviceentries"),
         ),
     ]
 }
@@ -432,6 +436,7 @@ impl KubeSource {
             virtual_services,
             destination_rules,
             istio_gateways,
+            service_entries,
         ] = routing;
         let secrets = self.secrets_namespace.as_deref().map(|namespace| {
             let (store, task) = watch_kind(
@@ -459,6 +464,7 @@ impl KubeSource {
             virtual_services,
             destination_rules,
             istio_gateways,
+            service_entries,
             secrets,
         };
         (stores, AbortOnDrop(tasks))
@@ -569,7 +575,7 @@ struct Progress {
 }
 
 /// The kinds every source watches.
-const WATCHED: [Kind; 12] = [
+const WATCHED: [Kind; 13] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -582,6 +588,7 @@ const WATCHED: [Kind; 12] = [
     Kind::VirtualService,
     Kind::DestinationRule,
     Kind::IstioGateway,
+    Kind::ServiceEntry,
 ];
 
 impl Progress {
@@ -791,6 +798,7 @@ struct Stores {
     virtual_services: (Store<DynamicObject>, ApiResource),
     destination_rules: (Store<DynamicObject>, ApiResource),
     istio_gateways: (Store<DynamicObject>, ApiResource),
+    service_entries: (Store<DynamicObject>, ApiResource),
     /// Only with [`KubeSource::with_secrets_in`].
     secrets: Option<Store<Secret>>,
 }
@@ -830,6 +838,7 @@ impl Stores {
             virtual_services: raw(&self.virtual_services),
             destination_rules: raw(&self.destination_rules),
             istio_gateways: raw(&self.istio_gateways),
+            service_entries: raw(&self.service_entries),
             secrets: self.secrets.as_ref().map(typed).unwrap_or_default(),
         }
     }

@@ -77,6 +77,7 @@ pub fn digest(objects: &Objects) -> ViewDigest {
         ("VirtualService", &objects.virtual_services),
         ("DestinationRule", &objects.destination_rules),
         ("Gateway.networking.istio.io", &objects.istio_gateways),
+        ("ServiceEntry", &objects.service_entries),
     ] {
         raw(&mut out, kind, list);
     }

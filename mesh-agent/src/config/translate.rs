@@ -86,7 +86,7 @@ pub fn translate(
         workloads.push(w);
     }
 
-    let services = objects
+    let mut services = objects
         .services
         .iter()
         .map(|svc| {
@@ -101,6 +101,25 @@ pub fn translate(
             Ok(s)
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
+
+    let entries = objects
+        .service_entries
+        .iter()
+        .map(|object| {
+            super::service_entry::parse(object).map_err(|e| ConfigError::Object {
+                object: raw_key(Kind::ServiceEntry, object),
+                message: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    services.extend(super::service_entry::services(
+        &entries,
+        super::service_entry::DEFAULT_RANGE,
+        |entry| {
+            let ns_labels = namespace_labels.get(entry.namespace());
+            use_waypoint(Some(entry.labels()), ns_labels, entry.namespace())
+        },
+    ));
 
     for (kind, list) in [
         (Kind::HttpRoute, &objects.http_routes),
@@ -489,6 +508,9 @@ pub(crate) fn service(svc: &k8s::Service) -> Result<Service, FieldError> {
             .unwrap_or_default(),
         waypoint: None,
         ingress_use_waypoint: false,
+        host: None,
+        static_endpoints: Vec::new(),
+        passthrough: false,
     })
 }
 

@@ -853,7 +853,7 @@ pub fn host_names(host: &str, namespace: &str, service: &Service) -> bool {
     if host == "*" {
         return true;
     }
-    let full = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
+    let full = service.fqdn();
     if let Some(suffix) = host.strip_prefix('*') {
         return full.ends_with(suffix);
     }
@@ -1557,6 +1557,9 @@ mod tests {
             selector: Default::default(),
             waypoint: None,
             ingress_use_waypoint: false,
+            host: None,
+            static_endpoints: Vec::new(),
+            passthrough: false,
         }
     }
 

@@ -112,11 +112,6 @@ struct Call<'a> {
     client: SocketAddr,
 }
 
-/// `reviews.shop.svc.cluster.local`, Istio's `destination_service`.
-fn service_name(service: Option<&Service>) -> Option<String> {
-    service.map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
-}
-
 impl Call<'_> {
     /// An enrolled pod of this node: the destination's checks are made here (the agent
     /// knows both ends), then the connection is delivered straight into its namespace.
@@ -147,7 +142,7 @@ impl Call<'_> {
             src_principal: Some(pod.identity.to_string()),
             dst_principal: Some(dst.identity.to_string()),
             mutual_tls: true,
-            service: service_name(service),
+            service,
         };
         let revoked = revoked(self.config, dst.clone(), peer_id);
         let as_source = Tracked::open(
@@ -218,7 +213,7 @@ impl Call<'_> {
             src_principal: Some(pod.identity.to_string()),
             dst_principal: Some(plan.hop_identity.to_string()),
             mutual_tls: true,
-            service: service_name(plan.service),
+            service: plan.service,
         };
         let tracked = Tracked::open(
             &proxy.metrics,
@@ -265,7 +260,7 @@ impl Call<'_> {
             src_principal: Some(pod.identity.to_string()),
             dst_principal: local_mesh.map(|w| proxy.identity_of(w).to_string()),
             mutual_tls: local_mesh.is_some(),
-            service: service_name(service),
+            service,
         };
         let tracked = Tracked::open(
             &proxy.metrics,

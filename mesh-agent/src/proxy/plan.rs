@@ -97,10 +97,16 @@ pub fn plan<'a>(
         None => orig,
         Some((svc, port)) => {
             let endpoints = state.endpoints(svc, port);
-            lb::pick(endpoints, orig.ip(), pick).ok_or_else(|| PlanError::NoEndpoints {
-                service: format!("{}/{}", svc.namespace, svc.name),
-                vip: orig,
-            })?
+            match lb::pick(endpoints, orig.ip(), pick) {
+                Some(endpoint) => endpoint,
+                None if svc.passthrough => orig,
+                None => {
+                    return Err(PlanError::NoEndpoints {
+                        service: format!("{}/{}", svc.namespace, svc.name),
+                        vip: orig,
+                    });
+                }
+            }
         }
     };
     let service = service.map(|(svc, _)| svc);
@@ -251,6 +257,9 @@ mod tests {
                 name: name.into(),
             }),
             ingress_use_waypoint: false,
+            host: None,
+            static_endpoints: Vec::new(),
+            passthrough: false,
         }
     }
 

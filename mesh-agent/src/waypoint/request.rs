@@ -156,7 +156,7 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
         Reporter::Waypoint,
         state.workload_by_ip(tunnel.ctx.peer.ip()),
         workload,
-        service.map(service_host),
+        service,
         (
             tunnel.ctx.client.as_ref().map(ToString::to_string),
             Some(peer.to_string()),
@@ -176,10 +176,6 @@ pub async fn serve_tcp(tunnel: Arc<Tunnel>, mut io: TunnelIo) {
     }
     bytes.add(received, sent);
     wp.metrics.connection_closed(&labels);
-}
-
-fn service_host(s: &Service) -> String {
-    format!("{}.{}.svc.cluster.local", s.name, s.namespace)
 }
 
 /// What is known of a request for its metrics and log line.
@@ -1002,7 +998,7 @@ fn upstream_host(record: &Record) -> String {
     record
         .service
         .and_then(|i| record.state.services.get(i))
-        .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+        .map(Service::fqdn)
         .unwrap_or_default()
 }
 
@@ -1130,7 +1126,7 @@ fn labels(record: &Record, key: &HandleKey) -> RequestLabels {
             .map_or_else(unknown, |w| Identity::of(td, w).to_string()),
         destination_app: label(destination, "app"),
         destination_version: label(destination, "version"),
-        destination_service: service.map_or_else(unknown, service_host),
+        destination_service: service.map_or_else(unknown, Service::fqdn),
         destination_service_name: service.map_or_else(unknown, |s| s.name.clone()),
         destination_service_namespace: service.map_or_else(unknown, |s| s.namespace.clone()),
         destination_canonical_service: destination
