@@ -257,14 +257,15 @@ fn main() -> Result<()> {
     if wanted(Stage::Heap) {
         heap_benchmarks(&plan, &mut table)?;
     }
-    let (traffic, enrollment, storm, waypoint, scale) = (
+    let (traffic, enrollment, storm, waypoint, scale, dns) = (
         wanted(Stage::Traffic),
         wanted(Stage::Enrollment),
         wanted(Stage::Storm),
         wanted(Stage::Waypoint),
         wanted(Stage::Scale),
+        wanted(Stage::Dns),
     );
-    if (traffic || enrollment || storm || waypoint || scale) && require_root() {
+    if (traffic || enrollment || storm || waypoint || scale || dns) && require_root() {
         bench::raise_nofile_limit();
         for tool in ["iperf3", "wrk", "ss", "nginx", "h2load"] {
             if !on_path(tool) {
@@ -289,6 +290,9 @@ fn main() -> Result<()> {
         }
         if scale && let Err(e) = scale_benchmarks(&plan, &mut table, &exe) {
             println!("\nscale benchmarks FAILED: {e:#}");
+        }
+        if dns && let Err(e) = dns_benchmarks(&plan, &mut table) {
+            println!("\nDNS benchmarks FAILED: {e:#}");
         }
         println!(
             "\ncluster benchmarks took {:.0?}",
@@ -360,6 +364,9 @@ struct Plan {
     storm_settle: Duration,
     /// The scale stage's cluster.
     scale: tests::scale::Size,
+    /// The DNS stage's load from one pod: queries per second, for this many seconds.
+    dns_rate: u32,
+    dns_secs: u64,
 }
 
 impl Plan {
@@ -397,6 +404,8 @@ impl Plan {
                     namespaces: 10,
                     changes: 1,
                 },
+                dns_rate: 1000,
+                dns_secs: 1,
             }
         } else {
             Plan {
@@ -424,6 +433,8 @@ impl Plan {
                 storm_hold: Duration::from_secs(5),
                 storm_paths: vec![],
                 storm_settle: Duration::from_secs(10),
+                dns_rate: 10_000,
+                dns_secs: 10,
                 scale: tests::scale::Size {
                     pods: 50_000,
                     services: 10_000,
@@ -555,6 +566,9 @@ enum Stage {
     /// A node agent in Kubernetes mode against a large cluster: memory, first sync, and
     /// the time from a policy change to its enforcement.
     Scale,
+    /// DNS from one enrolled pod at a fixed rate: mesh names answered by the agent, other
+    /// names forwarded, and the test server asked directly.
+    Dns,
 }
 
 struct Table {
@@ -713,6 +727,34 @@ impl Table {
             row.baseline = Baseline::Row(before);
             if !plan.smoke {
                 row.target = Some(RatioAtMost(1.5));
+            }
+        }
+        // The DNS stage: what one pod's queries cost through the agent, against the server.
+        let (dns_rate, dns_secs) = (plan.dns_rate, plan.dns_secs);
+        for (case, label) in DNS_CASES {
+            for (figure, what, unit) in [
+                ("p50", "answer time p50", "µs"),
+                ("p99", "answer time p99", "µs"),
+                ("lost", "queries unanswered", "queries"),
+            ] {
+                let key = format!("dns-{figure}/{case}");
+                let row = t.row(
+                    &key,
+                    &format!("DNS {dns_rate}/s for {dns_secs} s, {label}: {what}"),
+                    unit,
+                    0,
+                );
+                row.stage = Stage::Dns;
+                match (case, figure) {
+                    ("mesh", "p99") if !plan.smoke => row.target = Some(AtMost(1000.0)),
+                    ("mesh", "lost") => row.target = Some(AtMost(0.0)),
+                    // No loss beyond the server's own.
+                    ("forward", "lost") => {
+                        row.baseline = Baseline::Row("dns-lost/direct".into());
+                        row.target = Some(AddedAtMost(0.0));
+                    }
+                    _ => {}
+                }
             }
         }
         // The waypoint stage: five paths, each figure against the path it is meant to beat.
@@ -2323,6 +2365,94 @@ fn idle_connections_once(
             fds: [b.1, d.1, a.1],
         })
         .collect())
+}
+
+// ---------------------------------------------------------------------------------
+// DNS.
+
+/// The DNS stage's cases: a server-only baseline, then the agent's two paths.
+const DNS_CASES: [(&str, &str); 3] = [
+    ("direct", "test server, pod outside the mesh"),
+    ("mesh", "mesh name, answered by the agent"),
+    ("forward", "other name, forwarded by the agent"),
+];
+const DNS_NS: &str = "dns-bench";
+const DNS_MESH_NAME: &str = "reviews.dns-bench.svc.cluster.local";
+const DNS_OTHER_NAME: &str = "example.test";
+
+/// One enrolled pod's DNS at a fixed rate for each case, interleaved, `plan.reps` times.
+fn dns_benchmarks(plan: &Plan, table: &mut Table) -> Result<()> {
+    println!(
+        "\n== DNS: {} queries/s for {} s from one pod (UDP), 1 node ==",
+        plan.dns_rate, plan.dns_secs
+    );
+    println!("agent: {}", plan.agent_flags_shown());
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .ambient_namespace(DNS_NS)
+        .namespace(PLAIN_NS, std::iter::empty::<(&str, &str)>())
+        .pod(PodSpec::new("dns-client", DNS_NS, 0))
+        .pod(PodSpec::new("dns-server", PLAIN_NS, 0))
+        .pod(PodSpec::new("dns-outsider", PLAIN_NS, 0))
+        .build()
+        .context("building the DNS cluster")?;
+    let server = cluster.pod("dns-server");
+    server.spawn_dns_server(&[(DNS_OTHER_NAME, "192.0.2.10".parse()?)], &[])?;
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: {DNS_NS}}}\nspec: {{clusterIP: 10.96.0.20, ports: [{{port: 9080}}], selector: {{app: reviews}}}}\n"
+    );
+    let config = cluster.config_path();
+    cluster.write_config(&config, &ConfigOptions::default().document(service))?;
+    start_agents(plan, [cluster.node(0)], &config)?;
+    let to = server.addr_v4(53).to_string();
+    let (rate, secs) = (plan.dns_rate.to_string(), plan.dns_secs.to_string());
+    for rep in 0..plan.reps {
+        for (case, label) in DNS_CASES {
+            let (pod, name) = match case {
+                "direct" => ("dns-outsider", DNS_OTHER_NAME),
+                "mesh" => ("dns-client", DNS_MESH_NAME),
+                _ => ("dns-client", DNS_OTHER_NAME),
+            };
+            let args = [
+                "dns-load",
+                "--server",
+                &to,
+                "--name",
+                name,
+                "--rate",
+                &rate,
+                "--seconds",
+                &secs,
+            ];
+            let result = cluster.pod(pod).run_mesh_pod(&args).and_then(|out| {
+                serde_json::from_str::<tests::dns_workload::LoadReport>(out.trim())
+                    .with_context(|| format!("dns-load printed {out:?}"))
+            });
+            match result {
+                Ok(r) => {
+                    let lost = r.sent.saturating_sub(r.answered) as f64;
+                    println!(
+                        "  round {} {label:<40} sent {} answered {} p50 {:.0} p99 {:.0} max {:.0} µs",
+                        rep + 1,
+                        r.sent,
+                        r.answered,
+                        r.p50_us,
+                        r.p99_us,
+                        r.max_us
+                    );
+                    table.add(&format!("dns-p50/{case}"), r.p50_us);
+                    table.add(&format!("dns-p99/{case}"), r.p99_us);
+                    table.add(&format!("dns-lost/{case}"), lost);
+                }
+                Err(e) => {
+                    for figure in ["p50", "p99", "lost"] {
+                        table.fail(&format!("dns-{figure}/{case}"), &e);
+                    }
+                }
+            }
+        }
+    }
+    cluster.teardown().context("tearing the DNS cluster down")
 }
 
 // ---------------------------------------------------------------------------------
