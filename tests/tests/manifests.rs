@@ -214,7 +214,7 @@ fn cluster_role<'a>(m: &'a Manifests, name: &str) -> &'a ClusterRole {
 
 /// What every reader of the configuration (the agents' and the L7 proxies' watchers) lists
 /// and watches: (API group, resource).
-const WATCHED: [(&str, &str); 12] = [
+const WATCHED: [(&str, &str); 13] = [
     ("", "namespaces"),
     ("", "pods"),
     ("", "services"),
@@ -227,6 +227,7 @@ const WATCHED: [(&str, &str); 12] = [
     (NETWORKING_GROUP, "virtualservices"),
     (NETWORKING_GROUP, "destinationrules"),
     (NETWORKING_GROUP, "gateways"),
+    (NETWORKING_GROUP, "serviceentries"),
 ];
 
 /// (group, resource, verb) of every rule, checked for wildcards and non-resource URLs.
