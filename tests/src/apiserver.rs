@@ -998,6 +998,12 @@ fn watch(
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
             };
+            // A change made after the watches were closed (the server went away, then the
+            // test changed objects) must not go out on a stream that lost the race to see
+            // the close: `select!` picks among ready branches at random.
+            if close.has_changed().unwrap_or(true) {
+                return;
+            }
             if tx.send(line).await.is_err() {
                 return;
             }

@@ -576,21 +576,38 @@ mod tests {
         let good = frame(addr("10.0.0.1:1"), addr("10.0.0.2:2"), 0x18, b"x");
         let mut vlan = good.clone();
         vlan[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
-        let mut udp = good.clone();
-        udp[14 + 9] = 17;
+        let mut icmp = good.clone();
+        icmp[14 + 9] = 1;
         let mut fragment = good.clone();
         fragment[14 + 6] = 0x20; // more fragments
         let mut v6_fragment = frame(addr("[fd00::1]:1"), addr("[fd00::2]:2"), 0x18, b"x");
         v6_fragment[14 + 6] = 44;
         for (what, f) in [
             ("vlan", vlan),
-            ("udp", udp),
+            ("icmp", icmp),
             ("fragment", fragment),
             ("v6 fragment", v6_fragment),
             ("short", good[..30].to_vec()),
         ] {
             assert_eq!(parse_frame(&f), None, "{what}");
         }
+    }
+
+    #[test]
+    fn a_udp_datagram_is_recorded_with_its_payload() {
+        let mut f = frame(addr("10.0.0.1:5353"), addr("10.0.0.2:53"), 0x18, b"");
+        f[14 + 9] = 17;
+        // The UDP header: ports (as the TCP header's), length, checksum, then the payload.
+        f.truncate(14 + 20 + 8);
+        f.extend(b"query");
+        let total = (f.len() - 14) as u16;
+        f[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+        let s = parse_frame(&f).expect("a UDP datagram");
+        assert!(s.udp && !s.syn);
+        assert_eq!((s.src, s.dst), (addr("10.0.0.1:5353"), addr("10.0.0.2:53")));
+        assert_eq!(s.payload, b"query");
+        // Never part of a TCP stream.
+        assert!(stream(std::slice::from_ref(&s), s.src, s.dst).is_empty());
     }
 
     #[test]

@@ -211,6 +211,13 @@ pub struct LoadReport {
 /// (IDs tell the answers apart); an answer later than 1 s counts as lost.
 pub fn load(server: SocketAddr, name: &str, rate: u32, duration: Duration) -> Result<LoadReport> {
     let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+    // Room for a burst of answers (root: beyond rmem_max), so that the client is not what
+    // loses them.
+    let room: usize = 16 << 20;
+    if nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &room).is_err()
+    {
+        socket2::SockRef::from(&socket).set_recv_buffer_size(room)?;
+    }
     socket.connect(server)?;
     let receiver = socket.try_clone()?;
     receiver.set_read_timeout(Some(Duration::from_millis(100)))?;
