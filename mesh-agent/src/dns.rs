@@ -30,7 +30,7 @@ use tokio::{
     io::Interest,
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::watch,
+    sync::{Semaphore, watch},
     task::JoinHandle,
 };
 
@@ -41,6 +41,15 @@ pub const TTL: u32 = 30;
 /// How long a forwarded query waits for the server's answer (a stub resolver asks again
 /// after 5 s).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// What one pod may hold of the agent at once: forwarded UDP queries waiting for their
+/// server, plus open TCP connections. A pod that goes over has its further queries dropped
+/// (its stub resolver asks again) until some end: a pod flooding a dead server must not use
+/// up the agent's descriptors, each forwarded query holding a socket for up to
+/// [`UPSTREAM_TIMEOUT`].
+const PER_POD_IN_FLIGHT: usize = 1024;
+/// A TCP connection with no query for this long is closed (RFC 7766 asks servers to close
+/// idle connections after a few seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The largest DNS message (over TCP; UDP ones are smaller).
 const MAX_MESSAGE: usize = 65535;
 /// The resolver's UDP receive buffer: a small query takes about 1 KiB of it, so the
@@ -75,9 +84,14 @@ impl Resolver {
         pod: Arc<PodContext>,
         sockets: PodResolver,
     ) -> Vec<JoinHandle<()>> {
+        let in_flight = Arc::new(Semaphore::new(PER_POD_IN_FLIGHT));
         vec![
-            tokio::spawn(self.clone().serve_udp(pod.clone(), Arc::new(sockets.udp))),
-            tokio::spawn(self.clone().serve_tcp(pod, sockets.tcp)),
+            tokio::spawn(self.clone().serve_udp(
+                pod.clone(),
+                Arc::new(sockets.udp),
+                in_flight.clone(),
+            )),
+            tokio::spawn(self.clone().serve_tcp(pod, sockets.tcp, in_flight)),
         ]
     }
 
@@ -102,7 +116,12 @@ impl Resolver {
         }
     }
 
-    async fn serve_udp(self: Arc<Self>, pod: Arc<PodContext>, socket: Arc<UdpSocket>) {
+    async fn serve_udp(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        socket: Arc<UdpSocket>,
+        in_flight: Arc<Semaphore>,
+    ) {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let pool = Arc::new(UdpPool::default());
         loop {
@@ -124,9 +143,14 @@ impl Resolver {
                     let _ = send_from(&socket, &answer, client, local).await;
                 }
                 Decision::Forward(server) => {
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        over_limit(&pod);
+                        continue;
+                    };
                     let (pod, socket, msg) = (pod.clone(), socket.clone(), msg.to_vec());
                     let pool = pool.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         match forward_udp(&pod, &pool, server, &msg).await {
                             Ok(answer) => {
                                 let _ = send_from(&socket, &answer, client, local).await;
@@ -142,7 +166,12 @@ impl Resolver {
         }
     }
 
-    async fn serve_tcp(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
+    async fn serve_tcp(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        listener: TcpListener,
+        in_flight: Arc<Semaphore>,
+    ) {
         let describe = || format!("{} resolver (TCP)", pod.display_name());
         loop {
             let (stream, _) = crate::accept::next(&listener, describe).await;
@@ -150,8 +179,13 @@ impl Resolver {
                 Ok(IpAddr::V4(ip)) if ip.is_loopback() => ip,
                 _ => continue,
             };
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                over_limit(&pod);
+                continue;
+            };
             let (this, pod) = (self.clone(), pod.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(e) = this.serve_tcp_connection(&pod, stream, local).await {
                     tracing::debug!(pod = %pod.display_name(), error = %e, "DNS over TCP ended");
                 }
@@ -168,7 +202,10 @@ impl Resolver {
         local: Ipv4Addr,
     ) -> io::Result<()> {
         let mut upstream: Option<TcpStream> = None;
-        while let Some(msg) = read_message(&mut client).await? {
+        while let Ok(read) = tokio::time::timeout(TCP_IDLE, read_message(&mut client)).await {
+            let Some(msg) = read? else {
+                break;
+            };
             let answer = match self.decide(pod, local, &msg, true) {
                 Decision::Answer(answer) => answer,
                 Decision::Drop => return Ok(()),
@@ -189,6 +226,14 @@ impl Resolver {
             write_message(&mut client, &answer).await?;
         }
         Ok(())
+    }
+}
+
+/// A query dropped because its pod holds [`PER_POD_IN_FLIGHT`]: logged at most once per
+/// interval (a flooding pod must not flood the log either).
+fn over_limit(pod: &PodContext) {
+    if let Some(suppressed) = crate::log_limit::once_per_interval!() {
+        tracing::warn!(pod = %pod.display_name(), limit = PER_POD_IN_FLIGHT, suppressed, "DNS: the pod has too many queries in flight; dropping queries until some end");
     }
 }
 

@@ -1607,7 +1607,19 @@ impl Pod {
         answers: &[(&str, IpAddr)],
         truncate: &[&str],
     ) -> Result<Process> {
+        self.spawn_dns_server_with(answers, truncate, &[])
+    }
+
+    /// [`spawn_dns_server`](Self::spawn_dns_server) with extra `serve-dns` flags
+    /// (`--mute`).
+    pub fn spawn_dns_server_with(
+        &self,
+        answers: &[(&str, IpAddr)],
+        truncate: &[&str],
+        extra: &[&str],
+    ) -> Result<Process> {
         let mut args: Vec<String> = vec!["serve-dns".into()];
+        args.extend(extra.iter().map(|a| a.to_string()));
         for (name, ip) in answers {
             args.extend(["--answer".into(), format!("{name}={ip}")]);
         }

@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub answers: BTreeMap<String, IpAddr>,
     /// Names answered over UDP with the truncation flag and no record.
     pub truncate: Vec<String>,
+    /// Answer nothing at all (a server that is down without refusing).
+    pub mute: bool,
 }
 
 /// Serves `config` over UDP and TCP on 0.0.0.0:PORT until killed; prints `READY <port>`,
@@ -74,6 +76,9 @@ fn serve_tcp(mut stream: TcpStream, config: &ServerConfig) {
 }
 
 fn respond(msg: &[u8], config: &ServerConfig, tcp: bool) -> Option<Vec<u8>> {
+    if config.mute {
+        return None;
+    }
     let query = wire::parse_query(msg)?;
     println!(
         "QUERY {} {} {}",

@@ -29,6 +29,7 @@ fn mesh() -> Cluster {
         .pod(PodSpec::new("optout", NS, 0))
         .pod(PodSpec::new("reviews-v1", NS, 0).label("app", "reviews"))
         .pod(PodSpec::new("server", "dns", 0))
+        .pod(PodSpec::new("mute", "dns", 0))
         .pod(PodSpec::new("outsider", "legacy", 0))
         .build()
         .expect("building the test cluster");
@@ -251,6 +252,52 @@ fn mesh_names_are_answered_in_the_pod_and_the_rest_goes_to_the_server_asked() {
             .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+
+    // A pod flooding a server that never answers holds at most its share of the agent:
+    // each forwarded query keeps a socket until its timeout, and past the pod's limit
+    // further queries are dropped.
+    cluster
+        .pod("mute")
+        .spawn_dns_server_with(&[], &[], &["--mute"])
+        .expect("starting the mute server");
+    let agent = cluster.nodes()[0].agent().expect("the agent").pid();
+    let descriptors_before = tests::bench::fd_count(agent).unwrap();
+    let mute = cluster.pod("mute").addr_v4(53).to_string();
+    let pod_bin = tests::locate_binary("mesh-pod", "MESH_POD_BIN").expect("mesh-pod");
+    let flood = client
+        .spawn(&[
+            pod_bin.to_str().expect("a UTF-8 path"),
+            "dns-load",
+            "--server",
+            &mute,
+            "--name",
+            "example.test",
+            "--rate",
+            "2000",
+            "--seconds",
+            "2",
+        ])
+        .expect("starting the flood");
+    let mut most = 0;
+    while flood.is_running() {
+        most = most.max(tests::bench::fd_count(agent).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        most > descriptors_before + 500,
+        "the flood did not reach the agent ({descriptors_before} -> {most} descriptors)"
+    );
+    assert!(
+        most <= descriptors_before + 1024 + 16,
+        "a pod held more than its share: {descriptors_before} -> {most} descriptors"
+    );
+    // Their timeouts free them all.
+    assert!(
+        tests::eventually(Duration::from_secs(15), || {
+            tests::bench::fd_count(agent).is_ok_and(|n| n <= descriptors_before + 16)
+        }),
+        "the forwarded queries' sockets were not freed"
     );
 
     // With the agent stopped the programs stay: the pod's DNS fails closed, like its TCP.

@@ -158,7 +158,7 @@ enum Cmd {
     },
     /// DNS server (UDP and TCP) on 0.0.0.0:PORT answering A records of each
     /// `--answer NAME=IP`, NXDOMAIN for anything else, and an empty truncated UDP answer
-    /// for each `--truncate NAME`. Prints `READY <port>`, then `QUERY <udp|tcp> <name>
+    /// for each `--truncate NAME`; with `--mute`, nothing. Prints `READY <port>`, then `QUERY <udp|tcp> <name>
     /// <type>` per query.
     ServeDns {
         #[arg(long, default_value_t = 53)]
@@ -167,6 +167,9 @@ enum Cmd {
         answers: Vec<(String, IpAddr)>,
         #[arg(long)]
         truncate: Vec<String>,
+        /// Answer nothing (a server that is down without refusing).
+        #[arg(long)]
+        mute: bool,
     },
     /// One DNS query of NAME (type `a` or `aaaa`) to SERVER over UDP (unconnected) or
     /// `--tcp`; prints a JSON report: where the answer came from, rcode, records.
@@ -218,11 +221,13 @@ fn main() -> ExitCode {
             port,
             answers,
             truncate,
+            mute,
         } => {
             let config = tests::dns_workload::ServerConfig {
                 port,
                 answers: answers.into_iter().collect(),
                 truncate,
+                mute,
             };
             match tests::dns_workload::serve(config) {
                 Ok(never) => match never {},
