@@ -27,6 +27,12 @@ impl Names {
             } else {
                 service.vips.clone()
             };
+            // A name the mesh has no address for is not the mesh's to answer: a headless
+            // service with no ready endpoint, or a ServiceEntry host of resolution NONE
+            // without addresses (an egress declaration) resolves as the cluster DNS says.
+            if addrs.is_empty() {
+                continue;
+            }
             let entry = by_name
                 .entry(service.fqdn().to_ascii_lowercase().into())
                 .or_default();
@@ -158,6 +164,20 @@ status: {podIP: 10.1.0.6, phase: Running, conditions: [{type: Ready, status: "Tr
         ] {
             assert_eq!(names.lookup(name, "bookinfo"), None, "{name}");
         }
+    }
+
+    #[test]
+    fn a_name_without_addresses_is_left_to_the_server() {
+        let yaml = format!(
+            "{CLUSTER}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: github, namespace: bookinfo}}\nspec: {{hosts: [api.github.com], resolution: NONE, ports: [{{number: 443, name: tls, protocol: TLS}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ext, namespace: bookinfo}}\nspec: {{hosts: [api.example.com], resolution: DNS, ports: [{{number: 443, name: tls, protocol: TLS}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: empty, namespace: bookinfo}}\nspec: {{clusterIP: None, ports: [{{port: 80}}], selector: {{app: nobody}}}}\n"
+        );
+        let s = state(&yaml);
+        let names = s.names();
+        assert_eq!(names.lookup("api.github.com", "bookinfo"), None);
+        assert_eq!(names.lookup("empty", "bookinfo"), None);
+        // Resolution DNS without addresses: one allocated, answered.
+        let allocated = names.lookup("api.example.com", "bookinfo").unwrap();
+        assert!(matches!(allocated, [IpAddr::V4(ip)] if ip.octets()[..2] == [240, 240]));
     }
 
     #[test]
