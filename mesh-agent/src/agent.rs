@@ -192,7 +192,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         proc_root: cfg.proc_root.clone(),
         kube,
         dns_capture: cfg.dns_capture,
-        resolver: crate::dns::Resolver::new(state.clone(), dns_servers),
+        resolver: crate::dns::Resolver::new(state.clone(), dns_servers, metrics.clone()),
     };
     let mut enroller = Enroller::new(
         cfg.node.clone(),

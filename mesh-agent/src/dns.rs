@@ -34,7 +34,12 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{ebpf::DnsServers, proxy::PodContext, state::MeshState};
+use crate::{
+    ebpf::DnsServers,
+    metrics::{DnsLabels, Metrics},
+    proxy::PodContext,
+    state::MeshState,
+};
 
 /// The TTL of the answers the resolver gives itself (ztunnel's).
 pub const TTL: u32 = 30;
@@ -71,11 +76,20 @@ pub struct PodResolver {
 pub struct Resolver {
     state: watch::Receiver<Arc<MeshState>>,
     servers: Arc<DnsServers>,
+    metrics: Arc<Metrics>,
 }
 
 impl Resolver {
-    pub fn new(state: watch::Receiver<Arc<MeshState>>, servers: Arc<DnsServers>) -> Arc<Self> {
-        Arc::new(Resolver { state, servers })
+    pub fn new(
+        state: watch::Receiver<Arc<MeshState>>,
+        servers: Arc<DnsServers>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Resolver {
+            state,
+            servers,
+            metrics,
+        })
     }
 
     /// Serves `pod`'s DNS on its sockets until the tasks are aborted.
@@ -99,6 +113,8 @@ impl Resolver {
     /// UDP.
     fn decide(&self, pod: &PodContext, local: Ipv4Addr, msg: &[u8], tcp: bool) -> Decision {
         let query = wire::parse_query(msg);
+        let labels = DnsLabels::new(query.as_ref().map(|q| q.qtype), tcp, &pod.workload);
+        self.metrics.dns_request(&labels);
         if let Some(q) = query.as_ref().filter(|q| q.asks_address()) {
             let state = self.state.borrow();
             if let Some(addrs) = state.names().lookup(&q.name, &pod.workload.namespace) {
@@ -107,7 +123,7 @@ impl Resolver {
             }
         }
         match self.servers.server(pod.netns_cookie, local) {
-            Some(server) => Decision::Forward(server),
+            Some(server) => Decision::Forward(server, labels),
             // The slot is gone (its map entry evicted): the pod asks again and gets a new one.
             None => match query {
                 Some(q) => Decision::Answer(wire::servfail(msg, &q)),
@@ -142,16 +158,19 @@ impl Resolver {
                 Decision::Answer(answer) => {
                     let _ = send_from(&socket, &answer, client, local).await;
                 }
-                Decision::Forward(server) => {
+                Decision::Forward(server, labels) => {
                     let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                         over_limit(&pod);
                         continue;
                     };
                     let (pod, socket, msg) = (pod.clone(), socket.clone(), msg.to_vec());
-                    let pool = pool.clone();
+                    let (pool, metrics) = (pool.clone(), self.metrics.clone());
                     tokio::spawn(async move {
                         let _permit = permit;
-                        match forward_udp(&pod, &pool, server, &msg).await {
+                        let started = std::time::Instant::now();
+                        let forwarded = forward_udp(&pod, &pool, server, &msg).await;
+                        metrics.dns_forwarded(&labels, started.elapsed(), forwarded.is_ok());
+                        match forwarded {
                             Ok(answer) => {
                                 let _ = send_from(&socket, &answer, client, local).await;
                             }
@@ -209,18 +228,12 @@ impl Resolver {
             let answer = match self.decide(pod, local, &msg, true) {
                 Decision::Answer(answer) => answer,
                 Decision::Drop => return Ok(()),
-                Decision::Forward(server) => {
-                    let stream = match &mut upstream {
-                        Some(s) => s,
-                        None => upstream.insert(connect_upstream(pod, server).await?),
-                    };
-                    write_message(stream, &msg).await?;
-                    tokio::time::timeout(UPSTREAM_TIMEOUT, read_message(stream))
-                        .await
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??
-                        .ok_or_else(|| {
-                            io::Error::new(io::ErrorKind::UnexpectedEof, "server closed")
-                        })?
+                Decision::Forward(server, labels) => {
+                    let started = std::time::Instant::now();
+                    let answer = forward_tcp(pod, &mut upstream, server, &msg).await;
+                    self.metrics
+                        .dns_forwarded(&labels, started.elapsed(), answer.is_ok());
+                    answer?
                 }
             };
             write_message(&mut client, &answer).await?;
@@ -239,8 +252,27 @@ fn over_limit(pod: &PodContext) {
 
 enum Decision {
     Answer(Vec<u8>),
-    Forward(SocketAddr),
+    /// To the server asked; the query's labels, for the forwarded series.
+    Forward(SocketAddr, DnsLabels),
     Drop,
+}
+
+/// Asks `server` over TCP, on the connection `upstream` (opened at the first query).
+async fn forward_tcp(
+    pod: &PodContext,
+    upstream: &mut Option<TcpStream>,
+    server: SocketAddr,
+    msg: &[u8],
+) -> io::Result<Vec<u8>> {
+    let stream = match upstream {
+        Some(s) => s,
+        None => upstream.insert(connect_upstream(pod, server).await?),
+    };
+    write_message(stream, msg).await?;
+    tokio::time::timeout(UPSTREAM_TIMEOUT, read_message(stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "server closed"))
 }
 
 /// The resolver's sockets for a pod, bound in the current (the pod's) namespace.

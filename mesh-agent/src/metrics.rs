@@ -238,6 +238,99 @@ struct DatapathLabels {
     datapath: &'static str,
 }
 
+/// The labels of ztunnel's DNS series: the question's type, the transport, and the asking
+/// pod's canonical service and revision.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    request_query_type: String,
+    request_protocol: &'static str,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+}
+
+impl DnsLabels {
+    /// A query of type `qtype` (`None`: not one plain query) from `source`.
+    pub fn new(qtype: Option<u16>, tcp: bool, source: &crate::state::Workload) -> Self {
+        let request_query_type = match qtype {
+            None => "unknown".to_owned(),
+            Some(t) => match t {
+                1 => "a",
+                2 => "ns",
+                5 => "cname",
+                6 => "soa",
+                12 => "ptr",
+                15 => "mx",
+                16 => "txt",
+                28 => "aaaa",
+                33 => "srv",
+                65 => "https",
+                _ => return Self::other(t, tcp, source),
+            }
+            .to_owned(),
+        };
+        DnsLabels {
+            request_query_type,
+            request_protocol: if tcp { "tcp" } else { "udp" },
+            source_canonical_service: canonical_service(source),
+            source_canonical_revision: canonical_revision(source),
+        }
+    }
+
+    fn other(qtype: u16, tcp: bool, source: &crate::state::Workload) -> Self {
+        DnsLabels {
+            request_query_type: format!("type{qtype}"),
+            ..Self::new(None, tcp, source)
+        }
+    }
+}
+
+/// ztunnel's DNS series, by [`DnsLabels`].
+#[derive(Debug)]
+struct DnsSeries {
+    requests: Family<DnsLabels, Counter>,
+    forwarded: Family<DnsLabels, Counter>,
+    failures: Family<DnsLabels, Counter>,
+    duration: Family<DnsLabels, Histogram, fn() -> Histogram>,
+}
+
+fn dns_duration_histogram() -> Histogram {
+    // ztunnel's buckets, in seconds.
+    Histogram::new([0.0005, 0.001, 0.01, 0.1, 1.0, 5.0])
+}
+
+impl DnsSeries {
+    fn register(registry: &mut Registry) -> Self {
+        let series = DnsSeries {
+            requests: Family::default(),
+            forwarded: Family::default(),
+            failures: Family::default(),
+            duration: Family::new_with_constructor(dns_duration_histogram),
+        };
+        registry.register(
+            "istio_dns_requests",
+            "DNS requests from enrolled pods.",
+            series.requests.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_requests",
+            "DNS requests forwarded to the server the pod asked.",
+            series.forwarded.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_failures",
+            "Forwarded DNS requests that got no answer.",
+            series.failures.clone(),
+        );
+        registry.register_with_unit(
+            "istio_dns_upstream_request_duration",
+            "Time to get a forwarded DNS request's answer from its server.",
+            prometheus_client::registry::Unit::Seconds,
+            series.duration.clone(),
+        );
+        series
+    }
+}
+
 /// Every series of this agent, and the registry that serves them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -266,6 +359,7 @@ pub struct Metrics {
     request_duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
+    dns: DnsSeries,
 }
 
 impl Default for Metrics {
@@ -346,7 +440,9 @@ impl Default for Metrics {
             "Response sizes, bytes.",
             response_bytes.clone(),
         );
+        let dns = DnsSeries::register(&mut registry);
         Metrics {
+            dns,
             requests,
             retries,
             ejections,
@@ -447,6 +543,24 @@ impl Metrics {
     }
 
     /// An HBONE connection was closed unanswered: too many handshakes in progress.
+    /// A DNS query a pod's resolver received.
+    pub fn dns_request(&self, labels: &DnsLabels) {
+        self.dns.requests.get_or_create(labels).inc();
+    }
+
+    /// A DNS query forwarded to its server, and how it ended after `elapsed`.
+    pub fn dns_forwarded(&self, labels: &DnsLabels, elapsed: std::time::Duration, answered: bool) {
+        self.dns.forwarded.get_or_create(labels).inc();
+        if answered {
+            self.dns
+                .duration
+                .get_or_create(labels)
+                .observe(elapsed.as_secs_f64());
+        } else {
+            self.dns.failures.get_or_create(labels).inc();
+        }
+    }
+
     pub fn handshake_refused(&self) {
         self.handshakes_refused.inc();
     }

@@ -191,6 +191,41 @@ fn mesh_names_are_answered_in_the_pod_and_the_rest_goes_to_the_server_asked() {
         server.log_text()
     );
 
+    // ztunnel's DNS series, by query type, transport and the asking pod.
+    let text = cluster.nodes()[0].metrics().unwrap();
+    let dns = tests::metrics::Metrics::parse(&text);
+    let of = |name: &str, filter: &[(&str, &str)]| {
+        let mut all = vec![("source_canonical_service", "client")];
+        all.extend_from_slice(filter);
+        dns.sum(name, &all)
+    };
+    assert!(
+        of(
+            "istio_dns_requests_total",
+            &[("request_query_type", "a"), ("request_protocol", "udp")]
+        ) >= 4.0,
+        "{text}"
+    );
+    assert!(
+        of(
+            "istio_dns_requests_total",
+            &[("request_query_type", "aaaa")]
+        ) >= 4.0,
+        "{text}"
+    );
+    assert!(
+        of("istio_dns_requests_total", &[("request_protocol", "tcp")]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        of(
+            "istio_dns_upstream_requests_total",
+            &[("request_query_type", "a")]
+        ) >= 3.0,
+        "{text}"
+    );
+    assert_eq!(of("istio_dns_upstream_failures_total", &[]), 0.0, "{text}");
+
     // A pod outside the mesh, and an enrolled pod that opted out: straight to the server.
     for pod in [&outsider, &optout] {
         let before = asked(&server, "reviews.bookinfo.svc.cluster.local").len();
