@@ -111,8 +111,8 @@ pub struct RunConfig {
     pub ca: crate::ca_service::CaSource,
     /// Lifetime of workload certificates (renewed at half-life).
     pub cert_lifetime: Duration,
-    /// Same-node connections through the `sk_msg` redirect instead of splice(2)
-    /// (ADR 006).
+    /// The kernel's `sk_msg` redirect for the loopback legs and same-node connections
+    /// (ADR 006, 016).
     pub sockmap: bool,
     /// Enrolled pods' DNS to the resolver in their namespace, unless a pod's annotation
     /// says otherwise (ADR 015).

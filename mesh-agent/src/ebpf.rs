@@ -5,6 +5,7 @@
 //! Pin layout under the pin directory (default `/sys/fs/bpf/mesh-agent`):
 //! `maps/<MAP NAME>`, `links/cgroup-<program>`, `links/sk_lookup-<netns cookie>`.
 
+pub mod btf;
 pub mod sockmap;
 
 use std::{
@@ -103,8 +104,9 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs, reuses pinned maps, and attaches (or updates in place) the
-    /// cgroup programs on `cgroup`. With `sockmap`, the sends of same-node connections
-    /// can be redirected between the application sockets (see [`Sockmap`]; ADR 006).
+    /// cgroup programs on `cgroup`. With `sockmap`, the kernel moves the bytes of the
+    /// loopback legs of connections, and of same-node connections past the agent (see
+    /// [`Sockmap`]; ADR 006, 016).
     pub fn install(pin_dir: &Path, cgroup: &Path, sockmap: bool) -> Result<Self, EbpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
@@ -119,9 +121,21 @@ impl Datapath {
                 source,
             })?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&map_dir)
-            .load(EBPF_OBJECT)?;
+        // The verdict bounds what it queues on a receiver by reading the kernel's own
+        // structures: without their layout, no redirect.
+        let offsets = if sockmap {
+            btf::kernel_offsets()
+                .inspect_err(|e| tracing::warn!(error = %e, "sockmap redirect unavailable (the kernel's socket layout is unknown); connections take TCP over loopback"))
+                .ok()
+        } else {
+            None
+        };
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&map_dir);
+        if let Some(offsets) = &offsets {
+            loader.override_global(mesh_common::KERNEL_OFFSETS, offsets, true);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let cgroup_dir = fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.into(),
@@ -160,11 +174,11 @@ impl Datapath {
         let listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let enrolled_addrs = take_map(&mut ebpf, maps::ENROLLED_ADDRS)?;
         let probers = take_map(&mut ebpf, maps::PROBERS)?;
-        let sockmap = if sockmap {
+        let sockmap = if offsets.is_some() {
             match install_sockmap(&mut ebpf) {
                 Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "sockmap redirect unavailable; same-node connections use splice(2)");
+                    tracing::warn!(error = %e, "sockmap redirect unavailable; connections take TCP over loopback");
                     None
                 }
             }

@@ -203,10 +203,12 @@ struct RunArgs {
     /// Lifetime of workload certificates, e.g. `24h`, `30m`, `5s` (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
-    /// Redirect the sends of same-node connections between the applications' sockets
-    /// (sk_msg) instead of splicing them through the agent; no back-pressure for slow
-    /// readers (docs/adr/006).
-    #[arg(long)]
+    /// Let the kernel move bytes between sockets of this node (sk_msg): the loopback legs
+    /// between applications and the agent, and same-node connections past the agent; a
+    /// receiver's queue is bounded by its receive buffer (docs/adr/006, 016). Opt-in: an
+    /// application blocked in a read on a socket in the kernel's socket map can be woken
+    /// with EAGAIN. Off: TCP over loopback, and splice(2) through the agent.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     sockmap: bool,
     /// Answer enrolled pods' DNS from a resolver in each pod's namespace (port 15053, as
     /// ambient does): mesh names from the mesh, the rest forwarded to the server the pod

@@ -342,7 +342,8 @@ pub struct Metrics {
     /// Bytes from the source to the destination (Istio: "received during request").
     received: Family<ConnectionLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
-    /// Same-node connections by datapath: the sk_msg redirect, or splice(2).
+    /// Same-node connections by datapath: past the agent by the sk_msg redirect
+    /// ("sockmap"), or pumped by the agent ("agent").
     same_node: Family<DatapathLabels, Counter>,
     /// Bytes of redirected connections the agent forwarded itself (sent before the
     /// redirect started).
@@ -399,7 +400,7 @@ impl Default for Metrics {
             same_node.clone(),
         );
         // Both datapaths are always shown, at zero until used.
-        for datapath in ["sockmap", "splice"] {
+        for datapath in ["sockmap", "agent"] {
             let _ = same_node.get_or_create(&DatapathLabels { datapath });
         }
         registry.register(
@@ -529,9 +530,10 @@ impl Metrics {
             .inc();
     }
 
-    /// A same-node connection went through the sk_msg redirect (`true`) or splice(2).
+    /// A same-node connection went past the agent by the sk_msg redirect (`true`) or
+    /// through the agent's pump.
     pub fn same_node_datapath(&self, sockmap: bool) {
-        let datapath = if sockmap { "sockmap" } else { "splice" };
+        let datapath = if sockmap { "sockmap" } else { "agent" };
         self.same_node
             .get_or_create(&DatapathLabels { datapath })
             .inc();
@@ -678,7 +680,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("mesh_agent_same_node_connections_total{datapath=\"splice\"} 0"),
+            text.contains("mesh_agent_same_node_connections_total{datapath=\"agent\"} 0"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");

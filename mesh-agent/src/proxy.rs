@@ -125,8 +125,9 @@ pub struct Proxy {
     pub pool: Arc<hbone::client::Pool>,
     /// TLS handshakes in progress on the HBONE listeners of every pod of the node.
     handshakes: Arc<handshakes::Handshakes>,
-    /// The `sk_msg` redirect for same-node connections, when enabled (ADR 006); otherwise
-    /// they take the splice(2) pump of `copy::tcp`.
+    /// The kernel's `sk_msg` redirect, when enabled (ADR 006, 016): the loopback legs of
+    /// every connection, and same-node connections past the agent; otherwise the agent's
+    /// TCP-to-TCP connections take the splice(2) pump of `copy::tcp`.
     sockmap: Option<Arc<Sockmap>>,
     /// The enrolled pods of this node by address (the same-node path): read by every
     /// connection without a lock, replaced whole when a pod comes or goes.
@@ -224,9 +225,20 @@ impl Proxy {
         w.captured && w.node.as_deref() == Some(self.node.as_str())
     }
 
+    /// How connections between two of the agent's TCP sockets are pumped: with the
+    /// kernel's redirect on, the sockets of captured and delivery connections receive by
+    /// redirect, which splice(2) does not see.
+    fn pump(&self) -> copy::Pump {
+        if self.sockmap.is_some() {
+            copy::Pump::ReadWrite
+        } else {
+            copy::Pump::Splice
+        }
+    }
+
     /// Routes an authorized same-node connection for the kernel's redirect before the
     /// agent connects to the destination; `None` when it is not enabled or the kernel did
-    /// not take the client's socket: the caller then pumps the bytes with splice(2).
+    /// not take the client's socket: the caller then pumps the bytes itself ([`Self::pump`]).
     fn sockmap_prepare<'a>(
         &'a self,
         pod: &PodContext,
@@ -246,7 +258,9 @@ impl Proxy {
                 delivery,
                 target,
             )
-            .inspect_err(|e| tracing::debug!(error = %e, "sockmap refused; using splice(2)"))
+            .inspect_err(
+                |e| tracing::debug!(error = %e, "sockmap refused; the agent pumps the bytes"),
+            )
             .ok()
             .map(Box::new)
         });

@@ -260,20 +260,88 @@ impl SockKey {
             _pad: 0,
         }
     }
+
+    /// The key of the socket at the other end of this socket's connection, when that end
+    /// is in the same network namespace (a loopback or same-pod connection).
+    pub fn mirror(&self) -> Self {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+            _pad: 0,
+        }
+    }
 }
 
 /// Value of the REDIRECT_STATE map: what the `sk_msg` verdict did with the sends of one
-/// application socket. Created by `sockops` when the socket is established (so every byte
-/// is counted), updated only by the verdict.
+/// socket, and where the socket and its TCP peer live in the kernel. Created by `sockops`
+/// when the socket is established (so every byte is counted); the counters are updated
+/// only by the verdict.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectState {
-    /// Bytes sent over the socket's own TCP connection (to the agent), not redirected.
+    /// Bytes that went to the agent: over the socket's own TCP connection, or redirected
+    /// into the agent's socket at the other end of it ([`RedirectState::MIRROR`]).
     pub passed: u64,
-    /// Bytes redirected into the peer application socket's receive queue.
+    /// Bytes redirected past the agent, into the receive queue of the application socket
+    /// of the route ([`RedirectRoute`]).
     pub redirected: u64,
+    /// The socket's `struct sock` (an address for `bpf_probe_read_kernel`, never
+    /// dereferenced otherwise): the verdict reads its receive state (back-pressure).
+    pub sk: u64,
+    /// The `struct sock` of the other end of its TCP connection, once both ends are
+    /// tracked (0 until then).
+    pub peer_sk: u64,
+    /// [`RedirectState::MIRROR`].
+    pub flags: u64,
 }
-const _: () = assert!(core::mem::size_of::<RedirectState>() == 16);
+const _: () = assert!(core::mem::size_of::<RedirectState>() == 40);
+
+impl RedirectState {
+    /// The socket's sends go into the receive queue of the other end of its own TCP
+    /// connection, in the same namespace, when that end is tracked too: an application's
+    /// loopback connection to the agent (client leg) or the agent's delivery connection to
+    /// the application (server leg). The bytes still reach the same socket; only the
+    /// loopback TCP traversal is skipped.
+    pub const MIRROR: u64 = 1;
+}
+
+/// The offsets, in this kernel's structures, that the verdict reads to bound what it
+/// queues on a receiver (from the kernel's BTF, set by the agent at load time). All zero:
+/// unknown, and the verdict never redirects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock.sk_user_data` (the socket's `sk_psock` while it is in a socket map).
+    pub sk_user_data: u32,
+    /// `struct sock.sk_rcvbuf`.
+    pub sk_rcvbuf: u32,
+    /// `struct tcp_sock.copied_seq`: the next byte the reader will read over TCP.
+    pub copied_seq: u32,
+    /// `struct tcp_sock.write_seq`: the next byte the writer will queue on TCP.
+    pub write_seq: u32,
+    /// `struct sk_psock.msg_tot_len`: bytes redirected into the socket, not yet read.
+    pub msg_tot_len: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24);
+
+impl KernelOffsets {
+    /// Whether every offset is known.
+    pub fn complete(&self) -> bool {
+        self.sk_user_data != 0
+            && self.sk_rcvbuf != 0
+            && self.copied_seq != 0
+            && self.write_seq != 0
+            && self.msg_tot_len != 0
+    }
+}
+
+/// Name of the verdict's [`KernelOffsets`] global.
+pub const KERNEL_OFFSETS: &str = "MESH_KERNEL_OFFSETS";
 
 /// Value of the REDIRECT_ROUTE map: the socket a socket's sends are redirected to.
 ///
@@ -307,5 +375,6 @@ mod user {
     unsafe impl aya::Pod for super::ProbeKey {}
     unsafe impl aya::Pod for super::RedirectState {}
     unsafe impl aya::Pod for super::RedirectRoute {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::DnsSlot {}
 }

@@ -15,15 +15,18 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_probe_read_kernel,
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AF_INET, AF_INET6, AddrKey, DNS_PORT, DNS_SERVER_PORT, DnsSlot, EnrolledNetns, HBONE_PORT,
-    OUTBOUND_PORT, OrigDst, OrigKey, PROXY_MARK, PROXY_MARK_MASK, ProbeKey, RedirectRoute,
-    RedirectState, SockKey,
+    AF_INET, AF_INET6, AddrKey, DELIVERY_MARK, DNS_PORT, DNS_SERVER_PORT, DnsSlot, EnrolledNetns,
+    HBONE_PORT, KernelOffsets, OUTBOUND_PORT, OrigDst, OrigKey, PROXY_MARK, PROXY_MARK_MASK,
+    ProbeKey, RedirectRoute, RedirectState, SockKey,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -81,15 +84,34 @@ static REDIRECT_ON: Array<u32> = Array::with_max_entries(1, 0);
 
 // The redirect maps belong to one agent process (its sockets die with it): not pinned.
 #[map(name = "MESH_RDR_SOCKS")]
-static REDIRECT_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+static REDIRECT_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(262_144, 0);
 
 #[map(name = "MESH_RDR_STATE")]
 static REDIRECT_STATE: HashMap<SockKey, RedirectState> =
-    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESH_RDR_ROUTE")]
 static REDIRECT_ROUTE: HashMap<SockKey, RedirectRoute> =
-    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+/// Where the verdict finds, in this kernel's structures, what bounds a receiver's queue
+/// (set by the agent from the kernel's BTF when it loads the programs).
+#[unsafe(no_mangle)]
+static MESH_KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    sk_user_data: 0,
+    sk_rcvbuf: 0,
+    copied_seq: 0,
+    write_seq: 0,
+    msg_tot_len: 0,
+    _pad: 0,
+};
+/// What a receiver may have queued by redirect and not read yet, at least, before sends
+/// to it go over TCP: its receive buffer does not grow with use as TCP's does (autotuning
+/// runs on TCP reads only), so its initial size (128 KiB) would turn every burst of a bulk
+/// transfer into a fallback.
+const REDIRECT_QUEUE_FLOOR: u32 = 1 << 20;
+/// `sk_user_data` carries flags in its low bits (`SK_USER_DATA_*`).
+const SK_USER_DATA_PTRMASK: u64 = !7;
 
 fn is_loopback4(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
@@ -501,6 +523,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             let cookie = unsafe { bpf_get_socket_cookie(ops) };
             // SAFETY: the value is copied out before the map is written.
             let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+                if redirect_enabled() && is_delivery(ctx) {
+                    // The agent's delivery connection to an application over the pod's
+                    // `lo` (server leg).
+                    track(ctx, &sock_key(ctx), RedirectState::MIRROR)?;
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                }
                 return Ok(());
             };
             // The proxy reached through a v6 socket may still be the v4 listener (mapped).
@@ -524,26 +552,30 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             ORIG_DST.insert(key, orig, 0)?;
             // Ask for state changes so the cookie record goes away with the socket.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            // A connection to an enrolled pod of this node (a pod address, not a service
-            // address: where those go is the agent's choice, made later) is same-node: its
-            // sends can be redirected. Other sockets never enter the socket map: the
-            // kernel can fail a blocked read with EAGAIN when a socket leaves it.
-            let dst = AddrKey {
-                addr: orig.addr,
-                family: u32::from(orig.family),
-            };
-            // SAFETY: map lookup of a plain key.
-            if redirect_enabled() && unsafe { ENROLLED_ADDRS.get(dst) }.is_some() {
-                track(ctx, &sock_key(ctx))?;
+            // A captured connection to the agent over the pod's loopback (client leg):
+            // its sends go straight into the agent's accepted socket once that is tracked
+            // too, and stay in the map for the socket's life (the kernel can fail a
+            // blocked read with EAGAIN when a socket leaves it).
+            if redirect_enabled() {
+                track(ctx, &sock_key(ctx), RedirectState::MIRROR)?;
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if redirect_enabled() => {
-            // The application's side of the agent's delivery socket: the agent announced
-            // it (its route) before connecting.
             let key = sock_key(ctx);
+            // SAFETY: map lookup of a plain key; the value is copied out.
+            let mirrored = unsafe { REDIRECT_STATE.get(key.mirror()) }
+                .is_some_and(|peer| peer.flags & RedirectState::MIRROR != 0);
+            if mirrored {
+                // The other end of a tracked loopback connection: the agent's accepted
+                // socket of a captured connection, or the application's accepted socket
+                // of a delivery connection.
+                track(ctx, &key, RedirectState::MIRROR)?;
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             // SAFETY: map lookup of a plain key.
-            if unsafe { REDIRECT_ROUTE.get(key) }.is_some() {
-                track(ctx, &key)?;
+            } else if unsafe { REDIRECT_ROUTE.get(key) }.is_some() {
+                // The application's side of a delivery socket the agent routed before
+                // connecting.
+                track(ctx, &key, 0)?;
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
@@ -565,9 +597,14 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
                 let _ = PROBES.remove(probe_key(&sock_key(ctx)));
             }
             if redirect_enabled() {
+                let key = sock_key(ctx);
+                // The other end no longer has a TCP peer to read.
+                if let Some(peer) = REDIRECT_STATE.get_ptr_mut(key.mirror()) {
+                    // SAFETY: a valid entry; a stale read of it only delays a redirect.
+                    unsafe { (*peer).peer_sk = 0 };
+                }
                 // A routed socket's state is the agent's to read and remove (its byte
                 // counts); the state of one the agent never routed goes with the socket.
-                let key = sock_key(ctx);
                 // SAFETY: map lookup of a plain key.
                 if unsafe { REDIRECT_ROUTE.get(key) }.is_none() {
                     let _ = REDIRECT_STATE.remove(key);
@@ -583,15 +620,40 @@ fn redirect_enabled() -> bool {
     REDIRECT_ON.get(0).is_some_and(|on| *on == 1)
 }
 
-/// Adds an application socket to REDIRECT_SOCKS, then creates its state (so the state
-/// exists only for sockets the verdict runs on). Runs before the application can send.
-fn track(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i64> {
+/// Whether the socket is one of the agent's inbound delivery sockets.
+fn is_delivery(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the kernel hands a valid context; `sk` is null or a full socket.
+    unsafe {
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        !sk.is_null() && (*sk).mark == DELIVERY_MARK
+    }
+}
+
+/// Adds a socket to REDIRECT_SOCKS, then creates its state (so the state exists only for
+/// sockets the verdict runs on), linked with the state of the other end of its connection
+/// if that is tracked. Runs before the socket's owner can send.
+fn track(ctx: &SockOpsContext, key: &SockKey, flags: u64) -> Result<(), i64> {
     // SAFETY: the kernel hands a valid, exclusive context.
     let ops = unsafe { &mut *ctx.ops };
+    // The socket's address, kept only to be read with bpf_probe_read_kernel.
+    // SAFETY: reading the context's socket pointer, null or a full socket.
+    let sk = unsafe { ops.__bindgen_anon_2.sk } as u64;
     REDIRECT_SOCKS.update(*key, ops, 0).map_err(i64::from)?;
-    REDIRECT_STATE
-        .insert(key, RedirectState::default(), 0)
-        .map_err(i64::from)
+    let peer_sk = match REDIRECT_STATE.get_ptr_mut(key.mirror()) {
+        // SAFETY: a valid entry, written by sockops only in these fields.
+        Some(peer) => unsafe {
+            (*peer).peer_sk = sk;
+            (*peer).sk
+        },
+        None => 0,
+    };
+    let state = RedirectState {
+        sk,
+        peer_sk,
+        flags,
+        ..RedirectState::default()
+    };
+    REDIRECT_STATE.insert(key, state, 0).map_err(i64::from)
 }
 
 /// The key of the socket behind a context pointer of either kind that carries one:
@@ -724,43 +786,110 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-/// Same-node fast path: what an application socket of a routed connection sends goes
-/// straight into the receive queue of the application socket at the other end, skipping
-/// both TCP connections through the agent. Runs for each send of a socket in
-/// REDIRECT_SOCKS, serialized per socket by the kernel; see [`RedirectRoute`] for when it
-/// redirects and [`RedirectState`] for what it counts.
+/// The kernel moves a connection's bytes between sockets of the same node, skipping TCP
+/// over loopback: an application's sends go into the agent's accepted socket and the
+/// agent's back into the application's (client leg, [`RedirectState::MIRROR`]), the
+/// agent's delivery sends into the application's accepted socket and back (server leg),
+/// or, for a same-node connection the agent routed, between the two applications'
+/// sockets ([`RedirectRoute`]). Runs for each send of a socket in REDIRECT_SOCKS,
+/// serialized per socket by the kernel. Whatever it does not redirect goes over TCP as
+/// without it: always correct, only slower.
 #[sk_msg]
 pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     let key = sock_key_of!(ctx.msg);
     let size = u64::from(ctx.size());
     let state = REDIRECT_STATE.get_ptr_mut(key);
+    // SAFETY: the state entry stays valid for the program's run; only this socket's
+    // verdict writes its counters, and the kernel runs one verdict per socket at a time.
+    let passed = state.map(|s| unsafe { (*s).passed });
+    // SAFETY: as above.
+    let mirror = state.is_some_and(|s| unsafe { (*s).flags } & RedirectState::MIRROR != 0);
+    // Past the agent, to the route's application socket, once the agent forwarded every
+    // byte that went to it.
     // SAFETY: map lookup of a plain key; the value is copied out.
-    if let Some(route) = unsafe { REDIRECT_ROUTE.get(key) }.copied() {
-        // SAFETY: the state entry stays valid for the program's run; only this socket's
-        // verdict writes it, and the kernel runs one verdict per socket at a time.
-        let ready = match state {
-            Some(s) => route.forwarded == unsafe { (*s).passed },
-            None => route.forwarded == RedirectRoute::ALWAYS,
-        };
-        let mut target = route.target;
-        if ready
-            && REDIRECT_SOCKS.redirect_msg(&ctx, &mut target, u64::from(BPF_F_INGRESS))
-                == i64::from(SK_PASS)
-        {
-            if let Some(s) = state {
-                // SAFETY: as above.
-                unsafe { (*s).redirected += size };
-            }
-            return SK_PASS;
+    if let Some(route) = unsafe { REDIRECT_ROUTE.get(key) }.copied()
+        && (route.forwarded == RedirectRoute::ALWAYS || Some(route.forwarded) == passed)
+        && redirect(&ctx, route.target)
+    {
+        if let Some(s) = state {
+            // SAFETY: as above.
+            unsafe { (*s).redirected += size };
         }
+        return SK_PASS;
     }
-    // Not routed (yet), the agent still forwarding, or the target gone: over TCP to the
-    // agent, which forwards it.
+    // To the agent, into the other end of the socket's own connection.
+    if mirror && redirect(&ctx, key.mirror()) {
+        if let Some(s) = state {
+            // SAFETY: as above.
+            unsafe { (*s).passed += size };
+        }
+        return SK_PASS;
+    }
+    // Over TCP: not tracked at the other end, the receiver's queue full, or the target
+    // gone.
     if let Some(s) = state {
         // SAFETY: as above.
         unsafe { (*s).passed += size };
     }
     SK_PASS
+}
+
+/// Redirects the message into `target`'s receive queue if [`may_enter`] allows it.
+fn redirect(ctx: &SkMsgContext, mut target: SockKey) -> bool {
+    may_enter(&target)
+        && REDIRECT_SOCKS.redirect_msg(ctx, &mut target, u64::from(BPF_F_INGRESS))
+            == i64::from(SK_PASS)
+}
+
+/// Whether a send may be redirected into `target`'s receive queue now:
+/// - **order**: the receiver has read every byte its TCP peer sent it over TCP (it reads
+///   redirected bytes first, so they must not overtake those);
+/// - **back-pressure**: what was redirected to it and is not read yet is under its
+///   receive buffer. Past it, sends go over TCP, whose window and send buffer block the
+///   sender as they would without the mesh, and they come back to the redirect only once
+///   the receiver has read everything (the order rule). The buffer counts as at least
+///   [`REDIRECT_QUEUE_FLOOR`].
+fn may_enter(target: &SockKey) -> bool {
+    // SAFETY: a global the loader sets; read as the verifier sees it.
+    let off = unsafe { core::ptr::read_volatile(&MESH_KERNEL_OFFSETS) };
+    // SAFETY: map lookup of a plain key; the value is copied out.
+    let Some(t) = (unsafe { REDIRECT_STATE.get(target) }).copied() else {
+        return false;
+    };
+    if t.sk == 0 || t.peer_sk == 0 || off.msg_tot_len == 0 {
+        return false;
+    }
+    let read = |addr: u64| -> Option<u32> {
+        // SAFETY: a fault-tolerant kernel read; a stale address reads garbage, not memory
+        // the program may write.
+        unsafe { bpf_probe_read_kernel(addr as *const u32) }.ok()
+    };
+    let (Some(copied), Some(written)) = (
+        read(t.sk + u64::from(off.copied_seq)),
+        read(t.peer_sk + u64::from(off.write_seq)),
+    ) else {
+        return false;
+    };
+    if copied != written {
+        return false;
+    }
+    // SAFETY: as above.
+    let Ok(user_data) =
+        (unsafe { bpf_probe_read_kernel((t.sk + u64::from(off.sk_user_data)) as *const u64) })
+    else {
+        return false;
+    };
+    let psock = user_data & SK_USER_DATA_PTRMASK;
+    if psock == 0 {
+        return false;
+    }
+    match (
+        read(psock + u64::from(off.msg_tot_len)),
+        read(t.sk + u64::from(off.sk_rcvbuf)),
+    ) {
+        (Some(queued), Some(rcvbuf)) => queued < rcvbuf.max(REDIRECT_QUEUE_FLOOR),
+        _ => false,
+    }
 }
 
 #[cfg(not(test))]

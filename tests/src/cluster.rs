@@ -1862,13 +1862,25 @@ impl Pod {
         bytes: u64,
         timeout: Duration,
     ) -> Result<ConnectReport> {
-        self.run_connect(to, bytes, timeout, false)
+        self.run_connect(to, bytes, timeout, &[])
     }
 
     /// [`connect`](Self::connect), sending at once instead of after the server's PEER
     /// line: bytes are in flight before the proxy has looked at the connection.
     pub fn connect_eager(&self, to: SocketAddr, bytes: u64) -> Result<ConnectReport> {
-        self.run_connect(to, bytes, Duration::from_secs(10), true)
+        self.run_connect(to, bytes, Duration::from_secs(10), &["--eager"])
+    }
+
+    /// [`connect`](Self::connect) as request and response: `turns` writes of an equal
+    /// share of `bytes`, each echoed in full before the next.
+    pub fn connect_in_turns(
+        &self,
+        to: SocketAddr,
+        bytes: u64,
+        turns: u32,
+    ) -> Result<ConnectReport> {
+        let turns = turns.to_string();
+        self.run_connect(to, bytes, Duration::from_secs(10), &["--turns", &turns])
     }
 
     fn run_connect(
@@ -1876,7 +1888,7 @@ impl Pod {
         to: SocketAddr,
         bytes: u64,
         timeout: Duration,
-        eager: bool,
+        extra: &[&str],
     ) -> Result<ConnectReport> {
         let to = to.to_string();
         let bytes = bytes.to_string();
@@ -1890,9 +1902,7 @@ impl Pod {
             "--timeout-ms",
             &timeout_ms,
         ];
-        if eager {
-            args.push("--eager");
-        }
+        args.extend_from_slice(extra);
         let mut cmd = self.mesh_pod(&args);
         let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -18,6 +18,7 @@ pub mod capture;
 pub mod cluster;
 mod config;
 pub mod dns_workload;
+pub mod flood_workload;
 pub mod grpc_workload;
 pub mod heap;
 mod host;

@@ -214,6 +214,77 @@ pub fn connect(to: SocketAddr, bytes: u64, timeout: Duration, eager: bool) -> Co
     report
 }
 
+/// Like [`connect`], as request and response: `turns` writes of an equal share of
+/// `bytes` (the last takes the rest), each read back in full and checked before the next.
+pub fn connect_in_turns(
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    turns: u32,
+) -> ConnectReport {
+    let mut report = ConnectReport {
+        ok: true,
+        error: None,
+        server_saw_peer: None,
+        getpeername: None,
+        local: None,
+        sent: 0,
+        received: 0,
+    };
+    let result = (|| -> Result<()> {
+        let stream =
+            TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect to {to}"))?;
+        report.local = stream.local_addr().ok();
+        report.getpeername = stream.peer_addr().ok();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut reader = BufReader::with_capacity(CHUNK, Patient::new(&stream, 3 * timeout));
+        let mut line = Vec::new();
+        (&mut reader)
+            .take(256)
+            .read_until(b'\n', &mut line)
+            .context("reading the PEER line")?;
+        let line = String::from_utf8_lossy(&line);
+        let peer = line
+            .trim_end()
+            .strip_prefix(PEER_PREFIX)
+            .with_context(|| format!("expected a PEER line, got {line:?}"))?;
+        report.server_saw_peer = peer.parse().ok();
+        let share = bytes / u64::from(turns.max(1));
+        let (mut out, mut back) = (Vec::new(), Vec::new());
+        for turn in 0..turns {
+            let len = if turn + 1 == turns {
+                bytes - report.sent
+            } else {
+                share
+            } as usize;
+            out.resize(len, 0);
+            pattern(report.sent, &mut out);
+            (&stream)
+                .write_all(&out)
+                .with_context(|| format!("writing turn {turn}"))?;
+            report.sent += len as u64;
+            back.resize(len, 0);
+            reader
+                .read_exact(&mut back)
+                .with_context(|| format!("reading turn {turn}'s echo"))?;
+            if back != out {
+                bail!("the echo of turn {turn} differs");
+            }
+            report.received += len as u64;
+        }
+        stream.shutdown(Shutdown::Write)?;
+        if reader.read(&mut back)? != 0 {
+            bail!("the echo went on after the last turn");
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        report.failed(format!("{e:#}"));
+    }
+    report
+}
+
 fn exchange(
     stream: &TcpStream,
     bytes: u64,
@@ -230,7 +301,7 @@ fn exchange(
         Ok(std::thread::spawn(move || send_pattern(writer, bytes)))
     };
     let early = if eager { Some(spawn_sender()?) } else { None };
-    let mut reader = BufReader::with_capacity(CHUNK, stream);
+    let mut reader = BufReader::with_capacity(CHUNK, Patient::new(stream, 3 * timeout));
     let mut line = Vec::new();
     (&mut reader)
         .take(256)
@@ -293,6 +364,39 @@ fn send_pattern(mut stream: TcpStream, bytes: u64) -> (u64, Result<()>) {
         .shutdown(Shutdown::Write)
         .context("half-closing after sending");
     (sent, closed)
+}
+
+/// A blocking reader that takes `EAGAIN` before its deadline for what it is on a socket
+/// in the kernel's socket map (`--sockmap`): the kernel ends a blocking read woken
+/// without data with it (ADR 016), where a plain socket would go on waiting. Retrying
+/// is what CPython's sockets do in timeout mode. Past the deadline it is the timeout.
+pub struct Patient<R> {
+    inner: R,
+    deadline: Instant,
+}
+
+impl<R> Patient<R> {
+    pub fn new(inner: R, timeout: Duration) -> Self {
+        Patient {
+            inner,
+            deadline: Instant::now() + timeout,
+        }
+    }
+}
+
+impl<R: Read> Read for Patient<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) && Instant::now() < self.deadline => {}
+                other => return other,
+            }
+        }
+    }
 }
 
 /// Reads until EOF and compares with the pattern; returns the number of bytes that

@@ -1,17 +1,13 @@
-//! The maps of the same-node redirect as the agent reads and writes them: which sockets
-//! the `sk_msg` verdict may redirect into, where each socket's sends go, and what the
-//! verdict counted. The proxy's half (when to redirect, forwarding, counters) is
+//! The maps of the kernel's redirect as the agent reads and writes them: where a socket's
+//! sends go past the agent, and what the verdict counted. The kernel programs add the
+//! sockets themselves. The proxy's half (when to redirect, forwarding, counters) is
 //! `proxy/sockmap.rs`.
 //!
 //! The maps belong to this process: its sockets die with it, so nothing is pinned and a
 //! restarted agent starts with empty maps. All calls are plain `bpf(2)` map operations,
 //! safe from any thread without a lock.
 
-use std::{
-    io,
-    net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
-};
+use std::{io, net::SocketAddr, os::fd::AsFd};
 
 use aya::maps::MapData;
 use mesh_common::{RedirectRoute, RedirectState, SockKey};
@@ -21,7 +17,8 @@ use crate::sys;
 
 /// The redirect maps, with the `sk_msg` verdict attached to the socket map.
 pub struct Sockmap {
-    sockets: MapData,
+    /// The socket map, held open with the verdict attached (`sockops` fills it).
+    _sockets: MapData,
     state: MapData,
     route: MapData,
 }
@@ -44,7 +41,7 @@ pub fn sock_key(netns_cookie: u64, local: SocketAddr, remote: SocketAddr) -> Soc
 impl Sockmap {
     pub(super) fn new(sockets: MapData, state: MapData, route: MapData) -> Self {
         Sockmap {
-            sockets,
+            _sockets: sockets,
             state,
             route,
         }
@@ -63,19 +60,8 @@ impl Sockmap {
         Some(state)
     }
 
-    /// Adds one of the agent's sockets to the socket map (a socket must be there for the
-    /// verdict to run on its sends, or to redirect into it).
-    pub fn add_socket(&self, key: &SockKey, sock: &impl AsFd) -> io::Result<()> {
-        let fd = sock.as_fd().as_raw_fd() as u32;
-        sys::map_update(
-            self.sockets.fd().as_fd(),
-            sys::bytes_of(key),
-            &fd.to_ne_bytes(),
-        )
-    }
-
     /// Sends of `from` go into the receive queue of `to`, once the agent forwarded
-    /// `forwarded` bytes of what `from` passed to it ([`RedirectRoute::ALWAYS`]: at once).
+    /// `forwarded` bytes of what `from` sent to it ([`RedirectRoute::ALWAYS`]: at once).
     pub fn route(&self, from: &SockKey, to: &SockKey, forwarded: u64) -> io::Result<()> {
         let route = RedirectRoute {
             target: *to,

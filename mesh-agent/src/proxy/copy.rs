@@ -1,7 +1,8 @@
 //! The byte pumps between two streams, with correct half-close and byte counts that
 //! survive errors (so metrics stay right when a peer resets): TCP to TCP by splice(2)
-//! through a pipe (the bytes stay in the kernel), TCP to an HBONE tunnel by handing
-//! socket reads to HTTP/2 and HTTP/2 frames to socket writes.
+//! through a pipe (the bytes stay in the kernel) or by read(2)/write(2) (sockets the
+//! kernel's redirect feeds), TCP to an HBONE tunnel by handing socket reads to HTTP/2 and
+//! HTTP/2 frames to socket writes.
 
 use std::{
     io,
@@ -63,26 +64,55 @@ pub struct Transferred {
     pub upstream_to_downstream: u64,
 }
 
-/// TCP to TCP, moved by the kernel: each direction `splice(2)`s from one socket into a
-/// pipe and from the pipe into the other socket, so the bytes never enter the agent's
-/// memory and an idle connection holds no buffer. If either direction fails, both
+/// How [`tcp`] moves bytes between two sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pump {
+    /// `splice(2)` through a pipe: the bytes never enter the agent's memory. Sees only
+    /// what arrived over TCP.
+    Splice,
+    /// `read(2)` and `write(2)`: what a socket in the kernel's socket map received by
+    /// redirect is in a queue `splice(2)` does not read; `read(2)` takes both.
+    ReadWrite,
+}
+
+/// TCP to TCP: each direction moves what one socket received into the other ([`Pump`]),
+/// and an idle connection holds no buffer. If either direction fails, both
 /// sockets are reset (SO_LINGER 0) so neither peer hangs or mistakes a broken transfer for
 /// a clean end; once both directions ended cleanly, both close gracefully again
 /// ([`graceful`]). `cancel` resolving revokes the connection (reset, reported as an error).
 pub async fn tcp(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
+    pump: Pump,
     meters: &Meters,
     cancel: impl Future<Output = ()>,
 ) -> (Transferred, Option<std::io::Error>) {
     let mut down = Tally::new(&meters.downstream_to_upstream);
     let mut up = Tally::new(&meters.upstream_to_downstream);
-    let error = until_both(
-        spliced_one_way(downstream, upstream, &mut down),
-        spliced_one_way(upstream, downstream, &mut up),
-        cancel,
-    )
-    .await;
+    let error = match pump {
+        Pump::Splice => {
+            until_both(
+                spliced_one_way(downstream, upstream, &mut down),
+                spliced_one_way(upstream, downstream, &mut up),
+                cancel,
+            )
+            .await
+        }
+        Pump::ReadWrite => {
+            until_both(
+                read_write_one_way(downstream, upstream, |n| {
+                    down.add(n);
+                    Ok(())
+                }),
+                read_write_one_way(upstream, downstream, |n| {
+                    up.add(n);
+                    Ok(())
+                }),
+                cancel,
+            )
+            .await
+        }
+    };
     let t = Transferred {
         downstream_to_upstream: down.total,
         upstream_to_downstream: up.total,
@@ -95,6 +125,41 @@ pub async fn tcp(
         graceful(upstream);
     }
     (t, error)
+}
+
+/// One direction by `read(2)` and `write(2)` until end of stream, then FIN on `to`;
+/// `moved` is told each chunk once `to` took all of it. The buffer exists only while bytes
+/// are in flight, sized as reads into a tunnel are ([`next_read_size`]).
+pub(super) async fn read_write_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut moved: impl FnMut(usize) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut size = TUNNEL_READ_MIN;
+    loop {
+        from.readable().await?;
+        let mut buf = BytesMut::with_capacity(size);
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        size = next_read_size(size, n);
+        let mut data = &buf[..];
+        while !data.is_empty() {
+            to.writable().await?;
+            match to.try_write(data) {
+                Ok(m) => data = &data[m..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        moved(n)?;
+    }
+    // Everything read is in the peer's queue: each redirected send was queued before its
+    // system call returned, and the rest is ahead of the FIN on TCP.
+    half_close(to)
 }
 
 /// A TCP downstream and an HBONE tunnel. Each socket read becomes one or more HTTP/2 DATA
@@ -458,8 +523,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn spliced_both_ways_with_half_close_exact_bytes_and_pipes_reused() {
-        for round in 0..2 {
+    async fn both_pumps_both_ways_with_half_close_exact_bytes_and_pipes_reused() {
+        // Two spliced rounds (the second reuses the pipes), then read/write.
+        for (round, pump) in [
+            super::Pump::Splice,
+            super::Pump::Splice,
+            super::Pump::ReadWrite,
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let (client_app, mut downstream) = tcp_pair().await;
             let (server_app, mut upstream) = tcp_pair().await;
             let (up, down) = (payload((2 << 20) + 3, 0x11), payload(700_001, 0x22));
@@ -470,7 +543,7 @@ mod tests {
             };
             let all = async {
                 tokio::join!(
-                    super::tcp(&mut downstream, &mut upstream, &meters, never()),
+                    super::tcp(&mut downstream, &mut upstream, pump, &meters, never()),
                     exchange(server_app, down.clone()),
                     exchange(client_app, up.clone()),
                 )

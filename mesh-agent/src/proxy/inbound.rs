@@ -77,7 +77,14 @@ async fn handle(
     let tracked = Tracked::open(&proxy.metrics, labels, "inbound", peer, orig);
     let revoked = revoked(config, pod.clone(), authz_peer);
     let meters = super::meters(&[&tracked]);
-    let (t, error) = copy::tcp(&mut downstream, &mut upstream, &meters, revoked).await;
+    let (t, error) = copy::tcp(
+        &mut downstream,
+        &mut upstream,
+        proxy.pump(),
+        &meters,
+        revoked,
+    )
+    .await;
     tracked.finish(
         t.downstream_to_upstream,
         t.upstream_to_downstream,

@@ -162,7 +162,7 @@ impl Call<'_> {
         match prepared {
             // The kernel moves most bytes: counted when the connection ends.
             Some(prepared) => {
-                let redirected = prepared.start(&upstream).await;
+                let redirected = prepared.start();
                 let outcome = redirected.run(&self.downstream, &upstream, revoked).await;
                 proxy.metrics.redirect_forwarded(outcome.forwarded_by_agent);
                 let (t, error) = (outcome.transferred, outcome.error);
@@ -176,8 +176,14 @@ impl Call<'_> {
             }
             None => {
                 let meters = super::meters(&[&as_source, &as_destination]);
-                let (t, error) =
-                    copy::tcp(&mut self.downstream, &mut upstream, &meters, revoked).await;
+                let (t, error) = copy::tcp(
+                    &mut self.downstream,
+                    &mut upstream,
+                    proxy.pump(),
+                    &meters,
+                    revoked,
+                )
+                .await;
                 for record in [as_source, as_destination] {
                     record.finish(
                         t.downstream_to_upstream,
@@ -270,8 +276,14 @@ impl Call<'_> {
             target,
         );
         let meters = super::meters(&[&tracked]);
-        let (t, error) =
-            copy::tcp(&mut self.downstream, &mut upstream, &meters, copy::never()).await;
+        let (t, error) = copy::tcp(
+            &mut self.downstream,
+            &mut upstream,
+            proxy.pump(),
+            &meters,
+            copy::never(),
+        )
+        .await;
         tracked.finish(
             t.downstream_to_upstream,
             t.upstream_to_downstream,

@@ -1,32 +1,25 @@
 //! Same-node connections redirected in the kernel: once a connection is authorized, what
 //! the client application sends goes straight into the server application's receive
-//! queue and back (`sk_msg` verdict), skipping both TCP connections through the agent,
-//! and the proxy leaves the data path. What stays in user space: end of stream, errors,
-//! policy cuts, the bytes sent before the redirect started (forwarded by the agent, and
-//! redirected in turn so the receiver reads every byte from one queue), and the byte
-//! counters, the agent's own plus the verdict's.
+//! queue and back (`sk_msg` verdict), skipping the agent, which leaves the data path.
+//! What stays in user space: end of stream, errors, policy cuts, the bytes sent before the
+//! redirect started (forwarded by the agent), and the byte counters, the agent's own plus
+//! the verdict's.
 //!
-//! The four sockets: the client application's (C, added to the socket map by `sockops`
-//! when it connected), the agent's accepted socket (A1), the agent's delivery socket
-//! (A2), and the server application's accepted socket (S, added by `sockops` because the
-//! agent routed it before connecting). C sends into S, S into C; A1 forwards what C sent
-//! before its route was ready, into C's peer S via A2's route, and A2 likewise into C.
+//! The four sockets: the client application's (C), the agent's accepted socket (A1), the
+//! agent's delivery socket (A2) and the server application's accepted socket (S). The
+//! kernel tracks all four by itself (`sockops`): C and A1 are the two ends of the captured
+//! loopback connection, A2 and S of the delivery connection, and each end's sends go into
+//! the other's receive queue without a TCP traversal (ADR 016). The agent adds only two
+//! routes: S's sends to C, and C's to S. Until those apply (the agent forwarded what went
+//! to it first), each socket's sends go to the agent as they would without them.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr};
 
-use mesh_common::{RedirectRoute, SockKey};
+use mesh_common::SockKey;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::copy::{self, Transferred};
 use crate::ebpf::{Sockmap, sockmap::sock_key};
-
-/// How long the agent waits, after connecting, for the kernel to add the server's
-/// accepted socket to the map (its handshake completes in the kernel right after ours).
-const SERVER_TRACKED_WAIT: Duration = Duration::from_millis(20);
-/// Checks made between yields to the runtime before falling back to timer ticks.
-const SERVER_TRACKED_YIELDS: u32 = 16;
-/// Bytes read at once from an agent socket (only bytes sent before the redirect).
-const FORWARD_CHUNK: usize = 16 * 1024;
 
 /// Why a connection is not redirected (the caller copies it instead).
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +33,10 @@ pub enum Refused {
     },
 }
 
-/// The keys of a connection's four sockets.
+/// The keys of the connection's two application sockets.
 #[derive(Clone, Copy, Debug)]
 struct Keys {
     client: SockKey,
-    agent_down: SockKey,
-    agent_up: SockKey,
     server: SockKey,
 }
 
@@ -53,17 +44,17 @@ struct Keys {
 /// go to the client. Dropped unstarted (the connect failed), it forgets its routes.
 pub struct Prepared<'a> {
     routes: Routes<'a>,
-    server_netns: u64,
 }
 
 /// A connection whose bytes the kernel moves.
 pub struct Redirected<'a> {
     routes: Routes<'a>,
-    /// The client's sends are redirected too (the server's socket made it into the map).
+    /// The client's sends are routed to the server too.
     client_routed: bool,
 }
 
-/// The routes and state of a connection's sockets, forgotten when it ends, whichever way.
+/// The routes and state of a connection's application sockets, forgotten when it ends,
+/// whichever way (the agent's own sockets' state goes with them).
 struct Routes<'a> {
     map: &'a Sockmap,
     keys: Keys,
@@ -72,8 +63,7 @@ struct Routes<'a> {
 impl Drop for Routes<'_> {
     fn drop(&mut self) {
         let k = self.keys;
-        self.map
-            .forget(&[k.client, k.agent_down, k.agent_up, k.server]);
+        self.map.forget(&[k.client, k.server]);
     }
 }
 
@@ -96,83 +86,36 @@ pub fn prepare<'a>(
     let up_local = delivery.local_addr().map_err(io("delivery socket"))?;
     let keys = Keys {
         client: sock_key(client_netns, down_peer, down_local),
-        agent_down: sock_key(client_netns, down_local, down_peer),
-        // Known once connected.
-        agent_up: SockKey::default(),
         server: sock_key(server_netns, target, up_local),
     };
     if map.state(&keys.client).is_none() {
         return Err(Refused::ClientUntracked);
     }
     let routes = Routes { map, keys };
-    map.add_socket(&keys.agent_down, downstream)
-        .map_err(io("adding the accepted socket"))?;
-    map.route(&keys.agent_down, &keys.client, RedirectRoute::ALWAYS)
-        .map_err(io("routing the accepted socket"))?;
     map.route(&keys.server, &keys.client, 0)
         .map_err(io("routing the server"))?;
-    Ok(Prepared {
-        routes,
-        server_netns,
-    })
+    Ok(Prepared { routes })
 }
 
 impl<'a> Prepared<'a> {
-    /// Routes the client's side once the delivery socket `upstream` is connected. If the
-    /// server's socket does not show up in the map, the client's sends keep going through
-    /// the agent (still correct: the server then receives everything over TCP).
-    pub async fn start(self, upstream: &TcpStream) -> Redirected<'a> {
-        let mut redirected = Redirected {
-            routes: self.routes,
-            client_routed: false,
-        };
-        let (Ok(local), Ok(peer)) = (upstream.local_addr(), upstream.peer_addr()) else {
-            return redirected;
-        };
-        let map = redirected.routes.map;
-        redirected.routes.keys.agent_up = sock_key(self.server_netns, local, peer);
-        let keys = redirected.routes.keys;
-        if !Box::pin(tracked(map, &keys.server)).await {
-            tracing::debug!(
-                "server socket not in the socket map; client sends go through the agent"
-            );
-            return redirected;
-        }
-        let routed = map
-            .add_socket(&keys.agent_up, upstream)
-            .and_then(|()| map.route(&keys.agent_up, &keys.server, RedirectRoute::ALWAYS))
-            .and_then(|()| map.route(&keys.client, &keys.server, 0));
-        match routed {
-            Ok(()) => redirected.client_routed = true,
+    /// Routes the client's side once the delivery socket is connected. The route applies
+    /// once the server's socket is tracked (the kernel adds it as its handshake completes)
+    /// and the agent forwarded what the client sent before: nothing waits for either.
+    pub fn start(self) -> Redirected<'a> {
+        let k = self.routes.keys;
+        let client_routed = match self.routes.map.route(&k.client, &k.server, 0) {
+            Ok(()) => true,
             Err(e) => {
-                // Nothing went to the server yet: it can still all go over TCP.
-                let _ = map.forget_route(&keys.client);
-                let _ = map.forget_route(&keys.agent_up);
+                // Its sends keep going to the agent, which forwards them.
                 tracing::debug!(error = %e, "client sends go through the agent");
+                false
             }
-        }
-        redirected
-    }
-}
-
-/// Waits for the kernel to add an application socket to the map: usually there at once;
-/// else lets the kernel's softirq run (yields), then waits in timer ticks (1 ms), up to
-/// [`SERVER_TRACKED_WAIT`]. Boxed by the caller: only connections that wait hold it.
-async fn tracked(map: &Sockmap, app: &SockKey) -> bool {
-    let started = std::time::Instant::now();
-    let mut checks = 0;
-    while map.state(app).is_none() {
-        if started.elapsed() >= SERVER_TRACKED_WAIT {
-            return false;
-        }
-        checks += 1;
-        if checks <= SERVER_TRACKED_YIELDS {
-            tokio::task::yield_now().await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        Redirected {
+            routes: self.routes,
+            client_routed,
         }
     }
-    true
 }
 
 /// How a redirected connection ended.
@@ -227,9 +170,9 @@ impl Redirected<'_> {
         }
     }
 
-    /// Forwards what the application behind `from` passed over TCP instead of being
-    /// redirected, telling the verdict how far the agent got (`route`: the application's
-    /// socket and its target), until the application ends its stream; then ends `to`'s.
+    /// Forwards what the application behind `from` sent to the agent instead of past it,
+    /// telling the verdict how far the agent got (`route`: the application's socket and
+    /// its target), until the application ends its stream; then ends `to`'s.
     async fn one_way(
         &self,
         from: &TcpStream,
@@ -237,36 +180,13 @@ impl Redirected<'_> {
         route: Option<(&SockKey, &SockKey)>,
         forwarded: &mut u64,
     ) -> io::Result<()> {
-        loop {
-            from.readable().await?;
-            // Allocated for this read only: an idle connection holds no buffer.
-            let mut buf = vec![0; FORWARD_CHUNK];
-            match from.try_read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => buf.truncate(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+        copy::read_write_one_way(from, to, |n| {
+            *forwarded += n as u64;
+            match route {
+                Some((app, target)) => self.routes.map.route(app, target, *forwarded),
+                None => Ok(()),
             }
-            write_all(to, &buf).await?;
-            *forwarded += buf.len() as u64;
-            if let Some((app, target)) = route {
-                self.routes.map.route(app, target, *forwarded)?;
-            }
-        }
-        // Everything the application sent is in the peer's queue: each redirected send
-        // was queued before its system call returned.
-        copy::half_close(to)
+        })
+        .await
     }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -54,8 +54,9 @@ struct Args {
     /// machine's cores; 0: the agent's own default, one per CPU).
     #[arg(long)]
     agent_threads: Option<usize>,
-    /// Run the agents with `--sockmap`: same-node sends redirected between the
-    /// applications' sockets by the kernel (ADR 006) instead of splice(2).
+    /// Run the agents with `--sockmap`: the kernel moves the bytes of the loopback legs,
+    /// and of same-node connections past the agent (ADR 006, 016), instead of TCP over
+    /// loopback and splice(2).
     #[arg(long)]
     sockmap: bool,
     /// Run only these stages (repeatable; default: all): to A/B one change quickly.

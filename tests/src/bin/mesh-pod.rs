@@ -46,6 +46,10 @@ enum Cmd {
         /// Send at once, before the server's PEER line.
         #[arg(long)]
         eager: bool,
+        /// Request and response: TURNS writes of an equal share of BYTES, each echoed in
+        /// full before the next.
+        #[arg(long, default_value_t = 1)]
+        turns: u32,
     },
     /// Hold a connection to an echo server open for SECONDS, exchanging a little data
     /// every 20 ms; exits 0 iff it lasted (prints when and how it broke otherwise).
@@ -203,6 +207,26 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// Slow reader on [::]:PORT: leaves each connection unread for PAUSE_MS, then reads it
+    /// to its end, checks the pattern and answers `SINK <bytes> ok|bad`. Prints
+    /// `READY <port>`.
+    ServeSlow {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        pause_ms: u64,
+    },
+    /// Writes the pattern to a slow reader at TO as fast as the kernel takes it for
+    /// FLOOD_MS, then ends the stream and waits for the reader's count; prints a JSON
+    /// report (bytes taken, the node's TCP memory before and during, bytes read, order).
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        flood_ms: u64,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
     /// Replace this process with COMMAND (after entering the namespace and cgroup).
     Exec {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -289,6 +313,27 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::ServeSlow { port, pause_ms } => {
+            match tests::flood_workload::serve_slow(port, Duration::from_millis(pause_ms)) {
+                Ok(never) => match never {},
+                Err(error) => {
+                    eprintln!("mesh-pod serve-slow: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Flood {
+            to,
+            flood_ms,
+            timeout_ms,
+        } => print_json(
+            "flood",
+            tests::flood_workload::flood(
+                to,
+                Duration::from_millis(flood_ms),
+                Duration::from_millis(timeout_ms),
+            ),
+        ),
         Cmd::ServeEcho { port, name } => match tests::http_workload::serve_echo(port, name) {
             Ok(never) => match never {},
             Err(error) => {
@@ -384,8 +429,14 @@ fn main() -> ExitCode {
             bytes,
             timeout_ms,
             eager,
+            turns,
         } => {
-            let report = workload::connect(to, bytes, Duration::from_millis(timeout_ms), eager);
+            let timeout = Duration::from_millis(timeout_ms);
+            let report = if turns > 1 {
+                workload::connect_in_turns(to, bytes, timeout, turns)
+            } else {
+                workload::connect(to, bytes, timeout, eager)
+            };
             match serde_json::to_string(&report) {
                 Ok(json) => println!("{json}"),
                 Err(error) => {
