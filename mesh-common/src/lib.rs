@@ -343,14 +343,16 @@ impl KernelOffsets {
 /// Name of the verdict's [`KernelOffsets`] global.
 pub const KERNEL_OFFSETS: &str = "MESH_KERNEL_OFFSETS";
 
-/// Value of the REDIRECT_ROUTE map: the socket a socket's sends are redirected to.
+/// Value of the REDIRECT_ROUTE map: the application socket a same-node application
+/// socket's sends are redirected to, past the agent.
 ///
 /// Bytes an application socket sent before its route existed, or while the agent still
-/// had bytes to forward, went over its own TCP connection to the agent (`passed`); the
-/// agent forwards them and records how many in `forwarded`. The verdict redirects only
-/// while `forwarded == passed`, so bytes never overtake each other. The agent's own
-/// sockets have `forwarded == ALWAYS`: what the agent forwards is redirected too, so the
-/// receiver gets every byte from one queue.
+/// had bytes to forward, went to the agent (`passed`: over TCP, or redirected into the
+/// agent's socket of the same connection); the agent forwards them and records how many
+/// in `forwarded`. The verdict takes the route only while `forwarded == passed`, so bytes
+/// never overtake each other (`ALWAYS`: at once). The agent's own sockets need no route:
+/// their sends go into the application socket at the other end of their connection
+/// ([`RedirectState::MIRROR`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedirectRoute {
@@ -360,7 +362,7 @@ pub struct RedirectRoute {
 const _: () = assert!(core::mem::size_of::<RedirectRoute>() == 64);
 
 impl RedirectRoute {
-    /// `forwarded` of a route that always redirects (the agent's sockets).
+    /// `forwarded` of a route that applies whatever went to the agent.
     pub const ALWAYS: u64 = u64::MAX;
 }
 

@@ -174,6 +174,19 @@ pub struct ConnectReport {
 }
 
 impl ConnectReport {
+    /// A report of nothing done yet, ok until something fails.
+    fn start() -> Self {
+        ConnectReport {
+            ok: true,
+            error: None,
+            server_saw_peer: None,
+            getpeername: None,
+            local: None,
+            sent: 0,
+            received: 0,
+        }
+    }
+
     fn failed(&mut self, error: String) {
         self.ok = false;
         if self.error.is_none() {
@@ -189,15 +202,7 @@ impl ConnectReport {
 ///
 /// `timeout` bounds the connect and every single read or write.
 pub fn connect(to: SocketAddr, bytes: u64, timeout: Duration, eager: bool) -> ConnectReport {
-    let mut report = ConnectReport {
-        ok: true,
-        error: None,
-        server_saw_peer: None,
-        getpeername: None,
-        local: None,
-        sent: 0,
-        received: 0,
-    };
+    let mut report = ConnectReport::start();
     let stream = match TcpStream::connect_timeout(&to, timeout) {
         Ok(stream) => stream,
         Err(e) => {
@@ -222,15 +227,7 @@ pub fn connect_in_turns(
     timeout: Duration,
     turns: u32,
 ) -> ConnectReport {
-    let mut report = ConnectReport {
-        ok: true,
-        error: None,
-        server_saw_peer: None,
-        getpeername: None,
-        local: None,
-        sent: 0,
-        received: 0,
-    };
+    let mut report = ConnectReport::start();
     let result = (|| -> Result<()> {
         let stream =
             TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect to {to}"))?;
