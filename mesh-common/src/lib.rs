@@ -67,12 +67,13 @@ pub mod maps {
     pub const PROBES: &str = "MESH_PROBES";
     /// Array of one u32: 1 once the agent attached the `sk_msg` verdict (`--sockmap`).
     pub const REDIRECT_ON: &str = "MESH_RDR_ON";
-    /// [`super::SockKey`] → socket of a same-node connection whose sends the kernel
-    /// redirects (`sk_msg` verdict): the two application sockets (added by `sockops`) and
-    /// the agent's two sockets (added by the agent). Per agent process, never pinned.
+    /// [`super::SockKey`] → socket whose sends the kernel may redirect (`sk_msg`
+    /// verdict): both ends of every captured loopback connection and of every delivery
+    /// connection, all added by `sockops` (ADR 016). Per agent process, never pinned.
     pub const REDIRECT_SOCKS: &str = "MESH_RDR_SOCKS";
-    /// [`super::SockKey`] → [`super::RedirectState`] of an application socket, written by
-    /// the kernel programs only.
+    /// [`super::SockKey`] → [`super::RedirectState`] of each socket in REDIRECT_SOCKS,
+    /// written by the kernel programs; the agent reads a routed socket's counters and
+    /// removes its entry when the connection ends.
     pub const REDIRECT_STATE: &str = "MESH_RDR_STATE";
     /// [`super::SockKey`] → [`super::RedirectRoute`]: where a socket's sends go, written by
     /// the agent only.

@@ -1,8 +1,8 @@
 //! The kernel half of mesh-agent: outbound capture (`cgroup/connect4/6`), the original
 //! destination (`sockops`, `cgroup/getpeername4/6`), inbound steering (`sk_lookup`), the
-//! kubelet's health probes let past the proxy (`connect4/6` + `sockops` + `sk_lookup`), and
-//! the same-node redirect between application sockets (`sk_msg` verdict), and DNS sent to
-//! the pod's resolver (`connect4/6`, `sendmsg4/6`, `recvmsg4/6`, `getpeername4/6`).
+//! kubelet's health probes let past the proxy (`connect4/6` + `sockops` + `sk_lookup`), the
+//! redirect of the loopback legs and of same-node connections (`sockops` + `sk_msg`
+//! verdict), and DNS sent to the pod's resolver (`connect4/6`, `sendmsg4/6`, `recvmsg4/6`, `getpeername4/6`).
 //! Each program is a thin wrapper around a `try_*` function; every path returns a verdict.
 #![no_std]
 #![no_main]
@@ -78,7 +78,7 @@ static PROBES: LruHashMap<ProbeKey, u32> = LruHashMap::pinned(8192, 0);
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Entry 0 is set to 1 by the agent once the `sk_msg` verdict is attached (`--sockmap`):
-/// only then does `sockops` add application sockets to REDIRECT_SOCKS.
+/// only then does `sockops` add sockets to REDIRECT_SOCKS.
 #[map(name = "MESH_RDR_ON")]
 static REDIRECT_ON: Array<u32> = Array::with_max_entries(1, 0);
 

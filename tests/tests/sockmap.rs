@@ -254,9 +254,9 @@ fn a_reader_that_does_not_read_bounds_a_fast_senders_queue_same_and_cross_node()
             .expect("running the sender");
         let report: tests::flood_workload::FloodReport =
             serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-        // Unbounded, a sender on this machine queues gigabytes in 1.5 s (until the
-        // node's TCP memory limit fails every socket's sends). Bounded: the receive
-        // buffers and windows along the path.
+        // Unbounded (ADR 006), only the node's TCP memory limit would stop the sender
+        // (not run: it would fail every socket's sends). Bounded: the receive buffers
+        // and windows along the path.
         let grown = report.tcp_mem_during.saturating_sub(report.tcp_mem_before);
         println!("to {server}: {report:?}, TCP memory grew by {grown}");
         assert!(
