@@ -52,7 +52,9 @@ fn one_connections(e: &io::Error) -> bool {
 /// holds two descriptors (more with splice's pipes) for every connection it carries, so a
 /// limit sized for one application does not fit it. Raises the soft and hard
 /// `RLIMIT_NOFILE` to the kernel's ceiling (`fs.nr_open`) when permitted (CAP_SYS_RESOURCE),
-/// else the soft limit to the hard one.
+/// else the soft limit to the hard one, and warns when that hard limit is below the
+/// ceiling: it caps the connections the agent carries at once (a same-node connection
+/// holds two descriptors), and past it new connections are reset.
 pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -63,10 +65,19 @@ pub fn raise_fd_limit() {
     {
         return;
     }
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
         tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE");
+    } else if ceiling.is_some_and(|c| hard < c) {
+        tracing::warn!(
+            limit = hard,
+            wanted = ceiling,
+            connections = hard / 2,
+            "RLIMIT_NOFILE stays at its hard limit (raising it needs CAP_SYS_RESOURCE): \
+             past about this many same-node connections at once, new ones are reset"
+        );
     }
 }
 
