@@ -868,7 +868,8 @@ pub struct StormReport {
 /// (open loop: a slow connection does not delay the next) to the server of
 /// [`serve_http`]; each does a GET, stays open for `hold`, then does a last GET with
 /// `Connection: close` and reads to the end (so `rate * hold` connections are open at
-/// once). Meanwhile `live` keep-alive connections, opened before the storm, each do a GET
+/// once). With `hold` zero each connection does only that last GET: churn at a fixed
+/// rate. Meanwhile `live` keep-alive connections, opened before the storm, each do a GET
 /// every second; one that fails is a live connection lost.
 pub fn storm(
     to: SocketAddr,
@@ -900,6 +901,7 @@ async fn storm_async(
     hold: Duration,
     live: usize,
 ) -> Result<StormReport> {
+    use futures::FutureExt;
     use tokio::time::{Instant, sleep_until, timeout};
     let mut held = Vec::with_capacity(live);
     for i in 0..live {
@@ -928,29 +930,10 @@ async fn storm_async(
             break;
         }
         sleep_until(scheduled).await;
-        attempts.push(tokio::spawn(async move {
-            let first = timeout(STORM_TIMEOUT, async {
-                let mut stream = tokio::net::TcpStream::connect(to)
-                    .await
-                    .context("connect")?;
-                async_get(&mut stream).await?;
-                Ok::<_, anyhow::Error>(stream)
-            })
-            .await;
-            let elapsed = scheduled.elapsed();
-            let mut stream = match first {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(format!("{e:#}")),
-                Err(_) => return Err(format!("no response within {STORM_TIMEOUT:?}")),
-            };
-            tokio::time::sleep(hold).await;
-            match timeout(STORM_TIMEOUT, last_get(&mut stream)).await {
-                Ok(Ok(())) => Ok(elapsed),
-                Ok(Err(e)) => Err(format!("after {hold:?} open: {e:#}")),
-                Err(_) => Err(format!(
-                    "after {hold:?} open: no response within {STORM_TIMEOUT:?}"
-                )),
-            }
+        attempts.push(tokio::spawn(if hold.is_zero() {
+            churn_connection(to).boxed()
+        } else {
+            held_connection(to, scheduled, hold).boxed()
         }));
         k += 1;
     }
@@ -993,6 +976,57 @@ async fn storm_async(
         live_lost,
         first_live_error,
     })
+}
+
+/// One connection of a storm: a GET, `hold` open, a last GET. Timed from its scheduled
+/// start (open loop) to the end of its first response.
+async fn held_connection(
+    to: SocketAddr,
+    scheduled: tokio::time::Instant,
+    hold: Duration,
+) -> Result<Duration, String> {
+    use tokio::time::timeout;
+    let first = timeout(STORM_TIMEOUT, async {
+        let mut stream = tokio::net::TcpStream::connect(to)
+            .await
+            .context("connect")?;
+        async_get(&mut stream).await?;
+        Ok::<_, anyhow::Error>(stream)
+    })
+    .await;
+    let elapsed = scheduled.elapsed();
+    let mut stream = match first {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(format!("{e:#}")),
+        Err(_) => return Err(format!("no response within {STORM_TIMEOUT:?}")),
+    };
+    tokio::time::sleep(hold).await;
+    match timeout(STORM_TIMEOUT, last_get(&mut stream)).await {
+        Ok(Ok(())) => Ok(elapsed),
+        Ok(Err(e)) => Err(format!("after {hold:?} open: {e:#}")),
+        Err(_) => Err(format!(
+            "after {hold:?} open: no response within {STORM_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// One connection of churn: a GET with `Connection: close`, timed from `connect()` to the
+/// end of its response (not from its scheduled start: the timer wakes the task up to a
+/// millisecond late, which would swamp the connection's own time).
+async fn churn_connection(to: SocketAddr) -> Result<Duration, String> {
+    let began = tokio::time::Instant::now();
+    let one = tokio::time::timeout(STORM_TIMEOUT, async {
+        let mut stream = tokio::net::TcpStream::connect(to)
+            .await
+            .context("connect")?;
+        last_get(&mut stream).await
+    })
+    .await;
+    match one {
+        Ok(Ok(())) => Ok(began.elapsed()),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(_) => Err(format!("no response within {STORM_TIMEOUT:?}")),
+    }
 }
 
 /// The end of a storm connection: a GET with `Connection: close`, read to the end.

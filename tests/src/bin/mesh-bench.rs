@@ -363,6 +363,10 @@ struct Plan {
     storm_paths: Vec<String>,
     /// How long the agents settle after a path's storms before their RSS is read.
     storm_settle: Duration,
+    /// Churn at fixed rates (new connections per second, one GET each), every rate run
+    /// for `churn_rate_secs` on every stormed path, failures counted.
+    churn_rates: Vec<f64>,
+    churn_rate_secs: f64,
     /// The scale stage's cluster.
     scale: tests::scale::Size,
     /// The DNS stage's load from one pod: queries per second, for this many seconds.
@@ -398,6 +402,8 @@ impl Plan {
                 storm_hold: Duration::from_millis(200),
                 storm_paths: vec![],
                 storm_settle: Duration::from_millis(500),
+                churn_rates: vec![200.0],
+                churn_rate_secs: 1.0,
                 scale: tests::scale::Size {
                     pods: 500,
                     services: 100,
@@ -434,6 +440,8 @@ impl Plan {
                 storm_hold: Duration::from_secs(5),
                 storm_paths: vec![],
                 storm_settle: Duration::from_secs(10),
+                churn_rates: vec![200.0, 500.0, 1000.0, 2000.0],
+                churn_rate_secs: 30.0,
                 dns_rate: 10_000,
                 dns_secs: 10,
                 scale: tests::scale::Size {
@@ -908,6 +916,7 @@ impl Table {
         for (key, what) in heap {
             t.row(key, &what, "MiB", 1).stage = Stage::Heap;
         }
+        t.churn_rate_rows(plan);
         for (prefix, what, unit, decimals, target) in storm {
             for (key, label) in PATHS {
                 if prefix == "storm-cpu" && key == "nomesh" {
@@ -930,6 +939,51 @@ impl Table {
             }
         }
         t
+    }
+
+    /// The figures of churn at fixed rates: per path the highest rate with no failure, and
+    /// per rate the failures, p99 and the agents' CPU per connection.
+    fn churn_rate_rows(&mut self, plan: &Plan) {
+        use Target::AtLeast;
+        let secs = plan.churn_rate_secs;
+        for (key, label) in PATHS {
+            let row = self.row(
+                &format!("crate-held/{key}"),
+                &format!(
+                    "churn at fixed rates ({secs} s each): highest rate with 0 failed, {label}"
+                ),
+                "conn/s",
+                0,
+            );
+            row.stage = Stage::Storm;
+            if key == "cross" && !plan.smoke {
+                row.target = Some(AtLeast(1000.0));
+            }
+        }
+        for &rate in &plan.churn_rates {
+            for (key, label) in PATHS {
+                for (figure, what, unit, decimals) in [
+                    ("failed", "connections failed", "conns", 0),
+                    ("p50", "p50 connect to response", "µs", 0),
+                    ("p99", "p99 connect to response", "µs", 0),
+                    ("cpu", "agent CPU per 10k connections", "CPU ms", 1),
+                ] {
+                    if figure == "cpu" && key == "nomesh" {
+                        continue;
+                    }
+                    let row = self.row(
+                        &format!("crate-{figure}/{rate}/{key}"),
+                        &format!("churn {rate:.0} conn/s: {what}, {label}"),
+                        unit,
+                        decimals,
+                    );
+                    row.stage = Stage::Storm;
+                    if key != "nomesh" && figure.starts_with('p') {
+                        row.baseline = Baseline::Row(format!("crate-{figure}/{rate}/nomesh"));
+                    }
+                }
+            }
+        }
     }
 
     /// Adds a traffic figure without baseline or target.
@@ -2064,6 +2118,10 @@ fn storm_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
         for i in 0..rates.len() {
             builder = builder.pod(PodSpec::new(client(key, i), ns, 0).service_account("client"));
         }
+        for i in 0..plan.churn_rates.len() {
+            builder =
+                builder.pod(PodSpec::new(churn_rate_pod(key, i), ns, 0).service_account("client"));
+        }
     }
     let cluster = builder.build().context("building the storm cluster")?;
     let exe_s = exe_str(exe)?;
@@ -2184,8 +2242,94 @@ fn storm_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
             );
             table.add(&format!("storm-rss-after/{key}"), rss);
         }
+        churn_at_rates(plan, table, &cluster, (key, label), &to, &agents, exe_s)?;
     }
     cluster.teardown().context("tearing the storm cluster down")
+}
+
+/// The client pod of a path's `i`th fixed churn rate: fresh, so no run starts among the
+/// previous one's closing sockets.
+fn churn_rate_pod(key: &str, i: usize) -> String {
+    format!("crate-{key}-{i}")
+}
+
+/// Churn at each fixed rate of the plan on one path: a new connection every 1/rate s, one
+/// GET with `Connection: close` each, for the plan's seconds; every rate runs (failures are
+/// counted, not a reason to stop), and the highest rate with none is the path's figure.
+fn churn_at_rates(
+    plan: &Plan,
+    table: &mut Table,
+    cluster: &Cluster,
+    (key, label): (&str, &str),
+    to: &str,
+    agents: &[usize],
+    exe: &str,
+) -> Result<()> {
+    let secs = plan.churn_rate_secs;
+    println!("  {label:<26} churn at fixed rates, one GET per connection, {secs} s each:");
+    let (mut held, mut failing) = (0.0, false);
+    for (i, &rate) in plan.churn_rates.iter().enumerate() {
+        let pod = cluster.pod(&churn_rate_pod(key, i));
+        let cpu_before = agents_cpu(cluster, agents)?;
+        let args = [
+            exe,
+            "storm",
+            "--to",
+            to,
+            "--rate",
+            &rate.to_string(),
+            "--seconds",
+            &secs.to_string(),
+            "--live",
+            "0",
+            "--hold-ms",
+            "0",
+        ];
+        let report = pod.exec(&args).and_then(|out| {
+            let line = out.lines().last().unwrap_or_default();
+            serde_json::from_str::<bench::StormReport>(line)
+                .with_context(|| format!("storm printed {out:?}"))
+        });
+        let cpu = agents_cpu(cluster, agents)? - cpu_before;
+        let r = match report {
+            Ok(r) => r,
+            Err(e) => {
+                for figure in ["failed", "p50", "p99", "cpu"] {
+                    if figure != "cpu" || key != "nomesh" {
+                        table.fail(&format!("crate-{figure}/{rate}/{key}"), &e);
+                    }
+                }
+                failing = true;
+                continue;
+            }
+        };
+        println!(
+            "    {rate:6.0}/s: {} connections, {} failed, p50 {:.0} p99 {:.0} max {:.0} µs, agents {cpu:.2} CPU s{}",
+            r.attempted,
+            r.failed,
+            r.p50_us,
+            r.p99_us,
+            r.max_us,
+            r.first_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (first failure: {e})"))
+        );
+        table.add(&format!("crate-failed/{rate}/{key}"), r.failed as f64);
+        table.add(&format!("crate-p50/{rate}/{key}"), r.p50_us);
+        table.add(&format!("crate-p99/{rate}/{key}"), r.p99_us);
+        if key != "nomesh" && r.attempted > 0 {
+            table.add(
+                &format!("crate-cpu/{rate}/{key}"),
+                cpu * 1e3 / r.attempted as f64 * 1e4,
+            );
+        }
+        failing |= r.failed > 0;
+        if !failing {
+            held = rate;
+        }
+    }
+    table.add(&format!("crate-held/{key}"), held);
+    Ok(())
 }
 
 /// Starts the agents of `nodes` with the plan's flags and waits until they are ready.
