@@ -52,9 +52,10 @@ fn one_connections(e: &io::Error) -> bool {
 /// holds two descriptors (more with splice's pipes) for every connection it carries, so a
 /// limit sized for one application does not fit it. Raises the soft and hard
 /// `RLIMIT_NOFILE` to the kernel's ceiling (`fs.nr_open`) when permitted (CAP_SYS_RESOURCE),
-/// else the soft limit to the hard one, and warns when that hard limit is below the
-/// ceiling: it caps the connections the agent carries at once (a same-node connection
-/// holds two descriptors), and past it new connections are reset.
+/// else the soft limit to the hard one. A hard limit it could not lift caps the
+/// connections it carries at once (a same-node connection holds two descriptors; past
+/// the cap new connections are reset): logged, and a warning when it is below
+/// [`FEW_DESCRIPTORS`].
 pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -70,16 +71,21 @@ pub fn raise_fd_limit() {
     };
     if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
         tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE");
-    } else if ceiling.is_some_and(|c| hard < c) {
-        tracing::warn!(
-            limit = hard,
-            wanted = ceiling,
-            connections = hard / 2,
-            "RLIMIT_NOFILE stays at its hard limit (raising it needs CAP_SYS_RESOURCE): \
-             past about this many same-node connections at once, new ones are reset"
-        );
+        return;
+    }
+    let message = "RLIMIT_NOFILE stays at its hard limit (raising it needs CAP_SYS_RESOURCE): \
+                   past about this many same-node connections at once, new ones are reset";
+    let connections = hard / 2;
+    if hard < FEW_DESCRIPTORS {
+        tracing::warn!(limit = hard, wanted = ceiling, connections, "{message}");
+    } else {
+        tracing::info!(limit = hard, wanted = ceiling, connections, "{message}");
     }
 }
+
+/// A descriptor limit below this (65,536 same-node connections at once) is worth a
+/// warning: a node's connection storm reaches it.
+const FEW_DESCRIPTORS: u64 = 131_072;
 
 #[cfg(test)]
 mod tests {
