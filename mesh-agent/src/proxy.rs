@@ -80,6 +80,11 @@ pub enum ProxyError {
     },
     #[error("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout { addr: SocketAddr },
+    #[error("reading from {client}: {source}")]
+    Read {
+        client: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Plan(#[from] plan::PlanError),
     #[error(transparent)]

@@ -366,3 +366,37 @@ async fn sixty_four_first_connections_to_one_destination_share_one_handshake() {
         "64 concurrent first connections opened more than one HBONE connection"
     );
 }
+
+/// Clients that send at once and half-close: their first bytes go with the CONNECT when
+/// they arrived before the tunnel opened, later otherwise; either way every byte arrives
+/// once, in order, and is counted once by each proxy.
+#[tokio::test]
+async fn first_bytes_sent_with_the_connect_arrive_once_and_are_counted_once() {
+    logs();
+    let world = world(4, vec![]).await;
+    const CONNECTIONS: usize = 20;
+    for i in 0..CONNECTIONS {
+        let data = payload(100 + i);
+        let stream = world.connect(world.app).await;
+        let (_, got) = tokio::time::timeout(Duration::from_secs(10), echo(stream, data.clone()))
+            .await
+            .expect("the echo stalled")
+            .expect("the echo failed");
+        assert_eq!(got, data, "connection {i}");
+    }
+    let sent: usize = (0..CONNECTIONS).map(|i| 100 + i).sum();
+    for (proxy, reporter) in [
+        (&world.client_proxy, "source"),
+        (&world.server_proxy, "destination"),
+    ] {
+        let text = proxy.metrics.render();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("istio_tcp_received_bytes_total")
+                    && l.contains(&format!("reporter=\"{reporter}\""))
+            })
+            .unwrap_or_else(|| panic!("no {reporter} series:\n{text}"));
+        assert!(line.ends_with(&format!(" {sent}")), "{line}");
+    }
+}

@@ -12,7 +12,9 @@ use tokio::{
 };
 
 use super::{
-    ConnInfo, PodContext, Proxy, ProxyError, Tracked, connect, copy, deny, inbound, labels,
+    ConnInfo, PodContext, Proxy, ProxyError, Tracked, connect, copy, deny,
+    hbone::client::Connect,
+    inbound, labels,
     plan::{self, Hbone, Plan},
     pod_socket,
     revocation::revoked,
@@ -200,15 +202,24 @@ impl Call<'_> {
     /// starting in the pod's namespace, from the pod's address.
     async fn hbone(mut self, plan: Hbone<'_>) -> Result<(), ProxyError> {
         let (proxy, pod, state) = (self.proxy, self.pod, self.state);
+        // What the application already sent rides with the CONNECT.
+        let early = copy::early_read(&self.downstream).map_err(|source| ProxyError::Read {
+            client: self.client,
+            source,
+        })?;
+        let sent_early = early.len();
         let mut tunnel = proxy
             .pool
             .tunnel(
                 pod,
                 &pod.identity,
                 &plan.hop_identity,
-                plan.hop,
-                plan.authority,
-                self.client,
+                Connect {
+                    hbone: plan.hop,
+                    target: plan.authority,
+                    client: self.client,
+                    early,
+                },
             )
             .await
             .map_err(|e| ProxyError::Hbone(Box::new(e)))?;
@@ -232,6 +243,7 @@ impl Call<'_> {
         let (t, error) = copy::tcp_to_tunnel(
             &mut self.downstream,
             &mut tunnel.stream,
+            sent_early,
             &meters,
             copy::never(),
         )

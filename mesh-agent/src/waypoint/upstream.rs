@@ -35,7 +35,10 @@ use crate::{
         resilience::PoolLimits,
         routes::{HashOn, LoadBalancer},
     },
-    proxy::{PodContext, hbone::client::Pool},
+    proxy::{
+        PodContext,
+        hbone::client::{Connect, Pool},
+    },
 };
 
 /// A tunnel to an endpoint, as a byte stream.
@@ -449,9 +452,12 @@ impl Upstreams {
                 &self.me,
                 &self.identity,
                 &peer.identity,
-                hop,
-                endpoint,
-                SocketAddr::new(self.local, 0),
+                Connect {
+                    hbone: hop,
+                    target: endpoint,
+                    client: SocketAddr::new(self.local, 0),
+                    early: Bytes::new(),
+                },
             )
             .await
             .map_err(|source| UpstreamError::Connect { endpoint, source })?;

@@ -375,6 +375,11 @@ struct Plan {
 }
 
 impl Plan {
+    /// Whether the storm stage runs on the path `key` (`--storm-path`; all by default).
+    fn storms(&self, key: &str) -> bool {
+        self.storm_paths.is_empty() || self.storm_paths.iter().any(|p| p == key)
+    }
+
     fn new(smoke: bool) -> Plan {
         if smoke {
             Plan {
@@ -938,6 +943,11 @@ impl Table {
                 }
             }
         }
+        // The storm stage's figures of the paths it does not run (`--storm-path`) are not
+        // asked for: every one of them ends in its path's key.
+        t.rows.retain(|r| {
+            r.stage != Stage::Storm || r.key.rsplit('/').next().is_some_and(|k| plan.storms(k))
+        });
         t
     }
 
@@ -2139,7 +2149,7 @@ fn storm_benchmarks(plan: &Plan, table: &mut Table, exe: &Path) -> Result<()> {
     cluster.write_config(&config, &ConfigOptions::default())?;
     start_agents(plan, cluster.nodes(), &config)?;
     for (key, label) in PATHS {
-        if !plan.storm_paths.is_empty() && !plan.storm_paths.iter().any(|p| p == key) {
+        if !plan.storms(key) {
             continue;
         }
         let (server, agents) = match key {

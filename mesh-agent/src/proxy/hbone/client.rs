@@ -84,6 +84,21 @@ pub struct Pool {
 /// The outcome of opening one connection, awaited by every tunnel that needs it.
 type Dial = Shared<BoxFuture<'static, Result<Arc<Pooled>, Arc<HboneError>>>>;
 
+/// What a tunnel asks its peer for.
+pub struct Connect {
+    /// The peer's HBONE address: the destination pod's 15008, or a waypoint's.
+    pub hbone: SocketAddr,
+    /// The `CONNECT` authority: where the peer delivers the stream.
+    pub target: SocketAddr,
+    /// The source the peer presents to the application and to its policy.
+    pub client: SocketAddr,
+    /// The client's first bytes, when it sent some before the tunnel opened: they go with
+    /// the `CONNECT`, in the same write, without waiting for its answer. The peer holds
+    /// them in the stream's window and hands them to its application once connected; a
+    /// refusal discards them with the stream. Empty for none.
+    pub early: Bytes,
+}
+
 /// An open tunnel; holds its stream slot in the pooled connection until dropped.
 pub struct Tunnel {
     pub stream: Stream,
@@ -158,19 +173,18 @@ impl Pool {
             .sum()
     }
 
-    /// Opens a tunnel from `pod` (identity `src`) through `hbone` (the destination pod's
-    /// 15008, expected to present `dst`) to `target`.
+    /// Opens a tunnel from `pod` (identity `src`) through `connect.hbone` (expected to
+    /// present `dst`) to `connect.target`.
     pub async fn tunnel(
         self: &Arc<Self>,
         pod: &Arc<PodContext>,
         src: &Identity,
         dst: &Identity,
-        hbone: SocketAddr,
-        target: SocketAddr,
-        client: SocketAddr,
+        connect: Connect,
     ) -> Result<Tunnel, HboneError> {
+        let Connect { hbone, target, .. } = connect;
         let key = PoolKey {
-            src_ip: client.ip(),
+            src_ip: connect.client.ip(),
             src: src.clone(),
             dst: dst.clone(),
             addr: hbone,
@@ -181,12 +195,12 @@ impl Pool {
         };
         // A peer that is draining (a restart hands its listeners over, ADR 014) refuses the
         // streams it did not process: those never reached the application and are opened
-        // again, once, on a new connection.
+        // again, once, on a new connection (with the same early bytes).
         let mut retried = false;
         let (response, send, slot) = loop {
             let conn = self.connection(pod, key.clone()).await?;
             let slot = StreamSlot(conn.clone());
-            match open_stream(&conn, target, client).await {
+            match open_stream(&conn, &connect).await {
                 Ok((response, send)) => break (response, send, slot),
                 Err(e) if !retried && unprocessed(&e) => {
                     tracing::debug!(%hbone, error = %e, "HBONE peer going away; opening the stream on a new connection");
@@ -333,12 +347,17 @@ impl Pool {
     }
 }
 
-/// Opens a `CONNECT` stream to `target` on `conn`: the response and the request's body.
+/// Opens `connect`'s stream on `conn`: the response and the request's body.
 async fn open_stream(
     conn: &Pooled,
-    target: SocketAddr,
-    client: SocketAddr,
+    connect: &Connect,
 ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let Connect {
+        target,
+        client,
+        early,
+        ..
+    } = connect;
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
@@ -347,7 +366,12 @@ async fn open_stream(
         .body(())
         .expect("valid CONNECT request");
     let mut sender = conn.sender.clone().ready().await?;
-    let (response, send) = sender.send_request(request, false)?;
+    let (response, mut send) = sender.send_request(request, false)?;
+    if !early.is_empty() {
+        // Queued behind the HEADERS frame in this same poll, so both go out in one write.
+        // At most one read's worth: within any stream window the peer starts with.
+        send.send_data(early.clone(), false)?;
+    }
     Ok((response.await?, send))
 }
 
@@ -375,5 +399,59 @@ async fn keep_alive(ping: Option<h2::PingPong>, streams: Arc<AtomicUsize>) {
             Ok(Ok(_pong)) => {}
             Ok(Err(_)) | Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A pooled connection over memory to an HTTP/2 server that answers its first
+    /// `CONNECT` only once `wanted` bytes arrived on the stream (and were those).
+    async fn waiting_server(wanted: Bytes) -> Pooled {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(b).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let mut got = Vec::new();
+            while got.len() < wanted.len() {
+                let data = body.data().await.unwrap().unwrap();
+                let _ = body.flow_control().release_capacity(data.len());
+                got.extend_from_slice(&data);
+            }
+            assert_eq!(got, wanted);
+            respond
+                .send_response(http::Response::new(()), true)
+                .unwrap();
+        });
+        let (sender, conn) = h2::client::handshake(a).await.unwrap();
+        tokio::spawn(conn);
+        Pooled {
+            sender,
+            closed: Arc::default(),
+            streams: Arc::default(),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    #[tokio::test]
+    async fn early_bytes_go_before_the_answer_to_the_connect() {
+        let early = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n");
+        let conn = waiting_server(early.clone()).await;
+        let connect = Connect {
+            hbone: "10.0.0.2:15008".parse().unwrap(),
+            target: "10.0.0.2:80".parse().unwrap(),
+            client: "10.0.0.1:1".parse().unwrap(),
+            early,
+        };
+        let opened = tokio::time::timeout(Duration::from_secs(10), open_stream(&conn, &connect))
+            .await
+            .expect("the CONNECT was answered only after its early bytes: they were not sent");
+        let (response, _send) = opened.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
     }
 }

@@ -343,7 +343,7 @@ async fn handle(
         downstream_to_upstream: request_first.upstream_to_downstream,
         upstream_to_downstream: request_first.downstream_to_upstream,
     };
-    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, &meters, revoked).await;
+    let (t, error) = copy::tcp_to_tunnel(&mut app, &mut tunnel, 0, &meters, revoked).await;
     tracked.finish(
         t.upstream_to_downstream,
         t.downstream_to_upstream,
