@@ -265,6 +265,18 @@ async fn echo(stream: TcpStream, data: Vec<u8>) -> std::io::Result<(String, Vec<
     Ok((peer, got[line_end + 1..].to_vec()))
 }
 
+/// `proxy`'s series of bytes received as `reporter` (`source` or `destination`).
+fn received_bytes(proxy: &Proxy, reporter: &str) -> String {
+    let text = proxy.metrics.render();
+    text.lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_received_bytes_total")
+                && l.contains(&format!("reporter=\"{reporter}\""))
+        })
+        .unwrap_or_else(|| panic!("no {reporter} series:\n{text}"))
+        .to_owned()
+}
+
 fn payload(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
@@ -288,16 +300,11 @@ async fn ten_mib_echo_through_outbound_hbone_and_inbound_byte_exact() {
     // The application sees the client pod's address (the tunnel's source).
     assert!(peer.starts_with(&format!("PEER {}:", world.a)), "{peer}");
     // Both proxies counted the connection, as source and as destination, with identities.
-    let source = world.client_proxy.metrics.render();
-    let destination = world.server_proxy.metrics.render();
-    for (text, reporter) in [(&source, "source"), (&destination, "destination")] {
-        let line = text
-            .lines()
-            .find(|l| {
-                l.starts_with("istio_tcp_received_bytes_total")
-                    && l.contains(&format!("reporter=\"{reporter}\""))
-            })
-            .unwrap_or_else(|| panic!("no {reporter} series:\n{text}"));
+    for (proxy, reporter) in [
+        (&world.client_proxy, "source"),
+        (&world.server_proxy, "destination"),
+    ] {
+        let line = received_bytes(proxy, reporter);
         assert!(
             line.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\""),
             "{line}"
@@ -389,14 +396,7 @@ async fn first_bytes_sent_with_the_connect_arrive_once_and_are_counted_once() {
         (&world.client_proxy, "source"),
         (&world.server_proxy, "destination"),
     ] {
-        let text = proxy.metrics.render();
-        let line = text
-            .lines()
-            .find(|l| {
-                l.starts_with("istio_tcp_received_bytes_total")
-                    && l.contains(&format!("reporter=\"{reporter}\""))
-            })
-            .unwrap_or_else(|| panic!("no {reporter} series:\n{text}"));
+        let line = received_bytes(proxy, reporter);
         assert!(line.ends_with(&format!(" {sent}")), "{line}");
     }
 }
