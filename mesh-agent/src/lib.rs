@@ -30,6 +30,7 @@ mod policy_json;
 pub mod probes;
 pub mod proxy;
 pub mod rbac;
+pub mod runtime;
 pub mod spans;
 pub mod state;
 pub mod status;

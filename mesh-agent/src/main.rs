@@ -528,11 +528,7 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: bpffs_dir,
                 drain_period,
             };
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = worker_threads {
-                runtime.worker_threads(n.get());
-            }
-            runtime.enable_all().build()?.block_on(agent::run(cfg))
+            mesh_agent::runtime::build(worker_threads)?.block_on(agent::run(cfg))
         }
         Command::Waypoint(args) => run_l7(*args, mesh_agent::waypoint::Role::Waypoint),
         Command::Gateway(args) => {
@@ -794,10 +790,7 @@ fn ca_serve(args: CaServeArgs) -> anyhow::Result<()> {
             max_connections: args.max_connections.get(),
         },
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(mesh_agent::ca_service::server::run(cfg))
+    mesh_agent::runtime::build(None)?.block_on(mesh_agent::ca_service::server::run(cfg))
 }
 
 fn ca_credential(args: CaCredentialArgs) -> anyhow::Result<()> {
@@ -853,12 +846,5 @@ fn run_l7(args: WaypointArgs, role: mesh_agent::waypoint::Role) -> anyhow::Resul
             args.listen
         },
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        runtime.worker_threads(n.get());
-    }
-    runtime
-        .enable_all()
-        .build()?
-        .block_on(mesh_agent::waypoint::run(cfg))
+    mesh_agent::runtime::build(args.worker_threads)?.block_on(mesh_agent::waypoint::run(cfg))
 }
