@@ -361,26 +361,27 @@ async fn accept_loop(
         let (waypoint, tls) = (waypoint.clone(), tls.clone());
         tokio::spawn(async move {
             let result = async {
-                let (client, connection) =
+                let (client, connection, turns) =
                     server::handshake(stream, tls, waypoint.limits.handshake_timeout).await?;
                 drop(slot);
                 // Waypoints are replaced by a rollout, not by a handover: never drained.
                 let never = tokio_util::sync::CancellationToken::new();
-                server::serve_streams(
-                    connection,
-                    waypoint.limits.hbone_idle_timeout,
-                    &never,
-                    |req, respond| {
-                        let tunnel = TunnelContext {
-                            waypoint: waypoint.clone(),
-                            peer: SocketAddr::new(canonical(peer.ip()), peer.port()),
-                            local: canonical(local),
-                            client: client.clone(),
-                        };
-                        tunnel.handle(req, respond)
-                    },
-                )
-                .await?;
+                turns
+                    .count(server::serve_streams(
+                        connection,
+                        waypoint.limits.hbone_idle_timeout,
+                        &never,
+                        |req, respond| {
+                            let tunnel = TunnelContext {
+                                waypoint: waypoint.clone(),
+                                peer: SocketAddr::new(canonical(peer.ip()), peer.port()),
+                                local: canonical(local),
+                                client: client.clone(),
+                            };
+                            tunnel.handle(req, respond)
+                        },
+                    ))
+                    .await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             }
             .await;

@@ -5,6 +5,7 @@
 //! frame and from a DATA frame straight into a socket write, with no intermediate copy
 //! and no buffer held while the tunnel is idle.
 
+pub mod batch;
 pub mod client;
 pub mod io;
 pub mod server;

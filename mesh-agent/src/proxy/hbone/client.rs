@@ -27,7 +27,9 @@ use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 
-use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME, STREAM_WINDOW, Stream, traceparent};
+use super::{
+    CONNECTION_WINDOW, HboneError, MAX_FRAME, STREAM_WINDOW, Stream, batch::Batched, traceparent,
+};
 use crate::{
     identity::{Identity, SecretManager, tls},
     proxy::{
@@ -308,19 +310,20 @@ impl Pool {
         .await
         .map_err(|_| HboneError::Timeout { addr })?
         .map_err(|source| HboneError::Tls { addr, source })?;
+        let (io, turns) = Batched::new(tls);
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .enable_push(false)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
         let streams = Arc::new(AtomicUsize::new(0));
         let ping = connection.ping_pong();
         let (ended, busy) = (closed.clone(), streams.clone());
-        tokio::spawn(async move {
+        tokio::spawn(turns.count(async move {
             tokio::select! {
                 r = &mut connection => if let Err(e) = r {
                     tracing::debug!(%addr, error = %e, "HBONE connection ended");
@@ -330,7 +333,7 @@ impl Pool {
                 }
             }
             ended.store(true, Ordering::Release);
-        });
+        }));
         let pooled = Arc::new(Pooled {
             sender,
             closed,

@@ -25,6 +25,7 @@ use tokio::{
 
 use super::{
     CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, Stream,
+    batch::{Batched, Turns},
 };
 use crate::{
     admission::Peer,
@@ -71,22 +72,24 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A server-side HBONE connection after its handshake.
 pub(crate) type Connection =
-    h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
+    h2::server::Connection<Batched<tokio_rustls::server::TlsStream<TcpStream>>, Bytes>;
 
 /// Mutual TLS then the HTTP/2 preface, together within `timeout`: the client's verified
-/// identity and the connection.
+/// identity, the connection, and the turns the task that serves it must count (its
+/// writes are batched per turn, `batch`).
 pub(crate) async fn handshake(
     stream: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     timeout: std::time::Duration,
-) -> Result<(Option<Identity>, Connection), BoxError> {
+) -> Result<(Option<Identity>, Connection, Turns), BoxError> {
     let _ = stream.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = async {
         let tls = acceptor.accept(stream).await?;
         let client = tls::peer_identity(tls.get_ref().1);
-        let connection = h2_server().handshake::<_, Bytes>(tls).await?;
-        Ok::<_, BoxError>((client, connection))
+        let (io, turns) = Batched::new(tls);
+        let connection = h2_server().handshake::<_, Bytes>(io).await?;
+        Ok::<_, BoxError>((client, connection, turns))
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(done) => done,
@@ -145,7 +148,7 @@ async fn serve_connection(
     slot: handshakes::Slot,
 ) -> Result<(), BoxError> {
     // TLS and the HTTP/2 preface both count against the handshake's time and place.
-    let (client, connection) = handshake(
+    let (client, connection, turns) = handshake(
         stream,
         pod.hbone_tls.clone(),
         proxy.limits.handshake_timeout,
@@ -153,16 +156,17 @@ async fn serve_connection(
     .await?;
     drop(slot);
     let drain = proxy.drain.signal().clone();
-    serve_streams(
-        connection,
-        proxy.limits.hbone_idle_timeout,
-        &drain,
-        |request, respond| {
-            let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
-            handle(proxy, pod, peer, client, request, respond)
-        },
-    )
-    .await?;
+    turns
+        .count(serve_streams(
+            connection,
+            proxy.limits.hbone_idle_timeout,
+            &drain,
+            |request, respond| {
+                let (proxy, pod, client) = (proxy.clone(), pod.clone(), client.clone());
+                handle(proxy, pod, peer, client, request, respond)
+            },
+        ))
+        .await?;
     Ok(())
 }
 
