@@ -86,10 +86,6 @@ impl<T> Batched<T> {
         };
         (io, turns)
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Batched<T> {
