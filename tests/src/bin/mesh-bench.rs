@@ -59,6 +59,10 @@ struct Args {
     /// loopback and splice(2).
     #[arg(long)]
     sockmap: bool,
+    /// Connections of every wrk run, keep-alive and churn (default 16): few connections
+    /// is how most applications talk to one service, and batches less per wake-up.
+    #[arg(long)]
+    wrk_connections: Option<usize>,
     /// Run only these stages (repeatable; default: all): to A/B one change quickly.
     #[arg(long, value_enum)]
     only: Vec<Stage>,
@@ -233,6 +237,11 @@ fn main() -> Result<()> {
         plan.agent_threads = n;
     }
     plan.sockmap = args.sockmap;
+    if let Some(n) = args.wrk_connections {
+        plan.wrk_connections = n.max(1);
+        // wrk needs at least one connection per thread.
+        plan.wrk_threads = plan.wrk_threads.min(plan.wrk_connections);
+    }
     if let Some(n) = args.scale_pods {
         plan.scale.pods = n.max(1);
     }
