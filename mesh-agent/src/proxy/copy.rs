@@ -397,9 +397,9 @@ async fn into_tunnel(
 /// One read of `from` into `buf`, or `None` when it found nothing: tokio's readiness can be
 /// stale (after [`early_read`], which reads past tokio), and waiting for bytes with `buf`
 /// in hand would hold it for the rest of an idle connection's life (about 4 KiB of RSS
-/// per idle connection, measured). The read goes through `poll_read`, so a read shorter than the buffer also
-/// tells tokio the socket is drained; `try_read_buf` does not, and costs one more read
-/// per request.
+/// per idle connection, measured). The read goes through `poll_read`, so a read shorter
+/// than the buffer also tells tokio the socket is drained; `try_read_buf` does not, and
+/// costs one more read per request.
 async fn read_if_ready(
     from: &mut tcp::ReadHalf<'_>,
     buf: &mut BytesMut,
