@@ -424,6 +424,29 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / USER_HZ)
 }
 
+/// Busy CPU seconds of the whole machine since boot, all CPUs together (`/proc/stat`).
+/// With the cores saturated, a path's busy seconds per unit of work bound its share of
+/// the machine: what one path costs beside another, whichever process pays it.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = parse_proc_stat_busy_ticks(&text).context("parsing /proc/stat")?;
+    Ok(ticks as f64 / USER_HZ)
+}
+
+/// user + nice + system + irq + softirq of `/proc/stat`'s `cpu` line (guest time is in
+/// user already); idle, I/O wait and the time the hypervisor stole are not busy.
+pub fn parse_proc_stat_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal ...
+    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?)
+}
+
 /// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line; the command name in
 /// parentheses may hold spaces and parentheses, so fields count from the last `)`.
 pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
@@ -687,6 +710,14 @@ mod tests {
         );
         assert!(parse_h2load("finished in 1s").is_err());
         assert_eq!(http_body_len(&http_response(1024, false)), 1024);
+    }
+
+    #[test]
+    fn machine_busy_ticks_leave_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 2 30 5000 7 4 6 900 0 0\ncpu0 50 1 15 2500 3 2 3 450 0 0\nintr 1\n";
+        assert_eq!(parse_proc_stat_busy_ticks(stat), Some(100 + 2 + 30 + 4 + 6));
+        assert_eq!(parse_proc_stat_busy_ticks("cpu0 1 2 3 4 5 6 7\n"), None);
+        assert_eq!(parse_proc_stat_busy_ticks("cpu  1 2 3\n"), None);
     }
 
     #[test]

@@ -640,7 +640,7 @@ impl Table {
         let rate = plan.rate;
         let conns = plan.wrk_connections;
         #[rustfmt::skip]
-        let per_path: [PathFigure; 12] = [
+        let per_path: [PathFigure; 16] = [
             ("bulk1", "bulk 1 stream".into(), "Gbit/s", 2, Some(RatioAtLeast(0.8)), Some(RatioAtLeast(0.5))),
             ("bulk4", "bulk 4 streams".into(), "Gbit/s", 2, Some(RatioAtLeast(0.8)), Some(RatioAtLeast(0.5))),
             ("ka-rps", format!("keep-alive {conns} conns: requests/s"), "req/s", 0, None, Some(RatioAtLeast(0.5))),
@@ -653,6 +653,10 @@ impl Table {
             ("churn-rps", "churn (conn per request): requests/s".into(), "req/s", 0, None, Some(RatioAtLeast(0.35))),
             ("churn-p50", "churn: p50".into(), "µs", 0, None, None),
             ("churn-p99", "churn: p99".into(), "µs", 0, None, None),
+            ("machine-gb1", "machine CPU per GB, bulk 1 stream".into(), "CPU s", 2, None, None),
+            ("machine-gb4", "machine CPU per GB, bulk 4 streams".into(), "CPU s", 2, None, None),
+            ("machine-ka", "machine CPU per 10k keep-alive requests".into(), "CPU ms", 1, None, None),
+            ("machine-churn", "machine CPU per 10k connections (churn)".into(), "CPU ms", 1, None, None),
         ];
         for (prefix, what, unit, decimals, same, cross) in per_path {
             for (key, label) in PATHS {
@@ -1821,16 +1825,28 @@ fn check_path(exe: &str, path: &PathCase) -> Result<()> {
     Ok(())
 }
 
-/// One measured run: its result and the CPU seconds the path's agents used meanwhile.
-fn with_agent_cpu<T>(
+/// The CPU seconds a measured run used.
+struct CpuUsed {
+    /// The path's agents'.
+    agents: f64,
+    /// The whole machine's: the applications, the agents and the kernel's work for both.
+    machine: f64,
+}
+
+/// One measured run: its result and the CPU seconds used meanwhile.
+fn with_cpu<T>(
     cluster: &Cluster,
     path: &PathCase,
     run: impl FnOnce() -> Result<T>,
-) -> Result<(T, f64)> {
-    let before = agents_cpu(cluster, &path.agents)?;
+) -> Result<(T, CpuUsed)> {
+    let agents = agents_cpu(cluster, &path.agents)?;
+    let machine = bench::machine_busy_seconds()?;
     let result = run()?;
-    let after = agents_cpu(cluster, &path.agents)?;
-    Ok((result, after - before))
+    let used = CpuUsed {
+        agents: agents_cpu(cluster, &path.agents)? - agents,
+        machine: bench::machine_busy_seconds()? - machine,
+    };
+    Ok((result, used))
 }
 
 fn iperf3(path: &PathCase, secs: u64, streams: usize) -> Result<bench::IperfResult> {
@@ -1874,18 +1890,26 @@ fn bulk(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) {
         for streams in [1, 4] {
             for path in paths {
                 let key = format!("bulk{streams}/{}", path.key);
-                match with_agent_cpu(cluster, path, || iperf3(path, plan.bulk_secs, streams)) {
+                match with_cpu(cluster, path, || iperf3(path, plan.bulk_secs, streams)) {
                     Ok((r, cpu)) => {
                         let gbit = r.bits_per_second / 1e9;
                         let gb = r.bytes as f64 / 1e9;
                         println!(
-                            "  round {} {streams} stream(s) {:<26} {gbit:7.2} Gbit/s  {gb:6.2} GB  agents {cpu:.2} CPU s",
+                            "  round {} {streams} stream(s) {:<26} {gbit:7.2} Gbit/s  {gb:6.2} GB  agents {:.2}, machine {:.2} CPU s",
                             rep + 1,
-                            path.label
+                            path.label,
+                            cpu.agents,
+                            cpu.machine
                         );
                         table.add(&key, gbit);
-                        if path.key != "nomesh" && gb > 0.0 {
-                            table.add(&format!("cpu-gb/{}", path.key), cpu / gb);
+                        if gb > 0.0 {
+                            if path.key != "nomesh" {
+                                table.add(&format!("cpu-gb/{}", path.key), cpu.agents / gb);
+                            }
+                            table.add(
+                                &format!("machine-gb{streams}/{}", path.key),
+                                cpu.machine / gb,
+                            );
                         }
                     }
                     Err(e) => table.fail(&key, &e),
@@ -1969,17 +1993,19 @@ fn keep_alive(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCa
                     cluster,
                 )
             };
-            match with_agent_cpu(cluster, path, run) {
+            match with_cpu(cluster, path, run) {
                 Ok((r, cpu)) => {
                     let rps = r.requests_per_second();
                     println!(
-                        "  round {} {:<26} {rps:8.0} req/s  p50 {:6.0} p90 {:6.0} p99 {:6.0} µs  errors {}  agents {cpu:.2} CPU s",
+                        "  round {} {:<26} {rps:8.0} req/s  p50 {:6.0} p90 {:6.0} p99 {:6.0} µs  errors {}  agents {:.2}, machine {:.2} CPU s",
                         rep + 1,
                         path.label,
                         r.p50_us,
                         r.p90_us,
                         r.p99_us,
-                        r.errors + r.timeouts
+                        r.errors + r.timeouts,
+                        cpu.agents,
+                        cpu.machine
                     );
                     let k = path.key;
                     table.add(&format!("ka-rps/{k}"), rps);
@@ -1987,8 +2013,12 @@ fn keep_alive(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCa
                     table.add(&format!("ka-p90/{k}"), r.p90_us);
                     table.add(&format!("ka-p99/{k}"), r.p99_us);
                     if k != "nomesh" {
-                        table.add(&format!("cpu-ka/{k}"), cpu * 1e3 / r.requests * 1e4);
+                        table.add(&format!("cpu-ka/{k}"), cpu.agents * 1e3 / r.requests * 1e4);
                     }
+                    table.add(
+                        &format!("machine-ka/{k}"),
+                        cpu.machine * 1e3 / r.requests * 1e4,
+                    );
                 }
                 Err(e) => {
                     for figure in ["ka-rps", "ka-p50", "ka-p90", "ka-p99"] {
@@ -2081,16 +2111,18 @@ fn churn(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) 
             std::thread::sleep(plan.churn_pause);
             let client = path.churn_client(cluster, rep);
             let run = || wrk(plan, &client, &path.server, plan.http_secs, true, cluster);
-            match with_agent_cpu(cluster, path, run) {
+            match with_cpu(cluster, path, run) {
                 Ok((r, cpu)) => {
                     let rps = r.requests_per_second();
                     println!(
-                        "  round {} {:<26} {rps:8.0} req/s  p50 {:6.0} p99 {:6.0} µs  errors {}  agents {cpu:.2} CPU s  ({})",
+                        "  round {} {:<26} {rps:8.0} req/s  p50 {:6.0} p99 {:6.0} µs  errors {}  agents {:.2}, machine {:.2} CPU s  ({})",
                         rep + 1,
                         path.label,
                         r.p50_us,
                         r.p99_us,
                         r.errors + r.timeouts,
+                        cpu.agents,
+                        cpu.machine,
                         client.name()
                     );
                     let k = path.key;
@@ -2098,8 +2130,15 @@ fn churn(plan: &Plan, table: &mut Table, cluster: &Cluster, paths: &[PathCase]) 
                     table.add(&format!("churn-p50/{k}"), r.p50_us);
                     table.add(&format!("churn-p99/{k}"), r.p99_us);
                     if k != "nomesh" {
-                        table.add(&format!("cpu-churn/{k}"), cpu * 1e3 / r.requests * 1e4);
+                        table.add(
+                            &format!("cpu-churn/{k}"),
+                            cpu.agents * 1e3 / r.requests * 1e4,
+                        );
                     }
+                    table.add(
+                        &format!("machine-churn/{k}"),
+                        cpu.machine * 1e3 / r.requests * 1e4,
+                    );
                 }
                 Err(e) => {
                     for figure in ["churn-rps", "churn-p50", "churn-p99"] {
