@@ -4,9 +4,9 @@
 //! run by run: no mesh (pods of a namespace without the ambient label, cross-node), mesh
 //! same-node and mesh cross-node (HBONE): bulk throughput (iperf3), keep-alive request
 //! latency (wrk, and a fixed-rate client of its own), connection churn (wrk with
-//! `Connection: close`), the agents' CPU per GB and per 10k requests, their memory per
-//! idle connection, and, on a one-node cluster, idle memory with 100 enrolled pods and
-//! enrollment time. `--smoke` runs every case briefly so CI proves the benchmarks still
+//! `Connection: close`), the agents' and the whole machine's CPU per GB and per 10k
+//! requests, the agents' memory per idle connection, and, on a one-node cluster, idle
+//! memory with 100 enrolled pods and enrollment time. `--smoke` runs every case briefly so CI proves the benchmarks still
 //! work; its numbers mean nothing. docs/benchmarks.md explains each figure.
 //!
 //! The subcommands are what the benchmark runs inside pods (it starts itself there).
